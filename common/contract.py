@@ -1,0 +1,64 @@
+"""Contracts between stages, fixed in one place.
+
+Export writes them, the passes keep them, the build stage and every runtime backend read them.
+Change a value here and every stage follows; never spell one of these strings anywhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# --- ONNX graph inputs and outputs of a moec export -------------------------------------------
+# One graph serves prefill (S > 1) and decode (S == 1); the KV cache is explicit.
+INPUT_IDS = "input_ids"  # int64 [B, S]
+POSITION_IDS = "position_ids"  # int64 [B, S], absolute positions of the new tokens
+LOGITS = "logits"  # [B, S, V]
+
+
+def past_key(layer: int) -> str:  # [B, KVH, P, D]
+    return f"past_key.{layer}"
+
+
+def past_value(layer: int) -> str:  # [B, KVH, P, D]
+    return f"past_value.{layer}"
+
+
+def present_key(layer: int) -> str:  # [B, KVH, P + S, D]
+    return f"present_key.{layer}"
+
+
+def present_value(layer: int) -> str:  # [B, KVH, P + S, D]
+    return f"present_value.{layer}"
+
+
+# Names of the dynamic dimensions in every export.
+DIM_BATCH = "batch"
+DIM_NEW_TOKENS = "new_tokens"
+DIM_PAST = "past_len"
+
+# --- Files written beside an exported / optimized .onnx ----------------------------------------
+# model.onnx            the graph
+# model.onnx.data       external weights (when written externally)
+# model.moec.json       what the runtime needs: model config, generation settings, I/O names, dtype
+# tokenizer.json        copied from the checkpoint when it has one
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """The moec metadata file that travels with ``onnx_path``."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".moec.json")
+
+
+TOKENIZER_FILE = "tokenizer.json"
+ENGINE_MANIFEST = "manifest.json"
+
+# --- moec's own ONNX domain --------------------------------------------------------------------
+MOEC_DOMAIN = "moec"
+MOEC_OPSET_VERSION = 1
+OP_MOE_GATING = "MoEGating"
+OP_GROUPED_EXPERTS = "GroupedExperts"
+
+# --- The TensorRT plugin the trt-plugin lowering emits and runtime/ implements ------------------
+PLUGIN_NAME = "MoecGroupedExperts"
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = "moec"

@@ -1,0 +1,3 @@
+from moec.compiler.cli import main
+
+main()

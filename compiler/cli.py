@@ -1,0 +1,73 @@
+"""The ``moec`` command line: a thin layer over functions a user can also call from Python.
+
+Each command lives in ``moec.compiler.commands.<module>`` and only parses options, fills the
+stage's config dataclass, calls the stage function and prints. Errors a user can cause arrive as
+``MoecError`` and become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from moec.common.errors import MoecError
+
+# (module, command attribute names). Commands are imported when the CLI starts; each module
+# imports its heavy dependencies (torch, onnxruntime, tensorrt) inside the command body so
+# `moec --help` stays fast and works without optional backends.
+COMMAND_MODULES: list[tuple[str, tuple[str, ...]]] = [
+    ("moec.compiler.commands.checkpoint", ("demo_checkpoint",)),
+    ("moec.compiler.commands.run", ("run", "export", "verify")),
+    ("moec.compiler.commands.optimize", ("optimize",)),
+    ("moec.compiler.commands.build", ("build", "inspect", "bench", "gate")),
+    ("moec.compiler.commands.compile", ("compile_",)),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="moec")
+def cli() -> None:
+    """moec: compile Mixture-of-Experts transformers (Llama 4) into TensorRT engines."""
+
+
+def _register() -> None:
+    for module_name, attrs in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only tolerate the command module itself being absent (a stage not built yet);
+            # a missing dependency inside it is a real error.
+            if e.name == module_name:
+                continue
+            raise
+        for attr in attrs:
+            if hasattr(module, attr):
+                cli.add_command(getattr(module, attr))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except MoecError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Fixtures shared by every stage's tests: the demo checkpoint and its fp32 export.
+
+Both are built once per test session (they take seconds) in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two cores here: keep torch and ONNX Runtime from oversubscribing them when pytest-xdist runs
+# two workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory):
+    """The llama4-tiny demo checkpoint (config.json, model.safetensors, tokenizer.json)."""
+    from moec.models.demo import write_demo_checkpoint
+
+    out = tmp_path_factory.mktemp("demo_ckpt")
+    write_demo_checkpoint(out, preset="llama4-tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(demo_ckpt, tmp_path_factory):
+    """The demo checkpoint exported to fp32 ONNX (unfused MoE), with its sidecar files."""
+    from moec.compiler.export import ExportConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("demo_onnx") / "model.onnx"
+    export_onnx(demo_ckpt, out, ExportConfig(dtype="fp32"))
+    return out
