@@ -1,0 +1,720 @@
+"""Build stage: an optimized moec ONNX graph -> one TensorRT engine per GPU arch + manifest.json.
+
+One build path over TensorRT's Python API serves full TensorRT (10.x/11.x, builds on the target
+GPU) and TensorRT for RTX (builds ahead of time on a CPU for listed compute capabilities); the
+module is picked at run time (``BuildConfig.backend``; by default whichever imports, full TensorRT
+first) and recorded in the manifest.
+
+Like Polygraphy's loaders, the build is a chain of small steps a user can also call one by one:
+
+    network_from_onnx -> builder_config (profiles, flags, timing cache) -> build_serialized -> save
+
+``build_engine`` runs the chain for every arch and writes the output folder atomically:
+``engine.<arch>.plan`` per arch, ``manifest.json`` (hashes, flavour/version, archs, profiles,
+precision, plugins, moec version, build time), the sidecar and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import shutil
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from moec.common import contract
+from moec.common.artifacts import atomic_dir, atomic_path, sha256_file
+from moec.common.errors import MoecError
+from moec.runtime.trt_backend import (
+    MANIFEST_FORMAT,
+    TrtFlavour,
+    arch_name,
+    import_trt,
+    load_manifest,
+    local_gpu_arch,
+    parse_arch,
+    read_engine_header,
+)
+
+HARDWARE_COMPAT = ("none", "ampere+", "same-cc")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    archs: tuple[str, ...] = ("sm89",)
+    backend: str | None = None  # "tensorrt" | "tensorrt-rtx"; None: whichever imports, full TensorRT first
+    # trtexec-style profile overrides, one per tensor: "name:1x1,1x128,4x512" (min, opt, max).
+    shapes: tuple[str, ...] = ()
+    # Profile limits; None takes them from the sidecar (export's max_batch / max_seq, else the model's
+    # max_position_embeddings). max_new_tokens + max_past must fit in max_positions.
+    max_batch: int | None = None
+    max_new_tokens: int | None = None
+    max_past: int | None = None
+    timing_cache: Path | None = None
+    opt_level: int = 3
+    hardware_compat: str = "none"  # "none" | "ampere+" | "same-cc"
+    version_compatible: bool = False
+    workspace_mib: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.archs:
+            raise MoecError("no GPU arch given: pass --arch, e.g. --arch sm89")
+        if not 0 <= self.opt_level <= 5:
+            raise MoecError(f"--opt-level {self.opt_level} is out of range: use 0 to 5")
+        if self.hardware_compat not in HARDWARE_COMPAT:
+            raise MoecError(f"--hardware-compat {self.hardware_compat!r}: use one of {', '.join(HARDWARE_COMPAT)}")
+        if self.workspace_mib is not None and self.workspace_mib <= 0:
+            raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
+
+
+@dataclasses.dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    engines: dict[str, Path]  # arch -> engine file
+    warnings: list[str]
+    seconds: float
+
+
+# --- The TensorRT logger: keep TensorRT's messages so errors can quote them ------------------------
+def make_logger(trt):
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity, msg):
+            self.messages.append((severity, msg))
+
+        def mark(self) -> int:
+            return len(self.messages)
+
+        def since(self, mark: int, max_severity) -> list[str]:
+            # Severity enum: lower is worse (INTERNAL_ERROR 0, ERROR 1, WARNING 2).
+            return [m for s, m in self.messages[mark:] if int(s) <= int(max_severity)]
+
+    return _Logger()
+
+
+def _errors(logger, mark: int, trt) -> str:
+    # A CPU-only host logs CUDA probe failures (cudaError 35) on every call; they never explain a
+    # build failure, so leave them out of the message.
+    msgs = [m for m in logger.since(mark, trt.ILogger.Severity.ERROR) if "cudaError 35" not in m]
+    return "\n  ".join(msgs[-6:]) or "(TensorRT logged no error)"
+
+
+# --- Step 1: network from ONNX --------------------------------------------------------------------
+def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
+    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes)."""
+    trt = flavour.trt
+    builder = trt.Builder(logger)
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flag)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        lines = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            lines.append(f"node {e.node_name() or '#' + str(e.node())} (op {e.node_operator()}): {e.desc()}")
+        raise MoecError(
+            f"{flavour.name} cannot parse {onnx_path}:\n  " + "\n  ".join(lines)
+            + "\nrewrite the graph for this target (moec optimize --target trt:<arch> or trt-rtx:<arch>, "
+            "or pick another --moe-lowering)"
+        )
+    return builder, network, parser
+
+
+# --- Profiles --------------------------------------------------------------------------------------
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    max_new_tokens: int
+    max_past: int
+    max_positions: int
+
+
+def read_sidecar(onnx_path: Path) -> dict[str, Any]:
+    path = contract.sidecar_path(onnx_path)
+    if not path.is_file():
+        raise MoecError(f"{path} is missing: build from a graph written by `moec export`/`moec optimize` (it writes the sidecar)")
+    return json.loads(path.read_text())
+
+
+def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
+    """Batch, new-token and past-length limits: the config's, else the sidecar's export settings."""
+    model = sidecar.get("model_config", {})
+    export = sidecar.get("export", {}) if isinstance(sidecar.get("export"), dict) else {}
+
+    def pick(key):
+        return sidecar.get(key, export.get(key))
+
+    max_positions = pick("max_seq") or model.get("max_position_embeddings")
+    if not max_positions:
+        raise MoecError("the sidecar names no max_seq or model_config.max_position_embeddings: re-export the model")
+    max_positions = int(max_positions)
+    max_batch = config.max_batch or int(pick("max_batch") or 1)
+    # Default split: half the positions for one step's new tokens (the prompt), half for the past.
+    # TensorRT profiles are boxes, so the corner new + past must fit the positions.
+    max_new = config.max_new_tokens or (max_positions - config.max_past if config.max_past else max(1, max_positions // 2))
+    max_past = config.max_past if config.max_past is not None else max_positions - max_new
+    if max_new < 1 or max_past < 0 or max_new + max_past > max_positions:
+        raise MoecError(
+            f"profile limits new_tokens {max_new} + past_len {max_past} exceed the model's {max_positions} positions "
+            f"(or are negative): lower --max-new-tokens / --max-past"
+        )
+    return Limits(max_batch, max_new, max_past, max_positions)
+
+
+def default_profile(network, limits: Limits) -> Profile:
+    """min/opt/max per input from the limits. opt favours decode (1 new token, half the past):
+    generation spends most of its steps there."""
+    roles = {
+        contract.INPUT_IDS: ("batch", "new"),
+        contract.POSITION_IDS: ("batch", "new"),
+    }
+    ranges = {
+        "batch": (1, 1, limits.max_batch),
+        "new": (1, 1, limits.max_new_tokens),
+        "past": (0, max(1, limits.max_past // 2) if limits.max_past else 0, limits.max_past),
+    }
+    profile: Profile = {}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = tuple(t.shape)
+        if t.name.startswith("past_key.") or t.name.startswith("past_value."):
+            role = ("batch", None, "past", None)
+        elif t.name in roles:
+            role = roles[t.name]
+        else:
+            role = (None,) * len(shape)
+        lo, opt, hi = [], [], []
+        for axis, dim in enumerate(shape):
+            if dim >= 0:
+                lo.append(dim), opt.append(dim), hi.append(dim)
+                continue
+            r = role[axis] if axis < len(role) else None
+            if r is None:
+                raise MoecError(
+                    f"input {t.name!r} axis {axis} is dynamic and not a moec batch/new_tokens/past_len axis: "
+                    f"give its range with --shapes {t.name}:MINx..,OPTx..,MAXx.."
+                )
+            lo.append(ranges[r][0]), opt.append(ranges[r][1]), hi.append(ranges[r][2])
+        profile[t.name] = (tuple(lo), tuple(opt), tuple(hi))
+    return profile
+
+
+def parse_shapes(specs: tuple[str, ...]) -> Profile:
+    """trtexec-style ``name:1x1,1x128,4x512`` (min, opt, max); several per argument split by spaces."""
+    out: Profile = {}
+    for spec in " ".join(specs).split():
+        name, sep, ranges = spec.rpartition(":")
+        parts = ranges.split(",")
+        if not sep or not name or len(parts) != 3:
+            raise MoecError(f"--shapes {spec!r}: write name:MIN,OPT,MAX with dims joined by x, e.g. input_ids:1x1,1x128,4x512")
+        try:
+            dims = tuple(tuple(int(d) for d in p.split("x")) if p else () for p in parts)
+        except ValueError:
+            raise MoecError(f"--shapes {spec!r}: dims must be integers joined by x") from None
+        out[name] = dims  # type: ignore[assignment]
+    return out
+
+
+def apply_overrides(network, profile: Profile, overrides: Profile) -> Profile:
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    merged = dict(profile)
+    for name, (lo, opt, hi) in overrides.items():
+        if name not in inputs:
+            raise MoecError(f"--shapes names {name!r}, which is not a network input; inputs are: {', '.join(inputs)}")
+        shape = inputs[name]
+        if not len(lo) == len(opt) == len(hi) == len(shape):
+            raise MoecError(f"--shapes {name}: rank of min/opt/max ({len(lo)}, {len(opt)}, {len(hi)}) must equal the input's rank {len(shape)}")
+        for axis, dim in enumerate(shape):
+            if not 0 <= lo[axis] <= opt[axis] <= hi[axis]:
+                raise MoecError(f"--shapes {name}: axis {axis} needs 0 <= min <= opt <= max, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
+            if dim >= 0 and not lo[axis] == opt[axis] == hi[axis] == dim:
+                raise MoecError(f"--shapes {name}: axis {axis} is fixed at {dim} in the graph, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
+        merged[name] = (lo, opt, hi)
+    return merged
+
+
+def limits_of(profile: Profile, positions: int) -> Limits:
+    """The limits a (possibly overridden) profile really allows, as the runtime will read them."""
+    ids = profile[contract.INPUT_IDS][2]
+    past = [v[2][2] for k, v in profile.items() if k.startswith("past_key.")]
+    max_past = min(past) if past else 0
+    if ids[1] + max_past > positions:
+        raise MoecError(
+            f"profile max new_tokens {ids[1]} + max past_len {max_past} exceed the model's {positions} positions: "
+            "shrink the ranges in --shapes"
+        )
+    return Limits(ids[0], ids[1], max_past, positions)
+
+
+# --- Step 2: builder config ------------------------------------------------------------------------
+def builder_config(flavour: TrtFlavour, builder, network, arch: str, profile: Profile, config: BuildConfig,
+                   timing_cache, logger, notes: list[str]):
+    trt = flavour.trt
+    cfg = builder.create_builder_config()
+    if flavour.is_rtx:
+        cc = getattr(trt.ComputeCapability, arch.upper(), None)
+        cfg.num_compute_capabilities = 1
+        cfg.set_compute_capability(cc, 0)
+    cfg.builder_optimization_level = config.opt_level
+    # Detailed layer information costs nothing at run time and lets `moec inspect` show every layer.
+    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if config.workspace_mib is not None:
+        cfg.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
+    if not flavour.is_rtx:
+        if config.hardware_compat != "none":
+            level = {"ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}[config.hardware_compat]
+            if not hasattr(trt.HardwareCompatibilityLevel, level):
+                raise MoecError(f"--hardware-compat {config.hardware_compat}: TensorRT {flavour.version} has no {level}; upgrade TensorRT")
+            cfg.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+        if config.version_compatible:
+            cfg.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    tp = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.items():
+        tp.set_shape(name, lo, opt, hi)
+    mark = logger.mark()
+    if cfg.add_optimization_profile(tp) < 0:
+        raise MoecError(f"{flavour.name} refused the optimization profile: {_errors(logger, mark, trt)}; fix --shapes")
+    if timing_cache is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if not cfg.set_timing_cache(timing_cache, False):
+                notes.append("the timing cache was made by another device or TensorRT version; TensorRT ignored it")
+    return cfg
+
+
+def check_archs(flavour: TrtFlavour, config: BuildConfig) -> list[str]:
+    """Normalize the arch names and refuse the ones the flavour cannot target, saying what to do."""
+    archs = [arch_name(*parse_arch(a)) for a in config.archs]
+    if len(set(archs)) != len(archs):
+        raise MoecError(f"--arch lists an arch twice: {', '.join(config.archs)}")
+    if flavour.is_rtx:
+        offered = [n.lower() for n in flavour.trt.ComputeCapability.__members__ if n.startswith("SM")]
+        for a in archs:
+            if a not in offered:
+                raise MoecError(
+                    f"arch {a}: TensorRT-RTX {flavour.version} targets only {', '.join(offered)}; "
+                    f"build {a} with full TensorRT on a {a} GPU (--backend tensorrt) or pick a listed arch"
+                )
+        return archs
+    local = local_gpu_arch()
+    if local is None:
+        raise MoecError("full TensorRT builds on the GPU it targets and no CUDA GPU is visible here: "
+                        "build on a GPU host, or use --backend tensorrt-rtx for sm75/sm80/sm86/sm89/sm120/sm121")
+    for a in archs:
+        if config.hardware_compat == "ampere+":
+            if parse_arch(a) < (8, 0):
+                raise MoecError(f"arch {a}: --hardware-compat ampere+ engines run on sm80 and newer only")
+        elif a != local:
+            raise MoecError(
+                f"arch {a}: full TensorRT builds for the local GPU ({local}); build {a} on a {a} host, or pass "
+                f"--hardware-compat ampere+ for one engine that runs on sm80 and newer (slower)"
+            )
+    return archs
+
+
+# --- Step 3: the serialized engine, under a progress monitor ---------------------------------------
+class ProgressDisplay:
+    """rich progress bars, one per TensorRT build phase."""
+
+    def __init__(self, enabled: bool):
+        self._progress = None
+        self._tasks: dict[str, Any] = {}
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                      TimeElapsedColumn(), transient=True)
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+    def phase_start(self, parent: str | None, name: str, steps: int) -> None:
+        if self._progress is not None:
+            depth = 0
+            while parent is not None and parent in self._tasks:
+                depth += 1
+                parent = self._tasks[parent][1]
+            self._tasks[name] = (self._progress.add_task("  " * depth + name, total=steps), parent)
+
+    def step(self, name: str, step: int) -> None:
+        if self._progress is not None and name in self._tasks:
+            self._progress.update(self._tasks[name][0], completed=step + 1)
+
+    def phase_finish(self, name: str) -> None:
+        if self._progress is not None and name in self._tasks:
+            self._progress.remove_task(self._tasks.pop(name)[0])
+
+
+def make_progress_monitor(trt, display: ProgressDisplay, cancel: threading.Event):
+    """An IProgressMonitor that drives ``display`` and cancels the build when ``cancel`` is set or a
+    display callback raises (Ctrl-C lands there). TensorRT swallows exceptions from the callbacks,
+    so the first one is kept and re-raised once the build has returned."""
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.error: BaseException | None = None
+
+        def _guard(self, fn: Callable[[], None]) -> bool:
+            if self.error is not None or cancel.is_set():
+                return False
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised after the build returns
+                self.error = e
+                return False
+            return True
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self._guard(lambda: display.phase_start(parent_phase, phase_name, num_steps))
+
+        def step_complete(self, phase_name, step):
+            return self._guard(lambda: display.step(phase_name, step))
+
+        def phase_finish(self, phase_name):
+            self._guard(lambda: display.phase_finish(phase_name))
+
+    return _Monitor()
+
+
+@contextlib.contextmanager
+def _sigint_cancels(cancel: threading.Event):
+    """While building, Ctrl-C sets ``cancel`` (the monitor stops TensorRT at its next step)
+    instead of raising inside TensorRT's C++ code."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display: ProgressDisplay, arch: str) -> bytes:
+    trt = flavour.trt
+    cancel = threading.Event()
+    monitor = make_progress_monitor(trt, display, cancel)
+    cfg.progress_monitor = monitor
+    mark = logger.mark()
+    with _sigint_cancels(cancel):
+        blob = builder.build_serialized_network(network, cfg)
+    if monitor.error is not None:
+        raise monitor.error
+    if cancel.is_set():
+        raise KeyboardInterrupt
+    if blob is None:
+        raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {_errors(logger, mark, trt)}")
+    return bytes(blob)
+
+
+# --- Timing cache ------------------------------------------------------------------------------------
+def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, notes: list[str]):
+    """The timing cache to build with: ``path``'s if it loads, a fresh one if missing (created after
+    the build) or corrupt (rebuilt, with a warning)."""
+    if path is None:
+        return None
+    trt = flavour.trt
+    cfg = builder.create_builder_config()
+    data = b""
+    if path.is_file():
+        data = path.read_bytes()
+    else:
+        notes.append(f"timing cache {path} does not exist: it will be created")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mark = logger.mark()
+        cache = cfg.create_timing_cache(data)
+        # TensorRT answers unreadable bytes with an empty cache and a warning, not an error.
+        trouble = [m for m in logger.since(mark, trt.ILogger.Severity.WARNING) if "cudaError 35" not in m]
+    if data and (cache is None or trouble):
+        notes.append(f"timing cache {path} is corrupt or from another TensorRT ({'; '.join(trouble) or 'unreadable'}): rebuilding it")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cache = cfg.create_timing_cache(b"")
+    if flavour.is_rtx:
+        notes.append("TensorRT-RTX treats timing caches as no-ops (since 1.2): the file is kept valid for full TensorRT builds")
+    return cache
+
+
+def save_timing_cache(cache, path: Path | None) -> None:
+    if cache is None or path is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = bytes(cache.serialize())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# --- What the manifest records ---------------------------------------------------------------------
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The .onnx file and every external-data file it references."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    files = {onnx_path}
+    for tensor in _all_tensors(model.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                f = onnx_path.parent / location
+                if not f.is_file():
+                    raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
+                files.add(f)
+    return sorted(files)
+
+
+def source_hashes(onnx_path: Path) -> dict[str, Any]:
+    files = {f.name: sha256_file(f) for f in onnx_files(onnx_path)}
+    combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    return {"file": onnx_path.name, "sha256": combined, "files": files}
+
+
+def plugins_needed(model: onnx.ModelProto) -> list[dict[str, str]]:
+    found = {}
+    for node in _all_nodes(model.graph):
+        if node.op_type == contract.PLUGIN_NAME:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            version = attrs.get("plugin_version", contract.PLUGIN_VERSION)
+            namespace = attrs.get("plugin_namespace", node.domain or contract.PLUGIN_NAMESPACE)
+            version = version.decode() if isinstance(version, bytes) else str(version)
+            namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
+            found[(node.op_type, version, namespace)] = {"name": node.op_type, "version": version, "namespace": namespace}
+    return list(found.values())
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    for node in _all_nodes(graph):
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from a.g.initializer
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+_ONNX_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+                     onnx.TensorProto.FLOAT8E4M3FN: "fp8", onnx.TensorProto.INT8: "int8"}
+
+
+def graph_precision(model: onnx.ModelProto) -> str:
+    """The float dtype holding most weight elements; a strongly typed build keeps it."""
+    counts: dict[str, int] = {}
+    for t in model.graph.initializer:
+        name = _ONNX_DTYPE_NAMES.get(t.data_type)
+        if name:
+            n = 1
+            for d in t.dims:
+                n *= d
+            counts[name] = counts.get(name, 0) + n
+    return max(counts, key=counts.get) if counts else "fp32"
+
+
+def network_io(network) -> dict[str, list[dict[str, Any]]]:
+    def desc(t):
+        return {"name": t.name, "dtype": str(t.dtype).rsplit(".", 1)[-1].lower(), "shape": list(t.shape)}
+
+    return {"inputs": [desc(network.get_input(i)) for i in range(network.num_inputs)],
+            "outputs": [desc(network.get_output(i)) for i in range(network.num_outputs)]}
+
+
+def network_layers(network) -> dict[str, Any]:
+    by_type: dict[str, int] = {}
+    for i in range(network.num_layers):
+        kind = str(network.get_layer(i).type).rsplit(".", 1)[-1]
+        by_type[kind] = by_type.get(kind, 0) + 1
+    return {"count": network.num_layers, "by_type": dict(sorted(by_type.items()))}
+
+
+def _moec_version() -> str:
+    try:
+        return importlib.metadata.version("moec")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _profile_json(profile: Profile) -> dict[str, dict[str, list[int]]]:
+    return {n: {"min": list(lo), "opt": list(opt), "max": list(hi)} for n, (lo, opt, hi) in profile.items()}
+
+
+def engine_file_name(arch: str) -> str:
+    return f"engine.{arch}.plan"
+
+
+# --- The whole stage -------------------------------------------------------------------------------
+def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig = BuildConfig(),
+                 display: ProgressDisplay | None = None) -> BuildResult:
+    """Build one engine per arch in ``config.archs`` from ``onnx_path`` into ``out_dir`` (atomically)."""
+    t0 = time.perf_counter()
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if not onnx_path.is_file():
+        raise MoecError(f"{onnx_path} does not exist: pass the .onnx written by `moec optimize` or `moec export`")
+    flavour = import_trt(config.backend)
+    trt = flavour.trt
+    notes: list[str] = []
+    archs = check_archs(flavour, config)
+    if flavour.is_rtx:
+        if config.version_compatible:
+            raise MoecError("--version-compatible does not apply to TensorRT-RTX (it cannot build lean-runtime engines): "
+                            "drop the flag, or build with --backend tensorrt")
+        if config.hardware_compat != "none":
+            notes.append(f"--hardware-compat {config.hardware_compat} does not apply to TensorRT-RTX: each engine runs on "
+                         "the compute capability it was built for (--arch)")
+    sidecar = read_sidecar(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    plugins = plugins_needed(model)
+    if plugins:
+        _register_moec_plugin(flavour, notes)
+
+    logger = make_logger(trt)
+    builder, network, _parser = network_from_onnx(flavour, onnx_path, logger)
+    limits = profile_limits(sidecar, config)
+    profile = apply_overrides(network, default_profile(network, limits), parse_shapes(config.shapes))
+    limits = limits_of(profile, limits.max_positions)
+    timing_cache = load_timing_cache(flavour, builder, config.timing_cache, logger, notes)
+
+    display = display or ProgressDisplay(config.progress)
+    engines: dict[str, Path] = {}
+    with atomic_dir(out_dir) as tmp:
+        entries = []
+        with display:
+            # With ampere+, one full-TensorRT build serves every listed arch.
+            groups = [archs] if (not flavour.is_rtx and config.hardware_compat == "ampere+") else [[a] for a in archs]
+            for group in groups:
+                cfg = builder_config(flavour, builder, network, group[0], profile, config, timing_cache, logger, notes)
+                blob = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group))
+                name = engine_file_name(group[0] if len(group) == 1 else "ampere_plus")
+                (tmp / name).write_bytes(blob)
+                entries.append({"file": name, "archs": group, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+                for a in group:
+                    engines[a] = out_dir / name
+        sidecar_file = contract.sidecar_path(onnx_path)
+        shutil.copy2(sidecar_file, tmp / sidecar_file.name)
+        tokenizer = onnx_path.parent / contract.TOKENIZER_FILE
+        if tokenizer.is_file():
+            shutil.copy2(tokenizer, tmp / contract.TOKENIZER_FILE)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "moec_version": _moec_version(),
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "trt": {"flavour": flavour.name, "module": trt.__name__, "version": flavour.version},
+            "source_onnx": source_hashes(onnx_path),
+            "archs": archs,
+            "engines": entries,
+            "profiles": [_profile_json(profile)],
+            "limits": dataclasses.asdict(limits),
+            "precision": graph_precision(model),
+            "strongly_typed": True,
+            "plugins": plugins,
+            "io": network_io(network),
+            "network_layers": network_layers(network),
+            "build_options": {"opt_level": config.opt_level, "hardware_compat": config.hardware_compat,
+                              "version_compatible": config.version_compatible, "workspace_mib": config.workspace_mib},
+            "sidecar": sidecar_file.name,
+            "tokenizer": contract.TOKENIZER_FILE if tokenizer.is_file() else None,
+            "notes": notes,
+        }
+        (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    save_timing_cache(timing_cache, config.timing_cache)
+    return BuildResult(out_dir, manifest, engines, notes, time.perf_counter() - t0)
+
+
+def _register_moec_plugin(flavour: TrtFlavour, notes: list[str]) -> None:
+    """Make moec's MoE plugin known to TensorRT's registry, so the parser can resolve the node."""
+    try:
+        module = importlib.import_module("moec.runtime.trt_plugin")
+    except ImportError as e:
+        notes.append(f"moec.runtime.trt_plugin is not importable ({e}); the parser will look the plugin up as registered")
+        return
+    register = getattr(module, "register", None)
+    if callable(register):
+        register(flavour.trt)
+
+
+# --- Inspection ------------------------------------------------------------------------------------
+def inspect_engine_dir(engine_dir: str | Path, flavour: str | None = None) -> dict[str, Any]:
+    """The manifest, and per engine its I/O tensors and layers from TensorRT's engine inspector.
+
+    Without a usable GPU, TensorRT (both flavours) cannot deserialize an engine, so the inspector is
+    out of reach; then each engine shows its header (flavour, version, target archs) and the
+    manifest's record of the network's I/O and layers, and ``engines[i]["deserialized"]`` is False
+    with the reason.
+    """
+    engine_dir = Path(engine_dir)
+    manifest = load_manifest(engine_dir)
+    report: dict[str, Any] = {"manifest": manifest, "engines": []}
+    arch = local_gpu_arch()
+    trt_flavour = None
+    with contextlib.suppress(MoecError):
+        trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
+    for entry in manifest["engines"]:
+        path = engine_dir / entry["file"]
+        item: dict[str, Any] = {"file": entry["file"], "archs": entry["archs"], "header": read_engine_header(path),
+                                "sha256_ok": sha256_file(path) == entry["sha256"], "deserialized": False}
+        if trt_flavour is None:
+            item["reason"] = f"{manifest['trt']['flavour']} is not importable here"
+        elif arch is None:
+            item["reason"] = "no CUDA GPU here: TensorRT cannot deserialize engines without one"
+        elif arch not in entry["archs"]:
+            item["reason"] = f"this GPU is {arch}; the engine targets {', '.join(entry['archs'])}"
+        else:
+            item.update(_inspect_with_trt(trt_flavour, path))
+        report["engines"].append(item)
+    return report
+
+
+def _inspect_with_trt(flavour: TrtFlavour, path: Path) -> dict[str, Any]:
+    trt = flavour.trt
+    logger = make_logger(trt)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        return {"reason": f"{flavour.name} could not deserialize it: {_errors(logger, 0, trt)}"}
+    io = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        io.append({"name": name, "mode": str(engine.get_tensor_mode(name)).rsplit(".", 1)[-1].lower(),
+                   "dtype": str(engine.get_tensor_dtype(name)).rsplit(".", 1)[-1].lower(),
+                   "shape": list(engine.get_tensor_shape(name))})
+    inspector = engine.create_engine_inspector()
+    layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return {"deserialized": True, "io": io, "layers": layers.get("Layers", layers)}

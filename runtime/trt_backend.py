@@ -1,0 +1,405 @@
+"""TensorRT runtime backend: run a moec engine directory (manifest.json + one engine per arch).
+
+Two halves, deliberately apart:
+
+* The checks that decide whether an engine may be deserialized here (manifest present, TensorRT
+  flavour and version, the local GPU's arch among the engine's targets, the engine file's sha256,
+  the plugins it needs) are plain functions over a ``HostTrt`` description of this machine. They
+  run, and are tested, without a GPU.
+* ``TrtBackend`` itself is thin: deserialize, bind torch CUDA tensors, set shapes, enqueue on one
+  stream. Sampling, stopping and timing live in the shared generation loop
+  (``moec.runtime.generate``), which the CPU backends exercise.
+
+The engine-format helpers (arch names, the TensorRT module picked at run time, the serialized
+engine header) live here too because both the build stage (``moec.compiler.build``) and the
+runtime need them and the runtime must not import the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.common import contract
+from moec.common.artifacts import sha256_file
+from moec.common.errors import MoecError
+
+MANIFEST_FORMAT = "moec.engine/1"
+
+# --- TensorRT flavours ---------------------------------------------------------------------------
+# "tensorrt" is full TensorRT (data-center and embedded GPUs, builds need the target GPU);
+# "tensorrt-rtx" is TensorRT for RTX (builds ahead of time on a CPU for a list of compute
+# capabilities, runs on consumer/workstation GPUs).
+FLAVOUR_MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+FLAVOUR_PREFERENCE = ("tensorrt", "tensorrt-rtx")
+FLAVOUR_INSTALL_HINT = {
+    "tensorrt": "install full TensorRT on a GPU host (pip install 'moec[tensorrt]')",
+    "tensorrt-rtx": "pip install 'moec[trt-rtx]'",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtFlavour:
+    name: str  # "tensorrt" | "tensorrt-rtx"
+    trt: Any  # the imported module
+    version: str
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+
+def import_trt(flavour: str | None = None) -> TrtFlavour:
+    """Import the TensorRT module for ``flavour``; with None, whichever imports (full TensorRT first)."""
+    if flavour is not None and flavour not in FLAVOUR_MODULES:
+        raise MoecError(f"unknown TensorRT backend {flavour!r}: use one of {', '.join(FLAVOUR_MODULES)}")
+    candidates = [flavour] if flavour else list(FLAVOUR_PREFERENCE)
+    reasons = []
+    for name in candidates:
+        try:
+            module = importlib.import_module(FLAVOUR_MODULES[name])
+        except ImportError as e:
+            reasons.append(f"{FLAVOUR_MODULES[name]}: {e}")
+            continue
+        return TrtFlavour(name=name, trt=module, version=str(module.__version__))
+    hints = "; or ".join(FLAVOUR_INSTALL_HINT[n] for n in candidates)
+    raise MoecError(f"TensorRT is not importable ({'; '.join(reasons)}): {hints}")
+
+
+# --- GPU architecture names ----------------------------------------------------------------------
+_ARCH_RE = re.compile(r"^sm_?(\d+)(\d)$")
+
+
+def parse_arch(name: str) -> tuple[int, int]:
+    """'sm89' -> (8, 9); 'sm120' -> (12, 0). The last digit is the minor version, as in nvcc's names."""
+    m = _ARCH_RE.match(name.strip().lower())
+    if not m:
+        raise MoecError(f"unknown GPU arch {name!r}: write it like sm75, sm80, sm86, sm89, sm90, sm100, sm120")
+    return int(m.group(1)), int(m.group(2))
+
+
+def arch_name(major: int, minor: int) -> str:
+    return f"sm{major}{minor}"
+
+
+def local_gpu_arch() -> str | None:
+    """The arch of CUDA device 0, or None on a host without a usable GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return arch_name(*torch.cuda.get_device_capability(0))
+
+
+# --- Serialized engine header ----------------------------------------------------------------------
+# Why hand-decoded: TensorRT-RTX cannot deserialize an engine without a GPU (cudaError 35 here), and
+# IRuntime.get_engine_validity needs one too, so on a CPU the header is the only view of an engine
+# besides its manifest. The layout below is what TensorRT-RTX 1.7 writes (observed, not documented):
+# magic at 0, the library version as 4 bytes (major, minor, patch, build) at 0x18, and a bit mask of
+# the compute capabilities the engine targets at 0x20 (bits checked for sm80, sm86, sm89, sm120,
+# sm121; sm75 is bit 0 by their order). Anything else is reported as unknown, never guessed.
+_RTX_CC_BITS = ["sm75", "sm80", "sm86", "sm89", "sm120", "sm121"]
+
+
+def read_engine_header(path: str | Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    magic = head[:4].decode("ascii", errors="replace")
+    info: dict[str, Any] = {"magic": magic, "bytes": Path(path).stat().st_size}
+    if magic == "vtrt" and len(head) >= 0x24:
+        info["flavour"] = "tensorrt-rtx"
+        info["version"] = ".".join(str(b) for b in head[0x18:0x1C])
+        mask = int.from_bytes(head[0x20:0x24], "little")
+        info["archs"] = [a for i, a in enumerate(_RTX_CC_BITS) if mask >> i & 1]
+        if mask >> len(_RTX_CC_BITS):
+            info["unknown_arch_bits"] = hex(mask >> len(_RTX_CC_BITS) << len(_RTX_CC_BITS))
+    else:
+        info["flavour"] = "tensorrt" if magic == "ftrt" else "unknown"
+        info["note"] = "header layout not decoded for this flavour; see the manifest"
+    return info
+
+
+# --- Manifest verification (runs without a GPU) --------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HostTrt:
+    """What this machine offers an engine: TensorRT flavour/version, GPU arch, registered plugins."""
+
+    flavour: str
+    version: str
+    arch: str | None
+    plugins: frozenset[tuple[str, str, str]] = frozenset()  # (name, version, namespace)
+
+    @classmethod
+    def detect(cls, flavour: TrtFlavour) -> HostTrt:
+        registry = flavour.trt.get_plugin_registry()
+        plugins = frozenset(
+            (c.name, str(c.plugin_version), c.plugin_namespace) for c in registry.all_creators if c is not None
+        )
+        return cls(flavour=flavour.name, version=flavour.version, arch=local_gpu_arch(), plugins=plugins)
+
+
+def load_manifest(engine_dir: str | Path) -> dict[str, Any]:
+    engine_dir = Path(engine_dir)
+    path = engine_dir / contract.ENGINE_MANIFEST
+    if not path.is_file():
+        raise MoecError(f"{engine_dir} is not a moec engine directory (no {contract.ENGINE_MANIFEST}): build one with `moec build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoecError(f"{path} is not valid JSON ({e}): rebuild the engine directory with `moec build`") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise MoecError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}: rebuild with this moec")
+    return manifest
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v))
+
+
+def _rebuild_hint(manifest: dict[str, Any], host: HostTrt) -> str:
+    arch = host.arch or "<your GPU's arch>"
+    return f"rebuild on this host: moec build {manifest['source_onnx']['file']} -o DIR --arch {arch} --backend {host.flavour}"
+
+
+def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTrt) -> Path:
+    """Check ``manifest`` against ``host``; return the engine file to deserialize.
+
+    Every refusal is a MoecError naming the mismatch and the rebuild that fixes it. The checks run
+    in the order a user can act on: flavour, version, arch, plugins, then the file's integrity.
+    """
+    engine_dir = Path(engine_dir)
+    built = manifest["trt"]
+    if built["flavour"] != host.flavour:
+        raise MoecError(
+            f"{engine_dir}: engine built with {built['flavour']} {built['version']}, but this host runs "
+            f"{host.flavour} {host.version}; {_rebuild_hint(manifest, host)}"
+        )
+    if built["version"] != host.version:
+        vc = manifest.get("build_options", {}).get("version_compatible", False)
+        b, h = _version_tuple(built["version"]), _version_tuple(host.version)
+        if not (vc and b[:1] == h[:1] and h >= b):
+            raise MoecError(
+                f"{engine_dir}: engine built with {built['flavour']} {built['version']}, this host has "
+                f"{host.version} (engines only run on the exact version unless built with --version-compatible, "
+                f"and then only on the same major version or newer); {_rebuild_hint(manifest, host)}"
+            )
+    if host.arch is None:
+        raise MoecError(f"{engine_dir}: no CUDA GPU is visible on this host; TensorRT engines need one")
+    engine = _engine_for_arch(manifest, host.arch)
+    if engine is None:
+        built_for = ", ".join(manifest["archs"])
+        raise MoecError(
+            f"{engine_dir}: engines were built for {built_for}, this GPU is {host.arch}; {_rebuild_hint(manifest, host)}"
+        )
+    for plugin in manifest.get("plugins", []):
+        key = (plugin["name"], str(plugin["version"]), plugin["namespace"])
+        if key not in host.plugins:
+            raise MoecError(
+                f"{engine_dir}: engine needs TensorRT plugin {key[2]}::{key[0]} version {key[1]}, which is not "
+                f"registered in {host.flavour} here: import moec.runtime.trt_plugin on a host where it loads, or "
+                f"rebuild the graph with a lowering that needs no plugin (moec optimize --moe-lowering gather)"
+            )
+    path = engine_dir / engine["file"]
+    if not path.is_file():
+        raise MoecError(f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`")
+    digest = sha256_file(path)
+    if digest != engine["sha256"]:
+        raise MoecError(
+            f"{path}: sha256 {digest[:16]}... does not match the manifest's {engine['sha256'][:16]}... "
+            f"(file modified or corrupted); rebuild the engine directory with `moec build`"
+        )
+    return path
+
+
+def _engine_for_arch(manifest: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    for engine in manifest["engines"]:
+        if arch in engine["archs"]:
+            return engine
+    if manifest.get("build_options", {}).get("hardware_compat") == "ampere+" and parse_arch(arch) >= (8, 0):
+        return manifest["engines"][0]
+    return None
+
+
+# --- The backend (needs a GPU) -------------------------------------------------------------------
+class TrtKVCache:
+    """Past keys/values as flat torch CUDA buffers viewed [B, KVH, P, D].
+
+    Two buffers per tensor ping-pong: a step reads past from one and TensorRT writes present
+    (past + new) into the other, so no copy is made. A cache is valid until the next step that
+    extends it (the generation loop only moves forward).
+    """
+
+    def __init__(self, buffers, views, batch: int, past_len: int):
+        self.buffers = buffers  # {name: (buf_a, buf_b)} flat, max-sized
+        self.views = views  # {past name: tensor [B, KVH, P, D]}, the current past
+        self.batch = batch
+        self._past_len = past_len
+
+    @property
+    def past_len(self) -> int:
+        return self._past_len
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, engine_dir: Path, manifest: dict[str, Any], engine_path: Path, flavour: TrtFlavour):
+        import torch
+
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.flavour = flavour
+        trt = flavour.trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise MoecError(f"{engine_path}: {flavour.name} could not deserialize the engine (see its log above); rebuild it")
+        self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+        limits = manifest["limits"]
+        self.max_batch = limits["max_batch"]
+        self.max_new_tokens = limits["max_new_tokens"]
+        self.max_past = limits["max_past"]
+        # The loop checks prompt + generated <= max_positions; a step's past is at most max_past.
+        self.max_positions = min(limits["max_positions"], self.max_past + 1)
+        sidecar = json.loads((engine_dir / manifest["sidecar"]).read_text()) if manifest.get("sidecar") else {}
+        self.eos_token_ids = _eos_ids(sidecar)
+        self.num_layers = int(sidecar.get("num_layers") or _count_layers(manifest))
+        self._dtypes = {
+            self.engine.get_tensor_name(i): _torch_dtype(self.engine.get_tensor_dtype(self.engine.get_tensor_name(i)))
+            for i in range(self.engine.num_io_tensors)
+        }
+        logits_shape = manifest_io_shape(manifest, contract.LOGITS)
+        self._vocab = logits_shape[-1]
+        self._logits = torch.empty(
+            self.max_batch * self.max_new_tokens * self._vocab, dtype=self._dtypes[contract.LOGITS], device=self.device
+        )
+
+    @classmethod
+    def from_engine_dir(cls, path: str | Path, flavour: str | None = None) -> TrtBackend:
+        path = Path(path)
+        manifest = load_manifest(path)
+        trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
+        _register_plugins(manifest)
+        engine_path = select_engine(manifest, path, HostTrt.detect(trt_flavour))
+        return cls(path, manifest, engine_path, trt_flavour)
+
+    def init_cache(self, batch_size: int) -> TrtKVCache:
+        import torch
+
+        if batch_size > self.max_batch:
+            raise MoecError(f"batch {batch_size} exceeds the engine's profile max batch {self.max_batch}: rebuild with --shapes")
+        buffers, views = {}, {}
+        for layer in range(self.num_layers):
+            for past, present in ((contract.past_key(layer), contract.present_key(layer)),
+                                  (contract.past_value(layer), contract.present_value(layer))):
+                _, kvh, _, d = manifest_io_shape(self.manifest, past)
+                n = self.max_batch * kvh * (self.max_past + self.max_new_tokens) * d
+                a = torch.empty(n, dtype=self._dtypes[past], device=self.device)
+                b = torch.empty(n, dtype=self._dtypes[past], device=self.device)
+                buffers[past] = (a, b)
+                views[past] = a[:0].view(batch_size, kvh, 0, d)
+        return TrtKVCache(buffers, views, batch_size, 0)
+
+    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TrtKVCache):
+        import torch
+
+        batch, new = input_ids_BS.shape
+        if new > self.max_new_tokens:
+            raise MoecError(
+                f"{new} new tokens exceed the engine's profile max of {self.max_new_tokens} "
+                f"(input_ids): rebuild with a larger new_tokens range (--shapes input_ids:...)"
+            )
+        if cache.past_len > self.max_past:
+            raise MoecError(f"past length {cache.past_len} exceeds the engine's profile max {self.max_past}: rebuild with --shapes")
+        ctx = self.context
+        with torch.cuda.stream(self.stream):
+            ids = torch.from_numpy(np.ascontiguousarray(input_ids_BS)).to(self.device, self._dtypes[contract.INPUT_IDS])
+            pos = torch.from_numpy(np.ascontiguousarray(position_ids_BS)).to(self.device, self._dtypes[contract.POSITION_IDS])
+        for name, t in ((contract.INPUT_IDS, ids), (contract.POSITION_IDS, pos)):
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        logits = self._logits[: batch * new * self._vocab].view(batch, new, self._vocab)
+        ctx.set_tensor_address(contract.LOGITS, logits.data_ptr())
+        new_views = {}
+        for layer in range(self.num_layers):
+            for past, present in ((contract.past_key(layer), contract.present_key(layer)),
+                                  (contract.past_value(layer), contract.present_value(layer))):
+                view = cache.views[past]
+                a, b = cache.buffers[past]
+                # Present goes into whichever buffer the past does not occupy.
+                target = b if view.data_ptr() == a.data_ptr() else a
+                _, kvh, p, d = view.shape
+                out = target[: batch * kvh * (p + new) * d].view(batch, kvh, p + new, d)
+                ctx.set_input_shape(past, tuple(view.shape))
+                ctx.set_tensor_address(past, view.data_ptr() if view.numel() else a.data_ptr())
+                ctx.set_tensor_address(present, out.data_ptr())
+                new_views[past] = out
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise MoecError(f"{self.engine_dir}: TensorRT failed to enqueue the step (see its log above)")
+        self.stream.synchronize()
+        logits_BSV = logits.float().cpu().numpy()
+        return logits_BSV, TrtKVCache(cache.buffers, new_views, batch, cache.past_len + new)
+
+    def describe(self) -> dict[str, str]:
+        import torch
+
+        return {
+            "backend": "trt",
+            "device": torch.cuda.get_device_name(self.device),
+            "arch": local_gpu_arch() or "",
+            "trt_flavour": self.flavour.name,
+            "trt_version": self.flavour.version,
+            "torch_version": torch.__version__,
+            "cuda_version": str(torch.version.cuda),
+        }
+
+
+def manifest_io_shape(manifest: dict[str, Any], name: str) -> list[int]:
+    for t in manifest["io"]["inputs"] + manifest["io"]["outputs"]:
+        if t["name"] == name:
+            return t["shape"]
+    raise MoecError(f"engine manifest has no I/O tensor {name!r}: the graph is not a moec export; re-export it")
+
+
+def _count_layers(manifest: dict[str, Any]) -> int:
+    return sum(1 for t in manifest["io"]["inputs"] if t["name"].startswith("past_key."))
+
+
+def _eos_ids(sidecar: dict[str, Any]) -> tuple[int, ...]:
+    for source in (sidecar.get("generation", {}), sidecar.get("model_config", {})):
+        for key in ("eos_token_ids", "eos_token_id"):
+            value = source.get(key)
+            if value is not None:
+                return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    return ()
+
+
+def _torch_dtype(trt_dtype) -> Any:
+    import torch
+
+    name = str(trt_dtype).rsplit(".", 1)[-1].upper()
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
+             "INT32": torch.int32, "INT8": torch.int8, "BOOL": torch.bool, "UINT8": torch.uint8}
+    if name not in table:
+        raise MoecError(f"engine I/O dtype {trt_dtype} is not supported by moec's TensorRT backend")
+    return table[name]
+
+
+def _register_plugins(manifest: dict[str, Any]) -> None:
+    """Load moec's own plugin when the engine needs it; a missing module is reported by select_engine."""
+    if any(p["name"] == contract.PLUGIN_NAME for p in manifest.get("plugins", [])):
+        try:
+            importlib.import_module("moec.runtime.trt_plugin")
+        except ImportError:
+            pass
