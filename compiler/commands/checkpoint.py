@@ -1,0 +1,28 @@
+"""``moec demo-checkpoint``: write the deterministic random Llama 4 checkpoint (the embedded default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("demo-checkpoint")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", default="llama4-tiny", show_default=True, help="Model preset (moec.models.PRESETS).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
+@click.option("--shards", default=1, show_default=True, type=int, help="Number of safetensors shards.")
+@click.option(
+    "--layout",
+    type=click.Choice(["causal_lm", "conditional_generation"]),
+    default="causal_lm",
+    show_default=True,
+    help="Hugging Face key layout: Llama4ForCausalLM or Llama4ForConditionalGeneration.",
+)
+def demo_checkpoint(out_dir: Path, preset: str, seed: int, shards: int, layout: str) -> None:
+    """Write a random Llama 4 checkpoint with a byte-level tokenizer.json to OUT_DIR."""
+    from moec.models.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(out_dir, preset=preset, seed=seed, shards=shards, layout=layout)
+    files = sorted(p.name for p in path.iterdir())
+    click.echo(f"wrote {preset} checkpoint (seed {seed}, {layout}) to {path}: {', '.join(files)}")

@@ -1,0 +1,200 @@
+"""Load a Hugging Face Llama 4 checkpoint directory into ``moec.models.Llama4ForCausalLM``.
+
+Accepted: config.json plus model.safetensors, or shards listed by model.safetensors.index.json;
+key layouts of Llama4ForCausalLM (``model.layers.N...``, ``lm_head.weight``) and
+Llama4ForConditionalGeneration (``language_model.model...``, ``language_model.lm_head.weight``;
+the vision tower and projector are skipped).
+
+Memory: the module is built on the meta device (no storage), each tensor is read from the
+memory-mapped file, cast/moved on its own, and assigned into the module, so the weights are never
+held twice. Every problem with the files is a MoecError that names the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moec.common.errors import MoecError
+from moec.models.config import CONDITIONAL_GENERATION, Llama4Config
+from moec.models.llama4 import Llama4ForCausalLM
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Key prefix of the text model inside each checkpoint layout.
+TEXT_PREFIX = {"causal_lm": "", "conditional_generation": "language_model."}
+# Top-level modules of Llama4ForConditionalGeneration that the text model does not use.
+_SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """What a checkpoint directory holds: its config, layout and weight files."""
+
+    directory: Path
+    config: Llama4Config
+    layout: str  # "causal_lm" | "conditional_generation"
+    # shard file -> the tensor keys the index assigns to it (None: every key in the file)
+    shards: dict[Path, frozenset[str] | None]
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a torch float dtype, or one of fp32/fp16/bf16 (and their long names)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in _FLOAT_DTYPES.values():
+            raise MoecError(f"dtype {dtype} is not supported; use fp32, fp16 or bf16")
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise MoecError(f"dtype {dtype!r} is not supported; use fp32, fp16 or bf16") from None
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Read config.json and find the weight files, without reading any weights."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MoecError(f"{directory}: not a directory; point moec at a Hugging Face checkpoint directory")
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise MoecError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
+    config = Llama4Config.from_pretrained(config_file)
+    raw = json.loads(config_file.read_text())
+    layout = "conditional_generation" if CONDITIONAL_GENERATION in (raw.get("architectures") or []) or (
+        not raw.get("architectures") and raw.get("model_type") == "llama4"
+    ) else "causal_lm"
+    return CheckpointFiles(directory, config, layout, _find_shards(directory))
+
+
+def _find_shards(directory: Path) -> dict[Path, frozenset[str] | None]:
+    index_file = directory / INDEX_FILE
+    single = directory / WEIGHTS_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise MoecError(f"{index_file}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MoecError(f"{index_file}: 'weight_map' must map tensor names to shard files")
+        by_file: dict[Path, set[str]] = {}
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or Path(name).name != name:
+                raise MoecError(f"{index_file}: tensor {key!r} maps to {name!r}, which is not a file name")
+            by_file.setdefault(directory / name, set()).add(key)
+        for file in by_file:
+            if not file.is_file():
+                raise MoecError(f"{index_file}: names shard {file.name}, which is not in {directory}")
+        return {f: frozenset(keys) for f, keys in sorted(by_file.items())}
+    if single.is_file():
+        return {single: None}
+    other = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pth"))
+    hint = f" (found {', '.join(other)}: convert them to safetensors)" if other else ""
+    raise MoecError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def _open(file: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise MoecError(f"{file}: not a readable safetensors file ({e}); re-download or re-write it") from None
+    except OSError as e:
+        raise MoecError(f"{file}: cannot open ({e})") from None
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+) -> Llama4ForCausalLM:
+    """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's)."""
+    from safetensors import SafetensorError
+
+    target_dtype = resolve_dtype(dtype)
+    ckpt = inspect_checkpoint(path)
+    config = ckpt.config
+    prefix = TEXT_PREFIX[ckpt.layout]
+
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+
+    state: dict[str, torch.Tensor] = {}
+    skipped = 0
+    for file, listed in ckpt.shards.items():
+        with _open(file) as f:
+            keys = set(f.keys())
+            if listed is not None and not listed <= keys:
+                absent = sorted(listed - keys)
+                raise MoecError(
+                    f"{ckpt.directory / INDEX_FILE}: lists {len(absent)} tensor(s) in {file.name} that the file "
+                    f"does not hold, e.g. {absent[0]!r}"
+                )
+            for key in sorted(listed if listed is not None else keys):
+                if prefix and not key.startswith(prefix):
+                    if key.startswith(_SKIPPED_PREFIXES):
+                        skipped += 1
+                        continue
+                    raise MoecError(f"{file}: unexpected tensor {key!r} (not under {prefix!r})")
+                name = key[len(prefix) :]
+                if config.tie_word_embeddings and name == "lm_head.weight":
+                    continue  # tied: the embedding serves as lm_head
+                if name not in expected:
+                    raise MoecError(
+                        f"{file}: unexpected tensor {key!r}; it is not part of the Llama 4 text model that "
+                        f"{CONFIG_FILE} describes"
+                    )
+                if name in state:
+                    raise MoecError(f"{file}: tensor {key!r} appears in more than one shard")
+                try:
+                    view = f.get_slice(key)
+                    shape, file_dtype = tuple(view.get_shape()), view.get_dtype()
+                    if shape != expected[name]:
+                        raise MoecError(
+                            f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[name])} "
+                            f"from {CONFIG_FILE}"
+                        )
+                    if file_dtype not in _FLOAT_DTYPES:
+                        raise MoecError(
+                            f"{file}: tensor {key!r} is {file_dtype}; moec loads fp32, fp16 or bf16 weights "
+                            f"(quantized checkpoints are not supported)"
+                        )
+                    tensor = f.get_tensor(key)
+                except SafetensorError as e:
+                    raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
+                state[name] = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
+
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(prefix + m for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
+    if skipped:
+        log.info("%s: ignored %d vision/projector tensors (moec compiles the text model)", ckpt.directory, skipped)
+
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the embedding Parameter; re-point lm_head at it
+    model.model.rotary_emb.reset_inv_freq(device)
+    model.requires_grad_(False)
+    return model.eval()
