@@ -1,0 +1,91 @@
+"""The PyTorch reference backend: runs ``Llama4ForCausalLM`` one step at a time for the
+backend-agnostic generation loop (moec.runtime.generate).
+
+It implements runtime/backend.py's ``Backend`` protocol by shape (duck typing): models/ sits
+upstream of runtime/ and must not import it.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moec.common.errors import MoecError
+from moec.models.checkpoint import load_pretrained, resolve_dtype
+from moec.models.config import Llama4Config
+from moec.models.llama4 import KVCache, Llama4ForCausalLM
+
+
+@dataclass(frozen=True)
+class TorchKVCache:
+    """Per layer ``(key_BKPD, value_BKPD)`` torch tensors; P = ``past_len``."""
+
+    layers: KVCache
+    batch_size: int
+
+    @property
+    def past_len(self) -> int:
+        return int(self.layers[0][0].shape[2]) if self.layers else 0
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Llama4ForCausalLM, config: Llama4Config | None = None):
+        self.model = model.eval()
+        self.config = config or model.config
+        self.max_positions = self.config.max_position_embeddings
+        self.eos_token_ids = tuple(self.config.eos_token_ids)
+        weight = model.model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu"
+    ) -> TorchBackend:
+        model = load_pretrained(path, dtype=resolve_dtype(dtype), device=device)
+        return cls(model, model.config)
+
+    def init_cache(self, batch_size: int) -> TorchKVCache:
+        if batch_size < 1:
+            raise MoecError(f"batch size must be at least 1, got {batch_size}")
+        return TorchKVCache(self.model.empty_cache(batch_size), batch_size)
+
+    def forward(
+        self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TorchKVCache
+    ) -> tuple[np.ndarray, TorchKVCache]:
+        ids = np.asarray(input_ids_BS)
+        pos = np.asarray(position_ids_BS)
+        if ids.ndim != 2 or ids.shape != pos.shape or ids.shape[1] == 0:
+            raise MoecError(
+                f"input_ids {ids.shape} and position_ids {pos.shape} must both be [batch, new_tokens] with new_tokens >= 1"
+            )
+        if ids.shape[0] != cache.batch_size:
+            raise MoecError(f"input batch {ids.shape[0]} does not match the cache's batch {cache.batch_size}")
+        vocab = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise MoecError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+        end = cache.past_len + ids.shape[1]
+        if end > self.max_positions:
+            raise MoecError(f"sequence of {end} tokens exceeds the model's {self.max_positions} positions")
+        with torch.inference_mode():
+            logits_BSV, present = self.model(
+                torch.from_numpy(ids.astype(np.int64)).to(self.device),
+                torch.from_numpy(pos.astype(np.int64)).to(self.device),
+                cache.layers,
+            )
+        return logits_BSV.float().cpu().numpy(), TorchKVCache(present, cache.batch_size)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "threads": str(torch.get_num_threads()),
+            "cpu": platform.processor() or platform.machine(),
+        }
