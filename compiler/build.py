@@ -36,6 +36,7 @@ import onnx
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, sha256_file
 from moec.common.errors import MoecError
+from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
     TrtFlavour,
@@ -56,8 +57,7 @@ class BuildConfig:
     backend: str | None = None  # "tensorrt" | "tensorrt-rtx"; None: whichever imports, full TensorRT first
     # trtexec-style profile overrides, one per tensor: "name:1x1,1x128,4x512" (min, opt, max).
     shapes: tuple[str, ...] = ()
-    # Profile limits; None takes them from the sidecar (export's max_batch / max_seq, else the model's
-    # max_position_embeddings). max_new_tokens + max_past must fit in max_positions.
+    # Profile limits; None takes them from the sidecar (the export's max_batch and max_positions). max_new_tokens + max_past must fit in max_positions.
     max_batch: int | None = None
     max_new_tokens: int | None = None
     max_past: int | None = None
@@ -159,19 +159,14 @@ def read_sidecar(onnx_path: Path) -> dict[str, Any]:
 def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
     """Batch, new-token and past-length limits: the config's, else the sidecar's export settings."""
     model = sidecar.get("model_config", {})
-    export = sidecar.get("export", {}) if isinstance(sidecar.get("export"), dict) else {}
-
-    def pick(key):
-        return sidecar.get(key, export.get(key))
-
-    max_positions = pick("max_seq") or model.get("max_position_embeddings")
+    max_positions = sidecar.get("max_positions") or model.get("max_position_embeddings")
     if not max_positions:
-        raise MoecError("the sidecar names no max_seq or model_config.max_position_embeddings: re-export the model")
+        raise MoecError("the sidecar names no max_positions or model_config.max_position_embeddings: re-export the model")
     max_positions = int(max_positions)
-    max_batch = config.max_batch or int(pick("max_batch") or 1)
+    max_batch = config.max_batch or int(sidecar.get("max_batch") or 1)
     # Default split: half the positions for one step's new tokens (the prompt), half for the past.
     # TensorRT profiles are boxes, so the corner new + past must fit the positions.
-    max_new = config.max_new_tokens or (max_positions - config.max_past if config.max_past else max(1, max_positions // 2))
+    max_new = config.max_new_tokens or (max_positions - config.max_past if config.max_past is not None else max(1, max_positions // 2))
     max_past = config.max_past if config.max_past is not None else max_positions - max_new
     if max_new < 1 or max_past < 0 or max_new + max_past > max_positions:
         raise MoecError(
@@ -294,7 +289,7 @@ def builder_config(flavour: TrtFlavour, builder, network, arch: str, profile: Pr
     mark = logger.mark()
     if cfg.add_optimization_profile(tp) < 0:
         raise MoecError(f"{flavour.name} refused the optimization profile: {_errors(logger, mark, trt)}; fix --shapes")
-    if timing_cache is not None:
+    if timing_cache is not None and not isinstance(timing_cache, _KeptTimingCache):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             if not cfg.set_timing_cache(timing_cache, False):
@@ -452,7 +447,20 @@ def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, n
         mark = logger.mark()
         cache = cfg.create_timing_cache(data)
         # TensorRT answers unreadable bytes with an empty cache and a warning, not an error.
-        trouble = [m for m in logger.since(mark, trt.ILogger.Severity.WARNING) if "cudaError 35" not in m]
+        messages = logger.since(mark, trt.ILogger.Severity.WARNING)
+    no_gpu = any("cudaError 35" in m for m in messages)
+    trouble = [m for m in messages if "cudaError 35" not in m]
+    if data and no_gpu:
+        # Without a GPU, TensorRT-RTX cannot load any timing cache, even its own, so it cannot tell
+        # a good file from a bad one; fall back to the header it writes (see _timing_cache_header_ok).
+        ok = _timing_cache_header_ok(data)
+        trouble = [] if ok else ["its header is not a TensorRT timing cache header"]
+        if ok:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                cache = cfg.create_timing_cache(b"")
+            # Keep the user's bytes: TensorRT-RTX ignores the cache, and a later GPU build can use them.
+            cache = _KeptTimingCache(data)
     if data and (cache is None or trouble):
         notes.append(f"timing cache {path} is corrupt or from another TensorRT ({'; '.join(trouble) or 'unreadable'}): rebuilding it")
         with warnings.catch_warnings():
@@ -461,6 +469,23 @@ def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, n
     if flavour.is_rtx:
         notes.append("TensorRT-RTX treats timing caches as no-ops (since 1.2): the file is kept valid for full TensorRT builds")
     return cache
+
+
+def _timing_cache_header_ok(data: bytes) -> bool:
+    """Observed layout of a TensorRT(-RTX 1.7) timing cache: magic b"ptrt", a u32 format number,
+    a u64 payload size equal to the file size minus 20. Hand-checked only where TensorRT itself
+    cannot load caches (TensorRT-RTX on a host without a GPU)."""
+    return len(data) >= 20 and data[:4] == b"ptrt" and int.from_bytes(data[8:16], "little") == len(data) - 20
+
+
+class _KeptTimingCache:
+    """A timing cache TensorRT could not load here, kept byte for byte (see load_timing_cache)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data
 
 
 def save_timing_cache(cache, path: Path | None) -> None:
@@ -474,27 +499,6 @@ def save_timing_cache(cache, path: Path | None) -> None:
 
 
 # --- What the manifest records ---------------------------------------------------------------------
-def onnx_files(onnx_path: Path) -> list[Path]:
-    """The .onnx file and every external-data file it references."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    files = {onnx_path}
-    for tensor in _all_tensors(model.graph):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location")
-            if location:
-                f = onnx_path.parent / location
-                if not f.is_file():
-                    raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
-                files.add(f)
-    return sorted(files)
-
-
-def source_hashes(onnx_path: Path) -> dict[str, Any]:
-    files = {f.name: sha256_file(f) for f in onnx_files(onnx_path)}
-    combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
-    return {"file": onnx_path.name, "sha256": combined, "files": files}
-
-
 def plugins_needed(model: onnx.ModelProto) -> list[dict[str, str]]:
     found = {}
     for node in _all_nodes(model.graph):
@@ -506,18 +510,6 @@ def plugins_needed(model: onnx.ModelProto) -> list[dict[str, str]]:
             namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
             found[(node.op_type, version, namespace)] = {"name": node.op_type, "version": version, "namespace": namespace}
     return list(found.values())
-
-
-def _all_tensors(graph):
-    yield from graph.initializer
-    for node in _all_nodes(graph):
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from a.g.initializer
 
 
 def _all_nodes(graph):

@@ -1,0 +1,153 @@
+"""``moec build``, ``moec inspect``, ``moec bench`` and ``moec gate``: thin layers over
+``moec.compiler.build``, ``moec.runtime.bench`` and ``moec.compiler.gate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moec.common.errors import MoecError
+
+
+@click.command("build")
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
+@click.option("--arch", default="sm89", show_default=True, help="Target GPU archs, comma separated (sm75, sm80, sm86, sm89, sm90, sm100, sm120, ...).")
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
+@click.option("--shapes", multiple=True, help="Profile override, trtexec-style: name:MIN,OPT,MAX e.g. input_ids:1x1,1x128,4x512 (repeatable).")
+@click.option("--max-batch", type=int, default=None, help="Profile max batch (default: the export's).")
+@click.option("--max-new-tokens", type=int, default=None, help="Profile max new tokens per step (default: half the positions).")
+@click.option("--max-past", type=int, default=None, help="Profile max past length (default: the remaining positions).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Timing cache file (created when missing).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
+@click.option("--hardware-compat", type=click.Choice(["none", "ampere+", "same-cc"]), default="none", show_default=True)
+@click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions of the same major (full TensorRT only).")
+@click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace memory pool limit in MiB.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, timing_cache, opt_level,
+          hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
+    """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json)."""
+    from moec.compiler.build import BuildConfig, build_engine
+
+    config = BuildConfig(
+        archs=tuple(a for a in arch.replace(" ", "").split(",") if a), backend=backend, shapes=tuple(shapes),
+        max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, timing_cache=timing_cache,
+        opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
+        workspace_mib=workspace_mib, progress=not no_progress,
+    )
+    result = build_engine(onnx_path, out_dir, config)
+    for note in result.warnings:
+        click.secho(f"warning: {note}", fg="yellow", err=True)
+    m = result.manifest
+    click.echo(f"built {len(m['engines'])} engine(s) for {', '.join(m['archs'])} with {m['trt']['flavour']} "
+               f"{m['trt']['version']} ({m['precision']}, {result.seconds:.1f} s) -> {result.out_dir}")
+    for e in m["engines"]:
+        click.echo(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, sha256 {e['sha256'][:16]}")
+
+
+@click.command("inspect")
+@click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
+def inspect(engine_dir, as_json) -> None:
+    """Print an engine directory's manifest, its engines' I/O tensors and layer information."""
+    from moec.compiler.build import inspect_engine_dir
+
+    report = inspect_engine_dir(engine_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    _print_inspection(report)
+
+
+def _print_inspection(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = report["manifest"]
+    summary = Table(title="manifest", show_header=False)
+    for key, value in (
+        ("TensorRT", f"{m['trt']['flavour']} {m['trt']['version']}"), ("archs", ", ".join(m["archs"])),
+        ("precision", f"{m['precision']} (strongly typed)"), ("limits", json.dumps(m["limits"])),
+        ("plugins", ", ".join(f"{p['namespace']}::{p['name']} v{p['version']}" for p in m["plugins"]) or "none"),
+        ("source", f"{m['source_onnx']['file']} sha256 {m['source_onnx']['sha256'][:16]}"),
+        ("moec", m["moec_version"]), ("built", f"{m['built_at']} in {m['build_seconds']} s"),
+        ("network layers", f"{m['network_layers']['count']}: " + ", ".join(f"{k} {v}" for k, v in m["network_layers"]["by_type"].items())),
+    ):
+        summary.add_row(key, value)
+    console.print(summary)
+    for engine in report["engines"]:
+        h = engine["header"]
+        console.print(f"[bold]{engine['file']}[/] archs {', '.join(engine['archs'])}; sha256 "
+                      f"{'[green]ok[/]' if engine['sha256_ok'] else '[red]MISMATCH[/]'}; header: {h.get('flavour')} "
+                      f"{h.get('version', '?')} for {', '.join(h.get('archs', [])) or '?'}")
+        if not engine["deserialized"]:
+            console.print(f"  [yellow]not deserialized: {engine['reason']}; I/O below is the manifest's (network) record[/]")
+        io = Table("tensor", "mode", "dtype", "shape", "profile min / opt / max")
+        prof = m["profiles"][0]
+        rows = engine.get("io") or [dict(t, mode="input") for t in m["io"]["inputs"]] + [dict(t, mode="output") for t in m["io"]["outputs"]]
+        for t in rows:
+            p = prof.get(t["name"])
+            io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]), f"{p['min']} / {p['opt']} / {p['max']}" if p else "")
+        console.print(io)
+        if engine.get("layers"):
+            layers = Table("#", "layer")
+            for i, layer in enumerate(engine["layers"]):
+                layers.add_row(str(i), layer if isinstance(layer, str) else json.dumps(layer)[:160])
+            console.print(layers)
+
+
+@click.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the result JSON here.")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: from the artifact (.onnx -> ort, engine dir -> trt).")
+@click.option("--prompt-len", type=int, default=32, show_default=True)
+@click.option("--gen-len", type=int, default=32, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warmup) -> None:
+    """Time prefill and decode of ARTIFACT (.onnx or engine dir): p50/p90/p99 latencies and tokens/s."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moec.common.artifacts import write_json_atomic
+    from moec.runtime.bench import BenchConfig, bench_artifact
+
+    result = bench_artifact(artifact, BenchConfig(prompt_len, gen_len, batch, repeats, warmup), backend)
+    table = Table(title=f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')})")
+    for col in ("metric", "unit", "p50", "p90", "p99"):
+        table.add_column(col)
+    for name, m in result["metrics"].items():
+        table.add_row(name, m["unit"], f"{m['p50']:.4g}", f"{m['p90']:.4g}", f"{m['p99']:.4g}")
+    Console().print(table)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+        click.echo(f"wrote {json_out}")
+
+
+@click.command("gate")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--max-regression", default="5%", show_default=True, help="Allowed slowdown beyond the noise band.")
+@click.option("--metric", "metrics", multiple=True, help="Metric to gate on (repeatable; default: all).")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JUnit XML here.")
+@click.option("--allow-different-device", is_flag=True, help="Compare results from different devices or software versions.")
+def gate(result_path, baseline_path, max_regression, metrics, junit_path, allow_different_device) -> None:
+    """Compare RESULT.json with a baseline; exit 1 on a regression."""
+    from moec.compiler.gate import GateConfig, gate as run_gate, parse_percent, print_report, write_junit
+
+    config = GateConfig(max_regression=parse_percent(max_regression), metrics=tuple(metrics),
+                        allow_different_device=allow_different_device)
+    report = run_gate(result_path, baseline_path, config)
+    print_report(report)
+    if junit_path is not None:
+        write_junit(report, junit_path)
+    if not report.passed:
+        regressed = [v.metric for v in report.verdicts if v.status == "regression"]
+        raise click.exceptions.Exit(1) if not regressed else SystemExit(f"regression in {', '.join(regressed)}")
+
+
+__all__ = ["build", "inspect", "bench", "gate", "MoecError"]

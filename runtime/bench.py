@@ -1,0 +1,186 @@
+"""Benchmark a compiled artifact through the shared generation loop.
+
+Each repeat runs one ``generate`` call (prefill of ``prompt_len`` tokens, then ``gen_len`` decode
+steps, EOS ignored so every repeat does the same work) on any backend, so the numbers measure
+exactly the path ``moec run`` takes. Results carry the per-repeat values of every metric: the
+gate (``moec.compiler.gate``) derives its noise band from them.
+
+Result JSON (``BENCH_FORMAT``)::
+
+    {"format", "moec_version", "created_at",
+     "artifact": {"path", "kind", "sha256"},
+     "backend": backend.describe(),            # device and software versions
+     "config": {prompt_len, gen_len, batch, repeats, warmup, seed},
+     "metrics": {name: {"unit", "better": "lower"|"higher", "median", "p50", "p90", "p99",
+                        "repeats": [one value per repeat]}}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moec.common import contract
+from moec.common.artifacts import sha256_file
+from moec.common.errors import MoecError
+from moec.runtime.backend import Backend
+
+BENCH_FORMAT = "moec.bench/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    prompt_len: int = 32
+    gen_len: int = 32
+    batch: int = 1
+    repeats: int = 5
+    warmup: int = 1  # untimed repeats first: allocator, kernel selection and caches warm up
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_len", "gen_len", "batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise MoecError(f"bench {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise MoecError(f"bench warmup must be >= 0, got {self.warmup}")
+
+
+def artifact_kind(path: Path) -> str:
+    if path.is_dir() and (path / contract.ENGINE_MANIFEST).is_file():
+        return "trt"
+    if path.is_file() and path.suffix == ".onnx":
+        return "ort"
+    raise MoecError(f"{path} is neither an .onnx file nor an engine directory with {contract.ENGINE_MANIFEST}: "
+                    "bench an artifact of `moec export`/`moec optimize` or `moec build`")
+
+
+def artifact_sha256(path: Path) -> str:
+    """One digest for the artifact: the .onnx (with its external data) or the engine directory's
+    manifest, which itself pins every engine file's sha256."""
+    if path.is_dir():
+        return sha256_file(path / contract.ENGINE_MANIFEST)
+    return source_hashes(path)["sha256"]
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The .onnx file and every external-data file it references."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    files = {onnx_path}
+    for tensor in _all_tensors(model.graph):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                f = onnx_path.parent / location
+                if not f.is_file():
+                    raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
+                files.add(f)
+    return sorted(files)
+
+
+def _all_tensors(graph):
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_tensors(g)
+
+
+def source_hashes(onnx_path: Path) -> dict[str, Any]:
+    """sha256 of an ONNX artifact including its external data: per file, and one over all of them."""
+    files = {f.name: sha256_file(f) for f in onnx_files(Path(onnx_path))}
+    combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in sorted(files.items())).encode()).hexdigest()
+    return {"file": Path(onnx_path).name, "sha256": combined, "files": files}
+
+
+def open_backend(path: Path, backend: str | None = None) -> Backend:
+    kind = artifact_kind(path)
+    backend = backend or kind
+    if backend != kind:
+        raise MoecError(f"{path} is a {kind} artifact; --backend {backend} needs "
+                        f"{'an engine directory' if backend == 'trt' else 'an .onnx file'}")
+    if backend == "trt":
+        from moec.runtime.trt_backend import TrtBackend
+
+        return TrtBackend.from_engine_dir(path)
+    from moec.runtime.ort_backend import OrtBackend
+
+    return OrtBackend.from_onnx(path)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"median": float(np.median(a)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def run_bench(backend: Backend, config: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Time ``config.repeats`` generate calls on ``backend``; return the metrics block."""
+    from moec.runtime.generate import GenerationConfig, generate
+
+    if config.prompt_len + config.gen_len > backend.max_positions:
+        raise MoecError(f"prompt-len {config.prompt_len} + gen-len {config.gen_len} exceed the artifact's "
+                        f"{backend.max_positions} positions: lower them")
+    rng = np.random.default_rng(config.seed)
+    vocab_hi = 100  # small ids exist in every vocabulary
+    prompt = rng.integers(0, vocab_hi, size=(config.batch, config.prompt_len), dtype=np.int64)
+    gen = GenerationConfig(max_new_tokens=config.gen_len, stop_on_eos=False)
+    prefill_ms, decode_p50_ms, decode_steps_ms, tok_s, prefill_tok_s = [], [], [], [], []
+    for i in range(config.warmup + config.repeats):
+        result = generate(backend, prompt, gen)
+        if i < config.warmup:
+            continue
+        steps = [s * 1e3 for s in result.decode_step_s]
+        prefill_ms.append(result.prefill_s * 1e3)
+        decode_steps_ms.extend(steps)
+        decode_p50_ms.append(float(np.median(steps)) if steps else 0.0)
+        decode_s = sum(result.decode_step_s)
+        tok_s.append(config.batch * len(steps) / decode_s if decode_s > 0 else 0.0)
+        prefill_tok_s.append(config.batch * config.prompt_len / result.prefill_s if result.prefill_s > 0 else 0.0)
+
+    def metric(unit, better, per_repeat, spread=None):
+        # Percentiles over every sample (all decode steps of all repeats for decode latency);
+        # "repeats" keeps one value per repeat for the gate's noise band.
+        return {"unit": unit, "better": better, **percentiles(spread or per_repeat), "repeats": per_repeat}
+
+    return {
+        "prefill_ms": metric("ms", "lower", prefill_ms),
+        "decode_ms_per_step": metric("ms", "lower", decode_p50_ms, decode_steps_ms),
+        "decode_tokens_per_s": metric("tokens/s", "higher", tok_s),
+        "prefill_tokens_per_s": metric("tokens/s", "higher", prefill_tok_s),
+    }
+
+
+def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backend: str | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise MoecError(f"{path} does not exist: bench an .onnx file or an engine directory")
+    be = open_backend(path, backend)
+    metrics = run_bench(be, config)
+    try:
+        moec_version = importlib.metadata.version("moec")
+    except importlib.metadata.PackageNotFoundError:
+        moec_version = "unknown"
+    return {
+        "format": BENCH_FORMAT,
+        "moec_version": moec_version,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {"path": str(path), "kind": artifact_kind(path), "sha256": artifact_sha256(path)},
+        "backend": {k: str(v) for k, v in be.describe().items()},
+        "config": dataclasses.asdict(config),
+        "metrics": metrics,
+    }
