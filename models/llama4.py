@@ -105,10 +105,11 @@ class MoE(nn.Module):
     Every expert runs on every token, with the token pre-multiplied by its router score (0 for
     unselected experts), so the result is exact for any k but costs E times the needed compute.
     The graph passes (moec.passes) recognise exactly this pattern and replace it with a grouped
-    kernel, so keep it in this shape. Exported ONNX ops, in order: MatMul/Gemm (router), TopK,
-    ScatterElements (onto a -inf ConstantOfShape/Expand), Sigmoid, Cast, Tile (repeat), Mul,
-    Reshape, MatMul (gate_up bmm), Split, Sigmoid+Mul (SiLU), Mul, MatMul (down bmm),
-    ReduceSum, Add (+ the shared expert's MatMuls).
+    kernel, so keep it in this shape. torch.onnx.export(dynamo=True), fp32, exports it as (checked
+    on torch 2.13): Gemm (router), TopK, Expand (the -inf fill), ScatterElements, Sigmoid, Tile
+    (repeat over experts), Transpose + Reshape of the scores, Mul (score x input), Reshape to
+    [E, T, H], MatMul (gate_up), Split, Sigmoid + Mul (SiLU), Mul (x up), MatMul (down),
+    ReduceSum over E, Add (+ the shared expert's Gemms). In fp16/bf16 Casts surround the routing.
     """
 
     def __init__(self, config: Llama4Config):
