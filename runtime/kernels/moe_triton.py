@@ -1,0 +1,482 @@
+"""Triton kernels for the routed experts of a MoE layer (the ``moec.GroupedExperts`` op).
+
+Two paths, picked by token count (``decode_max_tokens`` in moe_configs.json):
+
+decode (few tokens; bandwidth-bound): token-expert pairs are grouped by expert and one program
+    owns (expert present, column block, K split). It reads its weight tile once and applies it to
+    every token of that expert (up to BLOCK_M rows per pass; a multi-row tile of x is cheap next to
+    the weight tile). Rows are padded only to BLOCK_M <= 16, never to a prefill tile, and split-K
+    spreads a single expert's weights over enough programs to fill the GPU. GEMM 1 (gate/up)
+    accumulates raw fp32 partials; SiLU(gate) * up is applied in GEMM 2's prologue, where the
+    partials are complete; GEMM 2 (down) adds its fp32 partials straight into the token's output
+    row, which also combines the k choices.
+prefill (many tokens): pairs are sorted by expert and each expert's run is padded to BLOCK_M, so a
+    row tile never spans two experts (the alignment step, in torch, with no host sync). GEMM 1 is
+    a grouped GEMM with SiLU(gate) * up fused into its epilogue (gate and up tiles share the x
+    tile); GEMM 2 writes each pair's row; k > 1 rows are summed into token order afterwards.
+
+The score multiplies either the expert input (Llama 4) or its output (Mixtral). On the input it is
+applied to GEMM 1's fp32 accumulator ((s x) W == s (x W) for a per-row scalar), so the tensor-core
+operands stay the original bf16/fp16 values. Accumulation is fp32 everywhere; the intermediate
+activation is stored in the input dtype, as the second GEMM's operand must be.
+
+Nothing here syncs with the host, so a call can be captured in a CUDA graph.
+
+Under TRITON_INTERPRET=1 (the CPU tests) ``tl.dot`` mis-computes bf16 operands (a 16x16 product
+came out 2.6e10 off), so in interpreter mode bf16 operands are widened to fp32 just before the
+dot (``DOT_UPCAST``); fp16 and all indexing run exactly the GPU code. The interpreter also
+truncates fp32 -> bf16 casts where the GPU rounds to nearest even (501 of 1024 random values
+differed), which doubles the bf16 rounding error seen on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, replace
+from importlib import resources
+
+import torch
+import triton
+import triton.language as tl
+
+from moec.runtime.kernels.reference import check_inputs
+
+CONFIG_FILE = "moe_configs.json"
+T_BUCKET_MAX = 8192
+
+
+# --- launch parameters ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    path: str  # "decode" | "prefill"
+    block_m: int
+    block_n_gate_up: int
+    block_n_down: int
+    block_k: int
+    split_k_gate_up: int = 1  # decode only
+    split_k_down: int = 1  # decode only
+    num_warps: int = 4
+    num_stages: int = 3
+    tuned: bool = False  # True only when an entry of the tuned table supplied it
+
+
+@functools.lru_cache(maxsize=1)
+def load_config_table() -> dict:
+    text = resources.files("moec.runtime.kernels").joinpath(CONFIG_FILE).read_text()
+    return json.loads(text)
+
+
+def t_bucket(num_tokens: int) -> int:
+    return min(T_BUCKET_MAX, triton.next_power_of_2(max(1, num_tokens)))
+
+
+def config_key(E: int, H: int, I: int, num_tokens: int) -> str:
+    return f"E={E},H={H},I={I},T={t_bucket(num_tokens)}"
+
+
+def _next_pow2_clamped(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def select_config(E: int, H: int, I: int, num_tokens: int, k: int, device_name: str | None = None) -> LaunchConfig:
+    """Launch parameters for one call: a tuned entry for this device and shape if the table has
+    one, else the defaults of moe_configs.json."""
+    table = load_config_table()
+    default = table["default"]
+    entry = None
+    if device_name:
+        for device_key, entries in table.get("tuned", {}).items():
+            if device_key in device_name:
+                entry = entries.get(config_key(E, H, I, num_tokens))
+                break
+    path = (entry or {}).get("path") or ("decode" if num_tokens <= default["decode_max_tokens"] else "prefill")
+    if path == "decode":
+        d = default["decode"]
+        # Rows of one expert in a decode call are at most T; below 16 rows a broadcast-FMA GEMV
+        # beats padding the row tile to the tensor-core minimum of 16.
+        block_m = _next_pow2_clamped(num_tokens, 1, 16)
+        block_m = 16 if block_m > 4 else block_m
+        cfg = LaunchConfig(
+            path="decode",
+            block_m=block_m,
+            block_n_gate_up=d["block_n"],
+            block_n_down=d["block_n"],
+            block_k=d["block_k"],
+            split_k_gate_up=d["split_k_gate_up"],
+            split_k_down=d["split_k_down"],
+            num_warps=d["num_warps"],
+            num_stages=d["num_stages"],
+        )
+    else:
+        p = default["prefill"]
+        # The row tile follows the mean rows per expert, so small batches over many experts
+        # do not pad every expert's run to 64.
+        mean_rows = -(-num_tokens * k // E)
+        cfg = LaunchConfig(
+            path="prefill",
+            block_m=_next_pow2_clamped(mean_rows, 16, p["block_m_max"]),
+            block_n_gate_up=p["block_n_gate_up"],
+            block_n_down=p["block_n_down"],
+            block_k=p["block_k"],
+            num_warps=p["num_warps"],
+            num_stages=p["num_stages"],
+        )
+    if entry:
+        fields = {k2: v for k2, v in entry.items() if k2 != "path"}
+        cfg = replace(cfg, tuned=True, **fields)
+    return cfg
+
+
+# triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported: read it
+# at the same moment so DOT_UPCAST agrees with the kind of kernels this module holds.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --- kernels ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(x, w, USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """[M, K] @ [K, N] -> fp32 [M, N]: tensor cores for M >= 16, a broadcast FMA below."""
+    if USE_DOT:
+        if DOT_UPCAST:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc = tl.dot(x, w)
+    else:
+        acc = tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _decode_gate_up_kernel(
+    x_ptr, w_ptr, gu_ptr,
+    order_ptr, group_expert_ptr, group_start_ptr, group_count_ptr,
+    H, I, K_TOP,
+    stride_xt, stride_xh, stride_we, stride_wh, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """gu[pair, :] (fp32 [P, 2I]) = x[token(pair)] @ w_gate_up[expert]; raw, before SiLU."""
+    group = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    count = tl.load(group_count_ptr + group)
+    expert = tl.load(group_expert_ptr + group).to(tl.int64)
+    start = tl.load(group_start_ptr + group)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    k_chunk = tl.cdiv(tl.cdiv(H, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_chunk
+    k_end = tl.minimum(H, k_begin + k_chunk)
+    w_base = w_ptr + expert * stride_we
+    for m0 in range(0, count, BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        r_ok = r < count
+        pair = tl.load(order_ptr + start + r, mask=r_ok, other=0).to(tl.int64)
+        token = pair // K_TOP
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_end
+            x = tl.load(x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w_off = ks[:, None] * stride_wh + cols[None, :] * stride_wn
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            wg = tl.load(w_base + w_off, mask=w_mask, other=0.0)
+            wu = tl.load(w_base + w_off + I * stride_wn, mask=w_mask, other=0.0)
+            acc_g += _mm(x, wg, USE_DOT, DOT_UPCAST)
+            acc_u += _mm(x, wu, USE_DOT, DOT_UPCAST)
+        out_off = pair[:, None] * (2 * I) + cols[None, :]
+        out_mask = r_ok[:, None] & col_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(gu_ptr + out_off, acc_g, mask=out_mask)
+            tl.store(gu_ptr + out_off + I, acc_u, mask=out_mask)
+        else:
+            tl.atomic_add(gu_ptr + out_off, acc_g, mask=out_mask)
+            tl.atomic_add(gu_ptr + out_off + I, acc_u, mask=out_mask)
+
+
+@triton.jit
+def _decode_down_kernel(
+    gu_ptr, w_ptr, out_ptr, score_ptr,
+    order_ptr, group_expert_ptr, group_start_ptr, group_count_ptr,
+    H, I, K_TOP,
+    stride_we, stride_wi, stride_wh,
+    SCORE_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    """out[token] (fp32 [T, H], zeroed) += score-weighted (SiLU(g) * u) @ w_down[expert]."""
+    group = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    count = tl.load(group_count_ptr + group)
+    expert = tl.load(group_expert_ptr + group).to(tl.int64)
+    start = tl.load(group_start_ptr + group)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    k_chunk = tl.cdiv(tl.cdiv(I, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_chunk
+    k_end = tl.minimum(I, k_begin + k_chunk)
+    w_base = w_ptr + expert * stride_we
+    act_dtype = w_ptr.dtype.element_ty
+    for m0 in range(0, count, BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        r_ok = r < count
+        pair = tl.load(order_ptr + start + r, mask=r_ok, other=0).to(tl.int64)
+        token = pair // K_TOP
+        score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_end
+            a_off = pair[:, None] * (2 * I) + ks[None, :]
+            a_mask = r_ok[:, None] & k_ok[None, :]
+            g = tl.load(gu_ptr + a_off, mask=a_mask, other=0.0)
+            u = tl.load(gu_ptr + a_off + I, mask=a_mask, other=0.0)
+            if SCORE_ON_INPUT:
+                g = g * score[:, None]
+                u = u * score[:, None]
+            a = (g * tl.sigmoid(g) * u).to(act_dtype)
+            w = tl.load(w_base + ks[:, None] * stride_wi + cols[None, :] * stride_wh,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += _mm(a, w, USE_DOT, DOT_UPCAST)
+        if not SCORE_ON_INPUT:
+            acc = acc * score[:, None]
+        tl.atomic_add(out_ptr + token[:, None] * H + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _prefill_gate_up_kernel(
+    x_ptr, w_ptr, a_ptr, score_ptr,
+    sorted_pair_ptr, block_expert_ptr,
+    P, H, I, K_TOP,
+    stride_xt, stride_xh, stride_we, stride_wh, stride_wn,
+    SCORE_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """a[pair] ([P, I], input dtype) = SiLU(s? x W_gate) * (s? x W_up) for one expert's row tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= 0:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ptr + rows).to(tl.int64)
+        r_ok = pair < P
+        token = tl.where(r_ok, pair // K_TOP, 0)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < I
+        w_base = w_ptr + expert * stride_we
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            x = tl.load(x_ptr + token[:, None] * stride_xt + ks[None, :] * stride_xh,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w_off = ks[:, None] * stride_wh + cols[None, :] * stride_wn
+            w_mask = k_ok[:, None] & col_ok[None, :]
+            wg = tl.load(w_base + w_off, mask=w_mask, other=0.0)
+            wu = tl.load(w_base + w_off + I * stride_wn, mask=w_mask, other=0.0)
+            acc_g += _mm(x, wg, True, DOT_UPCAST)
+            acc_u += _mm(x, wu, True, DOT_UPCAST)
+        if SCORE_ON_INPUT:
+            score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
+            acc_g = acc_g * score[:, None]
+            acc_u = acc_u * score[:, None]
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(a_ptr + pair[:, None] * I + cols[None, :], act.to(a_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _prefill_down_kernel(
+    a_ptr, w_ptr, y_ptr, score_ptr,
+    sorted_pair_ptr, block_expert_ptr,
+    P, H, I,
+    stride_we, stride_wi, stride_wh,
+    SCORE_ON_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """y[pair] ([P, H]) = a[pair] @ w_down[expert], times the score when it is on the output."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert >= 0:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ptr + rows).to(tl.int64)
+        r_ok = pair < P
+        safe_pair = tl.where(r_ok, pair, 0)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        w_base = w_ptr + expert * stride_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < I
+            a = tl.load(a_ptr + safe_pair[:, None] * I + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + ks[:, None] * stride_wi + cols[None, :] * stride_wh,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += _mm(a, w, True, DOT_UPCAST)
+        if not SCORE_ON_INPUT:
+            score = tl.load(score_ptr + safe_pair, mask=r_ok, other=0.0).to(tl.float32)
+            acc = acc * score[:, None]
+        tl.store(y_ptr + safe_pair[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & col_ok[None, :])
+
+
+# --- host side: the alignment step and the two paths ------------------------------------------
+
+
+def _alloc_uninitialized(*shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel must fully overwrite comes from here, so the tests can hand out
+    NaN-filled memory instead and catch an element that no program wrote."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _count_per_expert(ids_P: torch.Tensor, E: int) -> torch.Tensor:
+    # index_add_ rather than bincount: bincount's output length depends on the values, which
+    # costs a host sync on a GPU (and breaks CUDA-graph capture).
+    counts = torch.zeros(E, dtype=torch.int32, device=ids_P.device)
+    return counts.index_add_(0, ids_P, torch.ones_like(ids_P, dtype=torch.int32))
+
+
+def expert_groups(ids_P: torch.Tensor, E: int):
+    """Decode grouping: pairs sorted by expert, and for each of min(P, E) group slots the expert,
+    its first sorted position and its row count (0 for the slots past the experts present)."""
+    order_P = torch.argsort(ids_P, stable=True).to(torch.int32)
+    counts_E = _count_per_expert(ids_P, E)
+    start_E = (torch.cumsum(counts_E, 0) - counts_E).to(torch.int32)
+    # Present experts first, in ascending id order: a static-shape stand-in for unique().
+    present_first = torch.argsort((counts_E == 0).to(torch.int8), stable=True)[: min(ids_P.numel(), E)]
+    return order_P, present_first.to(torch.int32), start_E[present_first], counts_E[present_first]
+
+
+def align_by_expert(ids_P: torch.Tensor, E: int, block_m: int):
+    """Prefill alignment: each expert's run of sorted pairs padded to a multiple of ``block_m``.
+
+    Returns ``sorted_pair`` [num_blocks * block_m] (pair index, or P for padding) and
+    ``block_expert`` [num_blocks] (the expert of each row tile, -1 past the last one). The block
+    count is the static upper bound cdiv(P, block_m) + min(P, E), so nothing waits for the host.
+    """
+    P = ids_P.numel()
+    order_P = torch.argsort(ids_P, stable=True)
+    counts_E = _count_per_expert(ids_P, E)
+    padded_E = (counts_E + block_m - 1) // block_m * block_m
+    pad_end_E = torch.cumsum(padded_E, 0)
+    pad_start_E = pad_end_E - padded_E
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    ids_sorted = ids_P[order_P]
+    rank = torch.arange(P, device=ids_P.device) - start_E[ids_sorted]
+    num_blocks = triton.cdiv(P, block_m) + min(P, E)
+    sorted_pair = torch.full((num_blocks * block_m,), P, dtype=torch.int32, device=ids_P.device)
+    sorted_pair[pad_start_E[ids_sorted] + rank] = order_P.to(torch.int32)
+    block_start = torch.arange(num_blocks, device=ids_P.device, dtype=pad_end_E.dtype) * block_m
+    block_expert = torch.searchsorted(pad_end_E, block_start, right=True)
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return sorted_pair, block_expert
+
+
+def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, cfg, dot_upcast):
+    T, H = hidden_TH.shape
+    E, _, I2 = w_gate_up_EHI2.shape
+    I = I2 // 2
+    P = ids_P.numel()
+    order_P, group_expert, group_start, group_count = expert_groups(ids_P, E)
+    G = group_expert.numel()
+    use_dot = cfg.block_m >= 16
+    alloc = torch.zeros if cfg.split_k_gate_up > 1 else _alloc_uninitialized
+    gu_PI2 = alloc(P, I2, dtype=torch.float32, device=hidden_TH.device)
+    _decode_gate_up_kernel[(G, triton.cdiv(I, cfg.block_n_gate_up), cfg.split_k_gate_up)](
+        hidden_TH, w_gate_up_EHI2, gu_PI2,
+        order_P, group_expert, group_start, group_count,
+        H, I, K,
+        hidden_TH.stride(0), hidden_TH.stride(1),
+        w_gate_up_EHI2.stride(0), w_gate_up_EHI2.stride(1), w_gate_up_EHI2.stride(2),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k_gate_up,
+        USE_DOT=use_dot, DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    out_TH = torch.zeros(T, H, dtype=torch.float32, device=hidden_TH.device)
+    _decode_down_kernel[(G, triton.cdiv(H, cfg.block_n_down), cfg.split_k_down)](
+        gu_PI2, w_down_EIH, out_TH, scores_P,
+        order_P, group_expert, group_start, group_count,
+        H, I, K,
+        w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2),
+        SCORE_ON_INPUT=bool(score_on_input),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k_down,
+        USE_DOT=use_dot, DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out_TH.to(hidden_TH.dtype)
+
+
+def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, cfg, dot_upcast):
+    T, H = hidden_TH.shape
+    E, _, I2 = w_gate_up_EHI2.shape
+    I = I2 // 2
+    P = ids_P.numel()
+    sorted_pair, block_expert = align_by_expert(ids_P, E, cfg.block_m)
+    num_blocks = block_expert.numel()
+    a_PI = _alloc_uninitialized(P, I, dtype=hidden_TH.dtype, device=hidden_TH.device)
+    _prefill_gate_up_kernel[(num_blocks, triton.cdiv(I, cfg.block_n_gate_up))](
+        hidden_TH, w_gate_up_EHI2, a_PI, scores_P,
+        sorted_pair, block_expert,
+        P, H, I, K,
+        hidden_TH.stride(0), hidden_TH.stride(1),
+        w_gate_up_EHI2.stride(0), w_gate_up_EHI2.stride(1), w_gate_up_EHI2.stride(2),
+        SCORE_ON_INPUT=bool(score_on_input),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k,
+        DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # k == 1: pair == token, so GEMM 2 writes the output directly. k > 1: fp32 rows per pair,
+    # summed in token order (a deterministic combination, unlike atomics).
+    y_PH = _alloc_uninitialized(P, H, dtype=hidden_TH.dtype if K == 1 else torch.float32, device=hidden_TH.device)
+    _prefill_down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n_down))](
+        a_PI, w_down_EIH, y_PH, scores_P,
+        sorted_pair, block_expert,
+        P, H, I,
+        w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2),
+        SCORE_ON_INPUT=bool(score_on_input),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k,
+        DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if K == 1:
+        return y_PH
+    return y_PH.view(T, K, H).sum(dim=1).to(hidden_TH.dtype)
+
+
+def grouped_experts_triton(
+    hidden_TH: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    scores_TK: torch.Tensor,
+    w_gate_up_EHI2: torch.Tensor,
+    w_down_EIH: torch.Tensor,
+    score_on_input: bool = True,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """The ``moec.GroupedExperts`` semantics (see reference.py) with the Triton kernels.
+
+    ``config`` overrides the table lookup (the tests use it to force a path and small tiles).
+    """
+    check_inputs(hidden_TH, expert_ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH)
+    T, H = hidden_TH.shape
+    K = expert_ids_TK.shape[1]
+    E, _, I2 = w_gate_up_EHI2.shape
+    if T == 0:
+        return hidden_TH.new_zeros(0, H)
+    if config is None:
+        device_name = torch.cuda.get_device_name(hidden_TH.device) if hidden_TH.is_cuda else None
+        config = select_config(E, H, I2 // 2, T, K, device_name)
+    hidden_TH = hidden_TH.contiguous() if hidden_TH.stride(1) != 1 else hidden_TH
+    ids_P = expert_ids_TK.reshape(-1).long()
+    scores_P = scores_TK.reshape(-1).contiguous()
+    dot_upcast = INTERPRETED and hidden_TH.dtype == torch.bfloat16
+    run = _run_decode if config.path == "decode" else _run_prefill
+    return run(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, config, dot_upcast)
