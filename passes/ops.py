@@ -146,15 +146,22 @@ def _swiglu(op, gate_up):
     return op.Mul(op.Mul(gate, op.Sigmoid(gate)), up)
 
 
-def build_experts_dense(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH, *, score_on_input: int):
+def _cast_like(op, value, like, dtype: ir.DataType | None):
+    # A static Cast where the dtype is known: TensorRT's parser and most runtimes take Cast;
+    # CastLike keeps the function bodies dtype-generic.
+    return op.CastLike(value, like) if dtype is None else op.Cast(value, to=dtype)
+
+
+def build_experts_dense(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH, *, score_on_input: int,
+                        dtype: ir.DataType | None = None):
     """GroupedExperts in standard ops, the all-experts form: every expert runs on every token with
     a dense [T, E] weight matrix that is zero where an expert was not chosen (E times the work of
     the chosen experts; no gathers, so it suits small E at large T)."""
-    s_TK = op.CastLike(scores_TK, x_TH)
+    s_TK = _cast_like(op, scores_TK, x_TH, dtype)
     shape_TE = op.Concat(
         op.Shape(x_TH, start=0, end=1), op.Shape(w_gate_up_EHI2, start=0, end=1), axis=0
     )
-    zeros_TE = op.CastLike(op.ConstantOfShape(shape_TE), x_TH)
+    zeros_TE = _cast_like(op, op.ConstantOfShape(shape_TE), x_TH, dtype)
     dense_TE = op.ScatterElements(zeros_TE, op.Cast(ids_TK, to=ir.DataType.INT64), s_TK, axis=1)
     dense_ET1 = op.Unsqueeze(op.Transpose(dense_TE, perm=[1, 0]), op.Constant(value_ints=[-1]))
     x_1TH = op.Unsqueeze(x_TH, op.Constant(value_ints=[0]))
@@ -165,11 +172,12 @@ def build_experts_dense(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH,
     return op.ReduceSum(y_ETH, op.Constant(value_ints=[0]), keepdims=0)
 
 
-def build_experts_gather(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH, *, score_on_input: int):
+def build_experts_gather(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH, *, score_on_input: int,
+                         dtype: ir.DataType | None = None):
     """GroupedExperts in standard ops, the gather form: each token gathers its K experts' weights
     and runs batched [1, H] x [H, 2I] MatMuls. It reads only the chosen experts (what decode
     needs) but copies T*K expert matrices, so it suits small T."""
-    s_TK = op.CastLike(scores_TK, x_TH)
+    s_TK = _cast_like(op, scores_TK, x_TH, dtype)
     w_gu_TKHI2 = op.Gather(w_gate_up_EHI2, ids_TK, axis=0)
     w_d_TKIH = op.Gather(w_down_EIH, ids_TK, axis=0)
     x_T11H = op.Unsqueeze(x_TH, op.Constant(value_ints=[1, 2]))
@@ -246,7 +254,8 @@ def experts_function(attrs: dict[str, Any], opset: int) -> ir.Function:
 
 
 def moec_nodes(model: ir.Model) -> list[ir.Node]:
-    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == MOEC_DOMAIN]
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            if n.domain == MOEC_DOMAIN and n.op_type in (OP_MOE_GATING, OP_GROUPED_EXPERTS)]
 
 
 def default_opset(model: ir.Model) -> int:
@@ -267,8 +276,6 @@ def attach_functions(model: ir.Model) -> int:
             attrs = experts_attrs(node)
             node.overload = experts_overload(attrs["activation"], attrs["score_on_input"])
             make = experts_function
-        else:
-            raise MoecError(f"node {node.name!r}: unknown moec op {node.op_type!r}")
         if opset < MIN_OPSET:
             raise MoecError(
                 f"the model imports ONNX opset {opset}; moec's function bodies need opset >= {MIN_OPSET} "
@@ -289,5 +296,6 @@ def remove_unused_functions(model: ir.Model) -> None:
     used = {(n.domain, n.op_type, n.overload) for n in moec_nodes(model)}
     for key in [k for k in model.functions if k[0] == MOEC_DOMAIN and k not in used]:
         del model.functions[key]
-    if not used:
+    # The TensorRT plugin node shares the domain (common/contract.py), so look at every node.
+    if not any(n.domain == MOEC_DOMAIN for n in ir.traversal.RecursiveGraphIterator(model.graph)):
         model.opset_imports.pop(MOEC_DOMAIN, None)

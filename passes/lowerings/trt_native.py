@@ -1,0 +1,41 @@
+"""trt-native: TopK + score in standard ops, then TensorRT's TRT_MoE custom op, which the ONNX
+parser maps to IMoELayer (SM100/SM103/SM110 only; FACTS.md has the schema):
+TRT_MoE(hidden [B,S,H], selected_experts [B,S,K] int32, scores [B,S,K], gate [E,H,I], up [E,H,I],
+down [E,I,H]; activation_type 1 = SiLU). The layer scales expert OUTPUTS by the scores, so for
+Llama 4 (score on the input, k=1) the hidden state is pre-scaled by the score and the layer gets
+scores of 1; score-on-input with k > 1 cannot be expressed and is refused."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from moec.passes import ops
+from moec.passes.fusions._graph import Refuse
+from moec.passes.lowerings._weights import derived, dims
+
+TRT_MOE_OP = "TRT_MoE"
+TRT_SILU = 1
+
+
+def lower(op, pair):
+    e = pair.experts_attrs
+    ids, scores = pair.ids_TK, pair.scores_TK
+    if pair.gating is not None:
+        ids, scores = ops.build_gating(op, pair.logits_TE, **pair.gating_attrs)
+    x = pair.x_TH
+    scores = scores if scores.dtype == x.dtype or scores.dtype is None else op.Cast(scores, to=x.dtype)
+    if e["score_on_input"]:
+        if e["k"] != 1:
+            raise Refuse(f"score on the input with k={e['k']}: TRT_MoE scales expert outputs only")
+        x = op.Mul(x, scores)
+        scores = op.ConstantOfShape(op.Shape(scores), value=ir.tensor([1.0], dtype=pair.x_TH.dtype))
+    graph = pair.experts.graph
+    E, H, I = dims(pair)
+    gate = derived(graph, pair.w_gate_up_EHI2, "gate_EHI", (E, H, I), lambda w: w[:, :, :I])
+    up = derived(graph, pair.w_gate_up_EHI2, "up_EHI", (E, H, I), lambda w: w[:, :, I:])
+    axis0 = op.Constant(value_ints=[0])
+    y_1TH = op.TRT_MoE(
+        op.Unsqueeze(x, axis0), op.Unsqueeze(op.Cast(ids, to=ir.DataType.INT32), axis0), op.Unsqueeze(scores, axis0),
+        gate, up, pair.w_down_EIH, activation_type=TRT_SILU,
+    )
+    return op.Squeeze(y_1TH, axis0)

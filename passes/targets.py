@@ -1,0 +1,89 @@
+"""Targets (``ort``, ``trt:<arch>``, ``trt-rtx:<arch>``) and which MoE lowering each can run.
+
+Defaults, fastest valid first (the lowering driver takes the first one a layer allows):
+- ``ort``: ONNX Runtime's com.microsoft.MoE (one fused op with a top-k grouped expert loop
+  inside), else ``gather``.
+- ``trt:sm100|sm103|sm110``: TensorRT's native IMoELayer (``trt-native``), else ``gather``.
+- every other TensorRT arch: ``gather``. TensorRT has no grouped GEMM in standard ops; of the two
+  standard-op forms, ``gather`` reads only the K chosen experts per token (decode, the step that
+  dominates generation, reads 1/E of the expert weights), while ``dense`` always reads and
+  multiplies all E. ``trt-plugin`` (moec's grouped kernel) is faster where its plugin library is
+  loaded, so it is opt-in (``--moe-lowering trt-plugin``): an engine that needs it does not run
+  without it.
+TensorRT-RTX has no IMoELayer on any arch it targets (SM75-SM121, FACTS.md), so trt-rtx never
+takes ``trt-native``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from moec.common.errors import MoecError
+
+KINDS = ("ort", "trt", "trt-rtx")
+LOWERINGS = ("ort", "gather", "dense", "trt-native", "trt-plugin", "function")
+# IMoELayer runs on Blackwell datacenter and Thor only (public TensorRT docs; FACTS.md).
+TRT_NATIVE_MOE_ARCHS = frozenset({"sm100", "sm103", "sm110"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    kind: str
+    arch: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.arch is None else f"{self.kind}:{self.arch}"
+
+    @property
+    def is_trt(self) -> bool:
+        return self.kind in ("trt", "trt-rtx")
+
+
+def parse_target(text: str) -> Target:
+    kind, _, arch = text.partition(":")
+    if kind not in KINDS:
+        raise MoecError(f"unknown target {text!r}; use ort, trt:<arch> or trt-rtx:<arch> (arch like sm89, sm90, sm100)")
+    if kind == "ort":
+        if arch:
+            raise MoecError(f"target {text!r}: ort takes no arch")
+        return Target("ort")
+    if not re.fullmatch(r"sm\d{2,3}", arch or ""):
+        raise MoecError(f"target {text!r} needs an arch like {kind}:sm89, {kind}:sm90 or {kind}:sm100")
+    return Target(kind, arch)
+
+
+def unsupported_reason(target: Target, lowering: str) -> str | None:
+    """Why ``target`` cannot run ``lowering`` (None when it can)."""
+    if lowering not in LOWERINGS:
+        return f"unknown MoE lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}"
+    if lowering == "ort" and target.kind != "ort":
+        return "com.microsoft.MoE is an ONNX Runtime op; TensorRT's parser does not take it"
+    if lowering == "trt-native":
+        if target.kind == "trt-rtx":
+            return "TensorRT-RTX has no IMoELayer build for any arch it targets"
+        if target.kind != "trt" or target.arch not in TRT_NATIVE_MOE_ARCHS:
+            return f"TRT_MoE (IMoELayer) runs only on {', '.join(sorted(TRT_NATIVE_MOE_ARCHS))} TensorRT targets"
+    if lowering == "trt-plugin" and not target.is_trt:
+        return "the moec TensorRT plugin exists only inside TensorRT engines"
+    if lowering == "function" and target.is_trt:
+        return "moec ops as ONNX functions: TensorRT would inline the all-experts body; pick gather, dense or trt-plugin"
+    return None
+
+
+def default_lowerings(target: Target) -> tuple[str, ...]:
+    if target.kind == "ort":
+        return ("ort", "gather")
+    if target.kind == "trt" and target.arch in TRT_NATIVE_MOE_ARCHS:
+        return ("trt-native", "gather")
+    return ("gather",)
+
+
+def lowerings_for(target: Target, requested: str | None) -> tuple[str, ...]:
+    """The lowering preference list: the target's defaults, or exactly the one requested."""
+    if requested is None or requested == "auto":
+        return default_lowerings(target)
+    reason = unsupported_reason(target, requested)
+    if reason is not None:
+        raise MoecError(f"target {target}: MoE lowering {requested!r} cannot run there: {reason}")
+    return (requested,)
