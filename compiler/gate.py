@@ -145,11 +145,11 @@ def print_report(report: GateReport, console=None) -> None:
 
     console = console or Console()
     table = Table(title="moec gate")
-    for col in ("metric", "baseline", "result", "change (worse +)", "allowed", "noise", "status"):
-        table.add_column(col, justify="left" if col in ("metric", "status") else "right")
+    for col in ("metric", "unit", "baseline", "result", "worse by", "allowed", "noise", "status"):
+        table.add_column(col, justify="left" if col in ("metric", "unit", "status") else "right", no_wrap=True)
     colours = {"pass": "green", "regression": "red", "improved": "cyan"}
     for v in report.verdicts:
-        table.add_row(f"{v.metric} [{v.unit}, {v.better} is better]", f"{v.baseline:.4g}", f"{v.current:.4g}",
+        table.add_row(v.metric, f"{v.unit} ({v.better} better)", f"{v.baseline:.4g}", f"{v.current:.4g}",
                       f"{v.worse_by:+.1%}", f"{v.allowed:.1%}", f"{v.noise:.1%}", f"[{colours[v.status]}]{v.status}[/]")
     console.print(table)
     for d in report.differences:

@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
-
-from moec.common.errors import MoecError
 
 
 @click.command("build")
@@ -147,7 +146,6 @@ def gate(result_path, baseline_path, max_regression, metrics, junit_path, allow_
         write_junit(report, junit_path)
     if not report.passed:
         regressed = [v.metric for v in report.verdicts if v.status == "regression"]
-        raise click.exceptions.Exit(1) if not regressed else SystemExit(f"regression in {', '.join(regressed)}")
+        click.secho(f"performance regression in {', '.join(regressed)}", fg="red", err=True)
+        sys.exit(1)
 
-
-__all__ = ["build", "inspect", "bench", "gate", "MoecError"]

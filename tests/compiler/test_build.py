@@ -1,0 +1,274 @@
+"""Engine build stage with TensorRT for RTX on the CPU: real engines, manifest, and every bad input.
+
+The small graphs here use the real moec I/O names (common/contract.py) and dynamic dims, so the
+profile logic meets what an export produces; the demo model's own graphs are built in
+test_build_demo.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from moec.common import contract
+from moec.common.errors import MoecError
+
+trt = pytest.importorskip("tensorrt_rtx")
+
+from moec.compiler.build import (  # noqa: E402
+    BuildConfig,
+    ProgressDisplay,
+    build_engine,
+    inspect_engine_dir,
+    parse_shapes,
+    plugins_needed,
+)
+from moec.runtime.trt_backend import read_engine_header  # noqa: E402
+
+KVH, D, V, H = 2, 4, 16, 8
+
+
+def write_moec_graph(folder: Path, layers: int = 2, extra_node=None, max_positions: int = 64) -> Path:
+    """A tiny graph with a moec export's I/O: logits from an embedding and a head; each layer's
+    present = concat(past, new K/V from the embedding)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    inputs = [
+        helper.make_tensor_value_info(contract.INPUT_IDS, TensorProto.INT64, [contract.DIM_BATCH, contract.DIM_NEW_TOKENS]),
+        helper.make_tensor_value_info(contract.POSITION_IDS, TensorProto.INT64, [contract.DIM_BATCH, contract.DIM_NEW_TOKENS]),
+    ]
+    outputs = [helper.make_tensor_value_info(contract.LOGITS, TensorProto.FLOAT, [contract.DIM_BATCH, contract.DIM_NEW_TOKENS, V])]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((V, H)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.standard_normal((H, V)).astype(np.float32), "head"),
+        numpy_helper.from_array(np.array([0, 0, KVH, D], dtype=np.int64), "kv_shape"),
+    ]
+    nodes = [helper.make_node("Gather", ["emb", contract.INPUT_IDS], ["x_BSH"]), helper.make_node("MatMul", ["x_BSH", "head"], ["h_BSV"])]
+    last = "h_BSV"
+    if extra_node is not None:
+        nodes.append(extra_node(last, "h2_BSV"))
+        last = "h2_BSV"
+    nodes.append(helper.make_node("Identity", [last], [contract.LOGITS]))
+    for layer in range(layers):
+        for past, present in ((contract.past_key(layer), contract.present_key(layer)), (contract.past_value(layer), contract.present_value(layer))):
+            dims = [contract.DIM_BATCH, KVH, contract.DIM_PAST, D]
+            inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, dims))
+            outputs.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, [contract.DIM_BATCH, KVH, "total", D]))
+            nodes += [
+                helper.make_node("Reshape", ["x_BSH", "kv_shape"], [f"{past}_BSKD"]),
+                helper.make_node("Transpose", [f"{past}_BSKD"], [f"{past}_BKSD"], perm=[0, 2, 1, 3]),
+                helper.make_node("Concat", [past, f"{past}_BKSD"], [present], axis=2),
+            ]
+    graph = helper.make_graph(nodes, "tiny_moec", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(contract.PLUGIN_NAMESPACE, 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 9
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    sidecar = {"model_config": {"max_position_embeddings": max_positions}, "dtype": "fp32", "num_layers": layers,
+               "vocab_size": V, "max_positions": max_positions, "max_batch": 2,
+               "generation": {"eos_token_ids": [1], "max_positions": max_positions}}
+    contract.sidecar_path(path).write_text(json.dumps(sidecar))
+    (folder / contract.TOKENIZER_FILE).write_text("{}")
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return write_moec_graph(tmp_path / "src")
+
+
+def quiet(**kw) -> BuildConfig:
+    return BuildConfig(progress=False, **kw)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_builds_one_engine_per_arch_with_manifest(tiny, tmp_path):
+    out = tmp_path / "engines"
+    result = build_engine(tiny, out, quiet(archs=("sm80", "sm89", "sm120")))
+    m = json.loads((out / contract.ENGINE_MANIFEST).read_text())
+    assert m == result.manifest
+    assert m["trt"] == {"flavour": "tensorrt-rtx", "module": "tensorrt_rtx", "version": trt.__version__}
+    assert m["archs"] == ["sm80", "sm89", "sm120"]
+    for entry in m["engines"]:
+        blob = (out / entry["file"]).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == entry["sha256"]
+        header = read_engine_header(out / entry["file"])
+        # The engine header says the same as the manifest: flavour, version, target arch.
+        assert header["flavour"] == "tensorrt-rtx" and header["version"] == trt.__version__
+        assert header["archs"] == entry["archs"]
+    assert m["source_onnx"]["files"] == {"model.onnx": hashlib.sha256(tiny.read_bytes()).hexdigest()}
+    assert m["precision"] == "fp32" and m["strongly_typed"] is True and m["plugins"] == []
+    # Sidecar limits: batch 2, positions 64 split into 32 new + 32 past.
+    assert m["limits"] == {"max_batch": 2, "max_new_tokens": 32, "max_past": 32, "max_positions": 64}
+    p = m["profiles"][0]
+    assert p["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 32]}
+    assert p["past_key.1"] == {"min": [1, KVH, 0, D], "opt": [1, KVH, 16, D], "max": [2, KVH, 32, D]}
+    assert (out / "model.moec.json").is_file() and (out / contract.TOKENIZER_FILE).is_file()
+    assert [t["name"] for t in m["io"]["outputs"]][:2] == ["logits", "present_key.0"]
+    assert leftovers(tmp_path) == []
+
+
+def test_inspect_on_a_cpu_reports_header_and_manifest(tiny, tmp_path):
+    out = tmp_path / "engines"
+    build_engine(tiny, out, quiet(archs=("sm89",)))
+    report = inspect_engine_dir(out)
+    (engine,) = report["engines"]
+    assert engine["sha256_ok"] and engine["header"]["archs"] == ["sm89"]
+    # TensorRT-RTX cannot deserialize without a GPU (checked here: cudaError 35), so no inspector.
+    assert engine["deserialized"] is False and "no CUDA GPU" in engine["reason"]
+
+
+def test_shapes_override_in_trtexec_syntax(tiny, tmp_path):
+    cfg = quiet(archs=("sm89",), shapes=("input_ids:1x1,1x8,1x16 position_ids:1x1,1x8,1x16",))
+    m = build_engine(tiny, tmp_path / "e", cfg).manifest
+    assert m["profiles"][0]["input_ids"] == {"min": [1, 1], "opt": [1, 8], "max": [1, 16]}
+    assert m["limits"]["max_batch"] == 1 and m["limits"]["max_new_tokens"] == 16
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (("input_ids:1x1,1x8,1x4",), "min <= opt <= max"),
+        (("input_ids:1x1,1x8",), "name:MIN,OPT,MAX"),
+        (("input_ids:1,1,4",), "rank"),
+        (("past_key.0:1x3x0x4,1x3x1x4,1x3x8x4",), "fixed at 2"),
+        (("nope:1x1,1x1,1x1",), "not a network input"),
+        (("input_ids:1x1,1x1,1x60",), "exceed the model's 64 positions"),
+    ],
+)
+def test_impossible_shape_ranges_are_refused(tiny, tmp_path, shapes, message):
+    with pytest.raises(MoecError, match=message):
+        build_engine(tiny, tmp_path / "e", quiet(archs=("sm89",), shapes=shapes))
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+
+
+def test_limits_beyond_positions_are_refused(tiny, tmp_path):
+    with pytest.raises(MoecError, match="exceed the model's 64 positions"):
+        build_engine(tiny, tmp_path / "e", quiet(max_new_tokens=40, max_past=40))
+
+
+@pytest.mark.parametrize("arch, message", [("sm90", "TensorRT-RTX .* targets only"), ("sm100", "--backend tensorrt"),
+                                           ("gpu9", "unknown GPU arch")])
+def test_unsupported_arch(tiny, tmp_path, arch, message):
+    with pytest.raises(MoecError, match=message) as e:
+        build_engine(tiny, tmp_path / "e", quiet(archs=(arch,)))
+    assert arch in str(e.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_unparseable_op_names_node_and_op(tmp_path):
+    def foo(x, y):
+        return helper.make_node("FooBar", [x], [y], name="my_foo", domain="weird")
+
+    path = write_moec_graph(tmp_path / "src", extra_node=foo)
+    with pytest.raises(MoecError) as e:
+        build_engine(path, tmp_path / "e", quiet())
+    assert "my_foo" in str(e.value) and "FooBar" in str(e.value) and "Plugin not found" in str(e.value)
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+
+
+def test_plugin_node_is_recorded_and_unregistered_plugin_refused(tmp_path):
+    def plugin(x, y):
+        return helper.make_node(contract.PLUGIN_NAME, [x], [y], name="moe_0", domain=contract.PLUGIN_NAMESPACE,
+                                plugin_version=contract.PLUGIN_VERSION, plugin_namespace=contract.PLUGIN_NAMESPACE)
+
+    path = write_moec_graph(tmp_path / "src", extra_node=plugin)
+    model = onnx.load(path)
+    assert plugins_needed(model) == [{"name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION,
+                                      "namespace": contract.PLUGIN_NAMESPACE}]
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(contract.PLUGIN_NAME, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE) is None:
+        with pytest.raises(MoecError, match=f"moe_0.*{contract.PLUGIN_NAME}"):
+            build_engine(path, tmp_path / "e", quiet())
+
+
+def test_timing_cache_missing_is_created_and_reused(tiny, tmp_path):
+    cache = tmp_path / "cache" / "timing.cache"
+    r1 = build_engine(tiny, tmp_path / "e1", quiet(timing_cache=cache))
+    assert cache.is_file() and any("will be created" in w for w in r1.warnings)
+    r2 = build_engine(tiny, tmp_path / "e2", quiet(timing_cache=cache))
+    assert not any("corrupt" in w or "created" in w for w in r2.warnings)
+
+
+def test_corrupt_timing_cache_is_rebuilt_with_a_warning(tiny, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"\x00garbage" * 20)
+    result = build_engine(tiny, tmp_path / "e", quiet(timing_cache=cache))
+    assert any("corrupt" in w and str(cache) in w for w in result.warnings)
+    assert cache.read_bytes()[:4] == b"ptrt"  # replaced by a fresh cache
+    again = build_engine(tiny, tmp_path / "e", quiet(timing_cache=cache))
+    assert not any("corrupt" in w for w in again.warnings)
+
+
+def test_flags_that_do_not_apply_to_rtx(tiny, tmp_path):
+    with pytest.raises(MoecError, match="--version-compatible does not apply to TensorRT-RTX"):
+        build_engine(tiny, tmp_path / "e", quiet(version_compatible=True))
+    r = build_engine(tiny, tmp_path / "e", quiet(hardware_compat="ampere+", opt_level=0, workspace_mib=64))
+    assert any("--hardware-compat ampere+ does not apply" in w for w in r.warnings)
+    assert r.manifest["build_options"] == {"opt_level": 0, "hardware_compat": "ampere+", "version_compatible": False,
+                                           "workspace_mib": 64}
+
+
+class _InterruptingDisplay(ProgressDisplay):
+    """Raises KeyboardInterrupt from inside TensorRT's progress callbacks, as Ctrl-C would."""
+
+    def __init__(self, after_steps: int):
+        super().__init__(enabled=False)
+        self.steps = 0
+        self.after = after_steps
+
+    def step(self, name, step):
+        self.steps += 1
+        if self.steps >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_cancels_and_leaves_previous_artifact(tiny, tmp_path):
+    out = tmp_path / "e"
+    first = build_engine(tiny, out, quiet(archs=("sm89",)))
+    display = _InterruptingDisplay(after_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(tiny, out, quiet(archs=("sm80", "sm89")), display=display)
+    assert display.steps == 3  # the build stopped at the first interrupted step
+    assert json.loads((out / contract.ENGINE_MANIFEST).read_text()) == first.manifest
+    assert sorted(p.name for p in out.iterdir()) == sorted(["engine.sm89.plan", "manifest.json", "model.moec.json", "tokenizer.json"])
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_on_a_fresh_build_leaves_nothing(tiny, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(tiny, tmp_path / "e", quiet(), display=_InterruptingDisplay(after_steps=1))
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+
+
+def test_parse_shapes():
+    assert parse_shapes(("a:1x1,2x3,4x5", "b.0:1,2,3")) == {"a": ((1, 1), (2, 3), (4, 5)), "b.0": ((1,), (2,), (3,))}
+    with pytest.raises(MoecError, match="integers"):
+        parse_shapes(("a:1xq,1x1,1x1",))
+
+
+def test_cli_build_and_inspect(tiny, tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    out = tmp_path / "e"
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(tiny), "-o", str(out), "--arch", "sm90", "--no-progress"])
+    assert e.value.code == 2 and "arch sm90" in capsys.readouterr().err
+    main(["build", str(tiny), "-o", str(out), "--arch", "sm89,sm120", "--no-progress", "--backend", "tensorrt-rtx"])
+    assert "built 2 engine(s) for sm89, sm120 with tensorrt-rtx" in capsys.readouterr().out
+    main(["inspect", str(out), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert [e["archs"] for e in report["engines"]] == [["sm89"], ["sm120"]]
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "tensorrt-rtx" in text and "not deserialized" in text and "present_value.1" in text
