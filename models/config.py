@@ -430,15 +430,15 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
 # --- presets ----------------------------------------------------------------------------------
 
 
-def _preset(**fields: Any) -> Llama4Config:
-    """Presets go through the same parser as config.json, so they get the same derivations."""
-    return Llama4Config.from_hf_dict({"model_type": TEXT_MODEL_TYPE, **fields}, source="preset")
+def _preset(**fields: Any) -> dict[str, Any]:
+    return {"model_type": TEXT_MODEL_TYPE, **fields}
 
 
 # Byte-level demo tokenizer: 256 byte tokens, then the special tokens (see models/demo.py).
 TINY_VOCAB_SIZE = 264
 
-PRESETS: dict[str, Llama4Config] = {
+# The presets as transformers-style config dicts (what a config.json of that model says).
+PRESET_SOURCES: dict[str, dict[str, Any]] = {
     # Small enough to run in milliseconds on a CPU, but with every feature switched on: a NoPE
     # layer (index 3) with temperature tuning that kicks in at position 7, chunked attention with
     # chunks of 8 (tests cross them), dense (0, 2) and MoE (1, 3) layers, GQA, llama3 RoPE.
@@ -536,4 +536,9 @@ PRESETS: dict[str, Llama4Config] = {
         eos_token_id=[200001, 200007, 200008],
         pad_token_id=200018,
     ),
+}
+
+# Presets go through the same parser as config.json, so they get the same derivations.
+PRESETS: dict[str, Llama4Config] = {
+    name: Llama4Config.from_hf_dict(src, source=f"preset {name}") for name, src in PRESET_SOURCES.items()
 }
