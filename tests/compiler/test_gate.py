@@ -1,0 +1,142 @@
+"""Performance gate: pass, regression, noise band, device/version refusal, JUnit XML, CLI exit codes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from moec.common.errors import MoecError
+from moec.compiler.gate import GateConfig, compare, gate, parse_percent, relative_noise, write_junit
+from moec.runtime.bench import BENCH_FORMAT
+
+
+def result(decode_ms=(10.0, 10.1, 9.9, 10.0, 10.05), tok_s=(100.0, 99.0, 101.0, 100.0, 100.5), device="GPU-A"):
+    def metric(unit, better, values):
+        values = list(values)
+        s = sorted(values)
+        return {"unit": unit, "better": better, "median": s[len(s) // 2], "p50": s[len(s) // 2], "p90": s[-1],
+                "p99": s[-1], "repeats": values}
+
+    return {
+        "format": BENCH_FORMAT,
+        "backend": {"backend": "trt", "device": device, "trt_version": "10.16.0"},
+        "config": {"prompt_len": 32, "gen_len": 32, "batch": 1, "repeats": len(decode_ms), "warmup": 1, "seed": 0},
+        "metrics": {"decode_ms_per_step": metric("ms", "lower", decode_ms), "decode_tokens_per_s": metric("tokens/s", "higher", tok_s)},
+    }
+
+
+def scaled(res, factor_ms, factor_tok=1.0):
+    r = copy.deepcopy(res)
+    for name, f in (("decode_ms_per_step", factor_ms), ("decode_tokens_per_s", factor_tok)):
+        m = r["metrics"][name]
+        m["repeats"] = [v * f for v in m["repeats"]]
+        for k in ("median", "p50", "p90", "p99"):
+            m[k] *= f
+    return r
+
+
+def status(report):
+    return {v.metric: v.status for v in report.verdicts}
+
+
+def test_same_numbers_pass():
+    report = compare(result(), result())
+    assert report.passed and status(report) == {"decode_ms_per_step": "pass", "decode_tokens_per_s": "pass"}
+
+
+def test_slowdown_beyond_band_fails_and_speedup_is_improved():
+    base = result()
+    assert status(compare(scaled(base, 1.10), base)) == {"decode_ms_per_step": "regression", "decode_tokens_per_s": "pass"}
+    assert not compare(scaled(base, 1.0, 0.85), base).passed
+    assert status(compare(scaled(base, 0.8, 1.3), base)) == {"decode_ms_per_step": "improved", "decode_tokens_per_s": "improved"}
+    # 3% slower is inside the default 5%.
+    assert compare(scaled(base, 1.03), base).passed
+    # 6% is inside 5% + the band of these repeats (about 2%), not inside 1% + the band.
+    assert compare(scaled(base, 1.06), base).passed
+    assert not compare(scaled(base, 1.06), base, GateConfig(max_regression=0.01)).passed
+
+
+def test_noisy_repeats_widen_the_band():
+    noisy = result(decode_ms=(10.0, 13.0, 8.0, 12.0, 9.0))
+    assert relative_noise(noisy["metrics"]["decode_ms_per_step"]["repeats"]) > 0.1
+    slower = scaled(noisy, 1.10)
+    v = compare(slower, noisy).verdicts[0]
+    assert v.status == "pass" and v.allowed > 0.10
+    # The same 10% with quiet repeats is a regression.
+    assert compare(scaled(result(), 1.10), result()).verdicts[0].status == "regression"
+
+
+def test_different_device_or_version_is_refused_unless_allowed():
+    with pytest.raises(MoecError, match="different devices or versions .*device: baseline 'GPU-A', result 'GPU-B'.*--allow-different-device"):
+        compare(result(device="GPU-B"), result())
+    report = compare(result(device="GPU-B"), result(), GateConfig(allow_different_device=True))
+    assert report.passed and report.differences == ["device: baseline 'GPU-A', result 'GPU-B'"]
+
+
+def test_different_bench_settings_are_refused():
+    other = result()
+    other["config"]["gen_len"] = 64
+    with pytest.raises(MoecError, match="different settings .*gen_len"):
+        compare(other, result(), GateConfig(allow_different_device=True))
+
+
+def test_baseline_without_the_metric():
+    base = result()
+    del base["metrics"]["decode_tokens_per_s"]
+    with pytest.raises(MoecError, match="baseline .* has no metric 'decode_tokens_per_s' \\(it has: decode_ms_per_step\\)"):
+        compare(result(), base)
+    # Gating only on a metric both have works.
+    assert compare(result(), base, GateConfig(metrics=("decode_ms_per_step",))).passed
+    with pytest.raises(MoecError, match="no metric 'nope'"):
+        compare(result(), result(), GateConfig(metrics=("nope",)))
+
+
+def test_junit_xml(tmp_path):
+    base = result()
+    report = compare(scaled(base, 1.2), base)
+    path = tmp_path / "gate.xml"
+    write_junit(report, path)
+    root = ET.parse(path).getroot()
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    assert cases["decode_ms_per_step"].find("failure") is not None
+    assert "worse by +20.00%" in cases["decode_ms_per_step"].find("failure").text
+    assert cases["decode_tokens_per_s"].find("failure") is None
+
+
+def test_parse_percent():
+    assert parse_percent("5%") == pytest.approx(0.05) and parse_percent("0.1") == pytest.approx(0.1)
+    with pytest.raises(MoecError, match="percentage"):
+        parse_percent("five")
+
+
+def test_bad_result_files(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(MoecError, match="not a moec bench result"):
+        gate(tmp_path / "x.json", tmp_path / "x.json")
+    with pytest.raises(MoecError, match="does not exist"):
+        gate(tmp_path / "missing.json", tmp_path / "x.json")
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    base, same, slow = tmp_path / "base.json", tmp_path / "same.json", tmp_path / "slow.json"
+    base.write_text(json.dumps(result()))
+    same.write_text(json.dumps(result()))
+    slow.write_text(json.dumps(scaled(result(), 1.5)))
+    main(["gate", str(same), "--baseline", str(base), "--junit", str(tmp_path / "ok.xml")])
+    assert ET.parse(tmp_path / "ok.xml").getroot().get("failures") == "0"
+    with pytest.raises(SystemExit) as e:
+        main(["gate", str(slow), "--baseline", str(base), "--max-regression", "10%"])
+    assert e.value.code == 1 and "regression in decode_ms_per_step" in capsys.readouterr().err
+    nometric = result()
+    del nometric["metrics"]["decode_ms_per_step"]
+    (tmp_path / "nometric.json").write_text(json.dumps(nometric))
+    with pytest.raises(SystemExit) as e:
+        main(["gate", str(same), "--baseline", str(tmp_path / "nometric.json"), "--metric", "decode_ms_per_step"])
+    assert e.value.code == 2 and "has no metric 'decode_ms_per_step'" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""TensorRT backend: the manifest checks run here on real TensorRT-RTX engines (no GPU needed);
+running an engine needs a GPU TensorRT-RTX supports and is skipped elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moec.common import contract
+from moec.common.errors import MoecError
+
+trt = pytest.importorskip("tensorrt_rtx")
+
+from moec.compiler.build import BuildConfig, build_engine  # noqa: E402
+from moec.runtime.trt_backend import HostTrt, TrtBackend, load_manifest, parse_arch, select_engine  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compiler"))
+from test_build import write_moec_graph  # noqa: E402  (the same tiny moec graph the build tests use)
+
+HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trt_backend")
+    src = write_moec_graph(root / "src")
+    out = root / "engines"
+    build_engine(src, out, BuildConfig(archs=("sm89", "sm120"), progress=False))
+    return out
+
+
+@pytest.fixture
+def host() -> HostTrt:
+    return HostTrt(flavour="tensorrt-rtx", version=trt.__version__, arch="sm89")
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_matching_host_selects_its_arch(engine_dir, host):
+    m = load_manifest(engine_dir)
+    assert select_engine(m, engine_dir, host) == engine_dir / "engine.sm89.plan"
+    assert select_engine(m, engine_dir, dataclasses.replace(host, arch="sm120")) == engine_dir / "engine.sm120.plan"
+
+
+def test_tampered_engine_is_a_hash_mismatch(engine_dir, host, tmp_path):
+    d = copy_dir(engine_dir, tmp_path / "e")
+    blob = bytearray((d / "engine.sm89.plan").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (d / "engine.sm89.plan").write_bytes(bytes(blob))
+    with pytest.raises(MoecError, match=r"engine.sm89.plan: sha256 .* does not match .* rebuild"):
+        select_engine(load_manifest(d), d, host)
+    # The untouched sm120 engine still verifies.
+    select_engine(load_manifest(d), d, dataclasses.replace(host, arch="sm120"))
+
+
+def test_other_arch_says_which_and_how_to_rebuild(engine_dir, host):
+    with pytest.raises(MoecError, match=r"built for sm89, sm120, this GPU is sm86; .*--arch sm86 --backend tensorrt-rtx"):
+        select_engine(load_manifest(engine_dir), engine_dir, dataclasses.replace(host, arch="sm86"))
+
+
+def test_other_version_or_flavour(engine_dir, host):
+    m = load_manifest(engine_dir)
+    with pytest.raises(MoecError, match=rf"built with tensorrt-rtx {trt.__version__}, this host has 1.99.0.1"):
+        select_engine(m, engine_dir, dataclasses.replace(host, version="1.99.0.1"))
+    with pytest.raises(MoecError, match=r"built with tensorrt-rtx .* this host runs tensorrt 10.16.0"):
+        select_engine(m, engine_dir, HostTrt("tensorrt", "10.16.0", "sm90"))
+
+
+def test_version_compatible_engine_accepts_newer_same_major(engine_dir, host):
+    m = json.loads(json.dumps(load_manifest(engine_dir)))
+    m["build_options"]["version_compatible"] = True
+    major = trt.__version__.split(".")[0]
+    select_engine(m, engine_dir, dataclasses.replace(host, version=f"{major}.99.0.0"))
+    with pytest.raises(MoecError, match="same major version or newer"):
+        select_engine(m, engine_dir, dataclasses.replace(host, version="0.1.0.0"))
+
+
+def test_missing_plugin(engine_dir, host):
+    m = json.loads(json.dumps(load_manifest(engine_dir)))
+    m["plugins"] = [{"name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE}]
+    with pytest.raises(MoecError, match=rf"needs TensorRT plugin moec::{contract.PLUGIN_NAME} version 1"):
+        select_engine(m, engine_dir, host)
+    present = dataclasses.replace(host, plugins=frozenset({(contract.PLUGIN_NAME, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE)}))
+    assert select_engine(m, engine_dir, present).name == "engine.sm89.plan"
+
+
+def test_not_an_engine_dir(tmp_path, engine_dir):
+    with pytest.raises(MoecError, match="not a moec engine directory"):
+        load_manifest(tmp_path)
+    d = copy_dir(engine_dir, tmp_path / "e")
+    (d / "manifest.json").write_text("{broken")
+    with pytest.raises(MoecError, match="not valid JSON"):
+        load_manifest(d)
+
+
+def test_parse_arch():
+    assert parse_arch("sm89") == (8, 9) and parse_arch("sm120") == (12, 0) and parse_arch("sm_75") == (7, 5)
+    assert parse_arch("SM100") == (10, 0)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-host refusal")
+def test_from_engine_dir_without_gpu_refuses_clearly(engine_dir):
+    with pytest.raises(MoecError, match="no CUDA GPU is visible"):
+        TrtBackend.from_engine_dir(engine_dir)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_engine_matches_onnx_runtime_on_gpu(tmp_path):
+    """Greedy tokens from the engine equal ONNX Runtime's on the same graph (GPU hosts only)."""
+    from moec.runtime.generate import GenerationConfig, generate
+    from moec.runtime.ort_backend import OrtBackend
+    from moec.runtime.trt_backend import local_gpu_arch
+
+    arch = local_gpu_arch()
+    if arch not in [n.lower() for n in trt.ComputeCapability.__members__]:
+        pytest.skip(f"TensorRT-RTX cannot target this GPU ({arch})")
+    src = write_moec_graph(tmp_path / "src")
+    build_engine(src, tmp_path / "e", BuildConfig(archs=(arch,), progress=False))
+    be = TrtBackend.from_engine_dir(tmp_path / "e")
+    prompt = np.array([[3, 5, 7, 2]], dtype=np.int64)
+    cfg = GenerationConfig(max_new_tokens=6, stop_on_eos=False)
+    got = generate(be, prompt, cfg)
+    ref = generate(OrtBackend.from_onnx(src), prompt, cfg)
+    assert got.new_tokens == ref.new_tokens
