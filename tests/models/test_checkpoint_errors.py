@@ -1,0 +1,157 @@
+"""Every bad checkpoint a user can hand moec: one MoecError naming the file or tensor, and from
+the CLI a non-zero exit with no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moec.common.errors import MoecError
+from moec.models import load_pretrained
+from moec.models.demo import write_demo_checkpoint
+
+
+@pytest.fixture
+def ckpt(demo_ckpt, tmp_path):
+    """A private copy of the demo checkpoint to damage."""
+    return shutil.copytree(demo_ckpt, tmp_path / "ckpt")
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    return write_demo_checkpoint(tmp_path / "sharded", shards=3)
+
+
+def _rewrite_weights(path, edit):
+    file = path / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _edit_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(MoecError, match=r"config\.json: missing"):
+        load_pretrained(ckpt)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(MoecError, match="not a directory"):
+        load_pretrained(tmp_path / "nowhere")
+
+
+def test_unsupported_architecture(ckpt):
+    _edit_config(ckpt, lambda c: c.update(architectures=["MixtralForCausalLM"]))
+    with pytest.raises(MoecError, match=r"config\.json: unsupported architecture MixtralForCausalLM"):
+        load_pretrained(ckpt)
+
+
+def test_config_not_json(ckpt):
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(MoecError, match=r"config\.json: not valid JSON"):
+        load_pretrained(ckpt)
+
+
+def test_missing_tensor(ckpt):
+    _rewrite_weights(ckpt, lambda t: t.pop("model.layers.1.feed_forward.experts.down_proj"))
+    with pytest.raises(MoecError, match=r"missing tensor\(s\) model\.layers\.1\.feed_forward\.experts\.down_proj"):
+        load_pretrained(ckpt)
+
+
+def test_unexpected_tensor(ckpt):
+    _rewrite_weights(ckpt, lambda t: t.update({"model.layers.9.mlp.weight": torch.zeros(2)}))
+    with pytest.raises(MoecError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.9\.mlp\.weight'"):
+        load_pretrained(ckpt)
+
+
+def test_misshaped_tensor(ckpt):
+    _rewrite_weights(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(MoecError, match=r"'model\.norm\.weight' has shape \[65\], expected \[64\]"):
+        load_pretrained(ckpt)
+
+
+def test_config_disagrees_with_weights(ckpt):
+    _edit_config(ckpt, lambda c: c.update(num_local_experts=8))
+    with pytest.raises(MoecError, match=r"experts\.(gate_up|down)_proj' has shape \[4, .*\], expected \[8, "):
+        load_pretrained(ckpt)
+
+
+def test_integer_tensor(ckpt):
+    _rewrite_weights(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int8)}))
+    with pytest.raises(MoecError, match=r"'model\.norm\.weight' is I8"):
+        load_pretrained(ckpt)
+
+
+def test_truncated_safetensors(ckpt):
+    file = ckpt / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(MoecError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_pretrained(ckpt)
+
+
+def test_corrupt_safetensors(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(MoecError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_pretrained(ckpt)
+
+
+def test_no_weights(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(MoecError, match=r"no model\.safetensors .*pytorch_model\.bin: convert"):
+        load_pretrained(ckpt)
+
+
+def test_index_names_missing_shard(sharded):
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(MoecError, match=r"index\.json: names shard model-00002-of-00003\.safetensors"):
+        load_pretrained(sharded)
+
+
+def test_index_lists_tensor_not_in_shard(sharded):
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.extra.weight"] = "model-00001-of-00003.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(MoecError, match=r"does not hold, e\.g\. 'model\.extra\.weight'"):
+        load_pretrained(sharded)
+
+
+def test_index_not_an_index(sharded):
+    (sharded / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(MoecError, match=r"index\.json: not a safetensors index"):
+        load_pretrained(sharded)
+
+
+def test_bad_dtype_name(demo_ckpt):
+    with pytest.raises(MoecError, match="dtype 'int4'"):
+        load_pretrained(demo_ckpt, dtype="int4")
+
+
+def test_cli_reports_bad_checkpoint_without_traceback(tmp_path):
+    """The CLI's exit path for a MoecError raised under the models stage (demo-checkpoint into a
+    folder that is not a checkpoint)."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    proc = subprocess.run(
+        [sys.executable, "-m", "moec.compiler", "demo-checkpoint", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "is not a checkpoint folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
