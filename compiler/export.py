@@ -1,0 +1,391 @@
+"""Export stage: a Llama 4 checkpoint -> one ONNX graph, plus what the runtime needs beside it.
+
+Exporter: ``torch.onnx.export(..., dynamo=True)``, the torch.export-based exporter. It traces
+the model's real Python (no TorchScript scripting), records dynamic dimensions as named symbols
+with their ranges, and emits an onnx-ir model we can post-process and stream to disk before any
+protobuf copy of the weights exists. The TorchScript exporter is deprecated in torch 2.x and
+needs a full ModelProto in memory.
+
+One graph serves prefill and decode: the new-token count ``new_tokens`` and the past length
+``past_len`` are both dynamic, so prefill is (S = prompt, P = 0) and decode (S = 1, P > 0) of
+the same graph. Two graphs would duplicate every weight reference (or need a shared external
+file and two sessions/engines), double the passes' work and the number of TensorRT
+engines/profiles to build, and let the two phases drift; a dynamic-shape TensorRT engine can
+still carry one optimization profile per phase over one graph.
+
+The MoE blocks stay exactly as ``moec.models`` writes them (router, TopK, ScatterElements,
+Sigmoid, dense bmm over all experts, shared expert); ``moec.passes`` fuses them later. In
+fp16/bf16 exports the router's top-k, scatter and sigmoid run in fp32 (the model casts the router
+logits up before them; ``router_precisions`` reads it back from the graph for the tests).
+
+Files written (all first under temporary names, renamed into place only after the checks pass):
+    OUT.onnx           the graph
+    OUT.onnx.data      all weights, when they exceed ``external_data_threshold_bytes``
+    OUT.moec.json      the sidecar (``moec.common.contract.sidecar_path``): see ``build_sidecar``
+    tokenizer.json     copied from the checkpoint when it has one
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moec.common import contract
+from moec.common.artifacts import write_json_atomic
+from moec.common.errors import MoecError
+
+DTYPES = ("fp32", "fp16", "bf16")
+SIDECAR_FORMAT = "moec-onnx"
+SIDECAR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export. The CLI (``moec export``) fills it; defaults live here only."""
+
+    dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": weights, activations and KV cache
+    max_batch: int = 8  # upper bound of the dynamic batch dimension
+    # Longest sequence (prompt + generated) the artifact accepts; None: the model's
+    # max_position_embeddings.
+    max_seq: int | None = None
+    # Weights above this many bytes go to one external-data file OUT.onnx.data. Protobuf cannot
+    # hold more than 2 GiB, and a large inline proto is a second copy of the weights in memory
+    # while it is serialised, so the default stays well below that.
+    external_data_threshold_bytes: int = 1 << 30
+    # ONNX opset 18: the torchlib exporter's native opset, read by ONNX Runtime and by the
+    # TensorRT / TensorRT-RTX parsers. Newer opsets would make the exporter emit fused
+    # RMSNormalization/Attention ops (opset 23) that the MoE passes and older parsers do not expect.
+    opset: int = 18
+    # Run onnxscript's optimizer (constant folding of small subgraphs, dead code removal).
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MoecError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_batch < 1:
+            raise MoecError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_seq is not None and self.max_seq < 2:
+            raise MoecError(f"max_seq must be >= 2, got {self.max_seq}")
+        if self.external_data_threshold_bytes < 0:
+            raise MoecError("external_data_threshold_bytes must be >= 0")
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    external_data_path: Path | None
+    sidecar_path: Path
+    tokenizer_path: Path | None
+    dtype: str
+    weight_bytes: int
+    max_positions: int
+    op_counts: dict[str, int] = field(default_factory=dict)
+    export_s: float = 0.0  # torch.export + translation to ONNX
+    save_s: float = 0.0  # writing the graph and weights
+    check_s: float = 0.0  # checker + strict shape inference
+    total_s: float = 0.0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _export_module(model):
+    """The model with the contract's flat signature: (input_ids, position_ids, past...) ->
+    (logits fp32, present...). Logits leave in fp32 whatever the dtype, because numpy (and so
+    every backend's host side) has no bfloat16 and the loop samples in fp32 anyway."""
+    import torch
+
+    class ExportModule(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids, past):
+            past_kv = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            logits, present = self.inner(input_ids, position_ids_BS=position_ids, past_key_values=past_kv)
+            return (logits.float(), *[t for kv in present for t in kv])
+
+    return ExportModule(model).eval()
+
+
+def _names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = [contract.INPUT_IDS, contract.POSITION_IDS]
+    outputs = [contract.LOGITS]
+    for i in range(num_layers):
+        inputs += [contract.past_key(i), contract.past_value(i)]
+        outputs += [contract.present_key(i), contract.present_value(i)]
+    return inputs, outputs
+
+
+def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int):
+    """torch.onnx.export with dynamic batch, new tokens and past length -> onnx_ir.Model."""
+    import torch
+    from torch.export import Dim
+
+    L = llama_config.num_hidden_layers
+    K, D = llama_config.num_key_value_heads, llama_config.head_dim
+    dt = torch_dtype(config.dtype)
+    # Sample sizes: distinct and > 1, so torch.export neither specialises (0/1) nor unifies them.
+    B, S, P = 2, 3, 5
+    batch = Dim(contract.DIM_BATCH, min=1, max=config.max_batch)
+    new = Dim(contract.DIM_NEW_TOKENS, min=1, max=max_positions)
+    past = Dim(contract.DIM_PAST, min=0, max=max_positions - 1)
+    args = (
+        torch.zeros(B, S, dtype=torch.int64),
+        (torch.arange(S, dtype=torch.int64) + P).expand(B, S).contiguous(),
+        tuple(torch.zeros(B, K, P, D, dtype=dt) for _ in range(2 * L)),
+    )
+    dynamic_shapes = (
+        {0: batch, 1: new},
+        {0: batch, 1: new},
+        tuple({0: batch, 2: past} for _ in range(2 * L)),
+    )
+    input_names, output_names = _names(L)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        # The exporter prints progress lines and warns about torchvision ops we do not use.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _export_module(model),
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=config.opset,
+            # We optimize ourselves, after folding weight transposes lazily (see below).
+            optimize=False,
+            verbose=False,
+        )
+    model = program.model
+    # Parameters are named after the wrapper's attribute ("inner."); give them back their
+    # checkpoint names so errors, passes and refits can refer to them as the checkpoint does.
+    for value in list(model.graph.initializers.values()):
+        if value.name.startswith("inner."):
+            value.name = value.name[len("inner.") :]
+    return model
+
+
+def _fold_weight_layout_ops(model) -> int:
+    """Replace Transpose(initializer) with a pre-transposed initializer, evaluated lazily.
+
+    The exporter writes nn.Linear as MatMul(x, Transpose(W)). onnxscript's constant folding would
+    fold small weights (below its 8192-element limit) into new numpy arrays and leave large ones
+    unfolded: the tiny test models and real ones would then differ in graph shape, and the folded
+    copies would be a second copy of the weights in memory. Folding every one lazily (an
+    ``ir.LazyTensor`` computed when the saver writes it, one tensor at a time) gives one graph
+    shape for all sizes and keeps peak memory at one copy plus one tensor.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    folded = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or src.const_value is None:
+            continue
+        perm_attr = node.attributes.get("perm")
+        rank = len(src.shape)
+        perm = tuple(perm_attr.as_ints()) if perm_attr is not None else tuple(reversed(range(rank)))
+        tensor = src.const_value
+
+        def transposed(tensor=tensor, perm=perm):
+            return ir.tensor(np.ascontiguousarray(np.transpose(tensor.numpy(), perm)))
+
+        shape = ir.Shape([src.shape[p] for p in perm])
+        out = node.outputs[0]
+        new_value = ir.Value(name=f"{src.name}.T", shape=shape, type=src.type)
+        new_value.const_value = ir.LazyTensor(transposed, dtype=src.dtype, shape=shape, name=new_value.name)
+        graph.register_initializer(new_value)
+        out.replace_all_uses_with(new_value)
+        if out.is_graph_output():
+            continue
+        graph.remove(node, safe=True)
+        if not src.uses() and not src.is_graph_output():
+            graph.initializers.pop(src.name)
+        folded += 1
+    return folded
+
+
+def _weight_bytes(model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _check_by_path(path: Path) -> None:
+    """Full checker and strict shape inference, by path (works beyond protobuf's 2 GiB)."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    inferred = path.with_name(path.name + ".inferred")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), strict_mode=True, data_prop=True)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            inferred.unlink()
+
+
+def router_precisions(onnx_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(node name, input element type) of the router math: every TopK, and every Sigmoid fed by
+    a ScatterElements (the -inf scatter of the selected logits). Reads the graph, not the weights."""
+    import onnx
+
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path), load_external_data=False))
+    types = {
+        vi.name: onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
+        for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)
+    }
+    producer = {o: n for n in m.graph.node for o in n.output}
+    found = []
+    for n in m.graph.node:
+        src = producer.get(n.input[0]) if n.input else None
+        if n.op_type == "TopK" or (n.op_type == "Sigmoid" and src is not None and src.op_type == "ScatterElements"):
+            found.append((n.name, types.get(n.input[0], "?")))
+    return found
+
+
+def build_sidecar(llama_config, config: ExportConfig, max_positions: int, external_data: str | None, tokenizer: bool) -> dict:
+    """The runtime's view of an export. Keys every reader may rely on:
+
+    format/version, model_config (Llama4Config.to_dict()), dtype, num_layers, moe_layers,
+    num_key_value_heads, head_dim, vocab_size, max_positions, max_batch, generation
+    {eos_token_ids, bos_token_id, pad_token_id, max_positions}, io {inputs, outputs},
+    dynamic_dims, external_data (file name or null), tokenizer (file name or null), exporter.
+    """
+    import onnx
+    import torch
+
+    inputs, outputs = _names(llama_config.num_hidden_layers)
+    return {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "model_config": llama_config.to_dict(),
+        "dtype": config.dtype,
+        "num_layers": llama_config.num_hidden_layers,
+        "moe_layers": list(llama_config.moe_layer_indices()),
+        "num_key_value_heads": llama_config.num_key_value_heads,
+        "head_dim": llama_config.head_dim,
+        "vocab_size": llama_config.vocab_size,
+        "max_positions": max_positions,
+        "max_batch": config.max_batch,
+        "generation": {
+            "eos_token_ids": list(llama_config.eos_token_ids),
+            "bos_token_id": llama_config.bos_token_id,
+            "pad_token_id": llama_config.pad_token_id,
+            "max_positions": max_positions,
+        },
+        "io": {"inputs": inputs, "outputs": outputs},
+        "dynamic_dims": {"batch": contract.DIM_BATCH, "new_tokens": contract.DIM_NEW_TOKENS, "past": contract.DIM_PAST},
+        "external_data": external_data,
+        "tokenizer": contract.TOKENIZER_FILE if tokenizer else None,
+        "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": config.opset, "dynamo": True},
+    }
+
+
+def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, config: ExportConfig = ExportConfig()) -> ExportResult:
+    """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
+    import onnx_ir as ir
+
+    from moec.models import Llama4Config, load_pretrained
+
+    t_start = time.perf_counter()
+    checkpoint_dir = Path(checkpoint_dir)
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise MoecError(f"the export's file name must end in .onnx, got {out_path}")
+    if out_path.is_dir():
+        raise MoecError(f"{out_path} is a directory; give the .onnx file to write")
+    llama_config = Llama4Config.from_pretrained(checkpoint_dir)
+    max_positions = config.max_seq or llama_config.max_position_embeddings
+    if max_positions > llama_config.max_position_embeddings:
+        raise MoecError(
+            f"max_seq {max_positions} exceeds the model's max_position_embeddings "
+            f"({llama_config.max_position_embeddings}) in {checkpoint_dir / 'config.json'}"
+        )
+
+    model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
+    t0 = time.perf_counter()
+    onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
+    _fold_weight_layout_ops(onnx_model)
+    if config.optimize:
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.optimize_ir(onnx_model)
+    export_s = time.perf_counter() - t0
+    op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
+    weight_bytes = _weight_bytes(onnx_model)
+    external = weight_bytes > config.external_data_threshold_bytes
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = out_path.name + ".data"
+    tokenizer_src = checkpoint_dir / contract.TOKENIZER_FILE
+    has_tokenizer = tokenizer_src.is_file()
+    # Everything is written into a temporary folder beside the destination (same filesystem),
+    # checked there, and only then renamed into place; a failure removes the folder.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    try:
+        tmp_model = tmp_dir / out_path.name
+        t0 = time.perf_counter()
+        if external:
+            # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
+            # evaluated there), so no second copy of the weights is built.
+            ir.save(onnx_model, tmp_model, external_data=data_name)
+        else:
+            ir.save(onnx_model, tmp_model)
+        save_s = time.perf_counter() - t0
+        del onnx_model, model  # the torch weights are no longer needed for the checks
+
+        t0 = time.perf_counter()
+        _check_by_path(tmp_model)
+        check_s = time.perf_counter() - t0
+
+        write_json_atomic(
+            contract.sidecar_path(tmp_model),
+            build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer),
+        )
+        if has_tokenizer:
+            shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)
+        for f in tmp_dir.iterdir():
+            f.chmod(0o644)  # temp files are created private; the artifacts are ordinary files
+
+        # The graph goes last: until it is renamed, an old export (if any) stays the readable one.
+        final_data = out_path.with_name(data_name)
+        moves = []
+        if external:
+            moves.append((tmp_dir / data_name, final_data))
+        moves.append((contract.sidecar_path(tmp_model), contract.sidecar_path(out_path)))
+        if has_tokenizer:
+            moves.append((tmp_dir / contract.TOKENIZER_FILE, out_path.with_name(contract.TOKENIZER_FILE)))
+        moves.append((tmp_model, out_path))
+        for src, dst in moves:
+            os.replace(src, dst)
+        if not external and final_data.is_file():
+            final_data.unlink()  # a stale data file of an earlier external export of this name
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    return ExportResult(
+        onnx_path=out_path,
+        external_data_path=out_path.with_name(data_name) if external else None,
+        sidecar_path=contract.sidecar_path(out_path),
+        tokenizer_path=out_path.with_name(contract.TOKENIZER_FILE) if has_tokenizer else None,
+        dtype=config.dtype,
+        weight_bytes=weight_bytes,
+        max_positions=max_positions,
+        op_counts=op_counts,
+        export_s=export_s,
+        save_s=save_s,
+        check_s=check_s,
+        total_s=time.perf_counter() - t_start,
+    )

@@ -1,0 +1,266 @@
+"""ONNX Runtime backend: runs a moec export (or an optimized copy of one) step by step.
+
+The KV cache stays in ONNX Runtime's own memory between steps: each step binds the previous
+step's ``present_*`` OrtValues as this step's ``past_*`` inputs through an IOBinding, so keys
+and values never round-trip through numpy (on a CUDA provider they never leave the GPU). Only
+the token ids go in and the float32 logits come out through host memory.
+
+What the runtime needs besides the graph (layer count, maximum positions, EOS ids, dtype) comes
+from the sidecar JSON beside the .onnx (``moec.common.contract.sidecar_path``), which the export
+writes; this module never imports the torch model code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moec.common import contract
+from moec.common.errors import MoecError
+
+# ONNX type strings of the KV inputs -> the element type an empty OrtValue needs. bf16 has no
+# numpy dtype, so it goes by its ONNX enum (onnx.TensorProto.BFLOAT16 == 16).
+_KV_ELEMENT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(bfloat16)": 16,
+}
+
+
+def read_sidecar(onnx_path: str | os.PathLike) -> dict:
+    """The moec metadata beside ``onnx_path``; MoecError when it is absent or unreadable."""
+    side = contract.sidecar_path(onnx_path)
+    if not side.is_file():
+        raise MoecError(
+            f"{onnx_path} is not a moec export: its metadata file {side} is missing "
+            "(export the checkpoint with `moec export`, which writes it beside the .onnx)"
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
+    missing = [k for k in ("num_layers", "max_positions", "vocab_size", "dtype", "generation") if k not in meta]
+    if missing:
+        raise MoecError(f"the moec metadata {side} lacks {', '.join(missing)}; re-export the model with `moec export`")
+    return meta
+
+
+def expected_io(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names of a moec export with ``num_layers`` layers."""
+    inputs = [contract.INPUT_IDS, contract.POSITION_IDS]
+    outputs = [contract.LOGITS]
+    for i in range(num_layers):
+        inputs += [contract.past_key(i), contract.past_value(i)]
+        outputs += [contract.present_key(i), contract.present_value(i)]
+    return inputs, outputs
+
+
+def missing_external_data(onnx_path: str | os.PathLike) -> list[str]:
+    """External-data files that ``onnx_path`` references but that are absent or too short.
+
+    Reads only the graph structure (``load_external_data=False``), not the weights.
+    """
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    needed: dict[str, int] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        loc = info.get("location", "")
+        needed[loc] = max(needed.get(loc, 0), end)
+    problems = []
+    for loc, end in sorted(needed.items()):
+        f = onnx_path.parent / loc
+        if not f.is_file():
+            problems.append(f"{f} (missing)")
+        elif f.stat().st_size < end:
+            problems.append(f"{f} (has {f.stat().st_size} bytes, the graph needs {end})")
+    return problems
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
+
+
+@dataclass
+class OrtCache:
+    """Past keys/values as OrtValues, one pair per layer, [B, KVH, P, D]."""
+
+    keys: list[Any]
+    values: list[Any]
+    batch_size: int
+    past_len: int
+
+
+class OrtBackend:
+    """``moec.runtime.backend.Backend`` over an ``onnxruntime.InferenceSession``."""
+
+    name = "ort"
+
+    def __init__(self, session, onnx_path: Path, sidecar: dict, graph_optimization: bool):
+        self.session = session
+        self.path = onnx_path
+        self.sidecar = sidecar
+        self.graph_optimization = graph_optimization
+        self.num_layers = int(sidecar["num_layers"])
+        self.max_positions = int(sidecar["max_positions"])
+        self.vocab_size = int(sidecar["vocab_size"])
+        self.eos_token_ids = tuple(int(t) for t in sidecar["generation"].get("eos_token_ids", []))
+        self.dtype = str(sidecar["dtype"])
+        self.provider = session.get_providers()[0]
+        # Presents are left where the provider computes them; only logits come back to the host.
+        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        by_name = {i.name: i for i in session.get_inputs()}
+        k0 = by_name[contract.past_key(0)] if self.num_layers else None
+        self._kv_type = k0.type if k0 is not None else "tensor(float)"
+        if self._kv_type not in _KV_ELEMENT_TYPES:
+            raise MoecError(f"{onnx_path}: KV cache input {k0.name} has type {self._kv_type}, which moec does not run")
+        # [B, KVH, P, D]: KVH and D are static in a moec export.
+        self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
+        self._input_names, self._output_names = expected_io(self.num_layers)
+
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | os.PathLike,
+        providers: Sequence[str] | None = None,
+        graph_optimization: bool = True,
+        intra_op_threads: int | None = None,
+    ) -> "OrtBackend":
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise MoecError(f"ONNX file {path} does not exist")
+        sidecar = read_sidecar(path)
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimization else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        # ORT sizes its thread pool to every core and ignores OMP_NUM_THREADS; on a shared host
+        # the caller's OMP_NUM_THREADS is the best hint of what it may use.
+        if intra_op_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            intra_op_threads = int(os.environ["OMP_NUM_THREADS"])
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types; diagnose, then report.
+            try:
+                problems = missing_external_data(path)
+            except Exception:  # not even parseable as ONNX: the ORT message below says why
+                problems = []
+            if problems:
+                raise MoecError(
+                    f"{path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
+                    "Keep the .data file beside the .onnx (same name as when exported) or re-export."
+                ) from e
+            raise MoecError(f"ONNX Runtime cannot load {path}: {str(e).strip()}") from e
+
+        want_in, want_out = expected_io(int(sidecar["num_layers"]))
+        have_in = [i.name for i in session.get_inputs()]
+        have_out = [o.name for o in session.get_outputs()]
+        missing_in = [n for n in want_in if n not in have_in]
+        missing_out = [n for n in want_out if n not in have_out]
+        extra_in = [n for n in have_in if n not in want_in]
+        if missing_in or missing_out or extra_in:
+            parts = []
+            if missing_in:
+                parts.append(f"missing inputs {missing_in}")
+            if missing_out:
+                parts.append(f"missing outputs {missing_out}")
+            if extra_in:
+                parts.append(f"unexpected inputs {extra_in}")
+            raise MoecError(
+                f"{path} is not a moec export for its metadata ({int(sidecar['num_layers'])} layers): "
+                f"{'; '.join(parts)}. Export the checkpoint with `moec export`."
+            )
+        return cls(session, path, sidecar, graph_optimization)
+
+    # --- Backend protocol ---------------------------------------------------------------------
+    def init_cache(self, batch_size: int) -> OrtCache:
+        import onnxruntime as ort
+
+        shape = [batch_size, self._kv_heads, 0, self._head_dim]
+        et = _KV_ELEMENT_TYPES[self._kv_type]
+
+        def empty():
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, et, self._device, 0)
+
+        return OrtCache(
+            keys=[empty() for _ in range(self.num_layers)],
+            values=[empty() for _ in range(self.num_layers)],
+            batch_size=batch_size,
+            past_len=0,
+        )
+
+    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: OrtCache):
+        input_ids_BS = np.ascontiguousarray(input_ids_BS, dtype=np.int64)
+        position_ids_BS = np.ascontiguousarray(position_ids_BS, dtype=np.int64)
+        B, S = input_ids_BS.shape
+        if B != cache.batch_size:
+            raise MoecError(f"batch of {B} sequences against a cache made for {cache.batch_size}")
+        if cache.past_len + S > self.max_positions:
+            raise MoecError(
+                f"{cache.past_len + S} positions exceed the {self.max_positions} that {self.path} was exported for"
+            )
+        if input_ids_BS.size and (input_ids_BS.min() < 0 or input_ids_BS.max() >= self.vocab_size):
+            raise MoecError(f"token ids must be in [0, {self.vocab_size}) for {self.path}")
+
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(contract.INPUT_IDS, input_ids_BS)
+        binding.bind_cpu_input(contract.POSITION_IDS, position_ids_BS)
+        for i in range(self.num_layers):
+            binding.bind_ortvalue_input(contract.past_key(i), cache.keys[i])
+            binding.bind_ortvalue_input(contract.past_value(i), cache.values[i])
+        binding.bind_output(contract.LOGITS, "cpu")
+        for i in range(self.num_layers):
+            binding.bind_output(contract.present_key(i), self._device)
+            binding.bind_output(contract.present_value(i), self._device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        logits_BSV = outs[0].numpy()
+        if logits_BSV.dtype != np.float32:
+            logits_BSV = logits_BSV.astype(np.float32)
+        new = OrtCache(
+            keys=[outs[1 + 2 * i] for i in range(self.num_layers)],
+            values=[outs[2 + 2 * i] for i in range(self.num_layers)],
+            batch_size=B,
+            past_len=cache.past_len + S,
+        )
+        return logits_BSV, new
+
+    def describe(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        return {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "provider": self.provider,
+            "providers": ",".join(self.session.get_providers()),
+            "device": ort.get_device(),
+            "model": str(self.path),
+            "dtype": self.dtype,
+            "graph_optimization": "all" if self.graph_optimization else "disabled",
+        }
