@@ -476,7 +476,7 @@ def grouped_experts_triton(
         config = select_config(E, H, I2 // 2, T, K, device_name)
     hidden_TH = hidden_TH.contiguous() if hidden_TH.stride(1) != 1 else hidden_TH
     ids_P = expert_ids_TK.reshape(-1).long()
-    scores_P = scores_TK.reshape(-1).contiguous()
+    scores_P = scores_TK.reshape(-1).to(hidden_TH.dtype).contiguous()  # passes/ops.py: cast before use
     dot_upcast = INTERPRETED and hidden_TH.dtype == torch.bfloat16
     run = _run_decode if config.path == "decode" else _run_prefill
     return run(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, config, dot_upcast)

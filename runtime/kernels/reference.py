@@ -6,7 +6,8 @@
 dense [T, E] score matrix); it costs E times the compute and serves only as a second witness.
 
 Semantics (the ``moec.GroupedExperts`` op of passes/ops.py):
-    for each token t and each of its k choices (e = expert_ids_TK[t, j], s = scores_TK[t, j]):
+    for each token t and each of its k choices (e = expert_ids_TK[t, j], s = scores_TK[t, j]
+    cast to the hidden dtype):
         x = s * hidden_TH[t]                      if score_on_input (Llama 4) else hidden_TH[t]
         g, u = x @ w_gate_up_EHI2[e][:, :I], x @ w_gate_up_EHI2[e][:, I:]   (gate is the first half)
         y = (SiLU(g) * u) @ w_down_EIH[e]
@@ -96,7 +97,9 @@ def grouped_experts_reference(
     _check_expert_range(expert_ids_TK, E)
 
     ids_P = expert_ids_TK.reshape(-1).long()  # pair p = t * K + j
-    scores_P = scores_TK.reshape(-1).float()
+    # passes/ops.py: scores are cast to the hidden dtype before use (a float32 score from the
+    # router is rounded to bf16 in a bf16 model).
+    scores_P = scores_TK.reshape(-1).to(hidden_TH.dtype).float()
     order_P = torch.argsort(ids_P, stable=True)
     counts_E = torch.bincount(ids_P, minlength=E)
     x_PH = hidden_TH.float()[order_P // K]
@@ -138,7 +141,7 @@ def dense_reference(
     I = I2 // 2
     _check_expert_range(expert_ids_TK, E)
     scores_TE = torch.zeros(T, E, dtype=torch.float32, device=hidden_TH.device)
-    scores_TE.scatter_(1, expert_ids_TK.long(), scores_TK.float())
+    scores_TE.scatter_(1, expert_ids_TK.long(), scores_TK.to(hidden_TH.dtype).float())
     x_ETH = hidden_TH.float().unsqueeze(0).expand(E, T, H)
     if score_on_input:
         x_ETH = x_ETH * scores_TE.t().unsqueeze(-1)
