@@ -97,6 +97,8 @@ class Llama4Config:
     num_local_experts: int
     num_experts_per_tok: int = 1
     moe_layers: tuple[int, ...] = ()
+    interleave_moe_layer_step: int = 1  # what moe_layers was derived from (kept for replace())
+    no_rope_layer_interval: int = 4  # what no_rope_layers was derived from
     # 1 = the layer uses RoPE, 0 = NoPE (transformers' name, inverted meaning kept on purpose).
     no_rope_layers: tuple[int, ...] = ()
     layer_types: tuple[str, ...] = ()
@@ -347,9 +349,10 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
     if top_k > experts:
         raise MoecError(f"{source}: num_experts_per_tok ({top_k}) exceeds num_local_experts ({experts})")
 
+    step = _int(d, "interleave_moe_layer_step", source)
+    interval = _int(d, "no_rope_layer_interval", source)
     moe_layers = _int_list(d, "moe_layers", source)
     if moe_layers is None:
-        step = _int(d, "interleave_moe_layer_step", source)
         moe_layers = list(range(step - 1, layers, step))
     bad = [i for i in moe_layers if not 0 <= i < layers]
     if bad or len(set(moe_layers)) != len(moe_layers):
@@ -357,7 +360,6 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
 
     no_rope = _int_list(d, "no_rope_layers", source)
     if not no_rope:  # transformers treats [] like null
-        interval = _int(d, "no_rope_layer_interval", source)
         no_rope = [int((i + 1) % interval != 0) for i in range(layers)]
     if len(no_rope) < layers or any(x not in (0, 1) for x in no_rope):
         raise MoecError(
@@ -408,6 +410,8 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
         num_local_experts=experts,
         num_experts_per_tok=top_k,
         moe_layers=tuple(sorted(moe_layers)),
+        interleave_moe_layer_step=step,
+        no_rope_layer_interval=interval,
         no_rope_layers=tuple(no_rope),
         layer_types=tuple(layer_types),
         attention_chunk_size=chunk,
