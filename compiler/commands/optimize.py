@@ -1,0 +1,54 @@
+"""``moec optimize``: a thin layer over ``moec.compiler.pipeline.optimize_onnx``."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+from moec.passes.targets import LOWERINGS
+
+
+@click.command("optimize")
+@click.argument("in_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Optimized ONNX file to write.")
+@click.option("--target", default="ort", show_default=True, help="ort | trt:<arch> | trt-rtx:<arch> (arch like sm80, sm89, sm90, sm100, sm120).")
+@click.option("--moe-lowering", type=click.Choice(["auto", *LOWERINGS]), default="auto", show_default=True,
+              help="How fused MoE layers run; auto: the target's fastest valid lowering.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Convert an fp32 export (routing stays fp32).")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the pass report as JSON.")
+@click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
+def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion) -> None:
+    """Fuse the MoE layers of IN.onnx, lower them for --target and write OUT.onnx (+ sidecar files)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from moec.common.artifacts import write_json_atomic
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
+                            precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report carries them; printed below
+        report = optimize_onnx(in_path, out_path, config)
+    console = Console()
+    table = Table(title=f"moec optimize -> {report.out_path} ({report.target})")
+    table.add_column("phase")
+    table.add_column("pass")
+    table.add_column("matches", justify="right")
+    table.add_column("ms", justify="right")
+    for r in report.passes:
+        table.add_row(r.phase, r.name, str(r.matches), f"{r.ms:.1f}")
+    console.print(table)
+    layers = "?" if report.moe_layers is None else str(report.moe_layers)
+    lowered = ", ".join(f"{k} x{v}" for k, v in report.moe_lowering.items()) or "none"
+    console.print(f"fused {report.fused_gating} gating / {report.fused_experts} expert ops for {layers} MoE layers; "
+                  f"lowered: {lowered}; precision {report.precision}; {report.total_ms:.0f} ms")
+    for r in report.refusals:
+        console.print(f"[yellow]refused[/yellow] {r}")
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if report_path is not None:
+        write_json_atomic(report_path, report.to_dict())

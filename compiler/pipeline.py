@@ -1,0 +1,292 @@
+"""The optimize stage: one flat, phased list of graph passes over an exported ONNX model.
+
+    cleanup    constant folding, dead nodes, identities, shape-op simplification (libraries)
+    fusion     rms_norm -> moe_gating -> grouped_experts
+    precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
+    lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
+    cleanup    again, for what the rewrites left
+
+Precision runs on the fused graph, before lowering: there the routing is one op
+(moec.MoEGating) whose fp32 contract is explicit, and every lowering then emits its ops in the
+dtypes it finds. A disabled step is an empty step, not a branch.
+
+The model is loaded once with onnx-ir, lazily: external weights stay in their file (memory-mapped)
+until the output is written, and relaid weights are computed only while writing. The output
+(.onnx, .onnx.data when the input had external data, the sidecar, tokenizer.json) is written under
+temporary names and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import onnx_ir as ir
+
+from moec.common import contract
+from moec.common.artifacts import write_json_atomic
+from moec.common.errors import MoecError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
+# Inputs without external data are written inline up to this size (protobuf's limit is 2 GiB).
+INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """How to optimize; ``moec optimize`` fills it, defaults live here only."""
+
+    target: str = "ort"  # "ort" | "trt:<arch>" | "trt-rtx:<arch>"
+    moe_lowering: str | None = None  # None/"auto": the target's fastest valid lowering
+    precision: str | None = None  # None: keep the export's dtype; "fp16"/"bf16" from an fp32 export
+    dump_dir: str | os.PathLike | None = None  # write the graph after every phase
+    require_fusion: bool = False  # 0 fused MoE layers is an error instead of a warning
+    fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort)
+    cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
+
+
+@dataclasses.dataclass
+class PassRecord:
+    phase: str
+    name: str
+    matches: int
+    ms: float
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    in_path: str
+    out_path: str
+    target: str
+    moe_lowering: dict[str, int]
+    precision: str
+    passes: list[PassRecord]
+    refusals: list[str]
+    fused_gating: int
+    fused_experts: int
+    moe_layers: int | None
+    warnings: list[str]
+    total_ms: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    phase: str
+    name: str
+    run: Callable[[ir.Model, "_Context"], int]
+    repeat: bool = False  # run again while it still reports matches (at most cleanup_iterations)
+
+
+@dataclasses.dataclass
+class _Context:
+    config: OptimizeConfig
+    target: object
+    log: object
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    lowered: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _cleanup_steps() -> list[Step]:
+    from moec.passes import cleanup
+
+    return [Step("cleanup", p.__name__, lambda m, c, p=p: p(m), repeat=True) for p in cleanup.CLEANUP_PASSES]
+
+
+def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
+    from moec.passes.fusions.grouped_experts import fuse_grouped_experts
+    from moec.passes.fusions.moe_gating import fuse_moe_gating
+    from moec.passes.fusions.rms_norm import fuse_rms_norm
+
+    def counted(key, fn):
+        def run(m, c):
+            n = fn(m, c.log)
+            c.counts[key] = c.counts.get(key, 0) + n
+            return n
+        return run
+
+    rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else target.kind == "ort"
+    # rms_norm first: its opset upgrade (onnxscript's version converter) inlines model-local
+    # functions, which would dissolve fused moec ops.
+    return [
+        *([Step("fusion", "fuse_rms_norm", counted("rms_norm", fuse_rms_norm))] if rms else []),
+        Step("fusion", "fuse_moe_gating", counted("gating", fuse_moe_gating)),
+        Step("fusion", "fuse_grouped_experts", counted("experts", fuse_grouped_experts)),
+    ]
+
+
+def _precision_steps(config: OptimizeConfig) -> list[Step]:
+    if config.precision in (None, "fp32"):
+        return []
+    from moec.passes.precision import convert_precision
+
+    return [Step("precision", f"convert_to_{config.precision}", lambda m, c: convert_precision(m, config.precision))]
+
+
+def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
+    from moec.passes.lowerings import lower_moe
+    from moec.passes.targets import lowerings_for
+
+    order = lowerings_for(target, config.moe_lowering)
+
+    def run(m, c):
+        c.lowered = lower_moe(m, order, str(target), c.log)
+        return sum(c.lowered.values())
+
+    return [Step("lowering", "lower_moe", run)]
+
+
+def build_pipeline(config: OptimizeConfig, target) -> list[Step]:
+    """The flat pass list, phase by phase (see the module docstring)."""
+    return [
+        *_cleanup_steps(),
+        *_fusion_steps(config, target),
+        *_precision_steps(config),
+        *_lowering_steps(config, target),
+        *_cleanup_steps(),
+    ]
+
+
+def run_passes(model: ir.Model, steps: list[Step], ctx: _Context, dump_dir: Path | None = None) -> list[PassRecord]:
+    """Run ``steps`` in order; time them, count matches, repeat where asked, name the pass that
+    failed, and dump the graph after each phase when ``dump_dir`` is given."""
+    records: list[PassRecord] = []
+    for i, step in enumerate(steps):
+        t0 = time.perf_counter()
+        total = 0
+        for _ in range(max(1, ctx.config.cleanup_iterations) if step.repeat else 1):
+            try:
+                n = step.run(model, ctx)
+            except MoecError as e:
+                raise MoecError(f"pass {step.name} ({step.phase}): {e}") from e
+            except Exception as e:  # a bug in moec: keep the traceback, but say which pass
+                raise RuntimeError(f"moec pass {step.name} ({step.phase}) failed: {e}") from e
+            total += n
+            if not n:
+                break
+        records.append(PassRecord(step.phase, step.name, total, (time.perf_counter() - t0) * 1e3))
+        last_of_phase = i + 1 == len(steps) or steps[i + 1].phase != step.phase
+        if dump_dir is not None and last_of_phase:
+            _dump(model, dump_dir, f"{_phase_index(records):02d}_{step.phase}")
+    return records
+
+
+def _phase_index(records: list[PassRecord]) -> int:
+    index, prev = 0, None
+    for r in records:
+        if r.phase != prev:
+            index, prev = index + 1, r.phase
+    return index
+
+
+def _dump(model: ir.Model, dump_dir: Path, stem: str) -> None:
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    # The weights go to one data file per dump; the graph file stays small enough to open.
+    _save(model, dump_dir / f"{stem}.onnx", external=True)
+
+
+def _has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _save(model: ir.Model, path: Path, external: bool) -> None:
+    """Write ``path`` (+ ``path.data``) atomically: into a temporary folder beside it, then renamed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = path.name + ".data"
+        ir.save(model, tmp / path.name, external_data=data_name if external else None)
+        if external:
+            os.replace(tmp / data_name, path.parent / data_name)
+        elif (path.parent / data_name).exists():
+            (path.parent / data_name).unlink()  # a stale data file from an earlier external write
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_sidecar(in_path: Path) -> dict | None:
+    side = contract.sidecar_path(in_path)
+    if not side.exists():
+        return None
+    try:
+        return json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MoecError(f"cannot read the sidecar {side}: {e}; re-export the model") from e
+
+
+def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, config: OptimizeConfig = OptimizeConfig()) -> OptimizeReport:
+    """Optimize ``in_path`` for ``config.target`` and write ``out_path`` with its sidecar files."""
+    from moec.passes.fusions._graph import FusionLog
+    from moec.passes.targets import parse_target
+
+    t_start = time.perf_counter()
+    in_path, out_path = Path(in_path), Path(out_path)
+    target = parse_target(config.target)
+    if config.precision is not None and config.precision not in PRECISIONS:
+        raise MoecError(f"precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not in_path.is_file():
+        raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
+    sidecar = _read_sidecar(in_path)
+    if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
+        raise MoecError(
+            f"{in_path} was exported as {sidecar['dtype']}; --precision converts fp32 exports only "
+            "(export with --dtype fp32, or drop --precision)"
+        )
+    try:
+        model = ir.load(in_path)
+    except Exception as e:
+        raise MoecError(f"{in_path}: not a readable ONNX model ({e})") from e
+    external = _has_external_data(model) or _weight_bytes(model) > INLINE_WEIGHT_LIMIT_BYTES
+
+    ctx = _Context(config, target, FusionLog())
+    steps = build_pipeline(config, target)
+    dump_dir = Path(config.dump_dir) if config.dump_dir is not None else None
+    if dump_dir is not None:
+        _dump(model, dump_dir, "00_input")
+    records = run_passes(model, steps, ctx, dump_dir)
+
+    gating, experts = ctx.counts.get("gating", 0), ctx.counts.get("experts", 0)
+    moe_layers = len(sidecar["moe_layers"]) if sidecar and "moe_layers" in sidecar else None
+    notes: list[str] = []
+    if experts == 0:
+        msg = f"{in_path}: no MoE layer was fused" + (f" (refusals: {'; '.join(map(str, ctx.log.refusals))})" if ctx.log.refusals else "")
+        if config.require_fusion:
+            raise MoecError(msg + "; --require-fusion makes this an error")
+        notes.append(msg)
+    if moe_layers is not None and (gating != moe_layers or experts != moe_layers):
+        notes.append(f"fused {gating} gating and {experts} expert ops, but the model has {moe_layers} MoE layers")
+    for n in notes:
+        warnings.warn(n, stacklevel=2)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _save(model, out_path, external)
+    lowering_name = "+".join(sorted(ctx.lowered)) or "none"
+    if sidecar is not None:
+        sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
+        write_json_atomic(contract.sidecar_path(out_path), sidecar)
+    tok_src, tok_dst = in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE
+    if tok_src.exists() and tok_src.resolve() != tok_dst.resolve():
+        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".tokenizer.", delete=False) as f:
+            tmp_tok = Path(f.name)
+        shutil.copyfile(tok_src, tmp_tok)
+        os.replace(tmp_tok, tok_dst)
+    return OptimizeReport(
+        in_path=str(in_path), out_path=str(out_path), target=str(target), moe_lowering=dict(ctx.lowered),
+        precision=config.precision or (sidecar or {}).get("dtype", "fp32"), passes=records,
+        refusals=[str(r) for r in ctx.log.refusals], fused_gating=gating, fused_experts=experts,
+        moe_layers=moe_layers, warnings=notes, total_ms=(time.perf_counter() - t_start) * 1e3,
+    )
