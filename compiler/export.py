@@ -28,6 +28,7 @@ Files written (all first under temporary names, renamed into place only after th
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -151,8 +152,10 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
         tuple({0: batch, 2: past} for _ in range(2 * L)),
     )
     input_names, output_names = _names(L)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-        # The exporter prints progress lines and warns about torchvision ops we do not use.
+    # The exporter prints progress lines and warns (through logging and warnings) about
+    # torchvision ops that a language model never uses.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             _export_module(model),

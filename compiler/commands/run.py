@@ -1,0 +1,184 @@
+"""``moec run``, ``moec export`` and ``moec verify``: thin layers over
+``moec.runtime.generate``, ``moec.compiler.export`` and ``moec.compiler.verify``.
+
+``moec run ARTIFACT`` picks the backend from what ARTIFACT is (``--backend`` overrides):
+a directory with config.json -> torch; an .onnx file -> ort; a directory with manifest.json -> trt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+from moec.common import contract
+from moec.common.errors import MoecError
+
+BACKENDS = ("torch", "ort", "trt")
+
+
+def detect_backend(artifact: Path) -> str:
+    if artifact.is_dir() and (artifact / contract.ENGINE_MANIFEST).is_file():
+        return "trt"
+    if artifact.is_dir() and (artifact / "config.json").is_file():
+        return "torch"
+    if artifact.is_file() and artifact.suffix == ".onnx":
+        return "ort"
+    if not artifact.exists():
+        raise MoecError(f"{artifact} does not exist; give a checkpoint directory, an .onnx file or an engine directory")
+    raise MoecError(
+        f"cannot tell what {artifact} is: expected a checkpoint directory (config.json), an .onnx export, "
+        f"or an engine directory ({contract.ENGINE_MANIFEST}); or name one with --backend"
+    )
+
+
+def open_backend(artifact: Path, backend: str, dtype: str | None):
+    """A ``moec.runtime.backend.Backend`` for ``artifact``; heavy imports happen here."""
+    if backend == "torch":
+        from moec.models.torch_backend import TorchBackend
+
+        if not artifact.is_dir():
+            raise MoecError(f"the torch backend runs a checkpoint directory; {artifact} is not one")
+        return TorchBackend.from_checkpoint(artifact, dtype=dtype)
+    if dtype is not None:
+        raise MoecError(f"--dtype only applies to the torch backend; the {backend} artifact has its own dtype")
+    if backend == "ort":
+        from moec.runtime.ort_backend import OrtBackend
+
+        return OrtBackend.from_onnx(artifact)
+    if backend == "trt":
+        from moec.runtime.trt_backend import TrtBackend
+
+        return TrtBackend.from_engine_dir(artifact)
+    raise MoecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def find_tokenizer(artifact: Path, checkpoint: Path | None) -> Path | None:
+    """tokenizer.json in (or beside) the artifact, else in --checkpoint."""
+    places = [artifact if artifact.is_dir() else artifact.parent]
+    if checkpoint is not None:
+        places.append(checkpoint)
+    for p in places:
+        if (p / contract.TOKENIZER_FILE).is_file():
+            return p / contract.TOKENIZER_FILE
+    return None
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise MoecError(f"--prompt-ids must be integers separated by spaces or commas, got {text!r}") from None
+    if not ids:
+        raise MoecError("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+@click.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Prompt text (needs tokenizer.json beside ARTIFACT or in --checkpoint).")
+@click.option("--prompt-ids", help='Prompt token ids, e.g. "1 2 3".')
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate [default: GenerationConfig's].")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the backend picked from ARTIFACT.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Where to find tokenizer.json if not beside ARTIFACT.")
+@click.option("--dtype", default=None, help="torch backend only: fp32|fp16|bf16 [default: the checkpoint's].")
+@click.option("--temperature", type=float, default=None, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
+def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json):
+    """Generate from ARTIFACT: a checkpoint directory, an .onnx export or an engine directory."""
+    from moec.runtime.generate import GenerationConfig, generate
+
+    if (prompt is None) == (prompt_ids is None):
+        raise MoecError("give exactly one of --prompt TEXT or --prompt-ids \"1 2 3\"")
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    gen_config = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
+    backend = backend or detect_backend(artifact)
+
+    tokenizer = None
+    tok_path = find_tokenizer(artifact, checkpoint)
+    if tok_path is not None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    if prompt is not None:
+        if tokenizer is None:
+            where = artifact if artifact.is_dir() else artifact.parent
+            raise MoecError(
+                f"--prompt needs {contract.TOKENIZER_FILE}, found neither in {where}"
+                + (f" nor in {checkpoint}" if checkpoint else "")
+                + "; pass --checkpoint DIR or use --prompt-ids"
+            )
+        ids = tokenizer.encode(prompt).ids
+    else:
+        ids = parse_prompt_ids(prompt_ids)
+
+    be = open_backend(artifact, backend, dtype)
+    result = generate(be, ids, gen_config)
+    new_ids = result.new_tokens[0]
+    text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    if as_json:
+        out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe()}
+        click.echo(json.dumps(out))
+        return
+    click.echo(text if text is not None else " ".join(map(str, new_ids)))
+    click.echo(
+        f"[{be.name}] {len(ids)} prompt + {len(new_ids)} new tokens ({result.finish_reasons[0]}): "
+        f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s",
+        err=True,
+    )
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="OUT.onnx")
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 [default: fp32].")
+@click.option("--max-batch", type=int, default=None)
+@click.option("--max-seq", type=int, default=None, help="Longest sequence the export accepts [default: the model's].")
+@click.option(
+    "--external-data-threshold",
+    type=int,
+    default=None,
+    help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
+)
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold):
+    """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
+    from moec.compiler.export import ExportConfig, export_onnx
+
+    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold)
+    config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
+    r = export_onnx(checkpoint, output, config)
+    files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]
+    click.echo(
+        f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "
+        f"in {r.total_s:.1f} s: {', '.join(str(f) for f in files if f is not None)}"
+    )
+
+
+@click.command("verify")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 [default: fp32].")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per dtype].")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per dtype].")
+@click.option("--decode-steps", type=int, default=None)
+@click.option("--prompt-len", type=int, default=None, help="[default: two attention chunks + 3]")
+@click.option("--batch", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_json):
+    """Export CHECKPOINT and compare ONNX Runtime with PyTorch on prefill and decode steps.
+
+    Exits 1 when any output of any step is out of tolerance (an element fails when it exceeds
+    both atol and rtol, as in Polygraphy)."""
+    from moec.compiler.verify import VerifyConfig, format_report
+    from moec.compiler.verify import verify as run_verify
+
+    options = dict(dtype=dtype, atol=atol, rtol=rtol, decode_steps=decode_steps, prompt_len=prompt_len, batch=batch)
+    report = run_verify(checkpoint, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
+    if not report.passed:
+        raise SystemExit(1)
