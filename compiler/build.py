@@ -112,7 +112,8 @@ def _errors(logger, mark: int, trt) -> str:
     # A CPU-only host logs CUDA probe failures (cudaError 35) on every call; they never explain a
     # build failure, so leave them out of the message.
     msgs = [m for m in logger.since(mark, trt.ILogger.Severity.ERROR) if "cudaError 35" not in m]
-    return "\n  ".join(msgs[-6:]) or "(TensorRT logged no error)"
+    # Myelin dumps whole tensors into its messages; the first 600 characters carry the reason.
+    return "\n  ".join(m if len(m) <= 600 else m[:600] + " ..." for m in msgs[-6:]) or "(TensorRT logged no error)"
 
 
 # --- Step 1: network from ONNX --------------------------------------------------------------------
@@ -651,15 +652,14 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
 
 
 def _register_moec_plugin(flavour: TrtFlavour, notes: list[str]) -> None:
-    """Make moec's MoE plugin known to TensorRT's registry, so the parser can resolve the node."""
+    """Make moec's MoE plugin known to TensorRT's registry, so the parser can resolve the node.
+    moec.runtime.trt_plugin raises a MoecError where the flavour cannot host it."""
     try:
         module = importlib.import_module("moec.runtime.trt_plugin")
     except ImportError as e:
         notes.append(f"moec.runtime.trt_plugin is not importable ({e}); the parser will look the plugin up as registered")
         return
-    register = getattr(module, "register", None)
-    if callable(register):
-        register(flavour.trt)
+    module.register_plugin(flavour.trt)
 
 
 # --- Inspection ------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ class TrtBackend:
         path = Path(path)
         manifest = load_manifest(path)
         trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
-        _register_plugins(manifest)
+        _register_plugins(manifest, trt_flavour)
         engine_path = select_engine(manifest, path, HostTrt.detect(trt_flavour))
         return cls(path, manifest, engine_path, trt_flavour)
 
@@ -396,10 +396,12 @@ def _torch_dtype(trt_dtype) -> Any:
     return table[name]
 
 
-def _register_plugins(manifest: dict[str, Any]) -> None:
-    """Load moec's own plugin when the engine needs it; a missing module is reported by select_engine."""
+def _register_plugins(manifest: dict[str, Any], flavour: TrtFlavour) -> None:
+    """Register moec's own plugin when the engine needs it; where the module cannot load,
+    select_engine reports the plugin as missing."""
     if any(p["name"] == contract.PLUGIN_NAME for p in manifest.get("plugins", [])):
         try:
-            importlib.import_module("moec.runtime.trt_plugin")
+            module = importlib.import_module("moec.runtime.trt_plugin")
         except ImportError:
-            pass
+            return
+        module.register_plugin(flavour.trt)

@@ -177,7 +177,7 @@ def test_unparseable_op_names_node_and_op(tmp_path):
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
 
 
-def test_plugin_node_is_recorded_and_unregistered_plugin_refused(tmp_path):
+def test_plugin_node_is_recorded_and_refused_by_tensorrt_rtx(tmp_path):
     def plugin(x, y):
         return helper.make_node(contract.PLUGIN_NAME, [x], [y], name="moe_0", domain=contract.PLUGIN_NAMESPACE,
                                 plugin_version=contract.PLUGIN_VERSION, plugin_namespace=contract.PLUGIN_NAMESPACE)
@@ -186,10 +186,11 @@ def test_plugin_node_is_recorded_and_unregistered_plugin_refused(tmp_path):
     model = onnx.load(path)
     assert plugins_needed(model) == [{"name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION,
                                       "namespace": contract.PLUGIN_NAMESPACE}]
-    registry = trt.get_plugin_registry()
-    if registry.get_creator(contract.PLUGIN_NAME, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE) is None:
-        with pytest.raises(MoecError, match=f"moe_0.*{contract.PLUGIN_NAME}"):
-            build_engine(path, tmp_path / "e", quiet())
+    # TensorRT-RTX cannot host moec's Python plugin (moec.runtime.trt_plugin says why), and without
+    # it the parser cannot resolve the node: either way a MoecError naming the plugin, no artifact.
+    with pytest.raises(MoecError, match=contract.PLUGIN_NAME):
+        build_engine(path, tmp_path / "e", quiet())
+    assert not (tmp_path / "e").exists()
 
 
 def test_timing_cache_missing_is_created_and_reused(tiny, tmp_path):
