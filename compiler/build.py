@@ -593,6 +593,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                          "the compute capability it was built for (--arch)")
     sidecar = read_sidecar(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
+    # Hash first: it also finds a missing external-data file before TensorRT trips over it.
+    source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:
         _register_moec_plugin(flavour, notes)
@@ -630,7 +632,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "trt": {"flavour": flavour.name, "module": trt.__name__, "version": flavour.version},
-            "source_onnx": source_hashes(onnx_path),
+            "source_onnx": source,
             "archs": archs,
             "engines": entries,
             "profiles": [_profile_json(profile)],

@@ -260,6 +260,10 @@ class TrtBackend:
         trt = flavour.trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if manifest.get("build_options", {}).get("version_compatible"):
+            # A version-compatible engine carries its own lean runtime, which TensorRT only loads
+            # when host code is allowed; the manifest's sha256 check has vouched for the file.
+            self._runtime.engine_host_code_allowed = True
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise MoecError(f"{engine_path}: {flavour.name} could not deserialize the engine (see its log above); rebuild it")

@@ -273,3 +273,22 @@ def test_cli_build_and_inspect(tiny, tmp_path, capsys):
     main(["inspect", str(out)])
     text = capsys.readouterr().out
     assert "tensorrt-rtx" in text and "not deserialized" in text and "present_value.1" in text
+
+
+def test_source_hash_covers_external_data(tmp_path):
+    src = write_moec_graph(tmp_path / "src")
+    model = onnx.load(src)
+    onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
+                    size_threshold=0)
+    data = src.with_name("model.onnx.data")
+    m = build_engine(src, tmp_path / "e", quiet()).manifest
+    assert m["source_onnx"]["files"] == {"model.onnx": hashlib.sha256(src.read_bytes()).hexdigest(),
+                                         "model.onnx.data": hashlib.sha256(data.read_bytes()).hexdigest()}
+    before = m["source_onnx"]["sha256"]
+    blob = bytearray(data.read_bytes())
+    blob[0] ^= 1
+    data.write_bytes(bytes(blob))
+    assert build_engine(src, tmp_path / "e", quiet()).manifest["source_onnx"]["sha256"] != before
+    data.unlink()
+    with pytest.raises(MoecError, match="external data file .*model.onnx.data is missing"):
+        build_engine(src, tmp_path / "e2", quiet())
