@@ -129,7 +129,8 @@ def _match_dense(dense: ir.Value, x_hint: ir.Node) -> dict:
         if down is None:
             raise Refuse("no down-projection MatMul follows the gate/up MatMul")
         y = down.outputs[0]
-        while len(consumers(y)) == 1 and consumers(y)[0].op_type == "Reshape":
+        # Reshapes, and the up-cast torch puts before an fp16/bf16 sum.
+        while len(consumers(y)) == 1 and consumers(y)[0].op_type in ("Reshape", "Cast"):
             nodes.append(consumers(y)[0])
             y = consumers(y)[0].outputs[0]
         users = consumers(y)
@@ -150,6 +151,11 @@ def _match_dense(dense: ir.Value, x_hint: ir.Node) -> dict:
     if axes is None or list(axes.reshape(-1)) != [0] or attr(reduce, "keepdims", 1) != 0:
         raise Refuse("the ReduceSum does not sum over the expert axis 0")
     nodes.append(reduce)
+    out = reduce.outputs[0]
+    users = consumers(out)
+    if len(users) == 1 and users[0].op_type == "Cast" and not out.is_graph_output():
+        nodes.append(users[0])  # back down from the fp32 sum
+        out = users[0].outputs[0]
     w_down = _weight_3d(down.inputs[1], "down-projection weight")
     gate_up, sw_nodes = _split_swiglu(down.inputs[0])
     gu_mm = producer_is(gate_up, "MatMul")
@@ -166,7 +172,7 @@ def _match_dense(dense: ir.Value, x_hint: ir.Node) -> dict:
     if I2 % 2 or tuple(w_down.shape) != (E, I2 // 2, H):
         raise Refuse(f"expert weights {tuple(w_gate_up.shape)} / {tuple(w_down.shape)} are not [E,H,2I] / [E,I,H]")
     return dict(x=x_TH, w_gate_up=w_gate_up, w_down=w_down, score_on_input=score_on_input,
-                nodes=nodes, out=reduce.outputs[0], before=reduce, base=None)
+                nodes=nodes, out=out, before=reduce, base=None)
 
 
 def _linear(value: ir.Value) -> tuple[ir.Value, ir.Value, bool, ir.Node]:

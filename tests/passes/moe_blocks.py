@@ -146,12 +146,12 @@ def export_block(module: nn.Module, path: str | Path, dtype: str = "fp32", hidde
     """Export ``module`` (input x [batch, seq, hidden]) with dynamic batch and sequence; returns the path."""
     path = Path(path)
     module = module.to(DTYPES[dtype]).eval()
-    hidden = hidden or module.hidden if hasattr(module, "hidden") else hidden
+    hidden = hidden or module.hidden
     x = torch.randn(2, 3, hidden, dtype=DTYPES[dtype])
     batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=4096)
     prog = torch.onnx.export(
         module, (x,), dynamo=True, input_names=["x"], output_names=["y"],
-        dynamic_shapes={"x_BSH": {0: batch, 1: seq}}, optimize=True, verbose=False,
+        dynamic_shapes=({0: batch, 1: seq},), optimize=True, verbose=False,
     )
     prog.save(str(path))
     return path

@@ -1,0 +1,54 @@
+"""Exported MoE blocks shared by the pass tests (each export takes seconds: built once)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import moe_blocks as mb  # noqa: E402
+
+BLOCKS = {
+    "ref_k1": lambda: mb.RefMoE(k=1),
+    "ref_k2": lambda: mb.RefMoE(k=2, experts=5, seed=1),
+    "softmax_k2": lambda: mb.SoftmaxMoE(k=2, seed=2),
+    "unrolled_in": lambda: mb.UnrolledMoE(experts=3, seed=3),
+    "unrolled_out": lambda: mb.UnrolledMoE(experts=3, score_on_input=False, seed=4),
+}
+
+
+@pytest.fixture(scope="session")
+def block_onnx(tmp_path_factory):
+    cache: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("blocks")
+
+    def get(name: str, dtype: str = "fp32") -> Path:
+        if (name, dtype) not in cache:
+            cache[(name, dtype)] = mb.export_block(BLOCKS[name](), root / f"{name}_{dtype}.onnx", dtype=dtype)
+        return cache[(name, dtype)]
+
+    return get
+
+
+def ort_run(model: ir.Model | Path, feeds: dict) -> list[np.ndarray]:
+    """ONNX Runtime on the CPU with its own graph optimizations off (so we compare our graphs)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    data = str(model) if isinstance(model, Path) else ir.serde.serialize_model(model).SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def block_input(dtype: str = "fp32", seed: int = 0, hidden: int = 16, batch: int = 2, seq: int = 5) -> dict:
+    x = np.random.default_rng(seed).standard_normal((batch, seq, hidden))
+    return {"x": x.astype(np.float16 if dtype == "fp16" else np.float32)}
