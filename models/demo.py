@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -155,4 +156,16 @@ def write_demo_checkpoint(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _apply_umask(tmp)
     return out
+
+
+def _apply_umask(folder: Path) -> None:
+    """The temporary folder (mkdtemp) and safetensors files are created owner-only; give the
+    finished checkpoint the permissions an ordinary mkdir/open would (a server may run as
+    another user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~umask)
