@@ -17,6 +17,7 @@ runtime need them and the runtime must not import the compiler.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -249,27 +250,27 @@ class TrtKVCache:
 
 
 class TrtBackend:
+    """Runs one engine step per ``forward``: binds torch tensors, sets shapes, enqueues, syncs.
+
+    ``__init__`` only wires parts together (an engine, its execution context, a torch device and
+    stream), so the binding logic can be exercised with stand-ins on a CPU; ``from_engine_dir``
+    is the real entry point.
+    """
+
     name = "trt"
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], engine_path: Path, flavour: TrtFlavour):
+    def __init__(self, engine_dir: Path, manifest: dict[str, Any], engine, context, device, stream,
+                 flavour_name: str, flavour_version: str):
         import torch
 
         self.engine_dir = engine_dir
         self.manifest = manifest
-        self.flavour = flavour
-        trt = flavour.trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        if manifest.get("build_options", {}).get("version_compatible"):
-            # A version-compatible engine carries its own lean runtime, which TensorRT only loads
-            # when host code is allowed; the manifest's sha256 check has vouched for the file.
-            self._runtime.engine_host_code_allowed = True
-        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise MoecError(f"{engine_path}: {flavour.name} could not deserialize the engine (see its log above); rebuild it")
-        self.context = self.engine.create_execution_context()
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.stream = torch.cuda.Stream(self.device)
+        self.engine = engine
+        self.context = context
+        self.device = device
+        self.stream = stream
+        self.flavour_name = flavour_name
+        self.flavour_version = flavour_version
         limits = manifest["limits"]
         self.max_batch = limits["max_batch"]
         self.max_new_tokens = limits["max_new_tokens"]
@@ -279,24 +280,36 @@ class TrtBackend:
         sidecar = json.loads((engine_dir / manifest["sidecar"]).read_text()) if manifest.get("sidecar") else {}
         self.eos_token_ids = _eos_ids(sidecar)
         self.num_layers = int(sidecar.get("num_layers") or _count_layers(manifest))
-        self._dtypes = {
-            self.engine.get_tensor_name(i): _torch_dtype(self.engine.get_tensor_dtype(self.engine.get_tensor_name(i)))
-            for i in range(self.engine.num_io_tensors)
-        }
-        logits_shape = manifest_io_shape(manifest, contract.LOGITS)
-        self._vocab = logits_shape[-1]
-        self._logits = torch.empty(
-            self.max_batch * self.max_new_tokens * self._vocab, dtype=self._dtypes[contract.LOGITS], device=self.device
-        )
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self._dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self._vocab = manifest_io_shape(manifest, contract.LOGITS)[-1]
+        self._logits = torch.empty(self.max_batch * self.max_new_tokens * self._vocab,
+                                   dtype=self._dtypes[contract.LOGITS], device=self.device)
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, flavour: str | None = None) -> TrtBackend:
+        import torch
+
         path = Path(path)
         manifest = load_manifest(path)
         trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
         _register_plugins(manifest, trt_flavour)
         engine_path = select_engine(manifest, path, HostTrt.detect(trt_flavour))
-        return cls(path, manifest, engine_path, trt_flavour)
+        trt = trt_flavour.trt
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        if manifest.get("build_options", {}).get("version_compatible"):
+            # A version-compatible engine carries its own lean runtime, which TensorRT only loads
+            # when host code is allowed; the manifest's sha256 check has vouched for the file.
+            runtime.engine_host_code_allowed = True
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise MoecError(f"{engine_path}: {trt_flavour.name} could not deserialize the engine (see its log above); rebuild it")
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = cls(path, manifest, engine, engine.create_execution_context(), device, torch.cuda.Stream(device),
+                      trt_flavour.name, trt_flavour.version)
+        backend._keep = (runtime, logger)  # the engine must not outlive its runtime
+        return backend
 
     def init_cache(self, batch_size: int) -> TrtKVCache:
         import torch
@@ -326,12 +339,16 @@ class TrtBackend:
             )
         if cache.past_len > self.max_past:
             raise MoecError(f"past length {cache.past_len} exceeds the engine's profile max {self.max_past}: rebuild with --shapes")
+        if batch != cache.batch:
+            raise MoecError(f"input batch {batch} does not match the cache's batch {cache.batch}")
         ctx = self.context
-        with torch.cuda.stream(self.stream):
+        # Copies and the engine run on one stream, so they are ordered without extra syncs.
+        on_stream = torch.cuda.stream(self.stream) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_stream:
             ids = torch.from_numpy(np.ascontiguousarray(input_ids_BS)).to(self.device, self._dtypes[contract.INPUT_IDS])
             pos = torch.from_numpy(np.ascontiguousarray(position_ids_BS)).to(self.device, self._dtypes[contract.POSITION_IDS])
         for name, t in ((contract.INPUT_IDS, ids), (contract.POSITION_IDS, pos)):
-            ctx.set_input_shape(name, tuple(t.shape))
+            self._set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
         logits = self._logits[: batch * new * self._vocab].view(batch, new, self._vocab)
         ctx.set_tensor_address(contract.LOGITS, logits.data_ptr())
@@ -345,7 +362,7 @@ class TrtBackend:
                 target = b if view.data_ptr() == a.data_ptr() else a
                 _, kvh, p, d = view.shape
                 out = target[: batch * kvh * (p + new) * d].view(batch, kvh, p + new, d)
-                ctx.set_input_shape(past, tuple(view.shape))
+                self._set_input_shape(past, tuple(view.shape))
                 ctx.set_tensor_address(past, view.data_ptr() if view.numel() else a.data_ptr())
                 ctx.set_tensor_address(present, out.data_ptr())
                 new_views[past] = out
@@ -355,15 +372,22 @@ class TrtBackend:
         logits_BSV = logits.float().cpu().numpy()
         return logits_BSV, TrtKVCache(cache.buffers, new_views, batch, cache.past_len + new)
 
+    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, shape):
+            prof = self.manifest["profiles"][0].get(name, {})
+            raise MoecError(f"{self.engine_dir}: input {name} shape {list(shape)} is outside the engine's profile "
+                            f"(min {prof.get('min')}, max {prof.get('max')}): rebuild with a wider --shapes range")
+
     def describe(self) -> dict[str, str]:
         import torch
 
+        on_gpu = self.device.type == "cuda"
         return {
             "backend": "trt",
-            "device": torch.cuda.get_device_name(self.device),
-            "arch": local_gpu_arch() or "",
-            "trt_flavour": self.flavour.name,
-            "trt_version": self.flavour.version,
+            "device": torch.cuda.get_device_name(self.device) if on_gpu else str(self.device),
+            "arch": (local_gpu_arch() or "") if on_gpu else "",
+            "trt_flavour": self.flavour_name,
+            "trt_version": self.flavour_version,
             "torch_version": torch.__version__,
             "cuda_version": str(torch.version.cuda),
         }

@@ -134,3 +134,109 @@ def test_engine_matches_onnx_runtime_on_gpu(tmp_path):
     got = generate(be, prompt, cfg)
     ref = generate(OrtBackend.from_onnx(src), prompt, cfg)
     assert got.new_tokens == ref.new_tokens
+
+
+class _OrtAsTrtContext:
+    """Stands in for a TensorRT execution context on the CPU: takes the same shape and address
+    calls TrtBackend makes, reads the inputs from those (host) addresses, runs the graph with
+    ONNX Runtime and writes the outputs to the bound addresses. It checks the backend's binding
+    and KV-cache bookkeeping, not TensorRT."""
+
+    def __init__(self, onnx_path: Path):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        self.shapes, self.addresses = {}, {}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.steps = 0
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    @staticmethod
+    def _wrap(address, shape, dtype):
+        import ctypes
+
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n == 0:
+            return np.empty(shape, dtype)
+        return np.frombuffer((ctypes.c_byte * n).from_address(address), dtype=dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        feeds = {}
+        for i in self.session.get_inputs():
+            dtype = np.int64 if "int64" in i.type else np.float32
+            feeds[i.name] = self._wrap(self.addresses[i.name], self.shapes[i.name], dtype).copy()
+        for name, value in zip(self.outputs, self.session.run(self.outputs, feeds)):
+            self._wrap(self.addresses[name], value.shape, value.dtype)[...] = value
+        self.steps += 1
+        return True
+
+
+class _Engine:
+    def __init__(self, manifest):
+        io = manifest["io"]["inputs"] + manifest["io"]["outputs"]
+        self.names = [t["name"] for t in io]
+        self.dtypes = {t["name"]: "DataType." + {"int64": "INT64", "float": "FLOAT"}[t["dtype"]] for t in io}
+        self.num_io_tensors = len(io)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_dtype(self, name):
+        return self.dtypes[name]
+
+
+class _HostStream:
+    cuda_stream = 0
+
+    def synchronize(self):
+        pass
+
+
+def cpu_backend(engine_dir: Path, onnx_path: Path) -> TrtBackend:
+    manifest = load_manifest(engine_dir)
+    return TrtBackend(engine_dir, manifest, _Engine(manifest), _OrtAsTrtContext(onnx_path), torch.device("cpu"),
+                      _HostStream(), manifest["trt"]["flavour"], manifest["trt"]["version"])
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_binding_and_kv_cache_match_onnx_runtime(model, engine_dir, request, tmp_path):
+    """TrtBackend's per-step shapes, addresses and ping-pong KV buffers, driven by the shared
+    generation loop, give ONNX Runtime's exact tokens (prefill, then decode steps)."""
+    from moec.runtime.generate import GenerationConfig, generate
+    from moec.runtime.ort_backend import OrtBackend
+
+    if model == "tiny":
+        src, engines = engine_dir.parent / "src" / "model.onnx", engine_dir
+    else:
+        src = request.getfixturevalue("demo_onnx")
+        engines = tmp_path / "e"
+        build_engine(src, engines, BuildConfig(archs=("sm89",), max_batch=2, max_new_tokens=8, max_past=24, progress=False))
+    be = cpu_backend(engines, src)
+    prompt = np.array([[3, 5, 7, 2, 9], [4, 4, 1, 8, 6]], dtype=np.int64)
+    cfg = GenerationConfig(max_new_tokens=7, stop_on_eos=False)
+    got = generate(be, prompt, cfg)
+    ref = generate(OrtBackend.from_onnx(src), prompt, cfg)
+    assert got.new_tokens == ref.new_tokens
+    assert be.context.steps == 7  # one prefill + 6 decode steps
+    logits_trt, cache = be.forward(prompt, np.tile(np.arange(5), (2, 1)), be.init_cache(2))
+    ort_be = OrtBackend.from_onnx(src)
+    logits_ort, _ = ort_be.forward(prompt, np.tile(np.arange(5), (2, 1)), ort_be.init_cache(2))
+    np.testing.assert_array_equal(logits_trt, logits_ort)
+    assert cache.past_len == 5 and be.describe()["trt_flavour"] == "tensorrt-rtx"
+
+
+def test_limits_of_the_profile_are_clear_errors(engine_dir):
+    be = cpu_backend(engine_dir, engine_dir.parent / "src" / "model.onnx")
+    with pytest.raises(MoecError, match="exceeds the engine's profile max batch 2"):
+        be.init_cache(3)
+    too_long = np.zeros((1, 33), dtype=np.int64)
+    with pytest.raises(MoecError, match="33 new tokens exceed the engine's profile max of 32"):
+        be.forward(too_long, too_long, be.init_cache(1))
+    assert be.max_positions == 33  # 32 past + the token being decoded
