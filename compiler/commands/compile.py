@@ -1,0 +1,91 @@
+"""``moec compile``: the main job (export, optimize, verify, build) with a summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from moec.compiler.compile import DEFAULT_TARGET, CompileConfig, StageRecord
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _table(stages: list[StageRecord]):
+    from rich.table import Table
+
+    t = Table(title="moec compile")
+    for col in ("stage", "time", "status", "fused ops", "max error", "artifact", "detail"):
+        t.add_column(col, overflow="fold")
+    for s in stages:
+        status = {"ok": "[green]ok[/]", "FAILED": "[red]FAILED[/]"}.get(s.status, s.status)
+        t.add_row(s.stage, f"{s.seconds:.1f} s", status, s.fused_ops, s.max_error, _size(s.artifact_bytes), s.detail)
+    return t
+
+
+@click.command("compile")
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder (replaced only when the whole job succeeds).")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True,
+              help="ort, trt:<arch> (full TensorRT) or trt-rtx:<arch> (TensorRT for RTX; builds on a CPU).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Export dtype.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16"]), default=None,
+              help="Cast an fp32 export in the optimize stage (router math stays fp32).")
+@click.option("--moe-lowering", default=None, help="Override the target's default MoE lowering.")
+@click.option("--max-batch", type=int, default=CompileConfig.max_batch, show_default=True)
+@click.option("--max-seq", type=int, default=None, help="Longest prompt + generation (default: the model's).")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
+@click.option("--atol", type=float, default=None)
+@click.option("--rtol", type=float, default=None)
+@click.option("--opt-level", type=click.IntRange(0, 5), default=CompileConfig.opt_level, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None)
+@click.option("--workspace", "workspace_mib", type=int, default=None, help="Builder workspace in MiB.")
+@click.option("--seed", "demo_seed", type=int, default=0, show_default=True,
+              help="Seed of the embedded demo checkpoint (used when no CHECKPOINT is given).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, atol, rtol,
+             opt_level, timing_cache, workspace_mib, demo_seed, as_json):
+    """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
+
+    With no arguments but -o, compiles the demo checkpoint to an sm89 engine with TensorRT for RTX,
+    which builds on a machine without a GPU.
+    """
+    from rich.console import Console
+
+    from moec.compiler.compile import compile_checkpoint
+
+    config = CompileConfig(target=target, dtype=dtype, precision=precision, moe_lowering=moe_lowering,
+                           max_batch=max_batch, max_seq=max_seq, verify=not no_verify, atol=atol, rtol=rtol,
+                           opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
+                           progress=not as_json, demo_seed=demo_seed)
+    # A pipe reports 80 columns; the table needs more to stay readable in CI logs.
+    console = Console(stderr=as_json, width=max(Console().width, 140))
+
+    def on_stage(rec: StageRecord) -> None:
+        if not as_json:
+            console.print(f"[bold]{rec.stage}[/] {rec.status} in {rec.seconds:.1f} s")
+
+    try:
+        report = compile_checkpoint(checkpoint, out_dir, config, on_stage=on_stage)
+    except Exception as e:
+        partial = getattr(e, "report", None)
+        if partial is not None and not as_json:
+            console.print(_table(partial.stages))
+        raise
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        console.print(_table(report.stages))
+        for key, path in report.artifacts.items():
+            console.print(f"{key:<10} {path}")

@@ -1,0 +1,282 @@
+"""The main job: a checkpoint in, deployable artifacts out, every stage checked on the way.
+
+Like MLC-LLM's pipeline file, the job is one flat list of stages, each a small function over a
+shared state; a stage that does not apply to the target (no engine build for ``--target ort``) is
+an empty stage that reports "skipped", not a branch elsewhere:
+
+    checkpoint -> export -> optimize -> verify -> build
+
+``compile_checkpoint`` is what ``moec compile`` calls. Everything is written into a temporary
+folder beside ``out_dir`` and renamed into place at the end, so a failed or interrupted compile
+leaves nothing (and an earlier good output in ``out_dir`` is replaced only by a complete one).
+
+Output folder:
+    checkpoint/           only when no checkpoint was given: the embedded demo checkpoint
+    onnx/model.onnx       the export (unfused MoE), with model.moec.json and tokenizer.json
+    onnx/model.opt.onnx   the optimized graph for the target
+    engine/               TensorRT targets: engine per arch + manifest.json (``moec run``/``inspect``)
+    compile_report.json   the summary table as data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from moec.common.artifacts import atomic_dir, write_json_atomic
+from moec.common.errors import MoecError
+
+DEFAULT_TARGET = "trt-rtx:sm89"
+DEMO_PRESET = "llama4-tiny"
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """What ``moec compile`` does; the CLI fills it, defaults live here only."""
+
+    target: str = DEFAULT_TARGET  # "ort" | "trt:<arch>" | "trt-rtx:<arch>"
+    dtype: str = "fp32"  # export dtype
+    precision: str | None = None  # optimize-stage cast of an fp32 export (fp16/bf16); None keeps the export's
+    moe_lowering: str | None = None  # None: the target's default lowering
+    max_batch: int = 8
+    max_seq: int | None = None  # None: the model's max positions
+    verify: bool = True
+    atol: float | None = None  # None: verify's per-dtype defaults
+    rtol: float | None = None
+    # Engine build options (TensorRT targets only).
+    opt_level: int = 3
+    timing_cache: Path | None = None
+    workspace_mib: int | None = None
+    progress: bool = True
+    demo_seed: int = 0  # seed of the embedded demo checkpoint when no checkpoint is given
+
+
+@dataclass
+class StageRecord:
+    stage: str
+    seconds: float
+    status: str  # "ok" | "skipped" | "FAILED"
+    detail: str = ""
+    fused_ops: str = ""
+    max_error: str = ""
+    artifact_bytes: int | None = None
+
+
+@dataclass
+class CompileReport:
+    out_dir: Path
+    target: str
+    stages: list[StageRecord] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(s.status != "FAILED" for s in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "target": self.target,
+            "passed": self.passed,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "artifacts": self.artifacts,
+        }
+
+
+@dataclass
+class _State:
+    """What the stages hand each other. Paths point into the temporary output folder."""
+
+    config: CompileConfig
+    work: Path
+    checkpoint: Path | None
+    export_path: Path | None = None
+    optimized_path: Path | None = None
+    optimize_report: Any = None
+    engine_dir: Path | None = None
+
+
+def _files_bytes(*paths: Path) -> int:
+    total = 0
+    for p in paths:
+        if p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        elif p.exists():
+            total += p.stat().st_size
+    return total
+
+
+def _onnx_bytes(onnx_path: Path) -> int:
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return _files_bytes(onnx_path, data)
+
+
+def _is_trt(target: str) -> bool:
+    return target.split(":", 1)[0] in ("trt", "trt-rtx")
+
+
+# --- The stages -------------------------------------------------------------------------------
+def stage_checkpoint(s: _State) -> StageRecord:
+    if s.checkpoint is not None:
+        from moec.models import Llama4Config
+
+        Llama4Config.from_pretrained(s.checkpoint)  # fail here, named, before anything heavy
+        return StageRecord("checkpoint", 0.0, "ok", f"{s.checkpoint}", artifact_bytes=_files_bytes(s.checkpoint))
+    from moec.models.demo import write_demo_checkpoint
+
+    s.checkpoint = s.work / "checkpoint"
+    write_demo_checkpoint(s.checkpoint, preset=DEMO_PRESET, seed=s.config.demo_seed)
+    return StageRecord("checkpoint", 0.0, "ok", f"demo {DEMO_PRESET} (seed {s.config.demo_seed})",
+                       artifact_bytes=_files_bytes(s.checkpoint))
+
+
+def stage_export(s: _State) -> StageRecord:
+    from moec.compiler.export import ExportConfig, export_onnx
+
+    s.export_path = s.work / "onnx" / "model.onnx"
+    res = export_onnx(s.checkpoint, s.export_path,
+                      ExportConfig(dtype=s.config.dtype, max_batch=s.config.max_batch, max_seq=s.config.max_seq))
+    return StageRecord("export", 0.0, "ok", f"{s.config.dtype}, {res.max_positions} positions",
+                       artifact_bytes=_onnx_bytes(s.export_path))
+
+
+def stage_optimize(s: _State) -> StageRecord:
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    s.optimized_path = s.export_path.with_name("model.opt.onnx")
+    rep = optimize_onnx(s.export_path, s.optimized_path, OptimizeConfig(
+        target=s.config.target, moe_lowering=s.config.moe_lowering, precision=s.config.precision,
+        require_fusion=True))
+    s.optimize_report = rep
+    lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
+    fused = f"{rep.fused_gating} gating + {rep.fused_experts} experts / {rep.moe_layers} MoE layers"
+    status = "ok"
+    detail = f"lowering {lowered}"
+    if rep.warnings:
+        detail += "; " + "; ".join(rep.warnings)
+    return StageRecord("optimize", 0.0, status, detail, fused_ops=fused, artifact_bytes=_onnx_bytes(s.optimized_path))
+
+
+def _ort_can_run(optimized_report) -> bool:
+    # trt-native (TRT_MoE) and trt-plugin nodes exist only inside TensorRT engines.
+    return not any(k in ("trt-native", "trt-plugin") for k in optimized_report.moe_lowering)
+
+
+def stage_verify(s: _State) -> StageRecord:
+    if not s.config.verify:
+        return StageRecord("verify", 0.0, "skipped", "--no-verify")
+    from moec.compiler.verify import VerifyConfig, verify_backends
+    from moec.models import Llama4Config
+    from moec.models.torch_backend import TorchBackend
+    from moec.runtime.ort_backend import OrtBackend
+
+    # The graph the engine is built from, when ONNX Runtime can run it; a graph with TensorRT-only
+    # MoE nodes is checked through its export instead, and the table says so.
+    graph = s.optimized_path if _ort_can_run(s.optimize_report) else s.export_path
+    dtype = s.config.precision or s.config.dtype
+    vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol)
+    llama = Llama4Config.from_pretrained(s.checkpoint)
+    ort_backend = OrtBackend.from_onnx(graph)
+    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
+    rep = verify_backends(torch_backend, ort_backend, vcfg, llama.vocab_size, llama.attention_chunk_size)
+    write_json_atomic(s.work / "verify_report.json", rep.to_dict())
+    worst = max(rep.rows, key=lambda r: r.max_abs)
+    greedy = f"greedy {sum(rep.greedy_match)}/{len(rep.greedy_match)} steps equal"
+    detail = f"{graph.name} in ORT vs torch {dtype}, atol {rep.atol:g} rtol {rep.rtol:g}; {greedy}"
+    rec = StageRecord("verify", 0.0, "ok" if rep.passed else "FAILED", detail,
+                      max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
+    if not rep.passed:
+        bad = rep.failures[0]
+        raise _StageFailed(rec, f"verify failed: {len(rep.failures)} comparisons out of tolerance, first "
+                                f"{bad.output} at {bad.step} (max abs {bad.max_abs:.3e}, max rel {bad.max_rel:.3e}); "
+                                f"see verify_report.json")
+    return rec
+
+
+def stage_build(s: _State) -> StageRecord:
+    if not _is_trt(s.config.target):
+        return StageRecord("build", 0.0, "skipped", f"target {s.config.target} runs the ONNX graph")
+    from moec.compiler.build import BuildConfig, build_engine
+
+    kind, arch = s.config.target.split(":", 1)
+    s.engine_dir = s.work / "engine"
+    res = build_engine(s.optimized_path, s.engine_dir, BuildConfig(
+        archs=(arch,), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
+        timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress))
+    m = res.manifest
+    flavour = f"{m['trt']['flavour']} {m['trt']['version']}"
+    detail = f"{flavour}, {', '.join(res.engines)}"
+    if res.warnings:
+        detail += "; " + "; ".join(res.warnings)
+    return StageRecord("build", 0.0, "ok", detail, artifact_bytes=_files_bytes(*res.engines.values()))
+
+
+# The whole job, in order. Each stage reads and extends the state.
+STAGES: list[tuple[str, Callable[[_State], StageRecord]]] = [
+    ("checkpoint", stage_checkpoint),
+    ("export", stage_export),
+    ("optimize", stage_optimize),
+    ("verify", stage_verify),
+    ("build", stage_build),
+]
+
+
+class _StageFailed(Exception):
+    def __init__(self, record: StageRecord, message: str):
+        super().__init__(message)
+        self.record = record
+
+
+def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.PathLike,
+                       config: CompileConfig = CompileConfig(),
+                       on_stage: Callable[[StageRecord], None] | None = None) -> CompileReport:
+    """Run every stage; return the report. A stage failure raises MoecError after nothing was
+    written to ``out_dir`` (the report of the stages so far is attached as ``.report``)."""
+    from moec.passes.targets import parse_target
+
+    parse_target(config.target)  # a bad target fails before any work
+    out_dir = Path(out_dir)
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise MoecError(f"checkpoint {checkpoint}: not a folder; give a Hugging Face checkpoint folder "
+                        f"(config.json + safetensors), or no checkpoint for the embedded demo")
+    report = CompileReport(out_dir=out_dir, target=config.target)
+    with atomic_dir(out_dir) as work:
+        state = _State(config=config, work=work, checkpoint=Path(checkpoint) if checkpoint is not None else None)
+        for name, stage in STAGES:
+            t0 = time.perf_counter()
+            try:
+                rec = stage(state)
+            except _StageFailed as e:
+                e.record.seconds = time.perf_counter() - t0
+                report.stages.append(e.record)
+                if on_stage:
+                    on_stage(e.record)
+                err = MoecError(f"{name}: {e}")
+                err.report = report
+                raise err from None
+            except MoecError as e:
+                rec = StageRecord(name, time.perf_counter() - t0, "FAILED", str(e))
+                report.stages.append(rec)
+                if on_stage:
+                    on_stage(rec)
+                err = MoecError(f"{name} stage: {e}")
+                err.report = report
+                raise err from None
+            rec.seconds = time.perf_counter() - t0
+            report.stages.append(rec)
+            if on_stage:
+                on_stage(rec)
+        # Paths in the report are where the artifacts will be once the folder is renamed into place.
+        rel = {"checkpoint": state.checkpoint, "export": state.export_path, "optimized": state.optimized_path,
+               "engine": state.engine_dir}
+        for key, p in rel.items():
+            if p is None:
+                continue
+            p = Path(p)
+            report.artifacts[key] = str(out_dir / p.relative_to(work)) if p.is_relative_to(work) else str(p)
+        write_json_atomic(work / "compile_report.json", report.to_dict())
+    return report

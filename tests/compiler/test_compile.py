@@ -1,0 +1,70 @@
+"""The main job, `moec compile`: every stage on the demo checkpoint, and failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moec.compiler.cli import main
+from moec.compiler.compile import CompileConfig, compile_checkpoint
+from moec.common.errors import MoecError
+
+
+def _cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_compile_demo_to_sm89_engine(tmp_path, capsys):
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "out"
+    code, stdout, _ = _cli(["compile", "-o", str(out), "--json"], capsys)
+    assert code == 0
+    report = json.loads(stdout)
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["checkpoint", "export", "optimize", "verify", "build"]
+    assert all(s["status"] == "ok" for s in stages.values()), stages
+    # The demo has 2 MoE layers: both fused, none left unfused.
+    assert stages["optimize"]["fused_ops"].startswith("2 gating + 2 experts / 2 MoE layers")
+    manifest = json.loads((out / "engine" / "manifest.json").read_text())
+    assert manifest["archs"] == ["sm89"] and manifest["trt"]["flavour"] == "tensorrt-rtx"
+    assert (out / "engine" / manifest["engines"][0]["file"]).stat().st_size > 0
+    verify = json.loads((out / "verify_report.json").read_text())
+    assert verify["passed"] and all(verify["greedy_match"])
+    assert json.loads((out / "compile_report.json").read_text())["passed"]
+    # Nothing temporary is left beside the output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_verify_keeps_previous_output_and_leaves_no_partial(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier good compile")
+    # atol = rtol = 0: any rounding difference between ORT and torch fails the verify stage.
+    with pytest.raises(MoecError, match="verify") as exc:
+        compile_checkpoint(None, out, CompileConfig(target="ort", atol=0.0, rtol=0.0, progress=False))
+    stages = [(s.stage, s.status) for s in exc.value.report.stages]
+    assert stages[-1] == ("verify", "FAILED") and ("build", "skipped") not in stages
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "trt-rtx"], "needs an arch"),
+        (["--target", "cuda:sm90"], "unknown target"),
+        (["NOT_A_DIR"], "not a folder"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_no_output(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    argv = [a if a != "NOT_A_DIR" else str(tmp_path / "missing") for a in argv]
+    code, _, err = _cli(["compile", *argv, "-o", str(out)], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
