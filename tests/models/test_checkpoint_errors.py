@@ -155,3 +155,44 @@ def test_cli_reports_bad_checkpoint_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "is not a checkpoint folder" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def _drop(name):
+    return lambda t: t.pop(name)
+
+
+DAMAGES = {
+    "missing-config": lambda p: (p / "config.json").unlink(),
+    "unsupported-architecture": lambda p: _edit_config(p, lambda c: c.update(architectures=["GPT2LMHeadModel"])),
+    "missing-tensor": lambda p: _rewrite_weights(p, _drop("model.norm.weight")),
+    "unexpected-tensor": lambda p: _rewrite_weights(p, lambda t: t.update({"extra": torch.zeros(1)})),
+    "misshaped-tensor": lambda p: _rewrite_weights(p, lambda t: t.update({"model.norm.weight": torch.ones(3)})),
+    "truncated": lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:5000]),
+    "corrupt": lambda p: (p / "model.safetensors").write_bytes(b"\xff" * 4096),
+}
+NAMED = {
+    "missing-config": "config.json",
+    "unsupported-architecture": "config.json",
+    "missing-tensor": "model.norm.weight",
+    "unexpected-tensor": "'extra'",
+    "misshaped-tensor": "model.norm.weight",
+    "truncated": "model.safetensors",
+    "corrupt": "model.safetensors",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_moec_run_exits_2_with_one_line(ckpt, damage, capsys):
+    """Through the CLI (`moec run CKPT --backend torch`): exit code 2, one error line naming the
+    file or tensor, no traceback."""
+    from moec.compiler.cli import cli, main
+
+    if "run" not in cli.commands:
+        pytest.skip("moec run is not built yet")
+    DAMAGES[damage](ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(ckpt), "--backend", "torch", "--prompt-ids", "1 2", "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and NAMED[damage] in err and "Traceback" not in err
+    assert err.strip().count("\n") == 0

@@ -109,3 +109,14 @@ def test_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert "model.safetensors.index.json" in result.output
     assert torch.equal(_logits(tmp_path / "c"), _logits(write_demo_checkpoint(tmp_path / "d")))
+
+
+def test_permissions_follow_umask(demo_ckpt):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(demo_ckpt.stat().st_mode) == 0o777 & ~umask
+    for f in demo_ckpt.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
