@@ -13,6 +13,12 @@ import pytest
 # two workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# No GPU: the Triton MoE kernels' tests (tests/runtime/test_kernel_triton.py) run in Triton's CPU
+# interpreter. triton reads this when it is first imported, and transformers' Llama 4 module imports
+# it during collection, so it is set here, before any test module loads.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def demo_ckpt(tmp_path_factory):
