@@ -42,9 +42,12 @@ def fuse_rms_norm(model: ir.Model, log: FusionLog | None = None, allow_opset_upg
                 log.refuse(NAME, None, f"the model imports opset {opset}; RMSNormalization needs {RMS_NORM_OPSET} and the target's parser is not known to take it")
             return 0
         version_converter.convert_version(model, RMS_NORM_OPSET)
-    tracer = _RefusalTracer() if log is not None else None
-    count = rms_normalization_ruleset.apply_to_model(model, tracer=tracer)
-    if tracer is not None:
+    count = rms_normalization_ruleset.apply_to_model(model)
+    if log is not None:
+        # With a tracer onnxscript only matches (it rewrites nothing), so this second run just
+        # collects the reasons for what the first run left.
+        tracer = _RefusalTracer()
+        rms_normalization_ruleset.apply_to_model(model, tracer=tracer)
         for node, reason in tracer.refused:
             log.refuse(NAME, node, reason)
     return count
