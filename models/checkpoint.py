@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moec.common.errors import MoecError
-from moec.models.config import CONDITIONAL_GENERATION, Llama4Config
+from moec.models.config import CONDITIONAL_GENERATION, Llama4Config, architecture_of
 from moec.models.llama4 import Llama4ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,8 @@ def inspect_checkpoint(path: str | Path) -> CheckpointFiles:
         raise MoecError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
     config = Llama4Config.from_pretrained(config_file)
     raw = json.loads(config_file.read_text())
-    layout = "conditional_generation" if CONDITIONAL_GENERATION in (raw.get("architectures") or []) or (
-        not raw.get("architectures") and raw.get("model_type") == "llama4"
-    ) else "causal_lm"
+    multimodal = architecture_of(raw, str(config_file)) == CONDITIONAL_GENERATION
+    layout = "conditional_generation" if multimodal else "causal_lm"
     return CheckpointFiles(directory, config, layout, _find_shards(directory))
 
 

@@ -219,7 +219,8 @@ class Llama4Config:
 # --- parsing ----------------------------------------------------------------------------------
 
 
-def _select_text_config(d: dict[str, Any], source: str) -> dict[str, Any]:
+def architecture_of(d: dict[str, Any], source: str = "config.json") -> str:
+    """Which supported architecture a config.json describes (CAUSAL_LM or CONDITIONAL_GENERATION)."""
     archs = d.get("architectures")
     model_type = d.get("model_type")
     if archs:
@@ -231,15 +232,19 @@ def _select_text_config(d: dict[str, Any], source: str) -> dict[str, Any]:
                 f"{source}: unsupported architecture {', '.join(archs)}; moec supports "
                 f"{' and '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        multimodal = known[0] == CONDITIONAL_GENERATION
-    elif model_type in (TEXT_MODEL_TYPE, MULTIMODAL_MODEL_TYPE):
-        multimodal = model_type == MULTIMODAL_MODEL_TYPE
-    else:
-        raise MoecError(
-            f"{source}: cannot tell the model type (no 'architectures', model_type={model_type!r}); "
-            f"moec supports {' and '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if not multimodal:
+        return known[0]
+    if model_type == TEXT_MODEL_TYPE:
+        return CAUSAL_LM
+    if model_type == MULTIMODAL_MODEL_TYPE:
+        return CONDITIONAL_GENERATION
+    raise MoecError(
+        f"{source}: cannot tell the model type (no 'architectures', model_type={model_type!r}); "
+        f"moec supports {' and '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _select_text_config(d: dict[str, Any], source: str) -> dict[str, Any]:
+    if architecture_of(d, source) == CAUSAL_LM:
         return d
     text = d.get("text_config")
     if not isinstance(text, dict):

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from moec.common.artifacts import atomic_dir
+from moec.common.contract import TOKENIZER_FILE
 from moec.common.errors import MoecError
 from moec.models.checkpoint import CONFIG_FILE, INDEX_FILE, TEXT_PREFIX, WEIGHTS_FILE
 from moec.models.config import CAUSAL_LM, CONDITIONAL_GENERATION, Llama4Config
 from moec.models.llama4 import Llama4ForCausalLM
 
-TOKENIZER_FILE = "tokenizer.json"
 LAYOUTS = {"causal_lm": CAUSAL_LM, "conditional_generation": CONDITIONAL_GENERATION}
 # Random weights for the full-size presets would be hundreds of GB; refuse above this.
 MAX_DEMO_PARAMS = 500_000_000
