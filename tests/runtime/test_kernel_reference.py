@@ -117,3 +117,31 @@ def test_custom_op_rejects_other_activation():
     x, ids, scores, w1, w2 = make_inputs(2, 4, 1, 8, 4, torch.float32)
     with pytest.raises(MoecError, match="activation 'gelu'"):
         grouped_experts(x, ids, scores, w1, w2, activation="gelu")
+
+
+@pytest.mark.parametrize("K, score_on_input", [(1, 1), (2, 1), (2, 0)])
+def test_fallback_matches_the_onnx_op_of_passes_ops(K, score_on_input):
+    """The kernel's semantics are passes/ops.py's moec.GroupedExperts: its standard-op function body,
+    run by ONNX Runtime, gives the same numbers as the CPU fallback."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from moec.passes import ops
+
+    E, H, I, T = 6, 16, 12, 9
+    vals = [ir.val("x", ir.DataType.FLOAT, ir.Shape(["T", H])), ir.val("ids", ir.DataType.INT64, ir.Shape(["T", K])),
+            ir.val("s", ir.DataType.FLOAT, ir.Shape(["T", K])), ir.val("w_gu", ir.DataType.FLOAT, ir.Shape([E, H, 2 * I])),
+            ir.val("w_d", ir.DataType.FLOAT, ir.Shape([E, I, H]))]
+    op = ops.OpBuilder()
+    y = ops.grouped_experts(op, *vals, k=K, score_on_input=score_on_input)
+    y.name = "y"
+    model = ir.Model(ir.Graph(vals, [y], nodes=op.nodes, opset_imports={"": 20}), ir_version=10)
+    ops.attach_functions(model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x, ids, scores, w1, w2 = random_inputs(T, E, K, H, I, torch.float32)
+    (onnx_y,) = sess.run(None, {"x": x.numpy(), "ids": ids.numpy(), "s": scores.numpy(), "w_gu": w1.numpy(), "w_d": w2.numpy()})
+    ours = grouped_experts_reference(x, ids, scores, w1, w2, bool(score_on_input))
+    np.testing.assert_allclose(ours.numpy(), onnx_y, rtol=1e-5, atol=1e-5)
