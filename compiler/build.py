@@ -57,7 +57,8 @@ class BuildConfig:
     backend: str | None = None  # "tensorrt" | "tensorrt-rtx"; None: whichever imports, full TensorRT first
     # trtexec-style profile overrides, one per tensor: "name:1x1,1x128,4x512" (min, opt, max).
     shapes: tuple[str, ...] = ()
-    # Profile limits; None takes them from the sidecar (the export's max_batch and max_positions). max_new_tokens + max_past must fit in max_positions.
+    # Profile limits; None takes them from the sidecar (the export's max_batch and max_positions).
+    # max_new_tokens + max_past must fit in max_positions.
     max_batch: int | None = None
     max_new_tokens: int | None = None
     max_past: int | None = None
@@ -457,9 +458,6 @@ def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, n
         ok = _timing_cache_header_ok(data)
         trouble = [] if ok else ["its header is not a TensorRT timing cache header"]
         if ok:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                cache = cfg.create_timing_cache(b"")
             # Keep the user's bytes: TensorRT-RTX ignores the cache, and a later GPU build can use them.
             cache = _KeptTimingCache(data)
     if data and (cache is None or trouble):
@@ -682,9 +680,13 @@ def inspect_engine_dir(engine_dir: str | Path, flavour: str | None = None) -> di
         trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
     for entry in manifest["engines"]:
         path = engine_dir / entry["file"]
+        if not path.is_file():
+            raise MoecError(f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`")
         item: dict[str, Any] = {"file": entry["file"], "archs": entry["archs"], "header": read_engine_header(path),
                                 "sha256_ok": sha256_file(path) == entry["sha256"], "deserialized": False}
-        if trt_flavour is None:
+        if not item["sha256_ok"]:
+            item["reason"] = "the engine file does not match the manifest's sha256 (modified or corrupted): rebuild it"
+        elif trt_flavour is None:
             item["reason"] = f"{manifest['trt']['flavour']} is not importable here"
         elif arch is None:
             item["reason"] = "no CUDA GPU here: TensorRT cannot deserialize engines without one"

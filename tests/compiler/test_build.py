@@ -292,3 +292,17 @@ def test_source_hash_covers_external_data(tmp_path):
     data.unlink()
     with pytest.raises(MoecError, match="external data file .*model.onnx.data is missing"):
         build_engine(src, tmp_path / "e2", quiet())
+
+
+def test_inspect_flags_tampered_and_missing_engines(tiny, tmp_path):
+    out = tmp_path / "e"
+    build_engine(tiny, out, quiet(archs=("sm80", "sm89")))
+    with open(out / "engine.sm80.plan", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    report = inspect_engine_dir(out)
+    assert [e["sha256_ok"] for e in report["engines"]] == [False, True]
+    assert "does not match the manifest's sha256" in report["engines"][0]["reason"]
+    (out / "engine.sm89.plan").unlink()
+    with pytest.raises(MoecError, match="engine.sm89.plan is missing"):
+        inspect_engine_dir(out)
