@@ -306,3 +306,30 @@ def test_inspect_flags_tampered_and_missing_engines(tiny, tmp_path):
     (out / "engine.sm89.plan").unlink()
     with pytest.raises(MoecError, match="engine.sm89.plan is missing"):
         inspect_engine_dir(out)
+
+
+class _SigintDisplay(ProgressDisplay):
+    """Delivers a real SIGINT to this process from inside the build, as a terminal's Ctrl-C does."""
+
+    def __init__(self):
+        super().__init__(enabled=False)
+        self.steps = 0
+
+    def step(self, name, step):
+        import signal
+
+        self.steps += 1
+        if self.steps == 2:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_sigint_during_build_cancels_through_the_monitor(tiny, tmp_path):
+    display = _SigintDisplay()
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(tiny, tmp_path / "e", quiet(archs=("sm80", "sm89")), display=display)
+    # The handler turned SIGINT into a cancel: TensorRT stopped at the next step, not at the end.
+    assert display.steps == 2
+    assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the build
