@@ -95,3 +95,28 @@ def to_conditional_generation(src: Path, out: Path, extra_vision: bool = True) -
         tensors["multi_modal_projector.linear_1.weight"] = torch.ones(text_config["hidden_size"], 8)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+TINY_VISION = dict(
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    vision_output_dim=16,
+    image_size=28,
+    patch_size=14,
+    projector_input_dim=16,
+    projector_output_dim=16,
+)
+
+
+def make_hf_conditional_generation(seed: int = 0, **text_overrides):
+    """transformers' own multimodal Llama4ForConditionalGeneration with a one-layer vision tower."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Llama4Config(text_config={**BASE, **text_overrides}, vision_config=TINY_VISION)
+    config.text_config._attn_implementation = "eager"
+    model = Llama4ForConditionalGeneration(config).eval()
+    randomize_(model.language_model, seed)
+    return model

@@ -11,7 +11,13 @@ import torch
 from moec.models import Llama4Config, load_pretrained
 from moec.models.llama4 import rope_inv_freq
 
-from hf_reference import LLAMA3_ROPE, make_hf_model, save_hf, to_conditional_generation
+from hf_reference import (
+    LLAMA3_ROPE,
+    make_hf_conditional_generation,
+    make_hf_model,
+    save_hf,
+    to_conditional_generation,
+)
 
 TOL = 1e-4
 SEQ = 11  # > 2 attention chunks of 4, and past the temperature-tuning floor_scale of 4
@@ -86,6 +92,22 @@ def test_conditional_generation_layout_matches(hf_ckpt, tmp_path, caplog):
     ids = torch.arange(3, 3 + SEQ)[None]
     with torch.no_grad():
         assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= TOL
+
+
+def test_transformers_conditional_generation_checkpoint(tmp_path, caplog):
+    """A checkpoint written by transformers' own Llama4ForConditionalGeneration (vision tower,
+    projector, text_config), sharded: moec loads the text model and matches it."""
+    hf = make_hf_conditional_generation(seed=5, rope_parameters=LLAMA3_ROPE, num_experts_per_tok=2)
+    path = save_hf(hf, tmp_path / "cg", max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    with caplog.at_level("INFO", logger="moec.models.checkpoint"):
+        model = load_pretrained(path)
+    assert "vision/projector tensors" in caplog.text
+    ids = torch.arange(7, 7 + SEQ)[None]
+    with torch.no_grad():
+        ref = hf.language_model(ids).logits
+        assert ref.abs().max() > 1.0
+        assert (model(ids)[0] - ref).abs().max().item() <= TOL
 
 
 def test_greedy_generation_matches_transformers_generate(hf_ckpt):
