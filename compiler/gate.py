@@ -94,10 +94,16 @@ def relative_noise(values: list[float]) -> float:
     return 1.4826 * float(np.median(np.abs(a - med))) / abs(med)
 
 
+# describe() keys that name the artifact rather than the device or software: the artifact is what
+# a gated change is allowed to change (and CI checkouts put it at different paths).
+ARTIFACT_KEYS = frozenset({"model", "path", "engine_dir"})
+
+
 def comparability(result: dict[str, Any], baseline: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(device/version differences, bench-setting differences) between two results."""
     rb, bb = result.get("backend", {}), baseline.get("backend", {})
-    env = [f"{k}: baseline {bb.get(k)!r}, result {rb.get(k)!r}" for k in sorted(set(rb) | set(bb)) if rb.get(k) != bb.get(k)]
+    env = [f"{k}: baseline {bb.get(k)!r}, result {rb.get(k)!r}"
+           for k in sorted(set(rb) | set(bb)) if k not in ARTIFACT_KEYS and rb.get(k) != bb.get(k)]
     rc, bc = result.get("config", {}), baseline.get("config", {})
     setting = [f"{k}: baseline {bc.get(k)!r}, result {rc.get(k)!r}"
                for k in sorted(set(rc) | set(bc)) if k not in ("repeats", "warmup") and rc.get(k) != bc.get(k)]

@@ -76,6 +76,12 @@ def test_different_device_or_version_is_refused_unless_allowed():
     assert report.passed and report.differences == ["device: baseline 'GPU-A', result 'GPU-B'"]
 
 
+def test_artifact_path_is_not_a_device_difference():
+    moved = result()
+    moved["backend"]["model"] = "/ci/checkout-2/build/model.onnx"
+    assert compare(moved, result()).differences == []
+
+
 def test_different_bench_settings_are_refused():
     other = result()
     other["config"]["gen_len"] = 64
