@@ -308,12 +308,14 @@ def _parse_rope(d: dict, source: str) -> RopeParameters:
         return RopeParameters("default", theta)
     if rope_type == "llama3":
         orig = params.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+        factors = {k: _float(params, k, where, default=None) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+        for k, v in factors.items():
+            if v <= 0:
+                raise MoecError(f"{where}: '{k}' must be positive, got {v}")
         return RopeParameters(
             "llama3",
             theta,
-            factor=_float(params, "factor", where, default=None),
-            low_freq_factor=_float(params, "low_freq_factor", where, default=None),
-            high_freq_factor=_float(params, "high_freq_factor", where, default=None),
+            **factors,
             original_max_position_embeddings=_int(
                 {"original_max_position_embeddings": orig}, "original_max_position_embeddings", where
             ),

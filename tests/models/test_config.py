@@ -144,6 +144,8 @@ def _tiny(**changes):
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}, "unsupported rope_type 'yarn'"),
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}}, r"'factor' must be a finite number"),
+        ({"rope_parameters": {**PRESET_SOURCES["llama4-tiny"]["rope_parameters"], "low_freq_factor": 0}},
+         "'low_freq_factor' must be positive"),
         ({"eos_token_id": [257, 9999]}, r"eos_token_id must be token ids in \[0, 264\)"),
         ({"bos_token_id": -1}, "'bos_token_id' must be a token id"),
         ({"rms_norm_eps": 0}, "rms_norm_eps must be positive"),
