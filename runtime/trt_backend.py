@@ -302,7 +302,9 @@ class TrtBackend:
             # A version-compatible engine carries its own lean runtime, which TensorRT only loads
             # when host code is allowed; the manifest's sha256 check has vouched for the file.
             runtime.engine_host_code_allowed = True
-        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        blob = engine_path.read_bytes()
+        _check_validity(trt, runtime, blob, engine_path)
+        engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise MoecError(f"{engine_path}: {trt_flavour.name} could not deserialize the engine (see its log above); rebuild it")
         device = torch.device("cuda", torch.cuda.current_device())
@@ -391,6 +393,20 @@ class TrtBackend:
             "torch_version": torch.__version__,
             "cuda_version": str(torch.version.cuda),
         }
+
+
+def _check_validity(trt, runtime, blob: bytes, engine_path: Path) -> None:
+    """TensorRT's own header check (IRuntime.get_engine_validity, TensorRT-RTX 1.1+ and recent
+    TensorRT), after the manifest's: it also knows driver and CUDA runtime requirements."""
+    if not hasattr(runtime, "get_engine_validity"):
+        return
+    validity, diagnostics = runtime.get_engine_validity(blob)
+    if validity != trt.EngineValidity.INVALID:
+        return
+    reasons = [name.lower() for name, flag in trt.EngineInvalidityDiagnostics.__members__.items()
+               if int(diagnostics) & int(flag)] or [f"diagnostics {int(diagnostics):#x}"]
+    raise MoecError(f"{engine_path}: TensorRT reports the engine cannot run here ({', '.join(reasons)}): "
+                    "update the driver if it says old_cuda_driver, else rebuild on this host with `moec build`")
 
 
 def manifest_io_shape(manifest: dict[str, Any], name: str) -> list[int]:
