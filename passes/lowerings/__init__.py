@@ -93,7 +93,7 @@ def lower_moe(model: ir.Model, lowerings: Sequence[str], target: str, log: Fusio
     remove_dead(model)
     # Gating nodes whose experts were lowered without them, or whose experts were never fused.
     if "function" not in lowerings:
-        for node in [n for n in graph if n.domain == MOEC_DOMAIN]:
+        for node in ops.moec_nodes(model):
             if node.op_type != OP_MOE_GATING:
                 raise MoecError(f"target {target}: {node.op_type} node {node.name!r} was left unlowered")
             op = ops.OpBuilder()
