@@ -200,18 +200,19 @@ class Llama4Config:
             d[f.name] = v
         return d
 
-    def to_hf_config(self, architecture: str = CAUSAL_LM) -> dict[str, Any]:
-        """config.json content for a checkpoint of ``architecture``, loadable by transformers."""
+    def to_hf_config(self, architecture: str = CAUSAL_LM, dtype: str = "float32") -> dict[str, Any]:
+        """config.json content for a checkpoint of ``architecture`` whose weights are ``dtype``
+        (transformers' name), loadable by transformers."""
         text = self.to_dict()
         if architecture == CAUSAL_LM:
-            return {"architectures": [CAUSAL_LM], **text, "dtype": "float32"}
+            return {"architectures": [CAUSAL_LM], **text, "dtype": dtype}
         if architecture == CONDITIONAL_GENERATION:
             return {
                 "architectures": [CONDITIONAL_GENERATION],
                 "model_type": MULTIMODAL_MODEL_TYPE,
                 "text_config": text,
                 "tie_word_embeddings": False,
-                "dtype": "float32",
+                "dtype": dtype,
             }
         raise MoecError(f"unknown architecture {architecture!r}; choose one of: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
