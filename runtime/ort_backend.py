@@ -176,7 +176,17 @@ class OrtBackend:
                     f"{path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
                     "Keep the .data file beside the .onnx (same name as when exported) or re-export."
                 ) from e
-            raise MoecError(f"ONNX Runtime cannot load {path}: {str(e).strip()}") from e
+            msg = str(e).strip()
+            if "Could not find an implementation" in msg:
+                # ORT's CPU provider has no bf16 kernels for most arithmetic (MatMul, Gemm, Add,
+                # Mul, Where, Expand, Tile, Sigmoid in onnxruntime 1.32); upcasting the graph
+                # would change what is being run, so say so instead.
+                raise MoecError(
+                    f"ONNX Runtime ({', '.join(providers)}) has no kernel for a node of {path} "
+                    f"({sidecar.get('dtype')} export): {msg.split(':')[-1].strip()}. Run it on a provider "
+                    "that implements this type (bf16: CUDAExecutionProvider) or export with --dtype fp32/fp16."
+                ) from e
+            raise MoecError(f"ONNX Runtime cannot load {path}: {msg}") from e
 
         want_in, want_out = expected_io(int(sidecar["num_layers"]))
         have_in = [i.name for i in session.get_inputs()]
