@@ -240,3 +240,21 @@ def test_limits_of_the_profile_are_clear_errors(engine_dir):
     with pytest.raises(MoecError, match="33 new tokens exceed the engine's profile max of 32"):
         be.forward(too_long, too_long, be.init_cache(1))
     assert be.max_positions == 33  # 32 past + the token being decoded
+
+
+def test_tensorrt_validity_diagnostics_are_named():
+    from moec.runtime.trt_backend import _check_validity
+
+    class Runtime:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def get_engine_validity(self, blob):
+            return self.answer
+
+    flags = trt.EngineInvalidityDiagnostics
+    bad = Runtime((trt.EngineValidity.INVALID, int(flags.UNSUPPORTED_CC) | int(flags.OLD_CUDA_DRIVER)))
+    with pytest.raises(MoecError, match=r"cannot run here \(unsupported_cc, old_cuda_driver\)"):
+        _check_validity(trt, bad, b"", Path("engine.sm89.plan"))
+    _check_validity(trt, Runtime((trt.EngineValidity.VALID, 0)), b"", Path("engine.sm89.plan"))
+    _check_validity(trt, Runtime((trt.EngineValidity.SUBOPTIMAL, 0)), b"", Path("engine.sm89.plan"))
