@@ -92,9 +92,14 @@ def _print_inspection(report) -> None:
             io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]), f"{p['min']} / {p['opt']} / {p['max']}" if p else "")
         console.print(io)
         if engine.get("layers"):
-            layers = Table("#", "layer")
+            # With ProfilingVerbosity.DETAILED (set at build) each layer is a dict; otherwise a name.
+            layers = Table("#", "layer", "type", "outputs")
             for i, layer in enumerate(engine["layers"]):
-                layers.add_row(str(i), layer if isinstance(layer, str) else json.dumps(layer)[:160])
+                if isinstance(layer, dict):
+                    outs = ", ".join(f"{o.get('Name')}:{o.get('Format/Datatype', '')}" for o in layer.get("Outputs", []))
+                    layers.add_row(str(i), str(layer.get("Name", "")), str(layer.get("LayerType", "")), outs[:120])
+                else:
+                    layers.add_row(str(i), str(layer), "", "")
             console.print(layers)
 
 
