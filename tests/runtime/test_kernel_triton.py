@@ -58,7 +58,8 @@ def poisoned(mt, monkeypatch):
     """Every buffer the kernels must overwrite starts as NaN."""
 
     def nan_filled(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else -1  # -1: no count, no valid index
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     monkeypatch.setattr(mt, "_alloc_uninitialized", nan_filled)
     return mt
@@ -143,6 +144,16 @@ def test_alignment_pads_each_expert_to_the_tile(mt):
     assert sorted(p for p in sorted_pair.tolist() if p < P) == list(range(P))
     # Static bound: cdiv(7, 2) + min(7, 5) = 9 tiles; experts 0, 1 and 3 need 1, 1 and 2.
     assert block_expert.tolist() == [0, 1, 3, 3, -1, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("P, E", [(1, 16), (3, 128), (7, 4), (32, 16), (100, 8), (128, 128)])
+def test_one_program_grouping_equals_the_torch_formulation(poisoned, device, P, E):
+    ids = torch.randint(0, E, (P,), device=device)
+    order, expert, start, count = poisoned.decode_groups(ids, E)
+    ref_order, ref_expert, ref_start, ref_count = poisoned.expert_groups(ids, E)
+    assert torch.equal(order, ref_order) and torch.equal(count, ref_count)
+    present = ref_count > 0
+    assert torch.equal(expert[present], ref_expert[present]) and torch.equal(start[present], ref_start[present])
 
 
 def test_decode_groups_list_present_experts_first(mt):
