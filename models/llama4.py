@@ -95,8 +95,8 @@ class Experts(nn.Module):
     def __init__(self, config: Llama4Config):
         super().__init__()
         E, H, I = config.num_local_experts, config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I))  # w_gate_up_EHI2, gate first half
-        self.down_proj = nn.Parameter(torch.empty(E, I, H))  # w_down_EIH
+        self.gate_up_proj = nn.Parameter(torch.zeros(E, H, 2 * I))  # w_gate_up_EHI2, gate first half
+        self.down_proj = nn.Parameter(torch.zeros(E, I, H))  # w_down_EIH
 
 
 class MoE(nn.Module):
