@@ -124,8 +124,6 @@ def load_pretrained(
     path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
 ) -> Llama4ForCausalLM:
     """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's)."""
-    from safetensors import SafetensorError
-
     target_dtype = resolve_dtype(dtype)
     ckpt = inspect_checkpoint(path)
     config = ckpt.config
@@ -137,6 +135,33 @@ def load_pretrained(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
+    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device))
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(prefix + m for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
+    if skipped:
+        log.info("%s: ignored %d vision/projector tensors (moec compiles the text model)", ckpt.directory, skipped)
+
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the embedding Parameter; re-point lm_head at it
+    model.model.rotary_emb.reset_inv_freq(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _read_text_tensors(
+    ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The text model's tensors, by module name, checked against ``expected`` shapes; and how
+    many vision/projector tensors were skipped. Each tensor is cast/moved on its own."""
+    from safetensors import SafetensorError
+
+    prefix = TEXT_PREFIX[ckpt.layout]
+    tied = ckpt.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
     skipped = 0
     for file, listed in ckpt.shards.items():
@@ -155,7 +180,9 @@ def load_pretrained(
                         continue
                     raise MoecError(f"{file}: unexpected tensor {key!r} (not under {prefix!r})")
                 name = key[len(prefix) :]
-                if config.tie_word_embeddings and name == "lm_head.weight":
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # a derived buffer some exporters save; recomputed from the config
+                if tied and name == "lm_head.weight":
                     continue  # tied: the embedding serves as lm_head
                 if name not in expected:
                     raise MoecError(
@@ -180,20 +207,6 @@ def load_pretrained(
                     tensor = f.get_tensor(key)
                 except SafetensorError as e:
                     raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
-                state[name] = tensor.to(device=device, dtype=target_dtype or tensor.dtype)
+                state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
 
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        shown = ", ".join(prefix + m for m in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
-    if skipped:
-        log.info("%s: ignored %d vision/projector tensors (moec compiles the text model)", ckpt.directory, skipped)
-
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()  # assign=True replaced the embedding Parameter; re-point lm_head at it
-    model.model.rotary_emb.reset_inv_freq(device)
-    model.requires_grad_(False)
-    return model.eval()
+    return state, skipped

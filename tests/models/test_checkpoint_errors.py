@@ -196,3 +196,11 @@ def test_moec_run_exits_2_with_one_line(ckpt, damage, capsys):
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and NAMED[damage] in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
+
+
+def test_tolerated_extras_load_to_the_same_model(ckpt, demo_ckpt):
+    """Not errors: a saved rotary inv_freq buffer (derived from the config) is ignored."""
+    _rewrite_weights(ckpt, lambda t: t.update({"model.rotary_emb.inv_freq": torch.zeros(8)}))
+    ids = torch.tensor([[256, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(ckpt)(ids)[0], load_pretrained(demo_ckpt)(ids)[0])
