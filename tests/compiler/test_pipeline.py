@@ -1,0 +1,183 @@
+"""moec optimize / optimize_onnx on the demo export: every ORT-runnable lowering gives torch's
+greedy tokens; the report, sidecar, external data, dumps and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from moec.common import contract
+from moec.common.errors import MoecError
+from moec.compiler.pipeline import OptimizeConfig, Step, _Context, optimize_onnx, run_passes
+
+PROMPT = [[256, 10, 20, 30, 40, 50, 60, 70, 80]]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def torch_tokens(demo_ckpt):
+    from moec.models.torch_backend import TorchBackend
+    from moec.runtime.generate import GenerationConfig, generate
+
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
+    return generate(TorchBackend.from_checkpoint(demo_ckpt), PROMPT, cfg).new_tokens
+
+
+def ort_tokens(path, graph_optimization=True):
+    from moec.runtime.generate import GenerationConfig, generate
+    from moec.runtime.ort_backend import OrtBackend
+
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, stop_on_eos=False)
+    return generate(OrtBackend.from_onnx(path, graph_optimization=graph_optimization), PROMPT, cfg).new_tokens
+
+
+@pytest.mark.parametrize("lowering", [None, "ort", "gather", "dense", "function"])
+def test_lowerings_give_torch_greedy_tokens(demo_onnx, torch_tokens, tmp_path, lowering):
+    out = tmp_path / "opt" / "model.onnx"
+    report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering=lowering))
+    assert report.fused_gating == report.fused_experts == report.moe_layers == 2
+    assert report.moe_lowering == {lowering or "ort": 2}
+    assert not report.warnings
+    model = ir.load(out)
+    ops = {n.op_type for n in model.graph}
+    assert "ScatterElements" not in ops or lowering == "dense"  # the dense score matrix is gone
+    assert ort_tokens(out) == torch_tokens
+    side = json.loads(contract.sidecar_path(out).read_text())
+    assert side["moe_lowering"] == (lowering or "ort") and side["target"] == "ort" and side["precision"] == "fp32"
+    assert (out.parent / contract.TOKENIZER_FILE).read_bytes() == (demo_onnx.parent / contract.TOKENIZER_FILE).read_bytes()
+    names = {r.name for r in report.passes}
+    assert {"fold_constants", "fuse_moe_gating", "fuse_grouped_experts", "fuse_rms_norm", "lower_moe"} <= names
+
+
+def test_fp16_precision_keeps_routing_fp32_and_tokens(demo_onnx, torch_tokens, tmp_path):
+    out = tmp_path / "fp16" / "model.onnx"
+    report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering="gather", precision="fp16"))
+    assert report.precision == "fp16"
+    model = ir.load(out)
+    topks = [n for n in model.graph if n.op_type == "TopK"]
+    assert len(topks) == 2 and all(n.inputs[0].dtype == ir.DataType.FLOAT for n in topks)
+    weights = [v for v in model.graph.initializers.values() if v.name.endswith("gate_up_proj")]
+    assert weights and all(v.dtype == ir.DataType.FLOAT16 for v in weights)
+    # The graph I/O keeps fp32 (runtime contract); fp16 rounding leaves the tiny demo's tokens as they were.
+    assert model.graph.outputs[0].dtype == ir.DataType.FLOAT
+    assert ort_tokens(out, graph_optimization=False) == torch_tokens
+
+
+def test_bf16_precision_structure(demo_onnx, tmp_path):
+    # ONNX Runtime's CPU provider has no bf16 MatMul, so bf16 is checked by structure only.
+    out = tmp_path / "bf16" / "model.onnx"
+    optimize_onnx(demo_onnx, out, OptimizeConfig(target="trt:sm90", precision="bf16"))
+    model = ir.load(out)
+    # Values the lowering created carry no type annotation (the parser infers them); the others must be bf16.
+    mats = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].dtype is not None]
+    assert mats and all(n.inputs[0].dtype == ir.DataType.BFLOAT16 for n in mats)
+    floats = [v for v in model.graph.initializers.values() if v.dtype in (ir.DataType.FLOAT, ir.DataType.BFLOAT16) and v.const_value.size > 1]
+    floats = [v for v in floats if "inv_freq" not in v.name]  # RoPE frequencies are positional: fp32
+    assert floats and all(v.dtype == ir.DataType.BFLOAT16 for v in floats)
+    assert all(n.inputs[0].dtype == ir.DataType.FLOAT for n in model.graph if n.op_type == "TopK")
+
+
+def test_external_data_stays_external(demo_onnx, torch_tokens, tmp_path):
+    src = tmp_path / "ext" / "model.onnx"
+    src.parent.mkdir()
+    ir.save(ir.load(demo_onnx), src, external_data="model.onnx.data", size_threshold_bytes=0)
+    for f in (contract.sidecar_path(demo_onnx), demo_onnx.parent / contract.TOKENIZER_FILE):
+        shutil.copy(f, src.parent / f.name.replace(demo_onnx.stem, src.stem))
+    out = tmp_path / "ext_out" / "model.onnx"
+    optimize_onnx(src, out, OptimizeConfig(target="ort", moe_lowering="ort"))
+    data = out.with_name("model.onnx.data")
+    assert data.exists() and data.stat().st_size > out.stat().st_size
+    assert ort_tokens(out) == torch_tokens
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_dump_dir_and_report(demo_onnx, tmp_path):
+    dump = tmp_path / "dump"
+    report = optimize_onnx(demo_onnx, tmp_path / "o" / "model.onnx", OptimizeConfig(target="trt:sm89", dump_dir=dump))
+    stems = sorted(p.stem for p in dump.glob("*.onnx"))
+    assert stems == ["00_input", "01_cleanup", "02_fusion", "03_lowering", "04_cleanup"]
+    assert report.moe_lowering == {"gather": 2}
+    json.dumps(report.to_dict())
+
+
+def test_no_moe_pattern_is_reported_not_an_error(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "passes"))
+    import moe_blocks as mb
+
+    src = mb.export_block(mb.SwiGLU(16, 24), tmp_path / "mlp.onnx", hidden=16)
+    with pytest.warns(UserWarning, match="no MoE layer was fused"):
+        report = optimize_onnx(src, tmp_path / "out" / "mlp.onnx", OptimizeConfig())
+    assert report.fused_experts == 0 and report.warnings
+    with pytest.raises(MoecError, match="require-fusion"):
+        optimize_onnx(src, tmp_path / "out2" / "mlp.onnx", OptimizeConfig(require_fusion=True))
+    assert not (tmp_path / "out2" / "mlp.onnx").exists()
+
+
+@pytest.mark.parametrize("config,match", [
+    (OptimizeConfig(target="cuda"), "unknown target"),
+    (OptimizeConfig(target="trt:sm89", moe_lowering="trt-native"), "target trt:sm89: MoE lowering 'trt-native'"),
+    (OptimizeConfig(precision="fp8"), "precision"),
+])
+def test_bad_config_is_a_moec_error(demo_onnx, tmp_path, config, match):
+    with pytest.raises(MoecError, match=match):
+        optimize_onnx(demo_onnx, tmp_path / "x.onnx", config)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(MoecError, match="no such ONNX file"):
+        optimize_onnx(tmp_path / "missing.onnx", tmp_path / "o.onnx", OptimizeConfig())
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    with pytest.raises(MoecError, match="not a readable ONNX model"):
+        optimize_onnx(junk, tmp_path / "o.onnx", OptimizeConfig())
+
+
+def test_pass_manager_names_the_failing_pass():
+    def broken(model, ctx):
+        raise ValueError("boom")
+
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 18}), ir_version=10)
+    ctx = _Context(OptimizeConfig(), None, None)
+    with pytest.raises(RuntimeError, match="broken_pass.*boom"):
+        run_passes(model, [Step("fusion", "broken_pass", broken)], ctx)
+
+    def refusing(model, ctx):
+        raise MoecError("node x: cannot")
+
+    with pytest.raises(MoecError, match="pass refusing_pass"):
+        run_passes(model, [Step("lowering", "refusing_pass", refusing)], ctx)
+
+
+def test_repeat_runs_until_no_change():
+    calls = []
+
+    def shrinking(model, ctx):
+        calls.append(1)
+        return 3 - len(calls) if len(calls) < 3 else 0
+
+    model = ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 18}), ir_version=10)
+    ctx = _Context(OptimizeConfig(cleanup_iterations=5), None, None)
+    (rec,) = run_passes(model, [Step("cleanup", "shrink", shrinking, repeat=True)], ctx)
+    assert len(calls) == 3 and rec.matches == 3
+
+
+def test_cli_optimize_prints_table_and_writes_report(demo_onnx, tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    out, rep = tmp_path / "cli" / "model.onnx", tmp_path / "r.json"
+    main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt-rtx:sm89", "--report", str(rep)])
+    text = capsys.readouterr().out
+    assert "fuse_grouped_experts" in text and "matches" in text
+    report = json.loads(rep.read_text())
+    assert report["fused_experts"] == 2 and report["moe_lowering"] == {"gather": 2}
+    with pytest.raises(SystemExit) as e:
+        main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt:sm89", "--moe-lowering", "ort"])
+    assert e.value.code == 2
+    assert "target trt:sm89" in capsys.readouterr().err
