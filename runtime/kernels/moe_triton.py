@@ -505,6 +505,12 @@ def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, scor
     return y_PH.view(T, K, H).sum(dim=1).to(hidden_TH.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    # Queried once per device: a properties query per call would add host time to every decode step.
+    return torch.cuda.get_device_name(index)
+
+
 def grouped_experts_triton(
     hidden_TH: torch.Tensor,
     expert_ids_TK: torch.Tensor,
@@ -525,7 +531,7 @@ def grouped_experts_triton(
     if T == 0:
         return hidden_TH.new_zeros(0, H)
     if config is None:
-        device_name = torch.cuda.get_device_name(hidden_TH.device) if hidden_TH.is_cuda else None
+        device_name = _cuda_device_name(hidden_TH.device.index or 0) if hidden_TH.is_cuda else None
         config = select_config(E, H, I2 // 2, T, K, device_name)
     hidden_TH = hidden_TH.contiguous() if hidden_TH.stride(1) != 1 else hidden_TH
     ids_P = expert_ids_TK.reshape(-1).long().contiguous()  # a [T, k] slice of a wider tensor is strided
