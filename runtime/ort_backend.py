@@ -147,6 +147,8 @@ class OrtBackend:
         import onnxruntime as ort
 
         path = Path(path)
+        if path.is_dir():
+            raise MoecError(f"{path} is a directory; the ONNX Runtime backend runs an .onnx file")
         if not path.is_file():
             raise MoecError(f"ONNX file {path} does not exist")
         sidecar = read_sidecar(path)
@@ -228,6 +230,11 @@ class OrtBackend:
     def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: OrtCache):
         input_ids_BS = np.ascontiguousarray(input_ids_BS, dtype=np.int64)
         position_ids_BS = np.ascontiguousarray(position_ids_BS, dtype=np.int64)
+        if input_ids_BS.ndim != 2 or input_ids_BS.shape != position_ids_BS.shape or input_ids_BS.shape[1] == 0:
+            raise MoecError(
+                f"input_ids {input_ids_BS.shape} and position_ids {position_ids_BS.shape} must both be "
+                "[batch, new_tokens] with new_tokens >= 1"
+            )
         B, S = input_ids_BS.shape
         if B != cache.batch_size:
             raise MoecError(f"batch of {B} sequences against a cache made for {cache.batch_size}")
