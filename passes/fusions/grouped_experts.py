@@ -142,7 +142,11 @@ def _match_dense(dense: ir.Value, x_hint: ir.Node) -> dict:
         down = producer_is(y, "MatMul")
         if down is None:
             raise Refuse("the output-scaled value is not an expert MatMul")
-        users = consumers(smul.outputs[0])
+        y_scaled = smul.outputs[0]
+        if len(consumers(y_scaled)) == 1 and consumers(y_scaled)[0].op_type == "Cast":
+            nodes.append(consumers(y_scaled)[0])  # the up-cast before an fp16/bf16 sum
+            y_scaled = consumers(y_scaled)[0].outputs[0]
+        users = consumers(y_scaled)
         reduce = users[0] if len(users) == 1 and users[0].op_type == "ReduceSum" else None
         x_TH = None
     if reduce is None:

@@ -123,6 +123,7 @@ def _rewrite(graph: ir.Graph, m: dict, index: int) -> None:
     logits = m["raw"]
     if logits.dtype != m["compute_dtype"]:
         logits = op.Cast(logits, to=m["compute_dtype"])
+        logits.dtype, logits.shape = m["compute_dtype"], m["raw"].shape
     ids, scores = ops.moe_gating(op, logits, k=m["k"], score_function=m["score_function"], normalize=m["normalize"])
     ids.dtype, scores.dtype = ir.DataType.INT64, m["compute_dtype"]
     dense_dtype = m["dense"].dtype or m["compute_dtype"]
