@@ -359,8 +359,6 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         )
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)
-        for f in tmp_dir.iterdir():
-            f.chmod(0o644)  # temp files are created private; the artifacts are ordinary files
 
         # The graph goes last: until it is renamed, an old export (if any) stays the readable one.
         final_data = out_path.with_name(data_name)

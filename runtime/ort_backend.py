@@ -5,9 +5,11 @@ step's ``present_*`` OrtValues as this step's ``past_*`` inputs through an IOBin
 and values never round-trip through numpy (on a CUDA provider they never leave the GPU). Only
 the token ids go in and the float32 logits come out through host memory.
 
-What the runtime needs besides the graph (layer count, maximum positions, EOS ids, dtype) comes
-from the sidecar JSON beside the .onnx (``moec.common.contract.sidecar_path``), which the export
-writes; this module never imports the torch model code.
+What the runtime needs besides the graph (layer count, maximum positions, EOS ids) comes from
+the sidecar JSON beside the .onnx (``moec.common.contract.sidecar_path``), which the export
+writes, or from a metadata dict the caller builds (``moec run --checkpoint``); this module never
+imports the torch model code. The dtype is read from the graph's KV inputs, so an optimized graph
+whose precision differs from the export's is described as what it is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _KV_ELEMENT_TYPES: dict[str, Any] = {
     "tensor(float16)": np.float16,
     "tensor(bfloat16)": 16,
 }
+_KV_DTYPE_NAMES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
+SIDECAR_REQUIRED = ("num_layers", "max_positions", "vocab_size", "generation")
 
 
 def read_sidecar(onnx_path: str | os.PathLike) -> dict:
@@ -38,13 +42,14 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict:
     if not side.is_file():
         raise MoecError(
             f"{onnx_path} is not a moec export: its metadata file {side} is missing "
-            "(export the checkpoint with `moec export`, which writes it beside the .onnx)"
+            "(export the checkpoint with `moec export`, which writes it beside the .onnx, or give "
+            "`moec run` the checkpoint with --checkpoint DIR)"
         )
     try:
         meta = json.loads(side.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
-    missing = [k for k in ("num_layers", "max_positions", "vocab_size", "dtype", "generation") if k not in meta]
+    missing = [k for k in SIDECAR_REQUIRED if k not in meta]
     if missing:
         raise MoecError(f"the moec metadata {side} lacks {', '.join(missing)}; re-export the model with `moec export`")
     return meta
@@ -123,7 +128,6 @@ class OrtBackend:
         self.max_positions = int(sidecar["max_positions"])
         self.vocab_size = int(sidecar["vocab_size"])
         self.eos_token_ids = tuple(int(t) for t in sidecar["generation"].get("eos_token_ids", []))
-        self.dtype = str(sidecar["dtype"])
         self.provider = session.get_providers()[0]
         # Presents are left where the provider computes them; only logits come back to the host.
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -134,6 +138,7 @@ class OrtBackend:
             raise MoecError(f"{onnx_path}: KV cache input {k0.name} has type {self._kv_type}, which moec does not run")
         # [B, KVH, P, D]: KVH and D are static in a moec export.
         self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
+        self.dtype = _KV_DTYPE_NAMES[self._kv_type]
         self._input_names, self._output_names = expected_io(self.num_layers)
 
     @classmethod
@@ -143,7 +148,9 @@ class OrtBackend:
         providers: Sequence[str] | None = None,
         graph_optimization: bool = True,
         intra_op_threads: int | None = None,
+        metadata: dict | None = None,
     ) -> "OrtBackend":
+        """``metadata`` replaces the sidecar file (same keys; at least SIDECAR_REQUIRED)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -151,7 +158,13 @@ class OrtBackend:
             raise MoecError(f"{path} is a directory; the ONNX Runtime backend runs an .onnx file")
         if not path.is_file():
             raise MoecError(f"ONNX file {path} does not exist")
-        sidecar = read_sidecar(path)
+        if metadata is None:
+            sidecar = read_sidecar(path)
+        else:
+            missing = [k for k in SIDECAR_REQUIRED if k not in metadata]
+            if missing:
+                raise MoecError(f"the metadata given for {path} lacks {', '.join(missing)}")
+            sidecar = metadata
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = (
@@ -185,7 +198,7 @@ class OrtBackend:
                 # would change what is being run, so say so instead.
                 raise MoecError(
                     f"ONNX Runtime ({', '.join(providers)}) has no kernel for a node of {path} "
-                    f"({sidecar.get('dtype')} export): {msg.split(':')[-1].strip()}. Run it on a provider "
+                    f"({sidecar.get('dtype', 'its')} weights): {msg.split(':')[-1].strip()}. Run it on a provider "
                     "that implements this type (bf16: CUDAExecutionProvider) or export with --dtype fp32/fp16."
                 ) from e
             raise MoecError(f"ONNX Runtime cannot load {path}: {msg}") from e

@@ -34,7 +34,19 @@ def detect_backend(artifact: Path) -> str:
     )
 
 
-def open_backend(artifact: Path, backend: str, dtype: str | None):
+def checkpoint_metadata(checkpoint: Path) -> dict:
+    """What the ORT backend needs (the sidecar's keys) from a checkpoint's config.json, for an
+    .onnx whose sidecar is not beside it. The dtype is left out: the backend reads it from the graph."""
+    from moec.compiler.export import ExportConfig, build_sidecar
+    from moec.models import Llama4Config
+
+    llama = Llama4Config.from_pretrained(checkpoint)
+    meta = build_sidecar(llama, ExportConfig(), llama.max_position_embeddings, external_data=None, tokenizer=False)
+    meta.pop("dtype")
+    return meta
+
+
+def open_backend(artifact: Path, backend: str, dtype: str | None, checkpoint: Path | None = None):
     """A ``moec.runtime.backend.Backend`` for ``artifact``; heavy imports happen here."""
     if backend == "torch":
         from moec.models.torch_backend import TorchBackend
@@ -47,7 +59,10 @@ def open_backend(artifact: Path, backend: str, dtype: str | None):
     if backend == "ort":
         from moec.runtime.ort_backend import OrtBackend
 
-        return OrtBackend.from_onnx(artifact)
+        metadata = None
+        if checkpoint is not None and artifact.is_file() and not contract.sidecar_path(artifact).is_file():
+            metadata = checkpoint_metadata(checkpoint)
+        return OrtBackend.from_onnx(artifact, metadata=metadata)
     if backend == "trt":
         from moec.runtime.trt_backend import TrtBackend
 
@@ -83,7 +98,12 @@ def parse_prompt_ids(text: str) -> list[int]:
 @click.option("--prompt-ids", help='Prompt token ids, e.g. "1 2 3".')
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate [default: GenerationConfig's].")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the backend picked from ARTIFACT.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Where to find tokenizer.json if not beside ARTIFACT.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint to take tokenizer.json (and, for an .onnx without its sidecar, the config) from.",
+)
 @click.option("--dtype", default=None, help="torch backend only: fp32|fp16|bf16 [default: the checkpoint's].")
 @click.option("--temperature", type=float, default=None, help="0 = greedy.")
 @click.option("--top-k", type=int, default=None)
@@ -118,7 +138,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     else:
         ids = parse_prompt_ids(prompt_ids)
 
-    be = open_backend(artifact, backend, dtype)
+    be = open_backend(artifact, backend, dtype, checkpoint)
     result = generate(be, ids, gen_config)
     new_ids = result.new_tokens[0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None

@@ -115,3 +115,16 @@ def test_trt_branch_is_lazy_and_reports_errors(tmp_path, capsys):
     (tmp_path / "engine").mkdir()
     code, _, err = run_cli(["run", tmp_path / "engine", "--backend", "trt", "--prompt-ids", "1"], capsys)
     assert code == 2 and "Traceback" not in err and err.startswith("error: ")
+
+
+def test_onnx_alone_with_checkpoint_for_config_and_tokenizer(demo_onnx, demo_ckpt, tmp_path, capsys):
+    """An .onnx without its sidecar and tokenizer runs when --checkpoint supplies both."""
+    shutil.copyfile(demo_onnx, tmp_path / "bare.onnx")
+    code, _, err = run_cli(["run", tmp_path / "bare.onnx", "--prompt-ids", "1 2"], capsys)
+    assert code == 2 and "bare.moec.json is missing" in err
+    args = ["--prompt", "hello", "--max-new-tokens", "5", "--json"]
+    code, out, err = run_cli(["run", tmp_path / "bare.onnx", "--checkpoint", demo_ckpt, *args], capsys)
+    assert code == 0, err
+    code, ref, err = run_cli(["run", demo_onnx, *args], capsys)
+    assert json.loads(out)["ids"] == json.loads(ref)["ids"]
+    assert json.loads(out)["describe"]["dtype"] == "fp32"
