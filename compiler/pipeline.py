@@ -283,6 +283,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".tokenizer.", delete=False) as f:
             tmp_tok = Path(f.name)
         shutil.copyfile(tok_src, tmp_tok)
+        shutil.copymode(tok_src, tmp_tok)  # the temporary file was created 0600
         os.replace(tmp_tok, tok_dst)
     return OptimizeReport(
         in_path=str(in_path), out_path=str(out_path), target=str(target), moe_lowering=dict(ctx.lowered),
