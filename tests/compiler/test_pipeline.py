@@ -181,3 +181,32 @@ def test_cli_optimize_prints_table_and_writes_report(demo_onnx, tmp_path, capsys
         main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt:sm89", "--moe-lowering", "ort"])
     assert e.value.code == 2
     assert "target trt:sm89" in capsys.readouterr().err
+
+
+def _cli_tokens(artifact, backend, capsys):
+    from moec.compiler.cli import main
+
+    main(["run", str(artifact), "--backend", backend, "--prompt-ids", " ".join(map(str, PROMPT[0])),
+          "--max-new-tokens", str(NEW_TOKENS), "--json"])
+    return json.loads(capsys.readouterr().out)["new_tokens"]
+
+
+def test_moec_run_ort_on_optimized_graphs_matches_torch(demo_ckpt, demo_onnx, tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    expected = _cli_tokens(demo_ckpt, "torch", capsys)
+    for lowering in ("ort", "gather", "dense", "function"):
+        out = tmp_path / lowering / "model.onnx"
+        main(["optimize", str(demo_onnx), "-o", str(out), "--target", "ort", "--moe-lowering", lowering])
+        capsys.readouterr()
+        assert _cli_tokens(out, "ort", capsys) == expected, lowering
+
+
+def test_fp16_export_fuses(demo_ckpt, tmp_path):
+    from moec.compiler.export import ExportConfig, export_onnx
+
+    src = tmp_path / "fp16" / "model.onnx"
+    export_onnx(demo_ckpt, src, ExportConfig(dtype="fp16"))
+    report = optimize_onnx(src, tmp_path / "opt" / "model.onnx", OptimizeConfig(target="ort", moe_lowering="gather"))
+    assert report.fused_gating == report.fused_experts == 2 and report.precision == "fp16"
+    assert ort_tokens(tmp_path / "opt" / "model.onnx") == ort_tokens(src)
