@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-LOWERINGS = ("ort", "gather", "dense", "function")
+LOWERINGS = ("ort", "hybrid", "gather", "dense", "function")
 PROMPT_LEN, DECODE_STEPS = 128, 32
 
 

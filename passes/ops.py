@@ -189,6 +189,27 @@ def build_experts_gather(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH
     return op.ReduceSum(y_TK1H, op.Constant(value_ints=[1, 2]), keepdims=0)
 
 
+def build_experts_switch(op, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH, *, score_on_input: int, k: int,
+                         dtype: ir.DataType | None = None, name: str = "moe_switch"):
+    """GroupedExperts in standard ops, choosing at run time: the gather form while T*K <= E (it
+    then copies no more expert matrices than dense reads: decode and short prompts), the dense
+    form above (prefill, where gather would copy T*K expert matrices). One ONNX If."""
+    branches = []
+    for build in (build_experts_gather, build_experts_dense):
+        sub = OpBuilder()
+        y = sub.Identity(build(sub, x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH,
+                               score_on_input=score_on_input, dtype=dtype))
+        y.dtype = dtype
+        for i, node in enumerate(sub.nodes):
+            node.name = f"{name}/{build.__name__[15:]}/{node.op_type}_{i}"
+            for j, v in enumerate(node.outputs):
+                v.name = v.name or f"{node.name}_{j}"
+        branches.append(ir.Graph([], [y], nodes=sub.nodes, name=f"{name}_{build.__name__[15:]}"))
+    tokens_x_k = op.Mul(op.Shape(x_TH, start=0, end=1), op.Constant(value_ints=[k]))
+    cond = op.Squeeze(op.LessOrEqual(tokens_x_k, op.Shape(w_gate_up_EHI2, start=0, end=1)))
+    return op.If(cond, then_branch=branches[0], else_branch=branches[1])
+
+
 # --- model-local functions -------------------------------------------------------------------------
 
 

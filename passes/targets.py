@@ -2,14 +2,15 @@
 
 Defaults, fastest valid first (the lowering driver takes the first one a layer allows):
 - ``ort``: ONNX Runtime's com.microsoft.MoE (one fused op with a top-k grouped expert loop
-  inside), else ``gather``.
-- ``trt:sm100|sm103|sm110``: TensorRT's native IMoELayer (``trt-native``), else ``gather``.
-- every other TensorRT arch: ``gather``. TensorRT has no grouped GEMM in standard ops; of the two
+  inside), else ``hybrid``.
+- ``trt:sm100|sm103|sm110``: TensorRT's native IMoELayer (``trt-native``), else ``hybrid``.
+- every other TensorRT arch: ``hybrid``. TensorRT has no grouped GEMM in standard ops. Of the
   standard-op forms, ``gather`` reads only the K chosen experts per token (decode, the step that
-  dominates generation, reads 1/E of the expert weights), while ``dense`` always reads and
-  multiplies all E. ``trt-plugin`` (moec's grouped kernel) is faster where its plugin library is
-  loaded, so it is opt-in (``--moe-lowering trt-plugin``): an engine that needs it does not run
-  without it.
+  dominates generation, reads K/E of the expert weights) but copies T*K expert matrices, which
+  a long prompt cannot afford; ``dense`` always reads and multiplies all E. ``hybrid`` is one If
+  over the two: gather while T*K <= E, dense above, so decode gets gather and prefill dense.
+  ``trt-plugin`` (moec's grouped kernel) is faster where its plugin library is loaded, so it is
+  opt-in (``--moe-lowering trt-plugin``): an engine that needs it does not run without it.
 TensorRT-RTX has no IMoELayer on any arch it targets (SM75-SM121, FACTS.md), so trt-rtx never
 takes ``trt-native``.
 """
@@ -22,7 +23,7 @@ import re
 from moec.common.errors import MoecError
 
 KINDS = ("ort", "trt", "trt-rtx")
-LOWERINGS = ("ort", "gather", "dense", "trt-native", "trt-plugin", "function")
+LOWERINGS = ("ort", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")
 # IMoELayer runs on Blackwell datacenter and Thor only (public TensorRT docs; FACTS.md).
 TRT_NATIVE_MOE_ARCHS = frozenset({"sm100", "sm103", "sm110"})
 
@@ -73,10 +74,10 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
 
 def default_lowerings(target: Target) -> tuple[str, ...]:
     if target.kind == "ort":
-        return ("ort", "gather")
+        return ("ort", "hybrid")
     if target.kind == "trt" and target.arch in TRT_NATIVE_MOE_ARCHS:
-        return ("trt-native", "gather")
-    return ("gather",)
+        return ("trt-native", "hybrid")
+    return ("hybrid",)
 
 
 def lowerings_for(target: Target, requested: str | None) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ _MODULES = {
     "ort": "moec.passes.lowerings.ort",
     "gather": "moec.passes.lowerings.gather",
     "dense": "moec.passes.lowerings.dense",
+    "hybrid": "moec.passes.lowerings.hybrid",
     "trt-native": "moec.passes.lowerings.trt_native",
     "trt-plugin": "moec.passes.lowerings.trt_plugin",
 }

@@ -35,7 +35,7 @@ def ort_tokens(path, graph_optimization=True):
     return generate(OrtBackend.from_onnx(path, graph_optimization=graph_optimization), PROMPT, cfg).new_tokens
 
 
-@pytest.mark.parametrize("lowering", [None, "ort", "gather", "dense", "function"])
+@pytest.mark.parametrize("lowering", [None, "ort", "gather", "dense", "hybrid", "function"])
 def test_lowerings_give_torch_greedy_tokens(demo_onnx, torch_tokens, tmp_path, lowering):
     out = tmp_path / "opt" / "model.onnx"
     report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering=lowering))
@@ -100,7 +100,7 @@ def test_dump_dir_and_report(demo_onnx, tmp_path):
     report = optimize_onnx(demo_onnx, tmp_path / "o" / "model.onnx", OptimizeConfig(target="trt:sm89", dump_dir=dump))
     stems = sorted(p.stem for p in dump.glob("*.onnx"))
     assert stems == ["00_input", "01_cleanup", "02_fusion", "03_lowering", "04_cleanup"]
-    assert report.moe_lowering == {"gather": 2}
+    assert report.moe_lowering == {"hybrid": 2}
     json.dumps(report.to_dict())
 
 
@@ -176,7 +176,7 @@ def test_cli_optimize_prints_table_and_writes_report(demo_onnx, tmp_path, capsys
     text = capsys.readouterr().out
     assert "fuse_grouped_experts" in text and "matches" in text
     report = json.loads(rep.read_text())
-    assert report["fused_experts"] == 2 and report["moe_lowering"] == {"gather": 2}
+    assert report["fused_experts"] == 2 and report["moe_lowering"] == {"hybrid": 2}
     with pytest.raises(SystemExit) as e:
         main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt:sm89", "--moe-lowering", "ort"])
     assert e.value.code == 2
@@ -195,7 +195,7 @@ def test_moec_run_ort_on_optimized_graphs_matches_torch(demo_ckpt, demo_onnx, tm
     from moec.compiler.cli import main
 
     expected = _cli_tokens(demo_ckpt, "torch", capsys)
-    for lowering in ("ort", "gather", "dense", "function"):
+    for lowering in ("ort", "gather", "dense", "hybrid", "function"):
         out = tmp_path / lowering / "model.onnx"
         main(["optimize", str(demo_onnx), "-o", str(out), "--target", "ort", "--moe-lowering", lowering])
         capsys.readouterr()

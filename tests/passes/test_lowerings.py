@@ -27,7 +27,7 @@ def fused(path) -> ir.Model:
 # (block, lowering): every pair ORT can run. The ort lowering takes Llama 4 (sigmoid, k=1, score
 # on the input) and Mixtral-style softmax routing; it refuses the others (tested below).
 CASES = [(b, low) for b in ("ref_k1", "ref_k2", "softmax_k2", "unrolled_in", "unrolled_out")
-         for low in ("gather", "dense", "function")] + [("ref_k1", "ort"), ("softmax_k2", "ort"), ("unrolled_in", "ort")]
+         for low in ("gather", "dense", "hybrid", "function")] + [("ref_k1", "ort"), ("softmax_k2", "ort"), ("unrolled_in", "ort")]
 
 
 @pytest.mark.parametrize("block,lowering", CASES)
@@ -52,11 +52,11 @@ def test_ort_lowering_refuses_what_it_cannot_express(block_onnx, block, why):
         lower_moe(model, ["ort"], "ort")
 
 
-def test_ort_default_falls_back_to_gather(block_onnx):
+def test_ort_default_falls_back_to_hybrid(block_onnx):
     path = block_onnx("ref_k2")
     model = fused(path)
     log = FusionLog()
-    assert lower_moe(model, lowerings_for(parse_target("ort"), None), "ort", log) == {"gather": 1}
+    assert lower_moe(model, lowerings_for(parse_target("ort"), None), "ort", log) == {"hybrid": 1}
     assert log.refusals and "k=2" in log.refusals[0].reason
     feeds = block_input()
     assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
@@ -89,7 +89,7 @@ def test_lowering_the_target_cannot_run_is_an_error(target, lowering):
 def test_defaults_per_target():
     assert lowerings_for(parse_target("ort"), None)[0] == "ort"
     assert lowerings_for(parse_target("trt:sm100"), None)[0] == "trt-native"
-    assert lowerings_for(parse_target("trt:sm90"), None) == ("gather",)
+    assert lowerings_for(parse_target("trt:sm90"), None) == ("hybrid",)
     assert lowerings_for(parse_target("trt-rtx:sm89"), "trt-plugin") == ("trt-plugin",)
     for bad in ("tensorrt", "trt", "trt:90", "ort:sm80"):
         with pytest.raises(MoecError):
@@ -112,7 +112,8 @@ def test_trt_plugin_node_identity(block_onnx, block, soi):
 
 @pytest.mark.trt
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed")
-@pytest.mark.parametrize("lowering,layer", [("gather", None), ("dense", None), ("trt-native", "MOE")])
+@pytest.mark.parametrize("lowering,layer", [("gather", None), ("dense", None), ("hybrid", "CONDITION"),
+                                            ("trt-native", "MOE")])
 def test_tensorrt_parser_takes_the_lowering(block_onnx, lowering, layer):
     import tensorrt_rtx as trt
 
@@ -126,3 +127,14 @@ def test_tensorrt_parser_takes_the_lowering(block_onnx, lowering, layer):
     assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if layer:
         assert any(layer in str(network.get_layer(i).type) for i in range(network.num_layers))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5, 9])
+def test_hybrid_takes_both_branches(block_onnx, tokens):
+    # ref_k2: E=5, k=2, so T*K <= E (gather) up to T=2 and dense from T=3.
+    path = block_onnx("ref_k2")
+    model = fused(path)
+    lower_moe(model, ["hybrid"], "trt:sm90")
+    (if_node,) = [n for n in model.graph if n.op_type == "If"]
+    feeds = block_input(seed=tokens, batch=1, seq=tokens)
+    assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
