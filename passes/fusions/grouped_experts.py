@@ -87,7 +87,7 @@ def _weight_3d(value: ir.Value, what: str) -> ir.Value:
     return value
 
 
-def _match_dense(dense: ir.Value, x_hint: ir.Node) -> dict:
+def _match_dense(dense: ir.Value) -> dict:
     users = consumers(dense)
     if len(users) != 1 or users[0].op_type != "Transpose" or list(attr(users[0], "perm", [])) != [1, 0]:
         raise Refuse("the dense score matrix does not feed one Transpose(perm=[1, 0])")
@@ -357,7 +357,7 @@ def fuse_grouped_experts(model: ir.Model, log: FusionLog | None = None) -> int:
                 m = _match_unrolled(dense, num_experts)
                 _check_unrolled_shapes(m["experts"])
             else:
-                m = _match_dense(dense, gating)
+                m = _match_dense(dense)
             pattern = [scatter, *casts, *m["nodes"]]
             check_private(m["nodes"], [m["out"]], set(pattern))
             if dense.is_graph_output() or any(u not in set(pattern) for u in consumers(dense)):

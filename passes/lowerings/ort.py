@@ -14,7 +14,6 @@ the score on the input.
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
@@ -33,12 +32,15 @@ def lower(op, pair):
             raise Refuse("sigmoid scores on the expert output: com.microsoft.MoE weights outputs by softmax only")
         if g["k"] != 1:
             raise Refuse(f"sigmoid scores on the input with k={g['k']}: com.microsoft.MoE cannot scale each expert's input")
-        scale_T1 = op.Sigmoid(op.ReduceMax(logits, op.Constant(value_ints=[-1]), keepdims=1))
+        k, normalize = 1, 1
         if g["normalize"]:
-            scale_T1 = op.Div(scale_T1, scale_T1)  # one score renormalized is 1
-        if logits.dtype != x.dtype:
-            scale_T1 = op.Cast(scale_T1, to=x.dtype)
-        x_in, k, normalize = op.Mul(x, scale_T1), 1, 1
+            x_in = x  # one score renormalized is 1
+        else:
+            # top-1 sigmoid score = sigmoid(max logit)
+            scale_T1 = op.Sigmoid(op.ReduceMax(logits, op.Constant(value_ints=[-1]), keepdims=1))
+            if logits.dtype != x.dtype:
+                scale_T1 = op.Cast(scale_T1, to=x.dtype)
+            x_in = op.Mul(x, scale_T1)
     else:
         if e["score_on_input"]:
             raise Refuse("softmax scores on the expert input: com.microsoft.MoE weights expert outputs")
