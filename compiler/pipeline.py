@@ -49,7 +49,7 @@ class OptimizeConfig:
     precision: str | None = None  # None: keep the export's dtype; "fp16"/"bf16" from an fp32 export
     dump_dir: str | os.PathLike | None = None  # write the graph after every phase
     require_fusion: bool = False  # 0 fused MoE layers is an error instead of a warning
-    fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort)
+    fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort, trt-rtx)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
 
 
@@ -115,7 +115,9 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
             return n
         return run
 
-    rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else target.kind == "ort"
+    # Opset 23 / RMSNormalization: ONNX Runtime 1.32 runs it and TensorRT-RTX 1.7 parses and builds
+    # it (both checked here); full TensorRT's parser could not be checked (not installable), so off.
+    rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else target.kind in ("ort", "trt-rtx")
     # rms_norm first: its opset upgrade (onnxscript's version converter) inlines model-local
     # functions, which would dissolve fused moec ops.
     return [

@@ -209,3 +209,16 @@ def test_fp16_export_fuses(demo_ckpt, tmp_path):
     report = optimize_onnx(src, tmp_path / "opt" / "model.onnx", OptimizeConfig(target="ort", moe_lowering="gather"))
     assert report.fused_gating == report.fused_experts == 2 and report.precision == "fp16"
     assert ort_tokens(tmp_path / "opt" / "model.onnx") == ort_tokens(src)
+
+
+@pytest.mark.trt
+def test_tensorrt_rtx_parses_the_default_trt_rtx_graph(demo_onnx, tmp_path):
+    trt = pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "rtx" / "model.onnx"
+    report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="trt-rtx:sm89"))
+    assert report.moe_lowering == {"hybrid": 2}
+    assert {r.name: r.matches for r in report.passes}["fuse_rms_norm"] == 9
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(out)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
