@@ -34,17 +34,9 @@ def cli() -> None:
 
 def _register() -> None:
     for module_name, attrs in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            # Only tolerate the command module itself being absent (a stage not built yet);
-            # a missing dependency inside it is a real error.
-            if e.name == module_name:
-                continue
-            raise
+        module = importlib.import_module(module_name)
         for attr in attrs:
-            if hasattr(module, attr):
-                cli.add_command(getattr(module, attr))
+            cli.add_command(getattr(module, attr))
 
 
 _register()
