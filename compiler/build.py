@@ -56,12 +56,19 @@ class BuildConfig:
     archs: tuple[str, ...] = ("sm89",)
     backend: str | None = None  # "tensorrt" | "tensorrt-rtx"; None: whichever imports, full TensorRT first
     # trtexec-style profile overrides, one per tensor: "name:1x1,1x128,4x512" (min, opt, max).
+    # "prefill:name:..." / "decode:name:..." adjust one of the two default profiles; specs
+    # without a prefix build one custom profile instead (see "Profiles" below).
     shapes: tuple[str, ...] = ()
-    # Profile limits; None takes them from the sidecar (the export's max_batch and max_positions).
-    # max_new_tokens + max_past must fit in max_positions.
+    # Profile limits; None takes them from the sidecar (the export's max_batch and max_positions):
+    # a prompt (one prefill step) up to half the positions, decode up to the last position.
     max_batch: int | None = None
     max_new_tokens: int | None = None
     max_past: int | None = None
+    # Where TensorRT tunes each profile: prefill at a typical prompt length (capped at
+    # max_new_tokens); decode at this batch (None: half of max_batch, since a server's decode batch
+    # moves between 1 and the max as requests come and go).
+    prefill_opt_tokens: int = 128
+    decode_opt_batch: int | None = None
     timing_cache: Path | None = None
     opt_level: int = 3
     hardware_compat: str = "none"  # "none" | "ampere+" | "same-cc"
@@ -76,6 +83,8 @@ class BuildConfig:
             raise MoecError(f"--opt-level {self.opt_level} is out of range: use 0 to 5")
         if self.hardware_compat not in HARDWARE_COMPAT:
             raise MoecError(f"--hardware-compat {self.hardware_compat!r}: use one of {', '.join(HARDWARE_COMPAT)}")
+        if self.prefill_opt_tokens < 1 or (self.decode_opt_batch is not None and self.decode_opt_batch < 1):
+            raise MoecError("prefill_opt_tokens and decode_opt_batch must be at least 1")
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
 
@@ -139,12 +148,32 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
 
 
 # --- Profiles --------------------------------------------------------------------------------------
+# Two optimization profiles by default, because one profile is tuned at one opt point and the two
+# phases of generation run very different shapes:
+#   prefill: a whole prompt at once, new_tokens 1..max_new (opt: a typical prompt), past 0..(opt 0);
+#   decode:  one token per step, new_tokens exactly 1, past 1..max_past (opt: the middle).
+# TensorRT numbers profiles in the order they are added; the manifest lists them in that order
+# (its "index"), and the runtime picks one per step (moec.runtime.trt_backend.select_profile).
+# ``--shapes`` overrides: "prefill:NAME:MIN,OPT,MAX" or "decode:NAME:..." change that tensor in
+# that profile only; a spec without a prefix builds ONE custom profile instead (both phases'
+# range, opt at decode), the tensors it names overridden. The two forms do not mix.
 Shape = tuple[int, ...]
-Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+Ranges = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+PROFILE_NAMES = ("prefill", "decode")
+CUSTOM_PROFILE = "custom"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str  # "prefill" | "decode" | "custom"
+    shapes: Ranges
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """The largest shapes the engine accepts, over all its profiles: max_new_tokens bounds one
+    step's tokens (a prompt), max_past the past a step reads (decode's, the longest context)."""
+
     max_batch: int
     max_new_tokens: int
     max_past: int
@@ -159,38 +188,56 @@ def read_sidecar(onnx_path: Path) -> dict[str, Any]:
 
 
 def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
-    """Batch, new-token and past-length limits: the config's, else the sidecar's export settings."""
+    """Batch, new-token and past-length limits: the config's, else the sidecar's export settings.
+    By default a prompt may take half the positions and decode may run up to the last position."""
     model = sidecar.get("model_config", {})
     max_positions = sidecar.get("max_positions") or model.get("max_position_embeddings")
     if not max_positions:
         raise MoecError("the sidecar names no max_positions or model_config.max_position_embeddings: re-export the model")
     max_positions = int(max_positions)
     max_batch = config.max_batch or int(sidecar.get("max_batch") or 1)
-    # Default split: half the positions for one step's new tokens (the prompt), half for the past.
-    # TensorRT profiles are boxes, so the corner new + past must fit the positions.
-    max_new = config.max_new_tokens or (max_positions - config.max_past if config.max_past is not None else max(1, max_positions // 2))
-    max_past = config.max_past if config.max_past is not None else max_positions - max_new
-    if max_new < 1 or max_past < 0 or max_new + max_past > max_positions:
+    max_new = config.max_new_tokens or max(1, max_positions // 2)
+    max_past = config.max_past if config.max_past is not None else max_positions - 1
+    if max_batch < 1:
+        raise MoecError(f"--max-batch {max_batch}: give at least 1")
+    if not 1 <= max_new <= max_positions:
+        raise MoecError(f"--max-new-tokens {max_new} is outside 1..{max_positions} (the model's positions): lower it")
+    if not 1 <= max_past <= max_positions - 1:
         raise MoecError(
-            f"profile limits new_tokens {max_new} + past_len {max_past} exceed the model's {max_positions} positions "
-            f"(or are negative): lower --max-new-tokens / --max-past"
+            f"--max-past {max_past} is outside 1..{max_positions - 1}: decode reads at least one past token and "
+            f"its own token takes a position of the model's {max_positions}; pick a past length in that range"
         )
     return Limits(max_batch, max_new, max_past, max_positions)
 
 
-def default_profile(network, limits: Limits) -> Profile:
-    """min/opt/max per input from the limits. opt favours decode (1 new token, half the past):
-    generation spends most of its steps there."""
+def phase_ranges(limits: Limits, config: BuildConfig) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """(min, opt, max) of the batch, new-token and past axes for each profile the limits give."""
+    # A profile is a box: its corner new + past must fit the positions, so a long prompt window
+    # leaves less past for prefill (chunked prompts); decode's one token leaves all of it.
+    prefill_past = min(limits.max_past, limits.max_positions - limits.max_new_tokens)
+    decode_batch = config.decode_opt_batch or max(1, limits.max_batch // 2)
+    return {
+        "prefill": {"batch": (1, 1, limits.max_batch),
+                    "new": (1, min(config.prefill_opt_tokens, limits.max_new_tokens), limits.max_new_tokens),
+                    "past": (0, 0, prefill_past)},
+        "decode": {"batch": (1, min(decode_batch, limits.max_batch), limits.max_batch),
+                   "new": (1, 1, 1),
+                   "past": (1, max(1, limits.max_past // 2), limits.max_past)},
+        # One profile for both phases, tuned for decode (what a single-profile engine spends most
+        # steps on); the base of unprefixed --shapes.
+        CUSTOM_PROFILE: {"batch": (1, 1, limits.max_batch),
+                         "new": (1, 1, limits.max_new_tokens),
+                         "past": (0, max(1, prefill_past // 2) if prefill_past else 0, prefill_past)},
+    }
+
+
+def _tensor_ranges(network, axes: dict[str, tuple[int, int, int]]) -> Ranges:
+    """min/opt/max per network input: each dynamic axis from its moec role (batch, new, past)."""
     roles = {
         contract.INPUT_IDS: ("batch", "new"),
         contract.POSITION_IDS: ("batch", "new"),
     }
-    ranges = {
-        "batch": (1, 1, limits.max_batch),
-        "new": (1, 1, limits.max_new_tokens),
-        "past": (0, max(1, limits.max_past // 2) if limits.max_past else 0, limits.max_past),
-    }
-    profile: Profile = {}
+    out: Ranges = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
         shape = tuple(t.shape)
@@ -211,60 +258,111 @@ def default_profile(network, limits: Limits) -> Profile:
                     f"input {t.name!r} axis {axis} is dynamic and not a moec batch/new_tokens/past_len axis: "
                     f"give its range with --shapes {t.name}:MINx..,OPTx..,MAXx.."
                 )
-            lo.append(ranges[r][0]), opt.append(ranges[r][1]), hi.append(ranges[r][2])
-        profile[t.name] = (tuple(lo), tuple(opt), tuple(hi))
-    return profile
+            lo.append(axes[r][0]), opt.append(axes[r][1]), hi.append(axes[r][2])
+        out[t.name] = (tuple(lo), tuple(opt), tuple(hi))
+    return out
 
 
-def parse_shapes(specs: tuple[str, ...]) -> Profile:
-    """trtexec-style ``name:1x1,1x128,4x512`` (min, opt, max); several per argument split by spaces."""
-    out: Profile = {}
+def parse_shapes(specs: tuple[str, ...]) -> dict[str | None, Ranges]:
+    """trtexec-style ``[prefill:|decode:]name:1x1,1x128,4x512`` (min, opt, max), several per
+    argument split by spaces; keyed by profile name, None for specs without a prefix."""
+    out: dict[str | None, Ranges] = {}
     for spec in " ".join(specs).split():
         name, sep, ranges = spec.rpartition(":")
         parts = ranges.split(",")
         if not sep or not name or len(parts) != 3:
-            raise MoecError(f"--shapes {spec!r}: write name:MIN,OPT,MAX with dims joined by x, e.g. input_ids:1x1,1x128,4x512")
+            raise MoecError(f"--shapes {spec!r}: write [prefill:|decode:]name:MIN,OPT,MAX with dims joined by x, "
+                            "e.g. input_ids:1x1,1x128,4x512")
+        prefix, psep, rest = name.partition(":")
+        profile = prefix if psep and prefix in PROFILE_NAMES else None
+        if profile is not None:
+            name = rest
         try:
             dims = tuple(tuple(int(d) for d in p.split("x")) if p else () for p in parts)
         except ValueError:
             raise MoecError(f"--shapes {spec!r}: dims must be integers joined by x") from None
-        out[name] = dims  # type: ignore[assignment]
+        out.setdefault(profile, {})[name] = dims  # type: ignore[assignment]
+    if None in out and len(out) > 1:
+        raise MoecError("--shapes mixes specs with a profile prefix (prefill:/decode:) and without one: either prefix "
+                        "every spec (adjusting the two default profiles) or none (one custom profile)")
     return out
 
 
-def apply_overrides(network, profile: Profile, overrides: Profile) -> Profile:
+def apply_overrides(network, ranges: Ranges, overrides: Ranges, profile: str) -> Ranges:
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    merged = dict(profile)
+    merged = dict(ranges)
+    where = f"--shapes {profile}:" if profile in PROFILE_NAMES else "--shapes "
     for name, (lo, opt, hi) in overrides.items():
         if name not in inputs:
-            raise MoecError(f"--shapes names {name!r}, which is not a network input; inputs are: {', '.join(inputs)}")
+            hint = f"; profile prefixes are {' and '.join(p + ':' for p in PROFILE_NAMES)}" if ":" in name else ""
+            raise MoecError(f"{where}{name} names {name!r}, which is not a network input; inputs are: {', '.join(inputs)}{hint}")
         shape = inputs[name]
         if not len(lo) == len(opt) == len(hi) == len(shape):
-            raise MoecError(f"--shapes {name}: rank of min/opt/max ({len(lo)}, {len(opt)}, {len(hi)}) must equal the input's rank {len(shape)}")
+            raise MoecError(f"{where}{name}: rank of min/opt/max ({len(lo)}, {len(opt)}, {len(hi)}) must equal the input's rank {len(shape)}")
         for axis, dim in enumerate(shape):
             if not 0 <= lo[axis] <= opt[axis] <= hi[axis]:
-                raise MoecError(f"--shapes {name}: axis {axis} needs 0 <= min <= opt <= max, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
+                raise MoecError(f"{where}{name}: axis {axis} needs 0 <= min <= opt <= max, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
             if dim >= 0 and not lo[axis] == opt[axis] == hi[axis] == dim:
-                raise MoecError(f"--shapes {name}: axis {axis} is fixed at {dim} in the graph, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
+                raise MoecError(f"{where}{name}: axis {axis} is fixed at {dim} in the graph, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
         merged[name] = (lo, opt, hi)
     return merged
 
 
-def limits_of(profile: Profile, positions: int) -> Limits:
-    """The limits a (possibly overridden) profile really allows, as the runtime will read them."""
-    ids = profile[contract.INPUT_IDS][2]
-    past = [v[2][2] for k, v in profile.items() if k.startswith("past_key.")]
-    max_past = min(past) if past else 0
-    if ids[1] + max_past > positions:
-        raise MoecError(
-            f"profile max new_tokens {ids[1]} + max past_len {max_past} exceed the model's {positions} positions: "
-            "shrink the ranges in --shapes"
-        )
-    return Limits(ids[0], ids[1], max_past, positions)
+def build_profiles(network, limits: Limits, config: BuildConfig) -> list[Profile]:
+    """The profiles to build, in TensorRT's index order: prefill and decode from the limits with
+    any prefixed overrides, or one custom profile when --shapes has unprefixed specs."""
+    overrides = parse_shapes(config.shapes)
+    axes = phase_ranges(limits, config)
+    if None in overrides:
+        return [Profile(CUSTOM_PROFILE, apply_overrides(network, _tensor_ranges(network, axes[CUSTOM_PROFILE]),
+                                                        overrides[None], CUSTOM_PROFILE))]
+    return [Profile(name, apply_overrides(network, _tensor_ranges(network, axes[name]), overrides.get(name, {}), name))
+            for name in PROFILE_NAMES]
+
+
+def check_named_dims(model: onnx.ModelProto, profiles: list[Profile]) -> None:
+    """TensorRT requires axes that share a symbolic name in the graph (input_ids and position_ids
+    both [batch, new_tokens]) to have the same opt value in a profile (it fails the build with
+    "Profile kOPT values are not self-consistent"; unequal min/max it narrows to their overlap);
+    say so before the build, naming both tensors."""
+    named: dict[str, list[tuple[str, int]]] = {}
+    for t in model.graph.input:
+        for axis, d in enumerate(t.type.tensor_type.shape.dim):
+            if d.HasField("dim_param"):
+                named.setdefault(d.dim_param, []).append((t.name, axis))
+    for p in profiles:
+        for dim, uses in named.items():
+            opts = {(n, a): p.shapes[n][1][a] for n, a in uses if n in p.shapes}
+            if len(set(opts.values())) > 1:
+                (n0, a0), v0 = next(iter(opts.items()))
+                (n1, a1), v1 = next((k, v) for k, v in opts.items() if v != v0)
+                where = f"{p.name}:" if p.name in PROFILE_NAMES else ""
+                raise MoecError(
+                    f"profile {p.name}: {n0} axis {a0} and {n1} axis {a1} are both {dim!r} in the graph but get opt "
+                    f"{v0} and {v1}; TensorRT needs one opt per named axis: give both the same range "
+                    f"(--shapes {where}{n1}:...)"
+                )
+
+
+def limits_of(profiles: list[Profile], positions: int) -> Limits:
+    """The limits the (possibly overridden) profiles really allow, as the runtime will read them;
+    each profile's corner must fit the model's positions."""
+    batch = new = past = 0
+    for p in profiles:
+        ids = p.shapes[contract.INPUT_IDS][2]
+        pasts = [v[2][2] for k, v in p.shapes.items() if k.startswith("past_key.") or k.startswith("past_value.")]
+        p_max = min(pasts) if pasts else 0
+        if ids[1] + p_max > positions:
+            raise MoecError(
+                f"profile {p.name}: max new_tokens {ids[1]} + max past_len {p_max} exceed the model's {positions} "
+                "positions: shrink the ranges in --shapes (or --max-new-tokens / --max-past)"
+            )
+        batch, new, past = max(batch, ids[0]), max(new, ids[1]), max(past, p_max)
+    return Limits(batch, new, past, positions)
 
 
 # --- Step 2: builder config ------------------------------------------------------------------------
-def builder_config(flavour: TrtFlavour, builder, network, arch: str, profile: Profile, config: BuildConfig,
+def builder_config(flavour: TrtFlavour, builder, network, arch: str, profiles: list[Profile], config: BuildConfig,
                    timing_cache, logger, notes: list[str]):
     trt = flavour.trt
     cfg = builder.create_builder_config()
@@ -285,12 +383,14 @@ def builder_config(flavour: TrtFlavour, builder, network, arch: str, profile: Pr
             cfg.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
         if config.version_compatible:
             cfg.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    tp = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.items():
-        tp.set_shape(name, lo, opt, hi)
-    mark = logger.mark()
-    if cfg.add_optimization_profile(tp) < 0:
-        raise MoecError(f"{flavour.name} refused the optimization profile: {_errors(logger, mark, trt)}; fix --shapes")
+    for profile in profiles:
+        tp = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.shapes.items():
+            tp.set_shape(name, lo, opt, hi)
+        mark = logger.mark()
+        if cfg.add_optimization_profile(tp) < 0:
+            raise MoecError(f"{flavour.name} refused the {profile.name} optimization profile: {_errors(logger, mark, trt)}; "
+                            "fix --shapes")
     if timing_cache is not None and not isinstance(timing_cache, _KeptTimingCache):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -562,8 +662,11 @@ def _moec_version() -> str:
         return "unknown"
 
 
-def _profile_json(profile: Profile) -> dict[str, dict[str, list[int]]]:
-    return {n: {"min": list(lo), "opt": list(opt), "max": list(hi)} for n, (lo, opt, hi) in profile.items()}
+def _profiles_json(profiles: list[Profile]) -> list[dict[str, Any]]:
+    """The manifest's record, in TensorRT's profile index order (the runtime selects by index)."""
+    return [{"name": p.name, "index": i,
+             "shapes": {n: {"min": list(lo), "opt": list(opt), "max": list(hi)} for n, (lo, opt, hi) in p.shapes.items()}}
+            for i, p in enumerate(profiles)]
 
 
 def engine_file_name(arch: str) -> str:
@@ -600,8 +703,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     logger = make_logger(trt)
     builder, network, _parser = network_from_onnx(flavour, onnx_path, logger)
     limits = profile_limits(sidecar, config)
-    profile = apply_overrides(network, default_profile(network, limits), parse_shapes(config.shapes))
-    limits = limits_of(profile, limits.max_positions)
+    profiles = build_profiles(network, limits, config)
+    check_named_dims(model, profiles)
+    limits = limits_of(profiles, limits.max_positions)
     timing_cache = load_timing_cache(flavour, builder, config.timing_cache, logger, notes)
 
     display = display or ProgressDisplay(config.progress)
@@ -612,7 +716,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             # With ampere+, one full-TensorRT build serves every listed arch.
             groups = [archs] if (not flavour.is_rtx and config.hardware_compat == "ampere+") else [[a] for a in archs]
             for group in groups:
-                cfg = builder_config(flavour, builder, network, group[0], profile, config, timing_cache, logger, notes)
+                cfg = builder_config(flavour, builder, network, group[0], profiles, config, timing_cache, logger, notes)
                 blob = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group))
                 name = engine_file_name(group[0] if len(group) == 1 else "ampere_plus")
                 (tmp / name).write_bytes(blob)
@@ -633,7 +737,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "source_onnx": source,
             "archs": archs,
             "engines": entries,
-            "profiles": [_profile_json(profile)],
+            "profiles": _profiles_json(profiles),
             "limits": dataclasses.asdict(limits),
             "precision": graph_precision(model),
             "strongly_typed": True,
@@ -713,4 +817,5 @@ def _inspect_with_trt(flavour: TrtFlavour, path: Path) -> dict[str, Any]:
                    "shape": list(engine.get_tensor_shape(name))})
     inspector = engine.create_engine_inspector()
     layers = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    return {"deserialized": True, "io": io, "layers": layers.get("Layers", layers)}
+    return {"deserialized": True, "io": io, "num_profiles": engine.num_optimization_profiles,
+            "layers": layers.get("Layers", layers)}

@@ -6,8 +6,9 @@ Two halves, deliberately apart:
   flavour and version, the local GPU's arch among the engine's targets, the engine file's sha256,
   the plugins it needs) are plain functions over a ``HostTrt`` description of this machine. They
   run, and are tested, without a GPU.
-* ``TrtBackend`` itself is thin: deserialize, bind torch CUDA tensors, set shapes, enqueue on one
-  stream. Sampling, stopping and timing live in the shared generation loop
+* ``TrtBackend`` itself is thin: deserialize, pick the optimization profile for the step
+  (``select_profile``: prefill or decode, from the manifest's ranges), bind torch CUDA tensors,
+  set shapes, enqueue on one stream. Sampling, stopping and timing live in the shared generation loop
   (``moec.runtime.generate``), which the CPU backends exercise.
 
 The engine-format helpers (arch names, the TensorRT module picked at run time, the serialized
@@ -31,7 +32,8 @@ from moec.common import contract
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
 
-MANIFEST_FORMAT = "moec.engine/1"
+# 2: "profiles" became a list of named profiles ({"name", "index", "shapes"}), prefill and decode.
+MANIFEST_FORMAT = "moec.engine/2"
 
 # --- TensorRT flavours ---------------------------------------------------------------------------
 # "tensorrt" is full TensorRT (data-center and embedded GPUs, builds need the target GPU);
@@ -229,6 +231,52 @@ def _engine_for_arch(manifest: dict[str, Any], arch: str) -> dict[str, Any] | No
     return None
 
 
+# --- Optimization profiles (selection runs without a GPU) -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EngineProfile:
+    """One optimization profile as the manifest records it: TensorRT's index and each input's
+    (min, max) shape."""
+
+    name: str
+    index: int
+    ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    def misfit(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why ``shapes`` do not fit this profile (the first tensor outside it), or None."""
+        for name, shape in shapes.items():
+            lo, hi = self.ranges.get(name, (shape, shape))
+            if len(shape) != len(lo) or any(not a <= d <= b for d, a, b in zip(shape, lo, hi)):
+                return f"{name} {list(shape)} is outside min {list(lo)} max {list(hi)}"
+        return None
+
+
+def engine_profiles(manifest: dict[str, Any]) -> list[EngineProfile]:
+    profiles = [EngineProfile(p["name"], int(p["index"]),
+                              {n: (tuple(r["min"]), tuple(r["max"])) for n, r in p["shapes"].items()})
+                for p in manifest["profiles"]]
+    if not profiles:
+        raise MoecError("the engine manifest lists no optimization profile: rebuild the engine directory with `moec build`")
+    return profiles
+
+
+def select_profile(profiles: list[EngineProfile], shapes: dict[str, tuple[int, ...]], where: str = "engine") -> EngineProfile:
+    """The profile whose ranges hold every input shape of this step: the decode profile for a
+    one-token step when it fits, else the first that fits in TensorRT's index order (prefill
+    before decode). A step no profile holds is an error naming each profile's reason."""
+    fits = [p for p in profiles if p.misfit(shapes) is None]
+    if not fits:
+        reasons = "; ".join(f"profile {p.name} (#{p.index}): {p.misfit(shapes)}" for p in profiles)
+        raise MoecError(
+            f"{where}: this step's inputs fit no optimization profile of the engine: {reasons}. Shorten the "
+            f"prompt or generation, or rebuild with larger --max-new-tokens / --max-past / --max-batch (or --shapes)"
+        )
+    if shapes.get(contract.INPUT_IDS, (0, 0))[1] == 1:
+        for p in fits:
+            if p.name == "decode":
+                return p
+    return fits[0]
+
+
 # --- The backend (needs a GPU) -------------------------------------------------------------------
 class TrtKVCache:
     """Past keys/values as flat torch CUDA buffers viewed [B, KVH, P, D].
@@ -250,7 +298,8 @@ class TrtKVCache:
 
 
 class TrtBackend:
-    """Runs one engine step per ``forward``: binds torch tensors, sets shapes, enqueues, syncs.
+    """Runs one engine step per ``forward``: selects the step's optimization profile (switching
+    the context only when it changes), binds torch tensors, sets shapes, enqueues, syncs.
 
     ``__init__`` only wires parts together (an engine, its execution context, a torch device and
     stream), so the binding logic can be exercised with stand-ins on a CPU; ``from_engine_dir``
@@ -272,10 +321,15 @@ class TrtBackend:
         self.flavour_name = flavour_name
         self.flavour_version = flavour_version
         limits = manifest["limits"]
+        self.profiles = engine_profiles(manifest)
+        # A new execution context runs profile 0 until told otherwise; forward switches only when
+        # a step needs another one.
+        self._active_profile = int(getattr(context, "active_optimization_profile", 0))
         self.max_batch = limits["max_batch"]
         self.max_new_tokens = limits["max_new_tokens"]
         self.max_past = limits["max_past"]
-        # The loop checks prompt + generated <= max_positions; a step's past is at most max_past.
+        # The loop checks prompt + generated <= max_positions; a step's past is at most max_past
+        # (the decode profile's).
         self.max_positions = min(limits["max_positions"], self.max_past + 1)
         sidecar = json.loads((engine_dir / manifest["sidecar"]).read_text()) if manifest.get("sidecar") else {}
         self.eos_token_ids = _eos_ids(sidecar)
@@ -317,13 +371,16 @@ class TrtBackend:
         import torch
 
         if batch_size > self.max_batch:
-            raise MoecError(f"batch {batch_size} exceeds the engine's profile max batch {self.max_batch}: rebuild with --shapes")
+            raise MoecError(f"batch {batch_size} exceeds the engine's profile max batch {self.max_batch}: "
+                            "rebuild with a larger --max-batch (or --shapes)")
         buffers, views = {}, {}
         for layer in range(self.num_layers):
             for past, present in ((contract.past_key(layer), contract.present_key(layer)),
                                   (contract.past_value(layer), contract.present_value(layer))):
                 _, kvh, _, d = manifest_io_shape(self.manifest, past)
-                n = self.max_batch * kvh * (self.max_past + self.max_new_tokens) * d
+                # Room for the longest present any profile allows (past + new tokens).
+                length = max(p.ranges[past][1][2] + p.ranges[contract.INPUT_IDS][1][1] for p in self.profiles)
+                n = self.max_batch * kvh * length * d
                 a = torch.empty(n, dtype=self._dtypes[past], device=self.device)
                 b = torch.empty(n, dtype=self._dtypes[past], device=self.device)
                 buffers[past] = (a, b)
@@ -334,15 +391,15 @@ class TrtBackend:
         import torch
 
         batch, new = input_ids_BS.shape
-        if new > self.max_new_tokens:
-            raise MoecError(
-                f"{new} new tokens exceed the engine's profile max of {self.max_new_tokens} "
-                f"(input_ids): rebuild with a larger new_tokens range (--shapes input_ids:...)"
-            )
-        if cache.past_len > self.max_past:
-            raise MoecError(f"past length {cache.past_len} exceeds the engine's profile max {self.max_past}: rebuild with --shapes")
         if batch != cache.batch:
             raise MoecError(f"input batch {batch} does not match the cache's batch {cache.batch}")
+        if position_ids_BS.shape != input_ids_BS.shape:
+            raise MoecError(f"position_ids shape {list(position_ids_BS.shape)} differs from input_ids shape "
+                            f"{list(input_ids_BS.shape)}: give one position per token")
+        shapes = {contract.INPUT_IDS: (batch, new), contract.POSITION_IDS: (batch, new)}
+        shapes.update((past, tuple(view.shape)) for past, view in cache.views.items())
+        profile = select_profile(self.profiles, shapes, str(self.engine_dir))
+        self._use_profile(profile)
         ctx = self.context
         # Copies and the engine run on one stream, so they are ordered without extra syncs.
         on_stream = torch.cuda.stream(self.stream) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -350,7 +407,7 @@ class TrtBackend:
             ids = torch.from_numpy(np.ascontiguousarray(input_ids_BS)).to(self.device, self._dtypes[contract.INPUT_IDS])
             pos = torch.from_numpy(np.ascontiguousarray(position_ids_BS)).to(self.device, self._dtypes[contract.POSITION_IDS])
         for name, t in ((contract.INPUT_IDS, ids), (contract.POSITION_IDS, pos)):
-            self._set_input_shape(name, tuple(t.shape))
+            self._set_input_shape(name, tuple(t.shape), profile)
             ctx.set_tensor_address(name, t.data_ptr())
         logits = self._logits[: batch * new * self._vocab].view(batch, new, self._vocab)
         ctx.set_tensor_address(contract.LOGITS, logits.data_ptr())
@@ -364,7 +421,7 @@ class TrtBackend:
                 target = b if view.data_ptr() == a.data_ptr() else a
                 _, kvh, p, d = view.shape
                 out = target[: batch * kvh * (p + new) * d].view(batch, kvh, p + new, d)
-                self._set_input_shape(past, tuple(view.shape))
+                self._set_input_shape(past, tuple(view.shape), profile)
                 ctx.set_tensor_address(past, view.data_ptr() if view.numel() else a.data_ptr())
                 ctx.set_tensor_address(present, out.data_ptr())
                 new_views[past] = out
@@ -374,11 +431,21 @@ class TrtBackend:
         logits_BSV = logits.float().cpu().numpy()
         return logits_BSV, TrtKVCache(cache.buffers, new_views, batch, cache.past_len + new)
 
-    def _set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+    def _use_profile(self, profile: EngineProfile) -> None:
+        if profile.index == self._active_profile:
+            return
+        # On the step's stream, so the switch is ordered with the input copies and the enqueue.
+        if not self.context.set_optimization_profile_async(profile.index, self.stream.cuda_stream):
+            raise MoecError(f"{self.engine_dir}: TensorRT refused to switch to optimization profile {profile.name} "
+                            f"(#{profile.index}); the manifest does not match the engine: rebuild it with `moec build`")
+        self._active_profile = profile.index
+
+    def _set_input_shape(self, name: str, shape: tuple[int, ...], profile: EngineProfile) -> None:
         if not self.context.set_input_shape(name, shape):
-            prof = self.manifest["profiles"][0].get(name, {})
-            raise MoecError(f"{self.engine_dir}: input {name} shape {list(shape)} is outside the engine's profile "
-                            f"(min {prof.get('min')}, max {prof.get('max')}): rebuild with a wider --shapes range")
+            lo, hi = profile.ranges.get(name, ((), ()))
+            raise MoecError(f"{self.engine_dir}: TensorRT refused input {name} shape {list(shape)} in profile "
+                            f"{profile.name} (#{profile.index}), which the manifest records as min {list(lo)} max "
+                            f"{list(hi)}: the manifest does not match the engine; rebuild it with `moec build`")
 
     def describe(self) -> dict[str, str]:
         import torch

@@ -15,10 +15,15 @@ import click
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 @click.option("--arch", default="sm89", show_default=True, help="Target GPU archs, comma separated (sm75, sm80, sm86, sm89, sm90, sm100, sm120, ...).")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
-@click.option("--shapes", multiple=True, help="Profile override, trtexec-style: name:MIN,OPT,MAX e.g. input_ids:1x1,1x128,4x512 (repeatable).")
+@click.option("--shapes", multiple=True,
+              help="Profile override, trtexec-style (repeatable): PROFILE:NAME:MIN,OPT,MAX with PROFILE prefill or decode "
+                   "changes that tensor in that default profile only, e.g. decode:input_ids:1x1,4x1,8x1; NAME:MIN,OPT,MAX "
+                   "without a prefix replaces the two profiles with ONE custom profile (both phases' ranges, tuned for "
+                   "decode) with those tensors overridden, e.g. input_ids:1x1,1x128,4x512. Do not mix the two forms.")
 @click.option("--max-batch", type=int, default=None, help="Profile max batch (default: the export's).")
-@click.option("--max-new-tokens", type=int, default=None, help="Profile max new tokens per step (default: half the positions).")
-@click.option("--max-past", type=int, default=None, help="Profile max past length (default: the remaining positions).")
+@click.option("--max-new-tokens", type=int, default=None, help="Prefill profile max new tokens per step (default: half the positions).")
+@click.option("--max-past", type=int, default=None, help="Decode profile max past length (default: positions - 1; prefill's past "
+                                                         "is capped so new + past fit the positions).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Timing cache file (created when missing).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--hardware-compat", type=click.Choice(["none", "ampere+", "same-cc"]), default="none", show_default=True)
@@ -27,7 +32,12 @@ import click
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
-    """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json)."""
+    """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json).
+
+    Each engine has two optimization profiles: prefill (batch 1..max, new tokens 1..--max-new-tokens
+    tuned at a typical prompt of up to 128 tokens, past 0..) and decode (new tokens exactly 1, past
+    1..--max-past tuned at the middle, batch tuned at half the max). The TensorRT runtime picks one
+    per step. --shapes adjusts them (see its help)."""
     from moec.compiler.build import BuildConfig, build_engine
 
     config = BuildConfig(
@@ -42,6 +52,7 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
     m = result.manifest
     click.echo(f"built {len(m['engines'])} engine(s) for {', '.join(m['archs'])} with {m['trt']['flavour']} "
                f"{m['trt']['version']} ({m['precision']}, {result.seconds:.1f} s) -> {result.out_dir}")
+    click.echo(f"  profiles: {_profile_summary(m)}")
     for e in m["engines"]:
         click.echo(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, sha256 {e['sha256'][:16]}")
 
@@ -58,6 +69,33 @@ def inspect(engine_dir, as_json) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     _print_inspection(report)
+
+
+def _profile_summary(manifest) -> str:
+    """One line per engine's profiles: name (index) with the input_ids and past ranges."""
+    parts = []
+    for p in manifest["profiles"]:
+        ids = p["shapes"].get("input_ids", {})
+        past = next((r for n, r in p["shapes"].items() if n.startswith("past_key.")), None)
+        text = f"{p['name']} (#{p['index']}) batch x new_tokens {ids.get('min')}..{ids.get('max')} opt {ids.get('opt')}"
+        if past:
+            text += f", past_len {past['min'][2]}..{past['max'][2]} opt {past['opt'][2]}"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _grouped_ranges(shapes):
+    """(label, ranges) rows; the per-layer past tensors that share one range become one row
+    ("past K/V (96)"), so a 48-layer model's profile stays readable."""
+    rows, past = [], {}
+    for name, r in shapes.items():
+        if name.startswith(("past_key.", "past_value.")):
+            past.setdefault(json.dumps(r), []).append(name)
+        else:
+            rows.append((name, r))
+    for key, names in past.items():
+        rows.append((names[0] if len(names) == 1 else f"past K/V ({len(names)})", json.loads(key)))
+    return rows
 
 
 def _print_inspection(report) -> None:
@@ -77,6 +115,13 @@ def _print_inspection(report) -> None:
     ):
         summary.add_row(key, value)
     console.print(summary)
+    # Profiles are the same for every engine of the directory (one build configuration).
+    # Dims written as --shapes takes them (trtexec's 1x2x0x4), which also keeps the table narrow.
+    profiles = Table("profile", "input", "min", "opt", "max", title="optimization profiles (TensorRT index order)")
+    for p in m["profiles"]:
+        for i, (name, r) in enumerate(_grouped_ranges(p["shapes"])):
+            profiles.add_row(f"{p['name']} #{p['index']}" if i == 0 else "", name, *("x".join(map(str, r[k])) for k in ("min", "opt", "max")))
+    console.print(profiles)
     for engine in report["engines"]:
         h = engine["header"]
         console.print(f"[bold]{engine['file']}[/] archs {', '.join(engine['archs'])}; sha256 "
@@ -84,13 +129,13 @@ def _print_inspection(report) -> None:
                       f"{h.get('version', '?')} for {', '.join(h.get('archs', [])) or '?'}")
         if not engine["deserialized"]:
             console.print(f"  [yellow]not deserialized: {engine['reason']}; I/O below is the manifest's (network) record[/]")
-        io = Table("tensor", "mode", "dtype", "shape", "profile min / opt / max")
-        prof = m["profiles"][0]
+        io = Table("tensor", "mode", "dtype", "shape")
         rows = engine.get("io") or [dict(t, mode="input") for t in m["io"]["inputs"]] + [dict(t, mode="output") for t in m["io"]["outputs"]]
         for t in rows:
-            p = prof.get(t["name"])
-            io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]), f"{p['min']} / {p['opt']} / {p['max']}" if p else "")
+            io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]))
         console.print(io)
+        if "num_profiles" in engine:
+            console.print(f"  the engine holds {engine['num_profiles']} optimization profile(s)")
         if engine.get("layers"):
             # With ProfilingVerbosity.DETAILED (set at build) each layer is a dict; otherwise a name.
             layers = Table("#", "layer", "type", "outputs")

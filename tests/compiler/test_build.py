@@ -108,11 +108,18 @@ def test_builds_one_engine_per_arch_with_manifest(tiny, tmp_path):
         assert header["archs"] == entry["archs"]
     assert m["source_onnx"]["files"] == {"model.onnx": hashlib.sha256(tiny.read_bytes()).hexdigest()}
     assert m["precision"] == "fp32" and m["strongly_typed"] is True and m["plugins"] == []
-    # Sidecar limits: batch 2, positions 64 split into 32 new + 32 past.
-    assert m["limits"] == {"max_batch": 2, "max_new_tokens": 32, "max_past": 32, "max_positions": 64}
-    p = m["profiles"][0]
-    assert p["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 32]}
-    assert p["past_key.1"] == {"min": [1, KVH, 0, D], "opt": [1, KVH, 16, D], "max": [2, KVH, 32, D]}
+    # Sidecar limits: batch 2, positions 64: a prompt of up to 32 tokens, decode up to past 63.
+    assert m["limits"] == {"max_batch": 2, "max_new_tokens": 32, "max_past": 63, "max_positions": 64}
+    prefill, decode = m["profiles"]
+    assert (prefill["name"], prefill["index"], decode["name"], decode["index"]) == ("prefill", 0, "decode", 1)
+    # Prefill: opt at a typical prompt (128, capped at 32 here), no past; the box's corner
+    # (32 new + 32 past) fits the 64 positions.
+    assert prefill["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 32], "max": [2, 32]}
+    assert prefill["shapes"]["past_key.1"] == {"min": [1, KVH, 0, D], "opt": [1, KVH, 0, D], "max": [2, KVH, 32, D]}
+    # Decode: exactly one new token, past 1..63 tuned at the middle, batch tuned at half the max.
+    assert decode["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 1]}
+    assert decode["shapes"]["position_ids"] == decode["shapes"]["input_ids"]
+    assert decode["shapes"]["past_value.0"] == {"min": [1, KVH, 1, D], "opt": [1, KVH, 31, D], "max": [2, KVH, 63, D]}
     assert (out / "model.moec.json").is_file() and (out / contract.TOKENIZER_FILE).is_file()
     assert [t["name"] for t in m["io"]["outputs"]][:2] == ["logits", "present_key.0"]
     assert leftovers(tmp_path) == []
@@ -128,11 +135,50 @@ def test_inspect_on_a_cpu_reports_header_and_manifest(tiny, tmp_path):
     assert engine["deserialized"] is False and "no CUDA GPU" in engine["reason"]
 
 
-def test_shapes_override_in_trtexec_syntax(tiny, tmp_path):
+def test_builder_config_gets_both_profiles(tiny):
+    """What TensorRT is handed: two optimization profiles with the manifest's ranges (an engine's
+    own profiles cannot be read back without a GPU)."""
+    from moec.compiler.build import Limits, build_profiles, builder_config, make_logger, network_from_onnx
+    from moec.runtime.trt_backend import import_trt
+
+    flavour = import_trt("tensorrt-rtx")
+    logger = make_logger(trt)
+    builder, network, _ = network_from_onnx(flavour, tiny, logger)
+    profiles = build_profiles(network, Limits(2, 32, 63, 64), quiet())
+    cfg = builder_config(flavour, builder, network, "sm89", profiles, quiet(), None, logger, [])
+    assert cfg.num_optimization_profiles == 2
+    assert [p.shapes["input_ids"] for p in profiles] == [((1, 1), (1, 32), (2, 32)), ((1, 1), (1, 1), (2, 1))]
+
+
+def test_shapes_without_prefix_build_one_custom_profile(tiny, tmp_path):
     cfg = quiet(archs=("sm89",), shapes=("input_ids:1x1,1x8,1x16 position_ids:1x1,1x8,1x16",))
     m = build_engine(tiny, tmp_path / "e", cfg).manifest
-    assert m["profiles"][0]["input_ids"] == {"min": [1, 1], "opt": [1, 8], "max": [1, 16]}
-    assert m["limits"]["max_batch"] == 1 and m["limits"]["max_new_tokens"] == 16
+    (custom,) = m["profiles"]
+    assert custom["name"] == "custom" and custom["index"] == 0
+    assert custom["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 8], "max": [1, 16]}
+    # Tensors not named keep both phases' range (past from 0, tuned at decode's middle).
+    assert custom["shapes"]["past_key.0"] == {"min": [1, KVH, 0, D], "opt": [1, KVH, 16, D], "max": [2, KVH, 32, D]}
+    assert m["limits"]["max_batch"] == 1 and m["limits"]["max_new_tokens"] == 16 and m["limits"]["max_past"] == 32
+
+
+def test_shapes_with_a_profile_prefix_adjust_that_profile_only(tiny, tmp_path):
+    # A decode profile that also takes up to 4 tokens a step (a speculative draft, say); its
+    # corner 4 + 60 fits the 64 positions.
+    cfg = quiet(archs=("sm89",), max_past=60, shapes=("decode:input_ids:1x1,1x1,2x4 decode:position_ids:1x1,1x1,2x4",
+                                         "prefill:input_ids:1x1,1x16,1x24 prefill:position_ids:1x1,1x16,1x24"))
+    m = build_engine(tiny, tmp_path / "e", cfg).manifest
+    prefill, decode = m["profiles"]
+    assert decode["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 4]}
+    assert prefill["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 16], "max": [1, 24]}
+    # Unnamed tensors keep their defaults in each profile.
+    assert prefill["shapes"]["past_key.0"]["max"] == [2, KVH, 32, D] and decode["shapes"]["past_key.0"]["max"] == [2, KVH, 60, D]
+    assert m["limits"] == {"max_batch": 2, "max_new_tokens": 24, "max_past": 60, "max_positions": 64}
+
+
+def test_prefill_opt_and_decode_batch_opt_are_configurable(tiny, tmp_path):
+    m = build_engine(tiny, tmp_path / "e", quiet(prefill_opt_tokens=8, decode_opt_batch=2)).manifest
+    assert m["profiles"][0]["shapes"]["input_ids"]["opt"] == [1, 8]
+    assert m["profiles"][1]["shapes"]["input_ids"]["opt"] == [2, 1]
 
 
 @pytest.mark.parametrize(
@@ -143,7 +189,17 @@ def test_shapes_override_in_trtexec_syntax(tiny, tmp_path):
         (("input_ids:1,1,4",), "rank"),
         (("past_key.0:1x3x0x4,1x3x1x4,1x3x8x4",), "fixed at 2"),
         (("nope:1x1,1x1,1x1",), "not a network input"),
-        (("input_ids:1x1,1x1,1x60",), "exceed the model's 64 positions"),
+        (("input_ids:1x1,1x1,1x60 position_ids:1x1,1x1,1x60",), "profile custom: .* exceed the model's 64 positions"),
+        (("prefill:input_ids:1x1,1x1,1x60 prefill:position_ids:1x1,1x1,1x60",), "profile prefill: max new_tokens 60 \\+ max past_len 32 exceed"),
+        (("decode:input_ids:1x1,1x1,1x2 decode:position_ids:1x1,1x1,1x2",), "profile decode: max new_tokens 2 \\+ max past_len 63"),
+        (("decode:past_key.0:1x3x1x4,1x3x1x4,1x3x8x4",), "--shapes decode:past_key.0: axis 1 is fixed at 2"),
+        (("decode:input_ids:1x1,1x1,1x1", "input_ids:1x1,1x1,1x1"), "mixes specs with a profile prefix"),
+        (("prefil:input_ids:1x1,1x1,1x1",), "not a network input.*prefixes are prefill: and decode:"),
+        # TensorRT needs axes sharing a graph name ("new_tokens") to share a range.
+        (("decode:input_ids:1x1,2x1,2x1 decode:position_ids:1x1,2x1,2x1",),
+         r"profile decode: input_ids axis 0 and past_key.0 axis 0 are both 'batch' .* get opt 2 and 1"),
+        (("prefill:input_ids:1x1,1x16,1x24",),
+         r"profile prefill: input_ids axis 1 and position_ids axis 1 are both 'new_tokens' .*--shapes prefill:position_ids"),
     ],
 )
 def test_impossible_shape_ranges_are_refused(tiny, tmp_path, shapes, message):
@@ -152,9 +208,22 @@ def test_impossible_shape_ranges_are_refused(tiny, tmp_path, shapes, message):
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
 
 
-def test_limits_beyond_positions_are_refused(tiny, tmp_path):
-    with pytest.raises(MoecError, match="exceed the model's 64 positions"):
-        build_engine(tiny, tmp_path / "e", quiet(max_new_tokens=40, max_past=40))
+@pytest.mark.parametrize("limits, message", [(dict(max_new_tokens=65), "--max-new-tokens 65 is outside 1..64"),
+                                             (dict(max_past=64), "--max-past 64 is outside 1..63"),
+                                             (dict(max_past=0), "--max-past 0 is outside 1..63")])
+def test_limits_beyond_positions_are_refused(tiny, tmp_path, limits, message):
+    with pytest.raises(MoecError, match=message):
+        build_engine(tiny, tmp_path / "e", quiet(**limits))
+    assert not (tmp_path / "e").exists()
+
+
+def test_long_prompt_window_leaves_prefill_less_past(tiny, tmp_path):
+    """Profiles are boxes: prefill's past shrinks so new + past fit the positions; decode keeps
+    the whole context."""
+    m = build_engine(tiny, tmp_path / "e", quiet(max_new_tokens=40, max_past=40)).manifest
+    prefill, decode = m["profiles"]
+    assert prefill["shapes"]["past_key.0"]["max"][2] == 24 and decode["shapes"]["past_key.0"]["max"][2] == 40
+    assert m["limits"] == {"max_batch": 2, "max_new_tokens": 40, "max_past": 40, "max_positions": 64}
 
 
 @pytest.mark.parametrize("arch, message", [("sm90", "TensorRT-RTX .* targets only"), ("sm100", "--backend tensorrt"),
@@ -253,7 +322,9 @@ def test_ctrl_c_on_a_fresh_build_leaves_nothing(tiny, tmp_path):
 
 
 def test_parse_shapes():
-    assert parse_shapes(("a:1x1,2x3,4x5", "b.0:1,2,3")) == {"a": ((1, 1), (2, 3), (4, 5)), "b.0": ((1,), (2,), (3,))}
+    assert parse_shapes(("a:1x1,2x3,4x5", "b.0:1,2,3")) == {None: {"a": ((1, 1), (2, 3), (4, 5)), "b.0": ((1,), (2,), (3,))}}
+    assert parse_shapes(("decode:a:1x1,1x1,2x1 prefill:a:1x1,1x4,1x8",)) == {
+        "decode": {"a": ((1, 1), (1, 1), (2, 1))}, "prefill": {"a": ((1, 1), (1, 4), (1, 8))}}
     with pytest.raises(MoecError, match="integers"):
         parse_shapes(("a:1xq,1x1,1x1",))
 
@@ -266,13 +337,20 @@ def test_cli_build_and_inspect(tiny, tmp_path, capsys):
         main(["build", str(tiny), "-o", str(out), "--arch", "sm90", "--no-progress"])
     assert e.value.code == 2 and "arch sm90" in capsys.readouterr().err
     main(["build", str(tiny), "-o", str(out), "--arch", "sm89,sm120", "--no-progress", "--backend", "tensorrt-rtx"])
-    assert "built 2 engine(s) for sm89, sm120 with tensorrt-rtx" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "built 2 engine(s) for sm89, sm120 with tensorrt-rtx" in out_text
+    assert "profiles: prefill (#0) batch x new_tokens [1, 1]..[2, 32] opt [1, 32], past_len 0..32 opt 0; " \
+           "decode (#1) batch x new_tokens [1, 1]..[2, 1] opt [1, 1], past_len 1..63 opt 31" in out_text
     main(["inspect", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert [e["archs"] for e in report["engines"]] == [["sm89"], ["sm120"]]
+    assert [p["name"] for p in report["manifest"]["profiles"]] == ["prefill", "decode"]
     main(["inspect", str(out)])
     text = capsys.readouterr().out
     assert "tensorrt-rtx" in text and "not deserialized" in text and "present_value.1" in text
+    # The profile table: prefill then decode, dims as --shapes writes them, past tensors grouped.
+    assert "prefill #0" in text and "decode #1" in text and text.index("prefill #0") < text.index("decode #1")
+    assert "past K/V (4)" in text and "2x2x63x4" in text
 
 
 def test_source_hash_covers_external_data(tmp_path):

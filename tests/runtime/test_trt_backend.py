@@ -18,7 +18,17 @@ from moec.common.errors import MoecError
 trt = pytest.importorskip("tensorrt_rtx")
 
 from moec.compiler.build import BuildConfig, build_engine  # noqa: E402
-from moec.runtime.trt_backend import HostTrt, TrtBackend, load_manifest, parse_arch, select_engine  # noqa: E402
+from moec.runtime.trt_backend import (  # noqa: E402
+    EngineProfile,
+    HostTrt,
+    TrtBackend,
+    TrtKVCache,
+    engine_profiles,
+    load_manifest,
+    parse_arch,
+    select_engine,
+    select_profile,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compiler"))
 from test_build import write_moec_graph  # noqa: E402  (the same tiny moec graph the build tests use)
@@ -137,20 +147,42 @@ def test_engine_matches_onnx_runtime_on_gpu(tmp_path):
 
 
 class _OrtAsTrtContext:
-    """Stands in for a TensorRT execution context on the CPU: takes the same shape and address
-    calls TrtBackend makes, reads the inputs from those (host) addresses, runs the graph with
-    ONNX Runtime and writes the outputs to the bound addresses. It checks the backend's binding
-    and KV-cache bookkeeping, not TensorRT."""
+    """Stands in for a TensorRT execution context on the CPU: takes the same profile, shape and
+    address calls TrtBackend makes, reads the inputs from those (host) addresses, runs the graph
+    with ONNX Runtime and writes the outputs to the bound addresses. It checks the backend's
+    profile selection, binding and KV-cache bookkeeping, not TensorRT.
 
-    def __init__(self, onnx_path: Path):
+    Profiles behave as TensorRT documents them: a new context runs profile 0; the active one
+    changes only through set_optimization_profile_async; set_input_shape refuses (returns False)
+    a shape outside the active profile's [min, max], and so does the enqueue if any input shape
+    is outside it. ``profiles`` are (min, max) per input, by default the manifest's."""
+
+    def __init__(self, onnx_path: Path, profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         self.shapes, self.addresses = {}, {}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.steps = 0
+        self.profiles = profiles
+        self.active_optimization_profile = 0
+        self.switches: list[tuple[int, int]] = []  # (profile index, stream) per switch
+        self.step_profiles: list[int] = []  # the active profile at each enqueue
+
+    def set_optimization_profile_async(self, index, stream):
+        if not 0 <= index < len(self.profiles):
+            return False
+        self.active_optimization_profile = index
+        self.switches.append((index, stream))
+        return True
+
+    def _fits(self, name, shape) -> bool:
+        lo, hi = self.profiles[self.active_optimization_profile][name]
+        return len(shape) == len(lo) and all(a <= d <= b for d, a, b in zip(shape, lo, hi))
 
     def set_input_shape(self, name, shape):
+        if not self._fits(name, tuple(shape)):
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
@@ -168,6 +200,9 @@ class _OrtAsTrtContext:
         return np.frombuffer((ctypes.c_byte * n).from_address(address), dtype=dtype).reshape(shape)
 
     def execute_async_v3(self, stream):
+        if not all(self._fits(i.name, self.shapes[i.name]) for i in self.session.get_inputs()):
+            return False
+        self.step_profiles.append(self.active_optimization_profile)
         feeds = {}
         for i in self.session.get_inputs():
             dtype = np.int64 if "int64" in i.type else np.float32
@@ -193,53 +228,162 @@ class _Engine:
 
 
 class _HostStream:
-    cuda_stream = 0
+    cuda_stream = 7  # any handle: the stand-in records which stream a profile switch was issued on
 
     def synchronize(self):
         pass
 
 
-def cpu_backend(engine_dir: Path, onnx_path: Path) -> TrtBackend:
+def cpu_backend(engine_dir: Path, onnx_path: Path, context_profiles=None) -> TrtBackend:
     manifest = load_manifest(engine_dir)
-    return TrtBackend(engine_dir, manifest, _Engine(manifest), _OrtAsTrtContext(onnx_path), torch.device("cpu"),
+    profiles = context_profiles or [p.ranges for p in engine_profiles(manifest)]
+    return TrtBackend(engine_dir, manifest, _Engine(manifest), _OrtAsTrtContext(onnx_path, profiles), torch.device("cpu"),
                       _HostStream(), manifest["trt"]["flavour"], manifest["trt"]["version"])
 
 
-@pytest.mark.parametrize("model", ["tiny", "demo"])
+@pytest.fixture(scope="module")
+def demo_optimized(demo_onnx, tmp_path_factory) -> Path:
+    """The demo export optimized as `moec compile` does for TensorRT-RTX sm89 (default lowering)."""
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    out = tmp_path_factory.mktemp("demo_opt") / "model.onnx"
+    optimize_onnx(demo_onnx, out, OptimizeConfig(target="trt-rtx:sm89"))
+    return out
+
+
+PREFILL, DECODE = 0, 1
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo", "demo-optimized"])
 def test_binding_and_kv_cache_match_onnx_runtime(model, engine_dir, request, tmp_path):
-    """TrtBackend's per-step shapes, addresses and ping-pong KV buffers, driven by the shared
-    generation loop, give ONNX Runtime's exact tokens (prefill, then decode steps)."""
+    """TrtBackend's per-step profile selection, shapes, addresses and ping-pong KV buffers, driven
+    by the shared generation loop, give ONNX Runtime's exact tokens: the prefill runs on the
+    prefill profile (a new context's profile 0), then one switch to decode, on the backend's
+    stream, for every decode step."""
     from moec.runtime.generate import GenerationConfig, generate
     from moec.runtime.ort_backend import OrtBackend
 
     if model == "tiny":
         src, engines = engine_dir.parent / "src" / "model.onnx", engine_dir
     else:
-        src = request.getfixturevalue("demo_onnx")
+        src = request.getfixturevalue("demo_onnx" if model == "demo" else "demo_optimized")
         engines = tmp_path / "e"
         build_engine(src, engines, BuildConfig(archs=("sm89",), max_batch=2, max_new_tokens=8, max_past=24, progress=False))
     be = cpu_backend(engines, src)
+    assert [p.name for p in be.profiles] == ["prefill", "decode"]
     prompt = np.array([[3, 5, 7, 2, 9], [4, 4, 1, 8, 6]], dtype=np.int64)
     cfg = GenerationConfig(max_new_tokens=7, stop_on_eos=False)
     got = generate(be, prompt, cfg)
     ref = generate(OrtBackend.from_onnx(src), prompt, cfg)
     assert got.new_tokens == ref.new_tokens
     assert be.context.steps == 7  # one prefill + 6 decode steps
+    assert be.context.step_profiles == [PREFILL] + [DECODE] * 6
+    assert be.context.switches == [(DECODE, _HostStream.cuda_stream)]  # switched once, on the stream
+    # A fresh cache prefills again: back to the prefill profile, one more switch.
     logits_trt, cache = be.forward(prompt, np.tile(np.arange(5), (2, 1)), be.init_cache(2))
+    assert be.context.switches[-1] == (PREFILL, _HostStream.cuda_stream) and len(be.context.switches) == 2
     ort_be = OrtBackend.from_onnx(src)
     logits_ort, _ = ort_be.forward(prompt, np.tile(np.arange(5), (2, 1)), ort_be.init_cache(2))
     np.testing.assert_array_equal(logits_trt, logits_ort)
     assert cache.past_len == 5 and be.describe()["trt_flavour"] == "tensorrt-rtx"
 
 
-def test_limits_of_the_profile_are_clear_errors(engine_dir):
+def test_one_token_prompt_prefills_on_the_prefill_profile(engine_dir):
+    """S == 1 with no past is a prefill (decode's past starts at 1); the next step is decode."""
+    from moec.runtime.generate import GenerationConfig, generate
+
+    be = cpu_backend(engine_dir, engine_dir.parent / "src" / "model.onnx")
+    generate(be, [[3]], GenerationConfig(max_new_tokens=3, stop_on_eos=False))
+    assert be.context.step_profiles == [PREFILL, DECODE, DECODE]
+
+
+def test_decode_runs_to_the_last_position(engine_dir):
+    """The decode profile's past reaches max_positions - 1 (63 here), beyond what the prefill
+    profile's box allows (32), so generation can fill the whole context."""
+    from moec.runtime.generate import GenerationConfig, generate
+
+    be = cpu_backend(engine_dir, engine_dir.parent / "src" / "model.onnx")
+    assert be.max_positions == 64
+    res = generate(be, [list(range(2, 12))], GenerationConfig(max_new_tokens=100, stop_on_eos=False))
+    assert len(res.new_tokens[0]) == 54 and res.finish_reasons == ["max_positions"]
+    assert be.context.step_profiles == [PREFILL] + [DECODE] * 53
+
+
+def test_shapes_outside_every_profile_are_clear_errors(engine_dir):
     be = cpu_backend(engine_dir, engine_dir.parent / "src" / "model.onnx")
     with pytest.raises(MoecError, match="exceeds the engine's profile max batch 2"):
         be.init_cache(3)
     too_long = np.zeros((1, 33), dtype=np.int64)
-    with pytest.raises(MoecError, match="33 new tokens exceed the engine's profile max of 32"):
+    with pytest.raises(MoecError) as e:
         be.forward(too_long, too_long, be.init_cache(1))
-    assert be.max_positions == 33  # 32 past + the token being decoded
+    msg = str(e.value)
+    assert "fit no optimization profile" in msg
+    assert "profile prefill (#0): input_ids [1, 33] is outside min [1, 1] max [2, 32]" in msg
+    assert "profile decode (#1): input_ids [1, 33] is outside min [1, 1] max [2, 1]" in msg
+    # A past longer than decode's range (63): the error names the past tensor and both ranges.
+    cache = be.init_cache(1)
+    a, _ = cache.buffers["past_key.0"]
+    views = {name: bufs[0][: 2 * 64 * 4].view(1, 2, 64, 4) for name, bufs in cache.buffers.items()}
+    one = np.zeros((1, 1), dtype=np.int64)
+    with pytest.raises(MoecError) as e:
+        be.forward(one, one + 64, TrtKVCache(cache.buffers, views, 1, 64))
+    msg = str(e.value)
+    assert "profile prefill (#0): past_key.0 [1, 2, 64, 4] is outside min [1, 2, 0, 4] max [2, 2, 32, 4]" in msg
+    assert "profile decode (#1): past_key.0 [1, 2, 64, 4] is outside min [1, 2, 1, 4] max [2, 2, 63, 4]" in msg
+    assert be.context.steps == 0 and be.context.switches == []  # nothing reached the context
+    with pytest.raises(MoecError, match="position_ids shape"):
+        be.forward(one, np.zeros((1, 2), dtype=np.int64), be.init_cache(1))
+
+
+def test_context_refusing_a_shape_names_the_profile(engine_dir):
+    """Where the engine's real profile is narrower than the manifest says (a manifest that does
+    not belong to the engine), TensorRT's refusal is a MoecError, not a crash."""
+    manifest_ranges = [p.ranges for p in engine_profiles(load_manifest(engine_dir))]
+    narrow = [dict(r) for r in manifest_ranges]
+    narrow[0]["input_ids"] = ((1, 1), (2, 4))
+    be = cpu_backend(engine_dir, engine_dir.parent / "src" / "model.onnx", context_profiles=narrow)
+    ids = np.zeros((1, 8), dtype=np.int64)
+    with pytest.raises(MoecError, match=r"TensorRT refused input input_ids shape \[1, 8\] in profile prefill \(#0\)"):
+        be.forward(ids, ids, be.init_cache(1))
+
+
+def test_single_custom_profile_never_switches(tmp_path):
+    """--shapes without a profile prefix builds one profile; every step runs on it."""
+    from moec.runtime.generate import GenerationConfig, generate
+
+    src = write_moec_graph(tmp_path / "src")
+    build_engine(src, tmp_path / "e", BuildConfig(archs=("sm89",), shapes=("input_ids:1x1,1x1,1x16",), progress=False))
+    be = cpu_backend(tmp_path / "e", src)
+    assert [(p.name, p.index) for p in be.profiles] == [("custom", 0)]
+    generate(be, [[3, 5, 7]], GenerationConfig(max_new_tokens=4, stop_on_eos=False))
+    assert be.context.step_profiles == [0] * 4 and be.context.switches == []
+
+
+def _profile(name, index, new, past):
+    return EngineProfile(name, index, {"input_ids": ((1, new[0]), (4, new[1])), "past_key.0": ((1, 2, past[0], 4), (4, 2, past[1], 4))})
+
+
+def test_select_profile_prefers_decode_for_one_token_steps():
+    # Overlapping profiles (a custom prefill that also covers past > 0): S == 1 takes decode
+    # wherever it fits, S > 1 the first that fits, and neither fits -> both reasons named.
+    prefill, decode = _profile("prefill", 0, (1, 64), (0, 32)), _profile("decode", 1, (1, 1), (1, 63))
+    both = [prefill, decode]
+    shapes = lambda s, p: {"input_ids": (1, s), "past_key.0": (1, 2, p, 4)}  # noqa: E731
+    assert select_profile(both, shapes(1, 5)) is decode
+    assert select_profile(both, shapes(1, 0)) is prefill  # decode needs a past
+    assert select_profile(both, shapes(8, 5)) is prefill
+    assert select_profile(both, shapes(1, 40)) is decode
+    with pytest.raises(MoecError, match=r"e/engine: .*profile prefill \(#0\): past_key.0 \[1, 2, 40, 4\].*profile decode \(#1\): input_ids \[1, 2\]"):
+        select_profile(both, shapes(2, 40), "e/engine")
+
+
+def test_old_manifest_format_is_refused(engine_dir, tmp_path):
+    d = copy_dir(engine_dir, tmp_path / "e")
+    m = json.loads((d / "manifest.json").read_text())
+    m["format"] = "moec.engine/1"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MoecError, match="expected 'moec.engine/2': rebuild"):
+        load_manifest(d)
 
 
 def test_tensorrt_validity_diagnostics_are_named():
