@@ -1,7 +1,7 @@
 """The optimize stage: one flat, phased list of graph passes over an exported ONNX model.
 
     cleanup    constant folding, dead nodes, identities, shape-op simplification (libraries)
-    fusion     rms_norm -> moe_gating -> grouped_experts
+    fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
     cleanup    again, for what the rewrites left
@@ -50,6 +50,8 @@ class OptimizeConfig:
     dump_dir: str | os.PathLike | None = None  # write the graph after every phase
     require_fusion: bool = False  # 0 fused MoE layers is an error instead of a warning
     fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort, trt-rtx)
+    fuse_rotary: bool | None = None  # RoPE -> RotaryEmbedding; None: as fuse_rms_norm
+    fuse_attention: bool | None = None  # -> ONNX Attention; None: ort only (passes/fusions/attention.py says why)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
 
 
@@ -104,9 +106,11 @@ def _cleanup_steps() -> list[Step]:
 
 
 def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
+    from moec.passes.fusions.attention import fuse_attention
     from moec.passes.fusions.grouped_experts import fuse_grouped_experts
     from moec.passes.fusions.moe_gating import fuse_moe_gating
     from moec.passes.fusions.rms_norm import fuse_rms_norm
+    from moec.passes.fusions.rotary import fuse_rotary
 
     def counted(key, fn):
         def run(m, c):
@@ -117,11 +121,19 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
 
     # Opset 23 / RMSNormalization: ONNX Runtime 1.32 runs it and TensorRT-RTX 1.7 parses and builds
     # it (both checked here); full TensorRT's parser could not be checked (not installable), so off.
-    rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else target.kind in ("ort", "trt-rtx")
-    # rms_norm first: its opset upgrade (onnxscript's version converter) inlines model-local
-    # functions, which would dissolve fused moec ops.
+    # RotaryEmbedding (opset 23, interleaved): the same two runtimes, same checks (tests/passes/test_rotary.py).
+    opset23 = target.kind in ("ort", "trt-rtx")
+    rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else opset23
+    rope = config.fuse_rotary if config.fuse_rotary is not None else opset23
+    # ONNX Attention pays on ONNX Runtime (decode 3-4x); TensorRT fuses attention itself and
+    # TensorRT-RTX cannot build an fp32 ONNX Attention for sm89.
+    attn = config.fuse_attention if config.fuse_attention is not None else target.kind == "ort"
+    # The opset-23 fusions first: their opset upgrade (onnxscript's version converter) inlines
+    # model-local functions, which would dissolve fused moec ops.
     return [
         *([Step("fusion", "fuse_rms_norm", counted("rms_norm", fuse_rms_norm))] if rms else []),
+        *([Step("fusion", "fuse_rotary", counted("rotary", fuse_rotary))] if rope else []),
+        *([Step("fusion", "fuse_attention", counted("attention", fuse_attention))] if attn else []),
         Step("fusion", "fuse_moe_gating", counted("gating", fuse_moe_gating)),
         Step("fusion", "fuse_grouped_experts", counted("experts", fuse_grouped_experts)),
     ]

@@ -2,7 +2,8 @@
 
 - ``ops``: schemas and standard-op bodies of moec.MoEGating / moec.GroupedExperts.
 - ``cleanup``: constant folding, dead code, identities, shape simplification (library passes).
-- ``fusions``: ``fuse_moe_gating``, ``fuse_grouped_experts``, ``fuse_rms_norm`` (each ``fuse_x(model) -> int``).
+- ``fusions``: ``fuse_moe_gating``, ``fuse_grouped_experts`` (moec ops); ``fuse_rms_norm``, ``fuse_rotary``,
+  ``fuse_attention`` (standard opset-23 ops); each ``fuse_x(model) -> int``.
 - ``precision``: fp32 -> fp16/bf16 with the routing kept fp32.
 - ``targets`` and ``lowerings``: what each target runs (ort, gather, dense, trt-native, trt-plugin).
 

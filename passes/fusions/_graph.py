@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import MatchingTracer, MatchStatus
 
 
 class Refuse(Exception):
@@ -155,3 +156,44 @@ def dim(value: ir.Value, i: int):
         return None
     d = value.shape[i]
     return d if isinstance(d, int) else None
+
+
+class _RefusalTracer(MatchingTracer):
+    """Keeps every check failure (onnxscript's tracer keeps only the best partial matches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[tuple[ir.Node, str]] = []
+
+    def log(self, rule, container, node, match_result, status) -> None:
+        if status == MatchStatus.CONDITION_FAILED:
+            self.refused.append((node, match_result.reason))
+
+
+def collect_refusals(ruleset, model: ir.Model, fusion: str, log: FusionLog | None) -> None:
+    """Log why an onnxscript rule set refused what its last run left. With a tracer onnxscript only
+    matches (it rewrites nothing), so this second run just collects the reasons."""
+    if log is None:
+        return
+    tracer = _RefusalTracer()
+    ruleset.apply_to_model(model, tracer=tracer)
+    for node, reason in tracer.refused:
+        log.refuse(fusion, node, reason)
+
+
+def ensure_opset(model: ir.Model, opset: int, fusion: str, op_type: str, log: FusionLog | None,
+                 allow_upgrade: bool) -> bool:
+    """Make the model import at least ``opset`` (onnxscript's version converter), or log a refusal
+    and return False when the caller does not allow the upgrade (the target's parser may not take
+    it). The converter inlines model-local functions: run this before the moec fusions."""
+    from onnxscript import version_converter
+
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if current >= opset:
+        return True
+    if not allow_upgrade:
+        if log is not None:
+            log.refuse(fusion, None, f"the model imports opset {current}; {op_type} needs {opset} and the target's parser is not known to take it")
+        return False
+    version_converter.convert_version(model, opset)
+    return True

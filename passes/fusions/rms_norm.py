@@ -12,42 +12,17 @@ run this before the moec fusions.
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript import version_converter
-from onnxscript.rewriter import MatchingTracer, MatchStatus
 from onnxscript.rewriter.rules.fusion._rms_normalization import rms_normalization_ruleset
 
-from moec.passes.fusions._graph import FusionLog
+from moec.passes.fusions._graph import FusionLog, collect_refusals, ensure_opset
 
 NAME = "fuse_rms_norm"
 RMS_NORM_OPSET = 23
 
 
-class _RefusalTracer(MatchingTracer):
-    """Keeps every check failure (onnxscript's tracer keeps only the best partial matches)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refused: list[tuple[ir.Node, str]] = []
-
-    def log(self, rule, container, node, match_result, status) -> None:
-        if status == MatchStatus.CONDITION_FAILED:
-            self.refused.append((node, match_result.reason))
-
-
 def fuse_rms_norm(model: ir.Model, log: FusionLog | None = None, allow_opset_upgrade: bool = True) -> int:
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if opset < RMS_NORM_OPSET:
-        if not allow_opset_upgrade:
-            if log is not None:
-                log.refuse(NAME, None, f"the model imports opset {opset}; RMSNormalization needs {RMS_NORM_OPSET} and the target's parser is not known to take it")
-            return 0
-        version_converter.convert_version(model, RMS_NORM_OPSET)
+    if not ensure_opset(model, RMS_NORM_OPSET, NAME, "RMSNormalization", log, allow_opset_upgrade):
+        return 0
     count = rms_normalization_ruleset.apply_to_model(model)
-    if log is not None:
-        # With a tracer onnxscript only matches (it rewrites nothing), so this second run just
-        # collects the reasons for what the first run left.
-        tracer = _RefusalTracer()
-        rms_normalization_ruleset.apply_to_model(model, tracer=tracer)
-        for node, reason in tracer.refused:
-            log.refuse(NAME, node, reason)
+    collect_refusals(rms_normalization_ruleset, model, NAME, log)
     return count

@@ -52,3 +52,32 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 def block_input(dtype: str = "fp32", seed: int = 0, hidden: int = 16, batch: int = 2, seq: int = 5) -> dict:
     x = np.random.default_rng(seed).standard_normal((batch, seq, hidden))
     return {"x": x.astype(np.float16 if dtype == "fp16" else np.float32)}
+
+
+@pytest.fixture(scope="session")
+def demo_clean(demo_onnx, tmp_path_factory):
+    """The demo export after moec's clean-up passes: what the fusions meet in the pipeline."""
+    from moec.passes import cleanup
+
+    model = ir.load(demo_onnx)
+    for _ in range(2):
+        for p in cleanup.CLEANUP_PASSES:
+            p(model)
+    out = tmp_path_factory.mktemp("demo_clean") / "model.onnx"
+    ir.save(model, out)
+    return out
+
+
+def demo_feeds(model: ir.Model | Path, past: int, new: int, batch: int = 2, seed: int = 0) -> dict:
+    """Demo-graph inputs for ``new`` tokens after ``past`` cached ones (positions past .. past+new-1)."""
+    graph = (ir.load(model) if isinstance(model, Path) else model).graph
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in graph.inputs:
+        if v.name == "input_ids":
+            feeds[v.name] = rng.integers(0, 250, (batch, new)).astype(np.int64)
+        elif v.name == "position_ids":
+            feeds[v.name] = np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64)
+        else:  # past_key.i / past_value.i [B, K, P, D]
+            feeds[v.name] = rng.standard_normal((batch, v.shape[1], past, v.shape[3])).astype(np.float32)
+    return feeds

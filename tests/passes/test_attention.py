@@ -1,0 +1,63 @@
+"""fuse_attention on the demo export: fires, must not fire, same numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import demo_feeds, ort_run, rel_err
+
+from moec.passes.fusions._graph import FusionLog
+from moec.passes.fusions.attention import fuse_attention
+from moec.passes.fusions.rotary import fuse_rotary
+
+LAYERS = 4  # llama4-tiny: 3 chunked RoPE layers + 1 NoPE layer, all GQA (4 heads, 2 kv heads)
+
+
+def test_attention_fires_on_every_layer(demo_clean):
+    model, log = ir.load(demo_clean), FusionLog()
+    assert fuse_attention(model, log) == LAYERS, log.refusals
+    attns = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(attns) == LAYERS and not [n for n in model.graph if n.op_type == "Softmax"]
+    assert all(a.attributes.get_float("scale") == pytest.approx(16**-0.5) for a in attns)
+    # k and v enter with their kv heads [B, 2, T, D] (the GQA repeat is gone), plus the mask.
+    assert all(len(a.inputs) == 4 and a.inputs[1].shape[1] == 2 for a in attns)
+    assert sum(n.op_type == "Expand" for n in model.graph) < 2 * LAYERS
+
+
+def test_attention_refuses_a_second_consumer(demo_clean):
+    model = ir.load(demo_clean)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    model.graph.outputs.append(softmax.outputs[0])
+    assert fuse_attention(model) == LAYERS - 1
+
+
+def test_attention_refuses_tiled_kv_heads(demo_clean):
+    # Unsqueeze at axis 1 repeats the kv heads as a tile (k0 k1 k0 k1): not ONNX Attention's GQA order.
+    model = ir.load(demo_clean)
+    unsq = next(n for n in model.graph if n.op_type == "Unsqueeze" and n.outputs[0].uses()
+                and next(iter(n.outputs[0].uses())).node.op_type == "Expand" and n.inputs[0].name == "present_key.0")
+    unsq.replace_input_with(1, ir.Value(name="axis1", const_value=ir.tensor(np.array([1], np.int64))))
+    model.graph.initializers["axis1"] = unsq.inputs[1]
+    log = FusionLog()
+    assert fuse_attention(model, log) == LAYERS - 1
+    assert any("not repeated per kv head" in r.reason for r in log.refusals), log.refusals
+
+
+def test_attention_refuses_a_mask_of_another_dtype(demo_clean):
+    model = ir.load(demo_clean)
+    for n in model.graph:
+        if n.op_type == "Softmax":
+            n.inputs[0].producer().inputs[1].dtype = ir.DataType.DOUBLE
+    log = FusionLog()
+    assert fuse_attention(model, log) == 0
+    assert log.refusals and all("mask is DOUBLE" in r.reason for r in log.refusals), log.refusals
+
+
+@pytest.mark.parametrize("past,new", [(3, 11), (12, 1)])  # prefill across a chunk boundary; decode
+def test_attention_and_rotary_keep_numbers(demo_clean, past, new):
+    model = ir.load(demo_clean)
+    assert fuse_rotary(model) == 6 and fuse_attention(model) == LAYERS
+    feeds = demo_feeds(demo_clean, past, new)
+    before, after = ort_run(demo_clean, feeds), ort_run(model, feeds)
+    assert max(rel_err(a, b) for a, b in zip(after, before)) <= 1e-5
