@@ -4,7 +4,7 @@
     fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
-    cleanup    again, for what the rewrites left
+    cleanup    again, for what the rewrites left; then onnx shape inference types every value
 
 Precision runs on the fused graph, before lowering: there the routing is one op
 (moec.MoEGating) whose fp32 contract is explicit, and every lowering then emits its ops in the
@@ -160,6 +160,12 @@ def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
     return [Step("lowering", "lower_moe", run)]
 
 
+def _typing_step() -> Step:
+    from moec.passes.cleanup import infer_types
+
+    return Step("cleanup", "infer_types", lambda m, c: infer_types(m))
+
+
 def build_pipeline(config: OptimizeConfig, target) -> list[Step]:
     """The flat pass list, phase by phase (see the module docstring)."""
     return [
@@ -168,6 +174,7 @@ def build_pipeline(config: OptimizeConfig, target) -> list[Step]:
         *_precision_steps(config),
         *_lowering_steps(config, target),
         *_cleanup_steps(),
+        _typing_step(),
     ]
 
 
@@ -283,6 +290,10 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         notes.append(msg)
     if moe_layers is not None and (gating != moe_layers or experts != moe_layers):
         notes.append(f"fused {gating} gating and {experts} expert ops, but the model has {moe_layers} MoE layers")
+    from moec.passes.cleanup import untyped_values
+
+    if untyped := untyped_values(model):
+        notes.append(f"{len(untyped)} values have no dtype after shape inference (first: {untyped[0].name!r})")
     for n in notes:
         warnings.warn(n, stacklevel=2)
 

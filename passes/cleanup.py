@@ -60,4 +60,23 @@ def eliminate_common_subexpressions(model: ir.Model) -> bool:
     return common_passes.CommonSubexpressionEliminationPass()(model).modified
 
 
+def untyped_values(model: ir.Model) -> list[ir.Value]:
+    """Node outputs (subgraphs included) with no dtype."""
+    return [o for n in ir.traversal.RecursiveGraphIterator(model.graph) for o in n.outputs if o.dtype is None]
+
+
+def infer_types(model: ir.Model) -> int:
+    """onnx's shape inference (through onnx-ir's pass, which leaves big weights out of the proto it
+    hands over) so that the values rewrites and lowerings created carry dtype and shape again.
+
+    Not strict: a node of a domain onnx has no schema for (com.microsoft, TensorRT's) is skipped,
+    not fatal; the lowerings type those nodes' outputs themselves. Returns how many values gained
+    a dtype. Only at the end of the pipeline: the fusions compare the exporter's symbolic dims, which
+    inference may rename.
+    """
+    before = len(untyped_values(model))
+    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    return before - len(untyped_values(model))
+
+
 CLEANUP_PASSES = (fold_constants, simplify, eliminate_identities, eliminate_common_subexpressions, remove_unused)

@@ -38,4 +38,8 @@ def lower(op, pair):
         op.Unsqueeze(x, axis0), op.Unsqueeze(op.Cast(ids, to=ir.DataType.INT32), axis0), op.Unsqueeze(scores, axis0),
         gate, up, pair.w_down_EIH, activation_type=TRT_SILU,
     )
+    # onnx has no schema for TRT_MoE, so shape inference cannot type its output: its schema can.
+    y_1TH.dtype = pair.x_TH.dtype
+    if pair.x_TH.shape is not None:
+        y_1TH.shape = ir.Shape([1, *pair.x_TH.shape])
     return op.Squeeze(y_1TH, axis0)

@@ -73,13 +73,28 @@ def test_bf16_precision_structure(demo_onnx, tmp_path):
     out = tmp_path / "bf16" / "model.onnx"
     optimize_onnx(demo_onnx, out, OptimizeConfig(target="trt:sm90", precision="bf16"))
     model = ir.load(out)
-    # Values the lowering created carry no type annotation (the parser infers them); the others must be bf16.
-    mats = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].dtype is not None]
+    mats = [n for n in model.graph if n.op_type == "MatMul"]
     assert mats and all(n.inputs[0].dtype == ir.DataType.BFLOAT16 for n in mats)
     floats = [v for v in model.graph.initializers.values() if v.dtype in (ir.DataType.FLOAT, ir.DataType.BFLOAT16) and v.const_value.size > 1]
     floats = [v for v in floats if "inv_freq" not in v.name]  # RoPE frequencies are positional: fp32
     assert floats and all(v.dtype == ir.DataType.BFLOAT16 for v in floats)
     assert all(n.inputs[0].dtype == ir.DataType.FLOAT for n in model.graph if n.op_type == "TopK")
+
+
+@pytest.mark.parametrize("target,lowering,precision", [
+    ("ort", "ort", None), ("ort", "gather", None), ("ort", "dense", None), ("ort", "hybrid", None),
+    ("ort", "function", None), ("ort", "gather", "fp16"), ("trt:sm100", "trt-native", None),
+    ("trt:sm89", "trt-plugin", None), ("trt-rtx:sm89", None, "bf16"),
+])
+def test_every_value_of_an_optimized_graph_has_a_dtype(demo_onnx, tmp_path, target, lowering, precision):
+    from moec.passes.cleanup import untyped_values
+
+    out = tmp_path / "typed" / "model.onnx"
+    report = optimize_onnx(demo_onnx, out, OptimizeConfig(target=target, moe_lowering=lowering, precision=precision))
+    assert not report.warnings
+    model = ir.load(out)  # as written, subgraphs (hybrid's If branches) included
+    assert [v.name for v in untyped_values(model)] == []
+    assert {r.name: r.matches for r in report.passes}["infer_types"] > 0
 
 
 def test_external_data_stays_external(demo_onnx, torch_tokens, tmp_path):
