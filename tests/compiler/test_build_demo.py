@@ -71,3 +71,38 @@ def test_demo_optimized_graph_per_lowering(optimized, tmp_path, lowering):
     m = build_engine(graph, out, BuildConfig(archs=ARCHS, **TINY)).manifest
     assert [e["archs"] for e in m["engines"]] == [[a] for a in ARCHS]
     assert m["plugins"] == [] and m["source_onnx"]["file"] == "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def optimized_default(demo_onnx, tmp_path_factory):
+    """The demo export optimized as `moec compile` does for TensorRT-RTX sm89 (default lowering)."""
+    pipeline = pytest.importorskip("moec.compiler.pipeline")
+    out = tmp_path_factory.mktemp("opt_default") / "model.onnx"
+    pipeline.optimize_onnx(demo_onnx, out, pipeline.OptimizeConfig(target="trt-rtx:sm89"))
+    return out
+
+
+def test_demo_optimized_graph_builds_prefill_and_decode_profiles(optimized_default, tmp_path, capsys):
+    """A real sm89 engine from the optimized demo graph with both default profiles, recorded in
+    the manifest and shown by `moec inspect` (limits kept small so the build takes seconds)."""
+    import json
+
+    from moec.compiler.cli import main
+
+    out = tmp_path / "e"
+    m = build_engine(optimized_default, out, BuildConfig(archs=("sm89",), max_batch=4, max_new_tokens=16, max_past=48,
+                                                         progress=False)).manifest
+    prefill, decode = m["profiles"]
+    assert [(p["name"], p["index"]) for p in m["profiles"]] == [("prefill", 0), ("decode", 1)]
+    # Prefill: a whole prompt (opt capped at the 16-token window), no past; decode: one token,
+    # past tuned at the middle of 1..48, batch at half of 4.
+    assert prefill["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 16], "max": [4, 16]}
+    assert [prefill["shapes"]["past_key.3"][k][2] for k in ("min", "opt", "max")] == [0, 0, 48]
+    assert decode["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
+    assert [decode["shapes"]["past_value.0"][k][2] for k in ("min", "opt", "max")] == [1, 24, 48]
+    assert set(prefill["shapes"]) == set(decode["shapes"]) == {t["name"] for t in m["io"]["inputs"]}
+    assert m["limits"] == {"max_batch": 4, "max_new_tokens": 16, "max_past": 48, "max_positions": 512}
+    assert json.loads((out / "manifest.json").read_text())["profiles"] == m["profiles"]
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "prefill #0" in text and "decode #1" in text and "4x16" in text and "past K/V (8)" in text
