@@ -150,7 +150,8 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
 # --- Profiles --------------------------------------------------------------------------------------
 # Two optimization profiles by default, because one profile is tuned at one opt point and the two
 # phases of generation run very different shapes:
-#   prefill: a whole prompt at once, new_tokens 1..max_new (opt: a typical prompt), past 0..(opt 0);
+#   prefill: a whole prompt at once, new_tokens 1..max_new (opt: a typical prompt), past from 0
+#            (opt 0) up to max_past capped so new + past fit the positions;
 #   decode:  one token per step, new_tokens exactly 1, past 1..max_past (opt: the middle).
 # TensorRT numbers profiles in the order they are added; the manifest lists them in that order
 # (its "index"), and the runtime picks one per step (moec.runtime.trt_backend.select_profile).

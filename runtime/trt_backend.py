@@ -322,9 +322,13 @@ class TrtBackend:
         self.flavour_version = flavour_version
         limits = manifest["limits"]
         self.profiles = engine_profiles(manifest)
+        if engine.num_optimization_profiles != len(self.profiles):
+            raise MoecError(f"{engine_dir}: the engine holds {engine.num_optimization_profiles} optimization profile(s), "
+                            f"the manifest lists {len(self.profiles)}: the manifest does not belong to this engine; "
+                            "rebuild the directory with `moec build`")
         # A new execution context runs profile 0 until told otherwise; forward switches only when
         # a step needs another one.
-        self._active_profile = int(getattr(context, "active_optimization_profile", 0))
+        self._active_profile = int(context.active_optimization_profile)
         self.max_batch = limits["max_batch"]
         self.max_new_tokens = limits["max_new_tokens"]
         self.max_past = limits["max_past"]

@@ -16,10 +16,12 @@ import click
 @click.option("--arch", default="sm89", show_default=True, help="Target GPU archs, comma separated (sm75, sm80, sm86, sm89, sm90, sm100, sm120, ...).")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
 @click.option("--shapes", multiple=True,
-              help="Profile override, trtexec-style (repeatable): PROFILE:NAME:MIN,OPT,MAX with PROFILE prefill or decode "
-                   "changes that tensor in that default profile only, e.g. decode:input_ids:1x1,4x1,8x1; NAME:MIN,OPT,MAX "
+              help="Profile override, trtexec-style (repeatable, or space separated): PROFILE:NAME:MIN,OPT,MAX with "
+                   "PROFILE prefill or decode changes that tensor in that default profile only, e.g. "
+                   "'prefill:input_ids:1x1,1x512,1x1024 prefill:position_ids:1x1,1x512,1x1024'; NAME:MIN,OPT,MAX "
                    "without a prefix replaces the two profiles with ONE custom profile (both phases' ranges, tuned for "
-                   "decode) with those tensors overridden, e.g. input_ids:1x1,1x128,4x512. Do not mix the two forms.")
+                   "decode) with those tensors overridden. Do not mix the two forms. Axes that share a name in the "
+                   "graph (input_ids and position_ids; batch on every input) need the same opt.")
 @click.option("--max-batch", type=int, default=None, help="Profile max batch (default: the export's).")
 @click.option("--max-new-tokens", type=int, default=None, help="Prefill profile max new tokens per step (default: half the positions).")
 @click.option("--max-past", type=int, default=None, help="Decode profile max past length (default: positions - 1; prefill's past "
@@ -34,10 +36,11 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
           hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json).
 
-    Each engine has two optimization profiles: prefill (batch 1..max, new tokens 1..--max-new-tokens
-    tuned at a typical prompt of up to 128 tokens, past 0..) and decode (new tokens exactly 1, past
-    1..--max-past tuned at the middle, batch tuned at half the max). The TensorRT runtime picks one
-    per step. --shapes adjusts them (see its help)."""
+    Each engine has two optimization profiles: prefill (batch 1..max tuned at 1, new tokens
+    1..--max-new-tokens tuned at a typical prompt of 128 or fewer, past 0..--max-past capped so new +
+    past fit the positions, tuned at 0) and decode (new tokens exactly 1, past 1..--max-past tuned at
+    the middle, batch 1..max tuned at half the max). The TensorRT runtime picks the profile per
+    step. --shapes adjusts them (see its help); the manifest and `moec inspect` list both."""
     from moec.compiler.build import BuildConfig, build_engine
 
     config = BuildConfig(

@@ -219,6 +219,7 @@ class _Engine:
         self.names = [t["name"] for t in io]
         self.dtypes = {t["name"]: "DataType." + {"int64": "INT64", "float": "FLOAT"}[t["dtype"]] for t in io}
         self.num_io_tensors = len(io)
+        self.num_optimization_profiles = len(manifest["profiles"])
 
     def get_tensor_name(self, i):
         return self.names[i]
@@ -322,7 +323,6 @@ def test_shapes_outside_every_profile_are_clear_errors(engine_dir):
     assert "profile decode (#1): input_ids [1, 33] is outside min [1, 1] max [2, 1]" in msg
     # A past longer than decode's range (63): the error names the past tensor and both ranges.
     cache = be.init_cache(1)
-    a, _ = cache.buffers["past_key.0"]
     views = {name: bufs[0][: 2 * 64 * 4].view(1, 2, 64, 4) for name, bufs in cache.buffers.items()}
     one = np.zeros((1, 1), dtype=np.int64)
     with pytest.raises(MoecError) as e:
@@ -345,6 +345,15 @@ def test_context_refusing_a_shape_names_the_profile(engine_dir):
     ids = np.zeros((1, 8), dtype=np.int64)
     with pytest.raises(MoecError, match=r"TensorRT refused input input_ids shape \[1, 8\] in profile prefill \(#0\)"):
         be.forward(ids, ids, be.init_cache(1))
+
+
+def test_manifest_with_other_profiles_than_the_engine_is_refused(engine_dir):
+    manifest = load_manifest(engine_dir)
+    engine = _Engine(manifest)
+    engine.num_optimization_profiles = 1
+    context = _OrtAsTrtContext(engine_dir.parent / "src" / "model.onnx", [p.ranges for p in engine_profiles(manifest)])
+    with pytest.raises(MoecError, match="engine holds 1 optimization profile.*the manifest lists 2"):
+        TrtBackend(engine_dir, manifest, engine, context, torch.device("cpu"), _HostStream(), "tensorrt-rtx", trt.__version__)
 
 
 def test_single_custom_profile_never_switches(tmp_path):
