@@ -87,9 +87,36 @@ def _positional_fp32_nodes(graph: ir.Graph) -> set[ir.Node]:
     return keep
 
 
-def _low_tensor(tensor: ir.TensorProtocol, low: ir.DataType) -> ir.TensorProtocol:
+def _finite_max(low: ir.DataType) -> float:
+    import ml_dtypes  # an onnx-ir dependency; numpy has no bfloat16
+
+    return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max if low == ir.DataType.BFLOAT16 else np.finfo(np.float16).max)
+
+
+def _overflows(tensor: ir.TensorProtocol, low: ir.DataType) -> bool:
+    """Finite values the low dtype cannot hold (they would round to +-inf). Only small constants
+    are checked: weights are never near fp16's 65504, and reading them here would load them."""
+    if tensor.nbytes > 4096:
+        return False
+    arr = tensor.numpy()
+    return bool(np.any(np.isfinite(arr) & (np.abs(arr) > _finite_max(low))))
+
+
+def _is_mask_fill(value: ir.Value) -> bool:
+    """Only used as a Where branch: "as negative as the dtype allows", a fill, not arithmetic."""
+    uses = list(value.uses())
+    return bool(uses) and all(u.node.op_type == "Where" and u.idx in (1, 2) for u in uses)
+
+
+def _low_tensor(tensor: ir.TensorProtocol, low: ir.DataType, saturate: bool = False) -> ir.TensorProtocol:
     def convert():
         arr = tensor.numpy().astype(np.float32)
+        if saturate:
+            # A mask fill of float32 min (models/llama4.py attention_masks uses finfo(dtype).min) would
+            # round to -inf: clamp it to the low dtype's finite min, which is what an export in that
+            # dtype writes, so masked scores stay finite and the softmax gives them exactly 0.
+            big = _finite_max(low)
+            arr = np.where(np.isfinite(arr), np.clip(arr, -big, big), arr)
         if low == ir.DataType.BFLOAT16:
             import ml_dtypes  # an onnx-ir dependency; numpy has no bfloat16
 
@@ -111,12 +138,25 @@ def convert_precision(model: ir.Model, precision: str) -> int:
     keep = _positional_fp32_nodes(graph)
     changed = 0
 
+    # 0. Constants the low dtype cannot hold: a mask fill is clamped (saturated) to its finite range;
+    # anything else keeps fp32 and so do its consumers, since rounding it to inf would change the
+    # arithmetic (inf - inf = NaN), not just its precision.
+    saturate: set[int] = set()
+    for value in [*graph.initializers.values(), *(n.outputs[0] for n in graph if n.op_type == "Constant")]:
+        tensor = value.const_value if value.const_value is not None else value.producer().attributes["value"].value
+        if value.dtype != F32 or tensor is None or not _overflows(tensor, low):
+            continue
+        if _is_mask_fill(value):
+            saturate.add(id(tensor))
+        else:
+            keep.update(u.node for u in value.uses())
+
     # 1. Values: everything fp32 that is not positional becomes low.
     boundary_in = [v for v in graph.inputs if v.dtype == F32]
     boundary_out = {v for v in graph.outputs if v.dtype == F32}
     for value in graph.initializers.values():
         if value.dtype == F32 and not all(u.node in keep for u in value.uses()):
-            value.const_value = _low_tensor(value.const_value, low)
+            value.const_value = _low_tensor(value.const_value, low, id(value.const_value) in saturate)
             value.dtype = low
             changed += 1
     for node in list(graph):
@@ -126,7 +166,7 @@ def convert_precision(model: ir.Model, precision: str) -> int:
             continue  # its scores stay fp32
         if node.op_type == "Constant" and node.outputs[0].dtype == F32:
             t = node.attributes["value"].value
-            node.attributes["value"] = ir.AttrTensor("value", _low_tensor(t, low))
+            node.attributes["value"] = ir.AttrTensor("value", _low_tensor(t, low, id(t) in saturate))
         elif node.op_type == "Cast" and node.attributes["to"].value == F32:
             node.attributes["to"] = ir.AttrInt64("to", low)
         elif node.op_type == "ConstantOfShape" and node.outputs[0].dtype == F32:

@@ -54,11 +54,18 @@ def test_lowerings_give_torch_greedy_tokens(demo_onnx, torch_tokens, tmp_path, l
     assert (matches["fuse_rms_norm"], matches["fuse_rotary"], matches["fuse_attention"]) == (9, 6, 4)
 
 
+# The attention mask's fill (float32 min) once overflowed to -inf in the cast ("overflow encountered
+# in cast"): a RuntimeWarning is an error here.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_fp16_precision_keeps_routing_fp32_and_tokens(demo_onnx, torch_tokens, tmp_path):
+    import numpy as np
+
     out = tmp_path / "fp16" / "model.onnx"
     report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering="gather", precision="fp16"))
     assert report.precision == "fp16"
     model = ir.load(out)
+    fills = [n.inputs[2] for n in model.graph if n.op_type == "Where" and n.outputs[0].dtype == ir.DataType.FLOAT16]
+    assert fills and all(ir.convenience.get_const_tensor(v).numpy().min() == np.finfo(np.float16).min for v in fills)
     topks = [n for n in model.graph if n.op_type == "TopK"]
     assert len(topks) == 2 and all(n.inputs[0].dtype == ir.DataType.FLOAT for n in topks)
     weights = [v for v in model.graph.initializers.values() if v.name.endswith("gate_up_proj")]
