@@ -38,6 +38,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
 # Inputs without external data are written inline up to this size (protobuf's limit is 2 GiB).
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
+# --dump-dir writes the graph only: initializers above this size become typed graph inputs.
+DUMP_INLINE_LIMIT_BYTES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class OptimizeConfig:
     target: str = "ort"  # "ort" | "trt:<arch>" | "trt-rtx:<arch>"
     moe_lowering: str | None = None  # None/"auto": the target's fastest valid lowering
     precision: str | None = None  # None: keep the export's dtype; "fp16"/"bf16" from an fp32 export
-    dump_dir: str | os.PathLike | None = None  # write the graph after every phase
+    dump_dir: str | os.PathLike | None = None  # write the graph (not the weights) after every phase
     require_fusion: bool = False  # 0 fused MoE layers is an error instead of a warning
     fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort, trt-rtx)
     fuse_rotary: bool | None = None  # RoPE -> RotaryEmbedding; None: as fuse_rms_norm
@@ -211,9 +213,43 @@ def _phase_index(records: list[PassRecord]) -> int:
 
 
 def _dump(model: ir.Model, dump_dir: Path, stem: str) -> None:
+    """Write the graph only: every initializer over DUMP_INLINE_LIMIT_BYTES becomes a graph input
+    with its name, dtype and shape (Netron and onnx shape inference still see it); small constants
+    (shapes, scalars, the mask fill) stay inline.
+
+    Why graph-only and not weights as shared external data: a dump is for reading what a phase did
+    to the graph, and the weights do not change between phases except by relayout, which is
+    computed lazily while the final output is written. Writing them at every phase would read an
+    external checkpoint (and compute every relaid or converted weight) once per phase and cost the
+    model's size per dump (a Maverick export is hundreds of GB); sharing one data file would still
+    have to write the new tensors and tie the dumps to the input's data file by relative path. The
+    weights are not read at all here: the temporarily detached values are put back as they were,
+    as onnx-ir's own shape-inference helper does.
+    """
     dump_dir.mkdir(parents=True, exist_ok=True)
-    # The weights go to one data file per dump; the graph file stays small enough to open.
-    _save(model, dump_dir / f"{stem}.onnx", external=True)
+    graph = model.graph
+    big = [v for v in graph.initializers.values() if v not in graph.inputs
+           and (v.const_value is None or v.const_value.nbytes > DUMP_INLINE_LIMIT_BYTES)]
+    saved = {v.name: v.const_value for v in big}
+    n_inputs = len(graph.inputs)
+    try:
+        for v in big:
+            if v.const_value is not None:
+                v.shape = v.shape or v.const_value.shape
+                v.dtype = v.dtype or v.const_value.dtype
+            graph.inputs.append(v)
+            graph.initializers.pop(v.name)
+            v.const_value = None
+        _save(model, dump_dir / f"{stem}.onnx", external=False)
+    finally:
+        while len(graph.inputs) > n_inputs:
+            graph.inputs.pop()
+        for v in big:
+            v.const_value = saved[v.name]
+            if v.const_value is not None:
+                graph.register_initializer(v)
+            else:
+                graph.initializers.add(v)
 
 
 def _has_external_data(model: ir.Model) -> bool:

@@ -17,7 +17,7 @@ from moec.passes.targets import LOWERINGS
 @click.option("--moe-lowering", type=click.Choice(["auto", *LOWERINGS]), default="auto", show_default=True,
               help="How fused MoE layers run; auto: the target's fastest valid lowering.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Convert an fp32 export (routing stays fp32).")
-@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here.")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here (graph only: weights become typed inputs).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the pass report as JSON.")
 @click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
 def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion) -> None:

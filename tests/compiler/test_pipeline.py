@@ -127,6 +127,30 @@ def test_dump_dir_and_report(demo_onnx, tmp_path):
     json.dumps(report.to_dict())
 
 
+def test_dumps_are_graph_only_and_leave_the_output_whole(demo_onnx, torch_tokens, tmp_path):
+    import onnx
+
+    from moec.compiler.pipeline import DUMP_INLINE_LIMIT_BYTES
+
+    dump, out = tmp_path / "dump", tmp_path / "o" / "model.onnx"
+    optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering="gather", dump_dir=dump))
+    assert sorted(p.name for p in dump.iterdir()) == [f"{s}.onnx" for s in ("00_input", "01_cleanup", "02_fusion", "03_lowering", "04_cleanup")]
+    weights = {v.name: v for v in ir.load(demo_onnx).graph.initializers.values() if v.const_value.nbytes > DUMP_INLINE_LIMIT_BYTES}
+    for path in dump.iterdir():
+        proto = onnx.load(path, load_external_data=False)
+        assert all(t.ByteSize() <= 2 * DUMP_INLINE_LIMIT_BYTES for t in proto.graph.initializer), path.name
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    # What the input dump saves is the weights' bytes (the rest is the graph and the exporter's metadata).
+    saved = demo_onnx.stat().st_size - (dump / "00_input.onnx").stat().st_size
+    assert saved >= 0.95 * sum(w.const_value.nbytes for w in weights.values())
+    # The input dump keeps every weight as a typed graph input.
+    inputs = {v.name: v for v in ir.load(dump / "00_input.onnx").graph.inputs}
+    assert all(inputs[n].dtype == w.dtype and inputs[n].shape == w.shape for n, w in weights.items())
+    # The weights were put back: the output holds them and gives torch's tokens.
+    assert {v.name for v in ir.load(out).graph.inputs} == {v.name for v in ir.load(demo_onnx).graph.inputs}
+    assert ort_tokens(out) == torch_tokens
+
+
 def test_no_moe_pattern_is_reported_not_an_error(tmp_path):
     import sys
 
