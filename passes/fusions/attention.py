@@ -13,7 +13,8 @@ Unsqueeze/Expand/Reshape. So the rule is written here, with onnxscript's pattern
 Unsqueeze at axis 2 then Expand repeats each kv head N/K times in a row, which is ONNX Attention's
 GQA (np.repeat over heads); the check refuses any other layout, a mask that does not broadcast to
 [B, N, S, T], a non-scalar scale, a softmax not over keys, a non-float dtype. onnxscript's matcher
-refuses intermediates with other consumers. The QK norm and temperature tuning stay before q's
+refuses intermediates with other consumers. An fp16/bf16 export's fp32 softmax (Cast, Softmax,
+Cast) becomes softmax_precision=FLOAT (``_GqaSdpaFp32Softmax``). The QK norm and temperature tuning stay before q's
 Transpose, the KV-cache Concat stays outside (its output is a graph output).
 
 The mask input stays: it comes from the position ids (chunked causal on RoPE layers, causal from
@@ -110,12 +111,39 @@ class _GqaSdpa(pattern.RewriteRuleClassBase):
         return op.Attention(q_BNSD, k_BKTD, v_BKTD, mask, scale=value)
 
 
+class _GqaSdpaFp32Softmax(_GqaSdpa):
+    """An fp16/bf16 export: the model's softmax runs in fp32 between two Casts (models/llama4.py),
+    which Attention says with softmax_precision=FLOAT. (TensorRT's parser refuses that attribute;
+    this fusion is for ONNX Runtime, which takes it.)"""
+
+    def __init__(self) -> None:
+        pattern.RewriteRuleClassBase.__init__(self, name="GqaAttention23Fp32Softmax", remove_nodes=True)
+
+    def pattern(self, op, q_BNSD, k_BKTD, v_BKTD, k_axes, k_shape5, k_shape4, v_axes, v_shape5, v_shape4, scale, mask):
+        k_BNTD = self._repeat_kv(op, k_BKTD, k_axes, k_shape5, k_shape4, "k")
+        v_BNTD = self._repeat_kv(op, v_BKTD, v_axes, v_shape5, v_shape4, "v")
+        kt = op.Transpose(k_BNTD, _outputs=["kt"])
+        scores = op.Add(op.Mul(op.MatMul(q_BNSD, kt), scale), mask)
+        probs = op.Softmax(op.Cast(scores, to=ir.DataType.FLOAT), _outputs=["probs"])
+        return op.MatMul(op.Cast(probs, _outputs=["probs_low"]), v_BNTD)
+
+    def check(self, context, q_BNSD, probs_low, **kwargs):
+        result = super().check(context, q_BNSD=q_BNSD, **kwargs)
+        if result and probs_low.producer().attributes.get_int("to") != q_BNSD.dtype:
+            return result.fail(f"the probabilities are cast to {probs_low.dtype}, not back to q's {q_BNSD.dtype}", probs_low)
+        return result
+
+    def rewrite(self, op, q_BNSD, k_BKTD, v_BKTD, mask, scale, **_):
+        value = float(ir.convenience.get_const_tensor(scale).numpy().ravel()[0])
+        return op.Attention(q_BNSD, k_BKTD, v_BKTD, mask, scale=value, softmax_precision=ir.DataType.FLOAT)
+
+
 def _ints_attr(node: ir.Node, name: str) -> list[int] | None:
     a = node.attributes.get(name)
     return None if a is None else list(a.value)
 
 
-attention_ruleset = pattern.RewriteRuleSet([_GqaSdpa.rule()])
+attention_ruleset = pattern.RewriteRuleSet([_GqaSdpa.rule(), _GqaSdpaFp32Softmax.rule()])
 
 
 def fuse_attention(model: ir.Model, log: FusionLog | None = None, allow_opset_upgrade: bool = True) -> int:

@@ -257,6 +257,11 @@ def test_fp16_export_fuses(demo_ckpt, tmp_path):
     report = optimize_onnx(src, tmp_path / "opt" / "model.onnx", OptimizeConfig(target="ort", moe_lowering="gather"))
     assert report.fused_gating == report.fused_experts == 2 and report.precision == "fp16"
     assert ort_tokens(tmp_path / "opt" / "model.onnx") == ort_tokens(src)
+    # The export's fp32 softmax (Cast, Softmax, Cast) becomes Attention's softmax_precision=FLOAT.
+    matches = {r.name: r.matches for r in report.passes}
+    assert (matches["fuse_rotary"], matches["fuse_attention"]) == (6, 4)
+    attns = [n for n in ir.load(tmp_path / "opt" / "model.onnx").graph if n.op_type == "Attention"]
+    assert [a.attributes.get_int("softmax_precision") for a in attns] == [int(ir.DataType.FLOAT)] * 4
 
 
 @pytest.mark.trt
