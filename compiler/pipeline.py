@@ -127,8 +127,8 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
     opset23 = target.kind in ("ort", "trt-rtx")
     rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else opset23
     rope = config.fuse_rotary if config.fuse_rotary is not None else opset23
-    # ONNX Attention pays on ONNX Runtime (decode 3-4x); TensorRT fuses attention itself and
-    # TensorRT-RTX cannot build an fp32 ONNX Attention for sm89.
+    # ONNX Attention pays on ONNX Runtime (decode about 3x); TensorRT-RTX cannot build it for sm89 in
+    # the demo graph (fp32 or fp16) and TensorRT has its own attention fusion.
     attn = config.fuse_attention if config.fuse_attention is not None else target.kind == "ort"
     # The opset-23 fusions first: their opset upgrade (onnxscript's version converter) inlines
     # model-local functions, which would dissolve fused moec ops.

@@ -14,8 +14,8 @@ Unsqueeze at axis 2 then Expand repeats each kv head N/K times in a row, which i
 GQA (np.repeat over heads); the check refuses any other layout, a mask that does not broadcast to
 [B, N, S, T], a non-scalar scale, a softmax not over keys, a non-float dtype. onnxscript's matcher
 refuses intermediates with other consumers. An fp16/bf16 export's fp32 softmax (Cast, Softmax,
-Cast) becomes softmax_precision=FLOAT (``_GqaSdpaFp32Softmax``). The QK norm and temperature tuning stay before q's
-Transpose, the KV-cache Concat stays outside (its output is a graph output).
+Cast) becomes softmax_precision=FLOAT (``_GqaSdpaFp32Softmax``). The QK norm and temperature tuning
+stay before q's Transpose, the KV-cache Concat stays outside (its output is a graph output).
 
 The mask input stays: it comes from the position ids (chunked causal on RoPE layers, causal from
 absolute key positions on NoPE layers), which ``is_causal`` cannot express (it assumes query i sits
@@ -28,10 +28,14 @@ Expand that no longer materializes N/K copies of the cache. Prefill is a wash wi
 noise (S=T=128: 5.6 vs 5.6 and 6.1 vs 7.1 ms; S=T=512: 85 vs 79 and 88 vs 110 ms). Decode dominates
 generation, so it is on by default for ``--target ort``.
 
-Where it does not: TensorRT. TensorRT-RTX 1.7 parses ONNX Attention but building it for sm89 fails
-in fp32 ("Attention operation was not supported by a dedicated kernel"); fp16 builds (checked with
-D 16 and 128). TensorRT fuses the MatMul/Softmax/MatMul chain into its own attention itself, so the
-fusion is off by default for trt/trt-rtx targets (OptimizeConfig.fuse_attention forces it).
+Where it does not: TensorRT. TensorRT-RTX 1.7 parses ONNX Attention, but building for sm89 fails
+with "Attention operation was not supported by a dedicated kernel" for the fused demo graph in fp32
+and also after --precision fp16 (checked); a lone fp16 Attention node with the same mask does build
+(D 16 and 128), fp32 does not. Its parser also refuses softmax_precision ("not supported in TensorRT
+Attention"), so the fp16-export form cannot go there at all. TensorRT documents its own attention
+fusion of the MatMul/Softmax/MatMul chain (work-with-transformers, multi-head attention fusion), which
+could not be timed here (no machine of this project runs a TensorRT engine). So the fusion is off for
+trt/trt-rtx targets unless OptimizeConfig.fuse_attention forces it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ refuses a match whose intermediates have other consumers. cos/sin themselves are
 (computed once per graph and shared by every layer), so the fused graph computes the same angles.
 
 Where it pays: TensorRT's ONNX parser maps RotaryEmbedding to one layer (TensorRT-RTX 1.7 builds the
-fused demo graph for sm89: tests/passes/test_rotary.py), replacing 14 elementwise/shape nodes per q
+fused demo graph for sm89: tests/passes/test_rotary.py), replacing 13 elementwise/shape nodes per q
 or k. ONNX Runtime 1.32's CPU provider runs it with the same numbers (fp32 rel err 6e-7 on the demo's
 logits and cache). So it is on where opset 23 is (ort, trt-rtx), as RMSNormalization.
 """
