@@ -44,7 +44,7 @@ def test_rotary_refuses_a_second_consumer(demo_clean):
 def test_rotary_refuses_a_cache_of_another_dtype_or_shape(demo_clean, change, reason):
     model = ir.load(demo_clean)
     change(next(node for node in model.graph if node.op_type == "Cos").outputs[0])
-    model, log = model, FusionLog()
+    log = FusionLog()
     assert fuse_rotary(model, log) == 0
     assert log.refusals and all(reason in r.reason for r in log.refusals), log.refusals
 
