@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from moec.common.errors import MoecError
 
 
 def _umask() -> int:
@@ -24,15 +26,25 @@ def _umask() -> int:
     return mask
 
 
+def _no_room_to_write(dest: Path, e: OSError) -> MoecError:
+    return MoecError(f"cannot write {dest}: {e.strerror or e}; choose a writable location")
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it to ``dest``.
 
-    The temporary name keeps ``dest``'s suffix (some writers pick a format from it).
+    The temporary name keeps ``dest``'s suffix (some writers pick a format from it). A destination
+    that is a folder, or a location that cannot be written, is a MoecError before any work.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix + ".tmp", dir=dest.parent)
+    if dest.is_dir():
+        raise MoecError(f"{dest} is a folder; give a file name")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix + ".tmp", dir=dest.parent)
+    except OSError as e:
+        raise _no_room_to_write(dest, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes the file owner-only (0600); an artifact gets the permissions of a plain open(),
@@ -47,15 +59,47 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``.
+def check_output_dir(dest: str | os.PathLike, *, replaces: str | None = None,
+                     inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output folder whose replacement would destroy something of the user's.
 
-    An existing ``dest`` is removed only after the new folder is complete.
+    ``dest`` may be absent, an empty folder, or a folder holding ``replaces`` (a file only an
+    earlier output of the same kind has, such as an engine folder's manifest.json). Any other
+    folder, a file, or a folder that holds or is one of ``inputs`` is a MoecError.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    resolved = dest.resolve()
+    for inp in inputs:
+        inp = Path(inp).resolve()
+        if inp == resolved or resolved in inp.parents:
+            raise MoecError(f"output folder {dest} holds the input {inp}; choose another output folder")
+    if not dest.exists():
+        return dest
+    if not dest.is_dir():
+        raise MoecError(f"{dest} is a file; give a folder for the output")
+    if replaces is not None and (dest / replaces).is_file():
+        return dest
+    if any(dest.iterdir()):
+        kind = f"an earlier output (it has no {replaces})" if replaces else "empty"
+        raise MoecError(f"output folder {dest} exists and is not {kind}; moec replaces an output folder as a whole, "
+                        f"so choose a new or empty folder")
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, replaces: str | None = None,
+               inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it replaces ``dest``.
+
+    ``dest`` is checked first (``check_output_dir``): only an empty folder or an earlier output
+    holding ``replaces`` is ever replaced, and only after the new folder is complete.
+    """
+    dest = check_output_dir(dest, replaces=replaces, inputs=inputs)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise _no_room_to_write(dest, e) from e
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only (0700); see atomic_path
     try:
         yield tmp

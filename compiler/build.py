@@ -34,7 +34,7 @@ from typing import Any, Callable
 import onnx
 
 from moec.common import contract
-from moec.common.artifacts import atomic_dir, atomic_path, sha256_file
+from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
 from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
@@ -682,6 +682,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise MoecError(f"{onnx_path} does not exist: pass the .onnx written by `moec optimize` or `moec export`")
+    # The output folder is replaced as a whole: refuse one that holds the inputs or something that
+    # is not an earlier engine folder, before any work.
+    protected = [onnx_path, *([config.timing_cache] if config.timing_cache else [])]
+    check_output_dir(out_dir, replaces=contract.ENGINE_MANIFEST, inputs=protected)
     flavour = import_trt(config.backend)
     trt = flavour.trt
     notes: list[str] = []
@@ -711,7 +715,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
 
     display = display or ProgressDisplay(config.progress)
     engines: dict[str, Path] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=contract.ENGINE_MANIFEST, inputs=protected) as tmp:
         entries = []
         with display:
             # With ampere+, one full-TensorRT build serves every listed arch.
@@ -752,7 +756,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "notes": notes,
         }
         (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    save_timing_cache(timing_cache, config.timing_cache)
+        # Inside the folder's transaction: a cache that cannot be written fails the build before
+        # the engine folder appears, not after.
+        save_timing_cache(timing_cache, config.timing_cache)
     return BuildResult(out_dir, manifest, engines, notes, time.perf_counter() - t0)
 
 

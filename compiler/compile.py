@@ -32,6 +32,7 @@ from moec.common.errors import MoecError
 
 DEFAULT_TARGET = "trt-rtx:sm89"
 DEMO_PRESET = "llama4-tiny"
+REPORT_FILE = "compile_report.json"  # marks a folder as a compile output (safe to replace)
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,11 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MoecError(f"checkpoint {checkpoint}: not a folder; give a Hugging Face checkpoint folder "
                         f"(config.json + safetensors), or no checkpoint for the embedded demo")
+    # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
+    # one must be an earlier compile output (or empty).
+    protected = [checkpoint] if checkpoint is not None else []
     report = CompileReport(out_dir=out_dir, target=config.target)
-    with atomic_dir(out_dir) as work:
+    with atomic_dir(out_dir, replaces=REPORT_FILE, inputs=protected) as work:
         state = _State(config=config, work=work, checkpoint=Path(checkpoint) if checkpoint is not None else None)
         for name, stage in STAGES:
             t0 = time.perf_counter()
@@ -278,5 +282,5 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                 continue
             p = Path(p)
             report.artifacts[key] = str(out_dir / p.relative_to(work)) if p.is_relative_to(work) else str(p)
-        write_json_atomic(work / "compile_report.json", report.to_dict())
+        write_json_atomic(work / REPORT_FILE, report.to_dict())
     return report

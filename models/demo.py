@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moec.common.artifacts import atomic_dir
+from moec.common.artifacts import atomic_dir, check_output_dir
 from moec.common.contract import TOKENIZER_FILE
 from moec.common.errors import MoecError
 from moec.models.checkpoint import CONFIG_FILE, INDEX_FILE, TEXT_PREFIX, WEIGHTS_FILE
@@ -24,6 +24,9 @@ from moec.models.llama4 import Llama4ForCausalLM
 LAYOUTS = {"causal_lm": CAUSAL_LM, "conditional_generation": CONDITIONAL_GENERATION}
 # Random weights for the full-size presets would be hundreds of GB; refuse above this.
 MAX_DEMO_PARAMS = 500_000_000
+# Written into every demo checkpoint: only a folder holding it is replaced by a new demo, so a real
+# checkpoint (which also has a config.json) is never overwritten with random weights.
+DEMO_MARKER = "moec-demo-checkpoint.txt"
 
 # Byte-level tokenizer: ids 0..255 are the bytes themselves, then these special tokens.
 BOS = "<|begin_of_text|>"
@@ -133,8 +136,7 @@ def write_demo_checkpoint(
     out = Path(out_dir)
     if layout not in LAYOUTS:
         raise MoecError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).exists())):
-        raise MoecError(f"{out}: exists and is not a checkpoint folder; choose a new or empty directory")
+    check_output_dir(out, replaces=DEMO_MARKER)
     config = demo_config(preset)
     state = random_state_dict(config, seed)
     if not 1 <= shards <= len(state):
@@ -142,7 +144,9 @@ def write_demo_checkpoint(
     prefix = TEXT_PREFIX[layout]
     state = {prefix + k: v for k, v in state.items()}
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaces=DEMO_MARKER) as tmp:
+        (tmp / DEMO_MARKER).write_text(f"random weights written by `moec demo-checkpoint` (seed {seed}); "
+                                       "moec may replace this folder with a new demo checkpoint\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_config(LAYOUTS[layout]), indent=2) + "\n")
         build_tokenizer().save(str(tmp / TOKENIZER_FILE))
         if shards == 1:

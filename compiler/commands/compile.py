@@ -34,7 +34,7 @@ def _table(stages: list[StageRecord]):
 
 @click.command("compile")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (replaced only when the whole job succeeds).")
 @click.option("--target", default=DEFAULT_TARGET, show_default=True,
               help="ort, trt:<arch> (full TensorRT) or trt-rtx:<arch> (TensorRT for RTX; builds on a CPU).")

@@ -411,3 +411,25 @@ def test_sigint_during_build_cancels_through_the_monitor(tiny, tmp_path):
     import signal
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the build
+
+
+def test_output_folder_holding_the_input_or_user_files_is_refused_before_work(tmp_path):
+    """`moec build work/m.onnx -o work` would replace the folder that holds the model."""
+    from moec.compiler.build import BuildConfig, build_engine
+
+    work = tmp_path / "work"
+    work.mkdir()
+    model = work / "m.onnx"
+    model.write_bytes(b"not even parsed: the output check comes first")
+    (work / "README").write_text("keep")
+    with pytest.raises(MoecError, match="holds the input"):
+        build_engine(model, work, BuildConfig(progress=False))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(MoecError, match="choose a new or empty folder"):
+        build_engine(model, other, BuildConfig(progress=False))
+    with pytest.raises(MoecError, match="holds the input"):
+        build_engine(model, tmp_path / "e", BuildConfig(progress=False, timing_cache=tmp_path / "e" / "tc.bin"))
+    assert sorted(p.name for p in work.iterdir()) == ["README", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "work"]

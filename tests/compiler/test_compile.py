@@ -43,14 +43,38 @@ def test_compile_demo_to_sm89_engine(tmp_path, capsys):
 def test_failed_verify_keeps_previous_output_and_leaves_no_partial(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "compile_report.json").write_text("{}")  # an earlier compile's output: replaceable
     (out / "previous.txt").write_text("an earlier good compile")
     # atol = rtol = 0: any rounding difference between ORT and torch fails the verify stage.
     with pytest.raises(MoecError, match="verify") as exc:
         compile_checkpoint(None, out, CompileConfig(target="ort", atol=0.0, rtol=0.0, progress=False))
     stages = [(s.stage, s.status) for s in exc.value.report.stages]
     assert stages[-1] == ("verify", "FAILED") and ("build", "skipped") not in stages
-    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["compile_report.json", "previous.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    # -o equal to the checkpoint would replace it with the compile output.
+    code, _, err = _cli(["compile", str(ckpt), "-o", str(ckpt)], capsys)
+    assert code == 2 and "holds the input" in err
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json"]
+    # A folder of the user's that is not an earlier compile output.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep")
+    code, _, err = _cli(["compile", "-o", str(notes)], capsys)
+    assert code == 2 and "choose a new or empty folder" in err
+    assert sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
+    # A file.
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    code, _, err = _cli(["compile", "-o", str(f)], capsys)
+    assert code == 2 and f.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file.txt", "notes"]
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def test_cli_reports_bad_checkpoint_without_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "is not a checkpoint folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert "choose a new or empty folder" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
