@@ -17,10 +17,13 @@ Result JSON (``BENCH_FORMAT``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,35 @@ def _all_tensors(graph):
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
                     yield from _all_tensors(g)
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """Every file the artifact consists of or reads: the .onnx, its external data, sidecar and
+    tokenizer; or an engine directory's manifest, engines, sidecar and tokenizer."""
+    if path.is_dir():
+        files = [path / contract.ENGINE_MANIFEST]
+        with contextlib.suppress(MoecError, OSError, ValueError, KeyError, TypeError):
+            manifest = json.loads((path / contract.ENGINE_MANIFEST).read_text())
+            files += [path / e["file"] for e in manifest.get("engines", [])]
+            files += [path / manifest[k] for k in ("sidecar", "tokenizer") if manifest.get(k)]
+        return files
+    files = [path, contract.sidecar_path(path), path.parent / contract.TOKENIZER_FILE]
+    with contextlib.suppress(MoecError, OSError, ValueError):
+        files += onnx_files(path)
+    return files
+
+
+def check_result_path(out: str | Path, artifact: str | Path) -> None:
+    """Refuse to write a bench result over the artifact or any file of it (before any timing)."""
+    out, artifact = Path(out), Path(artifact)
+    target = out.resolve()
+    if target == artifact.resolve():
+        raise MoecError(f"--json {out} is the benched artifact itself: write the result to another file, e.g. bench.json")
+    for f in artifact_files(artifact):
+        same = f.resolve() == target or (out.exists() and f.exists() and os.path.samefile(f, out))
+        if same:
+            raise MoecError(f"--json {out} is {f.name}, a file of the benched artifact {artifact}: "
+                            "write the result to another file, e.g. bench.json")
 
 
 def source_hashes(onnx_path: Path) -> dict[str, Any]:

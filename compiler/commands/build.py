@@ -166,8 +166,10 @@ def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warm
     from rich.table import Table
 
     from moec.common.artifacts import write_json_atomic
-    from moec.runtime.bench import BenchConfig, bench_artifact
+    from moec.runtime.bench import BenchConfig, bench_artifact, check_result_path
 
+    if json_out is not None:
+        check_result_path(json_out, artifact)
     result = bench_artifact(artifact, BenchConfig(prompt_len, gen_len, batch, repeats, warmup), backend)
     table = Table(title=f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')})")
     for col in ("metric", "unit", "p50", "p90", "p99"):

@@ -50,3 +50,23 @@ def test_cli_bench_then_gate(demo_onnx, tmp_path, capsys):
     assert res["metrics"]["decode_ms_per_step"]["repeats"] and "wrote" in capsys.readouterr().out
     # A result gated against itself passes.
     main(["gate", str(out), "--baseline", str(out)])
+
+
+def test_cli_bench_refuses_to_write_over_the_artifact(demo_onnx, tmp_path, capsys):
+    import shutil
+
+    from moec.common import contract
+    from moec.compiler.cli import main
+
+    work = tmp_path / "w"
+    work.mkdir()
+    for f in demo_onnx.parent.iterdir():
+        if f.is_file():
+            shutil.copy2(f, work / f.name)
+    model = work / demo_onnx.name
+    before = {f.name: f.read_bytes() for f in work.iterdir()}
+    for target in (model, contract.sidecar_path(model), work / contract.TOKENIZER_FILE, work / "." / model.name):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", str(model), "--json", str(target), "--prompt-len", "2", "--gen-len", "1", "--repeats", "1"])
+        assert e.value.code == 2 and "benched artifact" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in work.iterdir()} == before
