@@ -301,9 +301,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     import onnx_ir as ir
 
     from moec.models import Llama4Config, load_pretrained
+    from moec.models.checkpoint import checkpoint_folder
 
     t_start = time.perf_counter()
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = checkpoint_folder(checkpoint_dir)
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise MoecError(f"the export's file name must end in .onnx, got {out_path}")

@@ -192,10 +192,11 @@ def verify(checkpoint: str | os.PathLike, config: VerifyConfig = VerifyConfig())
     """Export ``checkpoint`` with ``config.dtype`` and compare ONNX Runtime against PyTorch."""
     from moec.compiler.export import ExportConfig, export_onnx
     from moec.models import Llama4Config
+    from moec.models.checkpoint import checkpoint_folder
     from moec.models.torch_backend import TorchBackend
     from moec.runtime.ort_backend import OrtBackend
 
-    llama = Llama4Config.from_pretrained(checkpoint)
+    llama = Llama4Config.from_pretrained(checkpoint_folder(checkpoint))
     with tempfile.TemporaryDirectory(prefix="moec-verify-") as tmp:
         out_dir = Path(config.export_dir) if config.export_dir else Path(tmp)
         onnx_path = out_dir / "model.onnx"

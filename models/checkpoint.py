@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,14 +69,33 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise MoecError(f"dtype {dtype!r} is not supported; use fp32, fp16 or bf16") from None
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointFiles:
-    """Read config.json and find the weight files, without reading any weights."""
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a checkpoint folder: it exists, is a folder, and holds config.json.
+
+    Every command that takes a CHECKPOINT (export, verify, run, compile) goes through here first,
+    so a typo or a file given in its place gets the same message everywhere, before any other
+    check reads the path as something it is not.
+    """
     directory = Path(path)
+    if not directory.exists():
+        raise MoecError(
+            f"{directory} does not exist; give a Hugging Face checkpoint folder (config.json + *.safetensors)"
+        )
     if not directory.is_dir():
-        raise MoecError(f"{directory}: not a directory; point moec at a Hugging Face checkpoint directory")
+        raise MoecError(
+            f"CHECKPOINT must be a folder (got a file: {directory}); give the Hugging Face checkpoint folder "
+            "that holds config.json and the *.safetensors weights"
+        )
     config_file = directory / CONFIG_FILE
     if not config_file.is_file():
-        raise MoecError(f"{config_file}: missing; a checkpoint directory needs config.json beside its weights")
+        raise MoecError(f"{config_file}: missing; a checkpoint folder needs config.json beside its weights")
+    return directory
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
+    """Read config.json and find the weight files, without reading any weights."""
+    directory = checkpoint_folder(path)
+    config_file = directory / CONFIG_FILE
     config = Llama4Config.from_pretrained(config_file)
     raw = json.loads(config_file.read_text())
     multimodal = architecture_of(raw, str(config_file)) == CONDITIONAL_GENERATION

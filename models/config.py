@@ -149,11 +149,15 @@ class Llama4Config:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Llama4Config:
-        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        """Read ``config.json`` from a checkpoint directory (or a .json config file itself)."""
         path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise MoecError(f"{file}: no config.json; point moec at a Hugging Face checkpoint directory")
+        if path.is_file() and path.suffix == ".json":
+            file = path
+        else:
+            # Anything else must be a checkpoint folder; one check, one message, for every command.
+            from moec.models.checkpoint import CONFIG_FILE, checkpoint_folder
+
+            file = checkpoint_folder(path) / CONFIG_FILE
         try:
             d = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

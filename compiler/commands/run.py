@@ -119,6 +119,10 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     gen_config = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
     backend = backend or detect_backend(artifact)
+    if checkpoint is not None:
+        from moec.models.checkpoint import checkpoint_folder
+
+        checkpoint_folder(checkpoint)
 
     tokenizer = None
     tok_path = find_tokenizer(artifact, checkpoint)

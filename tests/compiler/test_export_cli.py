@@ -58,3 +58,16 @@ def test_bad_checkpoint_writes_nothing(tmp_path, capsys):
     code, _, err = run_cli(["export", tmp_path / "ckpt", "-o", out], capsys)
     assert code == 2 and "config.json" in err
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_file_or_missing_path_as_checkpoint(demo_onnx, tmp_path, capsys):
+    """export, verify and run --checkpoint share one message for a file or a typo given as CHECKPOINT."""
+    out = tmp_path / "o" / "x.onnx"
+    for cmd in (["export", demo_onnx, "-o", out], ["verify", demo_onnx], ["run", demo_onnx, "--checkpoint", demo_onnx, "--prompt-ids", "1"]):
+        code, _, err = run_cli(cmd, capsys)
+        assert code == 2 and "CHECKPOINT must be a folder (got a file" in err and "JSON" not in err, (cmd, err)
+    missing = tmp_path / "nonexist"
+    for cmd in (["export", missing, "-o", out], ["verify", missing], ["run", demo_onnx, "--checkpoint", missing, "--prompt-ids", "1"]):
+        code, _, err = run_cli(cmd, capsys)
+        assert code == 2 and f"{missing} does not exist" in err and "no config.json" not in err, (cmd, err)
+    assert not out.parent.exists()

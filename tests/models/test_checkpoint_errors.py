@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moec.common.errors import MoecError
-from moec.models import load_pretrained
+from moec.models import Llama4Config, load_pretrained
+from moec.models.checkpoint import checkpoint_folder
 from moec.models.demo import write_demo_checkpoint
 
 
@@ -50,8 +51,21 @@ def test_missing_config(ckpt):
 
 
 def test_not_a_directory(tmp_path):
-    with pytest.raises(MoecError, match="not a directory"):
+    with pytest.raises(MoecError, match="nowhere does not exist; give a Hugging Face checkpoint folder"):
         load_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("read", [load_pretrained, Llama4Config.from_pretrained, checkpoint_folder])
+def test_a_file_or_nothing_given_as_checkpoint(tmp_path, read):
+    """Every entry point that takes a checkpoint says what the path is, not what it lacks."""
+    (tmp_path / "m.onnx").write_bytes(b"\xa3\x00 not a folder")
+    with pytest.raises(MoecError, match=r"CHECKPOINT must be a folder \(got a file: .*m\.onnx\)"):
+        read(tmp_path / "m.onnx")
+    with pytest.raises(MoecError, match=r"nowhere does not exist"):
+        read(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoecError, match=r"empty/config\.json: missing"):
+        read(tmp_path / "empty")
 
 
 def test_unsupported_architecture(ckpt):
