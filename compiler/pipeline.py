@@ -285,6 +285,22 @@ def _read_sidecar(in_path: Path) -> dict | None:
         raise MoecError(f"cannot read the sidecar {side}: {e}; re-export the model") from e
 
 
+def _check_external_data(in_path: Path) -> None:
+    """The check run and bench make, here before any pass: the output is written by reading every
+    weight, so a missing or short .data file would otherwise fail only at the very end."""
+    from moec.common.onnx_files import missing_external_data
+
+    try:
+        problems = missing_external_data(in_path)
+    except Exception:  # not parseable as ONNX: loading it below says why
+        return
+    if problems:
+        raise MoecError(
+            f"{in_path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
+            "Keep the .data file beside the .onnx (same name as when exported) or re-export."
+        )
+
+
 def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, config: OptimizeConfig = OptimizeConfig()) -> OptimizeReport:
     """Optimize ``in_path`` for ``config.target`` and write ``out_path`` with its sidecar files."""
     from moec.passes.fusions._graph import FusionLog
@@ -297,6 +313,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise MoecError(f"precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not in_path.is_file():
         raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
+    _check_external_data(in_path)
     sidecar = _read_sidecar(in_path)
     if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
         raise MoecError(

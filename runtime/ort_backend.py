@@ -24,6 +24,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
+from moec.common.onnx_files import missing_external_data
 
 # ONNX type strings of the KV inputs -> the element type an empty OrtValue needs. bf16 has no
 # numpy dtype, so it goes by its ONNX enum (onnx.TensorProto.BFLOAT16 == 16).
@@ -63,45 +64,6 @@ def expected_io(num_layers: int) -> tuple[list[str], list[str]]:
         inputs += [contract.past_key(i), contract.past_value(i)]
         outputs += [contract.present_key(i), contract.present_value(i)]
     return inputs, outputs
-
-
-def missing_external_data(onnx_path: str | os.PathLike) -> list[str]:
-    """External-data files that ``onnx_path`` references but that are absent or too short.
-
-    Reads only the graph structure (``load_external_data=False``), not the weights.
-    """
-    import onnx
-
-    onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    needed: dict[str, int] = {}
-    for t in _all_tensors(model.graph):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        loc = info.get("location", "")
-        needed[loc] = max(needed.get(loc, 0), end)
-    problems = []
-    for loc, end in sorted(needed.items()):
-        f = onnx_path.parent / loc
-        if not f.is_file():
-            problems.append(f"{f} (missing)")
-        elif f.stat().st_size < end:
-            problems.append(f"{f} (has {f.stat().st_size} bytes, the graph needs {end})")
-    return problems
-
-
-def _all_tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _all_tensors(g)
 
 
 @dataclass

@@ -4,6 +4,7 @@ greedy tokens; the report, sidecar, external data, dumps and bad inputs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import onnx_ir as ir
@@ -275,3 +276,28 @@ def test_tensorrt_rtx_parses_the_default_trt_rtx_graph(demo_onnx, tmp_path):
     network = trt.Builder(logger).create_network(int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     assert parser.parse_from_file(str(out)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+
+
+def _external_copy(demo_onnx, folder):
+    src = folder / "model.onnx"
+    folder.mkdir()
+    ir.save(ir.load(demo_onnx), src, external_data="model.onnx.data", size_threshold_bytes=0)
+    for f in (contract.sidecar_path(demo_onnx), demo_onnx.parent / contract.TOKENIZER_FILE):
+        shutil.copy(f, folder / f.name.replace(demo_onnx.stem, src.stem))
+    return src
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_unusable_external_data_is_refused_before_work(demo_onnx, tmp_path, damage):
+    src = _external_copy(demo_onnx, tmp_path / "ext")
+    data = src.with_name("model.onnx.data")
+    if damage == "missing":
+        data.unlink()
+    else:
+        with open(data, "r+b") as f:
+            f.truncate(1000)
+    out, dump = tmp_path / "out" / "model.onnx", tmp_path / "dump"
+    expected = "(missing)" if damage == "missing" else "(has 1000 bytes, the graph needs"
+    with pytest.raises(MoecError, match=re.escape(str(data)) + ".*" + re.escape(expected)):
+        optimize_onnx(src, out, OptimizeConfig(target="ort", dump_dir=dump))
+    assert not out.parent.exists() and not dump.exists()  # refused before any work
