@@ -11,8 +11,14 @@ Result JSON (``BENCH_FORMAT``)::
      "artifact": {"path", "kind", "sha256"},
      "backend": backend.describe(),            # device and software versions
      "config": {prompt_len, gen_len, batch, repeats, warmup, seed},
-     "metrics": {name: {"unit", "better": "lower"|"higher", "median", "p50", "p90", "p99",
-                        "repeats": [one value per repeat]}}}
+     "metrics": {name: {"unit", "better": "lower"|"higher", "median", "p50",
+                        "p90", "p99" (latency, "lower") | "p10", "p1" (throughput, "higher"),
+                        "repeats": [one value per repeat], "population": what the numbers are over}}}
+
+Latency percentiles are over every sample (all decode steps of all repeats; one prefill per
+repeat); each throughput is ``tokens * 1000 / latency`` at the same percentile, so tokens/s and
+ms/step always agree and the tail of every metric (p90/p99 of a latency, p10/p1 of a throughput)
+is its pessimistic side.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
 from moec.runtime.backend import Backend
 
-BENCH_FORMAT = "moec.bench/1"
+# 2: every metric from one population (named in "population"); throughputs are their latency's
+# inverse at the same percentile, with the slow tail as p10/p1.
+BENCH_FORMAT = "moec.bench/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +55,12 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("prompt_len", "gen_len", "batch", "repeats"):
+        for name in ("prompt_len", "batch", "repeats"):
             if getattr(self, name) < 1:
                 raise MoecError(f"bench {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.gen_len < 2:
+            raise MoecError(f"bench gen-len must be >= 2, got {self.gen_len}: the first new token comes from the "
+                            "prefill, so decode steps are timed from the second on")
         if self.warmup < 0:
             raise MoecError(f"bench warmup must be >= 0, got {self.warmup}")
 
@@ -154,14 +165,44 @@ def open_backend(path: Path, backend: str | None = None) -> Backend:
     return OrtBackend.from_onnx(path)
 
 
+# Percentile keys: latency metrics give the slow tail as p90/p99 of the time; throughput metrics,
+# derived from those same times, give the slow tail as p10/p1 (the throughput of a p90/p99 step),
+# so the tail of every metric is its pessimistic side.
+LATENCY_KEYS = ("p50", "p90", "p99")
+THROUGHPUT_KEYS = ("p50", "p10", "p1")
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"median": float(np.median(a)), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+    return {"median": float(p50), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def latency_metric(samples_ms: list[float], per_repeat_ms: list[float], population: str) -> dict[str, Any]:
+    """Percentiles over ``samples_ms``; ``repeats`` (one value per repeat, the median of that
+    repeat's samples) feed the gate's noise band."""
+    return {"unit": "ms", "better": "lower", **percentiles(samples_ms), "repeats": per_repeat_ms,
+            "population": population}
+
+
+def throughput_metric(latency: dict[str, Any], tokens_per_sample: int, of: str) -> dict[str, Any]:
+    """Tokens/s derived from a latency metric at the same percentile (tokens * 1000 / ms), so the
+    two never disagree; the slow tail is p10/p1 = the throughput of a p90/p99 sample."""
+    def rate(ms: float) -> float:
+        return tokens_per_sample * 1e3 / ms if ms > 0 else 0.0
+
+    return {"unit": "tokens/s", "better": "higher", "median": rate(latency["median"]), "p50": rate(latency["p50"]),
+            "p10": rate(latency["p90"]), "p1": rate(latency["p99"]),
+            "repeats": [rate(v) for v in latency["repeats"]],
+            "population": f"{tokens_per_sample} tokens * 1000 / {of} at the same percentile (p10 from its p90, p1 from its p99)"}
 
 
 def run_bench(backend: Backend, config: BenchConfig) -> dict[str, dict[str, Any]]:
-    """Time ``config.repeats`` generate calls on ``backend``; return the metrics block."""
+    """Time ``config.repeats`` generate calls on ``backend``; return the metrics block.
+
+    Every metric comes from one population, named in its "population" field: decode latency from
+    all decode steps of all repeats, prefill latency from one prefill per repeat; each throughput
+    is its latency's inverse at the same percentile."""
     from moec.runtime.generate import GenerationConfig, generate
 
     if config.prompt_len + config.gen_len > backend.max_positions:
@@ -171,29 +212,23 @@ def run_bench(backend: Backend, config: BenchConfig) -> dict[str, dict[str, Any]
     vocab_hi = 100  # small ids exist in every vocabulary
     prompt = rng.integers(0, vocab_hi, size=(config.batch, config.prompt_len), dtype=np.int64)
     gen = GenerationConfig(max_new_tokens=config.gen_len, stop_on_eos=False)
-    prefill_ms, decode_p50_ms, decode_steps_ms, tok_s, prefill_tok_s = [], [], [], [], []
+    prefill_ms, step_ms, step_median_ms = [], [], []
     for i in range(config.warmup + config.repeats):
         result = generate(backend, prompt, gen)
         if i < config.warmup:
             continue
         steps = [s * 1e3 for s in result.decode_step_s]
         prefill_ms.append(result.prefill_s * 1e3)
-        decode_steps_ms.extend(steps)
-        decode_p50_ms.append(float(np.median(steps)) if steps else 0.0)
-        decode_s = sum(result.decode_step_s)
-        tok_s.append(config.batch * len(steps) / decode_s if decode_s > 0 else 0.0)
-        prefill_tok_s.append(config.batch * config.prompt_len / result.prefill_s if result.prefill_s > 0 else 0.0)
-
-    def metric(unit, better, per_repeat, spread=None):
-        # Percentiles over every sample (all decode steps of all repeats for decode latency);
-        # "repeats" keeps one value per repeat for the gate's noise band.
-        return {"unit": unit, "better": better, **percentiles(spread or per_repeat), "repeats": per_repeat}
-
+        step_ms.extend(steps)
+        step_median_ms.append(float(np.median(steps)) if steps else 0.0)
+    decode = latency_metric(step_ms, step_median_ms,
+                            f"every decode step of every repeat ({len(step_ms)} steps); repeats: each repeat's median step")
+    prefill = latency_metric(prefill_ms, prefill_ms, f"one prefill of {config.prompt_len} tokens per repeat ({len(prefill_ms)})")
     return {
-        "prefill_ms": metric("ms", "lower", prefill_ms),
-        "decode_ms_per_step": metric("ms", "lower", decode_p50_ms, decode_steps_ms),
-        "decode_tokens_per_s": metric("tokens/s", "higher", tok_s),
-        "prefill_tokens_per_s": metric("tokens/s", "higher", prefill_tok_s),
+        "prefill_ms": prefill,
+        "decode_ms_per_step": decode,
+        "decode_tokens_per_s": throughput_metric(decode, config.batch, "decode_ms_per_step"),
+        "prefill_tokens_per_s": throughput_metric(prefill, config.batch * config.prompt_len, "prefill_ms"),
     }
 
 

@@ -161,7 +161,7 @@ def _print_inspection(report) -> None:
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--warmup", type=int, default=1, show_default=True)
 def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warmup) -> None:
-    """Time prefill and decode of ARTIFACT (.onnx or engine dir): p50/p90/p99 latencies and tokens/s."""
+    """Time prefill and decode of ARTIFACT (.onnx or engine dir): latency percentiles and the tokens/s they give."""
     from rich.console import Console
     from rich.table import Table
 
@@ -172,11 +172,14 @@ def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warm
         check_result_path(json_out, artifact)
     result = bench_artifact(artifact, BenchConfig(prompt_len, gen_len, batch, repeats, warmup), backend)
     table = Table(title=f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')})")
-    for col in ("metric", "unit", "p50", "p90", "p99"):
-        table.add_column(col)
+    for col in ("metric", "p50", "slow 10%", "slow 1%"):
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for name, m in result["metrics"].items():
-        table.add_row(name, m["unit"], f"{m['p50']:.4g}", f"{m['p90']:.4g}", f"{m['p99']:.4g}")
-    Console().print(table)
+        tails = ("p90", "p99") if m["better"] == "lower" else ("p10", "p1")
+        table.add_row(name, *(f"{m[k]:.4g}" for k in ("p50", *tails)))
+    console = Console()
+    console.print(table)
+    console.print("slow 10% / 1%: p90 / p99 of a latency, p10 / p1 of a throughput (the same steps' inverse)")
     if json_out is not None:
         write_json_atomic(json_out, result)
         click.echo(f"wrote {json_out}")
