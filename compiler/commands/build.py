@@ -189,21 +189,35 @@ def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warm
 @click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--max-regression", default="5%", show_default=True, help="Allowed slowdown beyond the noise band.")
+@click.option("--max-noise", default="25%", show_default=True,
+              help="Widest noise band to decide on; a noisier metric makes the gate refuse to decide (exit 2).")
 @click.option("--metric", "metrics", multiple=True, help="Metric to gate on (repeatable; default: all).")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JUnit XML here.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write JUnit XML here (also when the gate cannot decide: one <error> case).")
 @click.option("--allow-different-device", is_flag=True, help="Compare results from different devices or software versions.")
-def gate(result_path, baseline_path, max_regression, metrics, junit_path, allow_different_device) -> None:
-    """Compare RESULT.json with a baseline; exit 1 on a regression."""
-    from moec.compiler.gate import GateConfig, gate as run_gate, parse_percent, print_report, write_junit
+def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_path, allow_different_device) -> None:
+    """Compare RESULT.json with a baseline; exit 1 on a regression, 2 when it cannot decide
+    (different device, missing metric, malformed file, noise band too wide)."""
+    from moec.common.errors import MoecError
+    from moec.compiler.gate import (GateConfig, gate as run_gate, noisy_message, parse_percent, print_report,
+                                    write_junit, write_junit_error)
 
-    config = GateConfig(max_regression=parse_percent(max_regression), metrics=tuple(metrics),
-                        allow_different_device=allow_different_device)
-    report = run_gate(result_path, baseline_path, config)
+    try:
+        config = GateConfig(max_regression=parse_percent(max_regression, "--max-regression"),
+                            max_noise=parse_percent(max_noise, "--max-noise"), metrics=tuple(metrics),
+                            allow_different_device=allow_different_device)
+        report = run_gate(result_path, baseline_path, config)
+    except MoecError as e:
+        if junit_path is not None:
+            write_junit_error(str(e), junit_path)
+        raise
     print_report(report)
     if junit_path is not None:
         write_junit(report, junit_path)
-    if not report.passed:
-        regressed = [v.metric for v in report.verdicts if v.status == "regression"]
-        click.secho(f"performance regression in {', '.join(regressed)}", fg="red", err=True)
+    if report.regressions:
+        click.secho(f"performance regression in {', '.join(v.metric for v in report.regressions)}", fg="red", err=True)
+        if report.undecided:
+            click.secho(f"warning: {noisy_message(report, config)}", fg="yellow", err=True)
         sys.exit(1)
-
+    if report.undecided:
+        raise MoecError(noisy_message(report, config))

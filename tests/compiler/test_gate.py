@@ -60,13 +60,38 @@ def test_slowdown_beyond_band_fails_and_speedup_is_improved():
 
 
 def test_noisy_repeats_widen_the_band():
-    noisy = result(decode_ms=(10.0, 13.0, 8.0, 12.0, 9.0))
-    assert relative_noise(noisy["metrics"]["decode_ms_per_step"]["repeats"]) > 0.1
+    noisy = result(decode_ms=(10.0, 10.6, 9.6, 10.4, 9.8))
+    assert relative_noise(noisy["metrics"]["decode_ms_per_step"]["repeats"]) > 0.05
     slower = scaled(noisy, 1.10)
     v = compare(slower, noisy).verdicts[0]
     assert v.status == "pass" and v.allowed > 0.10
     # The same 10% with quiet repeats is a regression.
     assert compare(scaled(result(), 1.10), result()).verdicts[0].status == "regression"
+
+
+def test_throughput_slowdown_is_symmetric_with_latency():
+    base = result()
+    # Half the tokens/s is the same +100% slowdown as twice the ms per step.
+    report = compare(scaled(base, 2.0, 0.5), base)
+    v = {x.metric: x for x in report.verdicts}
+    assert v["decode_tokens_per_s"].worse_by == pytest.approx(1.0)
+    assert v["decode_ms_per_step"].worse_by == pytest.approx(1.0)
+    assert status(report) == {"decode_ms_per_step": "regression", "decode_tokens_per_s": "regression"}
+    # A 10x drop is +900%, not a capped -90%.
+    assert compare(scaled(base, 1.0, 0.1), base).verdicts[1].worse_by == pytest.approx(9.0)
+    assert status(compare(scaled(base, 1.0, 1.25), base))["decode_tokens_per_s"] == "improved"
+
+
+def test_a_band_wider_than_the_cap_refuses_to_decide():
+    # Repeats as noisy as a shared CPU runner's: the band (about 84%) would let a 2x slowdown pass.
+    noisy = result(decode_ms=(10.0, 13.0, 8.0, 12.0, 9.0), tok_s=(100.0, 77.0, 125.0, 83.0, 111.0))
+    report = compare(scaled(noisy, 2.0, 0.5), noisy)
+    assert status(report) == {"decode_ms_per_step": "too noisy", "decode_tokens_per_s": "too noisy"}
+    assert not report.passed and not report.regressions
+    assert all(v.noise > 0.25 for v in report.verdicts)
+    # The cap is configurable.
+    wide = compare(scaled(noisy, 2.0, 0.5), noisy, GateConfig(max_noise=2.0))
+    assert status(wide) == {"decode_ms_per_step": "regression", "decode_tokens_per_s": "regression"}
 
 
 def test_different_device_or_version_is_refused_unless_allowed():
@@ -114,6 +139,41 @@ def test_junit_xml(tmp_path):
     assert cases["decode_tokens_per_s"].find("failure") is None
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("median", "fast", "metrics.decode_ms_per_step.median is 'fast', expected a positive finite number"),
+    ("median", 0, "metrics.decode_ms_per_step.median is 0, expected a positive"),
+    ("repeats", [0, 0, 0], "metrics.decode_ms_per_step.repeats is \\[0, 0, 0\\]"),
+    ("better", "faster", "metrics.decode_ms_per_step.better is 'faster'"),
+])
+def test_malformed_metric_names_file_and_field(tmp_path, field, value, message):
+    bad = result()
+    bad["metrics"]["decode_ms_per_step"][field] = value
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(bad))
+    (tmp_path / "r.json").write_text(json.dumps(result()))
+    with pytest.raises(MoecError, match=f"base.json: {message}"):
+        gate(tmp_path / "r.json", path)
+
+
+def test_table_is_readable_in_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from moec.compiler.gate import print_report
+
+    base = result()
+    base["metrics"]["prefill_tokens_per_s"] = dict(base["metrics"]["decode_tokens_per_s"], median=24870.0, repeats=[24870.0])
+    slow = scaled(base, 2.0, 0.5)
+    slow["metrics"]["prefill_tokens_per_s"] = dict(base["metrics"]["prefill_tokens_per_s"], median=12430.0, repeats=[12430.0])
+    out = io.StringIO()
+    print_report(compare(slow, base), Console(file=out, width=80, color_system=None))
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for cell in ("2.487e+04", "1.243e+04", "+100.0%", "regression", "prefill_tokens_per_s", "decode_ms_per_step"):
+        assert cell in text, cell
+
+
 def test_parse_percent():
     assert parse_percent("5%") == pytest.approx(0.05) and parse_percent("0.1") == pytest.approx(0.1)
     with pytest.raises(MoecError, match="percentage"):
@@ -146,3 +206,32 @@ def test_cli_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["gate", str(same), "--baseline", str(tmp_path / "nometric.json"), "--metric", "decode_ms_per_step"])
     assert e.value.code == 2 and "has no metric 'decode_ms_per_step'" in capsys.readouterr().err
+
+
+def test_cli_cannot_decide_exits_2_and_still_writes_junit(tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    noisy = result(decode_ms=(10.0, 13.0, 8.0, 12.0, 9.0), tok_s=(100.0, 77.0, 125.0, 83.0, 111.0))
+    (tmp_path / "base.json").write_text(json.dumps(noisy))
+    (tmp_path / "slow.json").write_text(json.dumps(scaled(noisy, 2.0, 0.5)))
+    (tmp_path / "other.json").write_text(json.dumps(result(device="GPU-B")))
+    junit = tmp_path / "gate.xml"
+    with pytest.raises(SystemExit) as e:
+        main(["gate", str(tmp_path / "slow.json"), "--baseline", str(tmp_path / "base.json"), "--junit", str(junit)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "too wide to gate on: raise --repeats or use a quieter runner" in err
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("errors") == "2" and suite.get("failures") == "0"
+    assert all(c.find("error") is not None for c in suite.findall("testcase"))
+    # --max-noise widens the cap: then the 2x slowdown is a regression.
+    with pytest.raises(SystemExit) as e:
+        main(["gate", str(tmp_path / "slow.json"), "--baseline", str(tmp_path / "base.json"), "--max-noise", "200%"])
+    assert e.value.code == 1
+    capsys.readouterr()
+    # A comparison refused outright (different device) writes one <error> case too.
+    junit.unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["gate", str(tmp_path / "other.json"), "--baseline", str(tmp_path / "base.json"), "--junit", str(junit)])
+    assert e.value.code == 2
+    root = ET.parse(junit).getroot()
+    assert root.get("errors") == "1" and "different devices" in root.find("testsuite/testcase/error").get("message")
