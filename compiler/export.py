@@ -22,7 +22,8 @@ Files written (all first under temporary names, renamed into place only after th
     OUT.onnx           the graph
     OUT.onnx.data      all weights, when they exceed ``external_data_threshold_bytes``
     OUT.moec.json      the sidecar (``moec.common.contract.sidecar_path``): see ``build_sidecar``
-    tokenizer.json     copied from the checkpoint when it has one
+    tokenizer.json     copied from the checkpoint when it has one (loaded first: a file that
+                       ``tokenizers`` cannot read stops the export before any work)
 """
 
 from __future__ import annotations
@@ -92,6 +93,20 @@ class ExportResult:
     save_s: float = 0.0  # writing the graph and weights
     check_s: float = 0.0  # checker + strict shape inference
     total_s: float = 0.0
+
+
+def load_tokenizer(path: str | os.PathLike, what_to_do: str):
+    """``tokenizers.Tokenizer`` read from ``path``; a MoecError naming the file and saying
+    ``what_to_do`` when the file cannot be parsed. Export and run share it, so a tokenizer.json
+    that export copied is one that run can read."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    # tokenizers raises a bare Exception (no subclass) for every parse error: bad JSON, bad
+    # UTF-8, a model without vocab; nothing narrower can be caught.
+    except Exception as e:
+        raise MoecError(f"{path}: not a usable tokenizer ({e}); {what_to_do}") from None
 
 
 def torch_dtype(name: str):
@@ -318,6 +333,15 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             f"({llama_config.max_position_embeddings}) in {checkpoint_dir / 'config.json'}"
         )
 
+    tokenizer_src = checkpoint_dir / contract.TOKENIZER_FILE
+    has_tokenizer = tokenizer_src.is_file()
+    if has_tokenizer:
+        load_tokenizer(
+            tokenizer_src,
+            "replace it with the model's own tokenizer.json (from its Hugging Face repository), "
+            "or remove it to export without a tokenizer (then run with --prompt-ids)",
+        )
+
     model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
     t0 = time.perf_counter()
     onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
@@ -333,8 +357,6 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data_name = out_path.name + ".data"
-    tokenizer_src = checkpoint_dir / contract.TOKENIZER_FILE
-    has_tokenizer = tokenizer_src.is_file()
     # Everything is written into a temporary folder beside the destination (same filesystem),
     # checked there, and only then renamed into place; a failure removes the folder.
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))

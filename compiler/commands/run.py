@@ -124,12 +124,20 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
 
         checkpoint_folder(checkpoint)
 
-    tokenizer = None
+    from moec.compiler.export import load_tokenizer
+
+    tokenizer, tokenizer_problem = None, None
     tok_path = find_tokenizer(artifact, checkpoint)
     if tok_path is not None:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(tok_path))
+        fix = "copy the checkpoint's tokenizer.json over it or re-export the model"
+        if prompt is not None:
+            tokenizer = load_tokenizer(tok_path, f"{fix}, or give --prompt-ids instead of --prompt")
+        else:
+            # Ids in, ids out: generation needs no tokenizer; only the text of the output is lost.
+            try:
+                tokenizer = load_tokenizer(tok_path, f"{fix} to see the output as text")
+            except MoecError as e:
+                tokenizer_problem = str(e)
     if prompt is not None:
         if tokenizer is None:
             where = artifact if artifact.is_dir() else artifact.parent
@@ -146,6 +154,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     result = generate(be, ids, gen_config)
     new_ids = result.new_tokens[0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    if tokenizer_problem is not None:
+        click.echo(f"note: printing token ids, not text: {tokenizer_problem}", err=True)
     if as_json:
         out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe()}
         click.echo(json.dumps(out))

@@ -71,3 +71,13 @@ def test_file_or_missing_path_as_checkpoint(demo_onnx, tmp_path, capsys):
         code, _, err = run_cli(cmd, capsys)
         assert code == 2 and f"{missing} does not exist" in err and "no config.json" not in err, (cmd, err)
     assert not out.parent.exists()
+
+
+def test_corrupt_tokenizer_stops_the_export(demo_ckpt, tmp_path, capsys):
+    ckpt = shutil.copytree(demo_ckpt, tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_bytes(b"\xff\xfe not json")
+    out = tmp_path / "o" / "m.onnx"
+    code, _, err = run_cli(["export", ckpt, "-o", out], capsys)
+    assert code == 2 and f"{ckpt / 'tokenizer.json'}: not a usable tokenizer" in err and "Traceback" not in err
+    assert "remove it to export without a tokenizer" in err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -128,3 +128,21 @@ def test_onnx_alone_with_checkpoint_for_config_and_tokenizer(demo_onnx, demo_ckp
     code, ref, err = run_cli(["run", demo_onnx, *args], capsys)
     assert json.loads(out)["ids"] == json.loads(ref)["ids"]
     assert json.loads(out)["describe"]["dtype"] == "fp32"
+
+
+def test_corrupt_tokenizer(demo_onnx, tmp_path, capsys):
+    """A tokenizer.json that `tokenizers` cannot read: --prompt is refused naming the file;
+    --prompt-ids still generates and prints ids, saying why there is no text."""
+    for f in (demo_onnx, contract.sidecar_path(demo_onnx)):
+        shutil.copyfile(f, tmp_path / f.name)
+    tok = tmp_path / contract.TOKENIZER_FILE
+    tok.write_text('{"version": "1.0", "model": ')
+    model = tmp_path / demo_onnx.name
+    code, _, err = run_cli(["run", model, "--prompt", "hi"], capsys)
+    assert code == 2 and f"{tok}: not a usable tokenizer" in err and "--prompt-ids" in err and "Traceback" not in err
+    code, out, err = run_cli(["run", model, "--prompt-ids", "1 2", "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    assert len(out.split()) == 3 and all(t.isdigit() for t in out.split())
+    assert "printing token ids, not text" in err and str(tok) in err
+    code, out, err = run_cli(["run", model, "--prompt-ids", "1 2", "--max-new-tokens", "3", "--json"], capsys)
+    assert code == 0 and json.loads(out)["text"] is None and len(json.loads(out)["ids"]) == 3
