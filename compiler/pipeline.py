@@ -285,6 +285,34 @@ def _read_sidecar(in_path: Path) -> dict | None:
         raise MoecError(f"cannot read the sidecar {side}: {e}; re-export the model") from e
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """MoecError unless a file can be created at ``path``, found before any work.
+
+    Probes the nearest existing folder above ``path`` with a temporary file (the only sure test:
+    permission bits say nothing to root, nor about read-only or pseudo file systems) and creates
+    no folder, so a refused job leaves nothing behind.
+    """
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MoecError(f"cannot write {path}: {parent} is a file, not a folder; choose a writable location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moec-probe.", dir=parent)
+    except OSError as e:
+        raise MoecError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from e
+    os.close(fd)
+    os.unlink(probe)
+
+
+def model_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """The files a moec ONNX model is made of: the graph, its external data, sidecar and tokenizer."""
+    onnx_path = Path(onnx_path)
+    return [onnx_path, onnx_path.with_name(onnx_path.name + ".data"), contract.sidecar_path(onnx_path),
+            onnx_path.parent / contract.TOKENIZER_FILE]
+
+
 def _check_external_data(in_path: Path) -> None:
     """The check run and bench make, here before any pass: the output is written by reading every
     weight, so a missing or short .data file would otherwise fail only at the very end."""
@@ -314,6 +342,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     if not in_path.is_file():
         raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
     _check_external_data(in_path)
+    check_writable(out_path)
+    if config.dump_dir is not None:
+        check_writable(Path(config.dump_dir) / "00_input.onnx")
     sidecar = _read_sidecar(in_path)
     if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
         raise MoecError(

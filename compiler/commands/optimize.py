@@ -26,8 +26,16 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
     from rich.table import Table
 
     from moec.common.artifacts import write_json_atomic
-    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+    from moec.common.errors import MoecError
+    from moec.compiler.pipeline import OptimizeConfig, check_writable, model_files, optimize_onnx
 
+    if report_path is not None:
+        # Checked before optimizing: a report that cannot be written must not fail the command
+        # after OUT.onnx is already in place, nor replace one of the model's own files.
+        clash = {p.resolve() for p in model_files(in_path) + model_files(out_path)}
+        if report_path.resolve() in clash:
+            raise MoecError(f"--report {report_path} would overwrite a file of the model; choose another name")
+        check_writable(report_path)
     config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
                             precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)
     with warnings.catch_warnings():

@@ -301,3 +301,37 @@ def test_unusable_external_data_is_refused_before_work(demo_onnx, tmp_path, dama
     with pytest.raises(MoecError, match=re.escape(str(data)) + ".*" + re.escape(expected)):
         optimize_onnx(src, out, OptimizeConfig(target="ort", dump_dir=dump))
     assert not out.parent.exists() and not dump.exists()  # refused before any work
+
+
+def _cli_code(argv, capsys):
+    from moec.compiler.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["report", "out", "dump"])
+def test_unwritable_outputs_are_refused_before_work(demo_onnx, tmp_path, capsys, where):
+    # A regular file as a parent folder cannot be written under, root or not.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    out, rep, dump = tmp_path / "o" / "model.onnx", tmp_path / "r.json", tmp_path / "dump"
+    bad = blocker / "sub" / "x.json"
+    argv = ["optimize", str(demo_onnx), "-o", str(bad if where == "out" else out), "--report",
+            str(bad if where == "report" else rep), "--dump-dir", str(bad if where == "dump" else dump)]
+    code, err = _cli_code(argv, capsys)
+    assert code == 2 and f"cannot write {bad}" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written, not even folders
+
+
+def test_report_may_not_overwrite_the_model(demo_onnx, tmp_path, capsys):
+    src = _external_copy(demo_onnx, tmp_path / "ext")
+    out = tmp_path / "o" / "model.onnx"
+    for victim in (src, src.with_name("model.onnx.data"), contract.sidecar_path(src), out, contract.sidecar_path(out)):
+        before = victim.read_bytes() if victim.exists() else None
+        code, err = _cli_code(["optimize", str(src), "-o", str(out), "--report", str(victim)], capsys)
+        assert code == 2 and "--report" in err, victim
+        assert (victim.read_bytes() if victim.exists() else None) == before
+    assert not out.parent.exists()
