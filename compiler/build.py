@@ -87,6 +87,11 @@ class BuildConfig:
             raise MoecError("prefill_opt_tokens and decode_opt_batch must be at least 1")
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
+        # None means "from the export"; 0 is not a way to say that, so it is refused, not defaulted.
+        for option, value in (("--max-batch", self.max_batch), ("--max-new-tokens", self.max_new_tokens),
+                              ("--max-past", self.max_past)):
+            if value is not None and value < 1:
+                raise MoecError(f"{option} {value}: give at least 1 (or leave it out for the export's default)")
 
 
 @dataclasses.dataclass
@@ -196,8 +201,8 @@ def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
     if not max_positions:
         raise MoecError("the sidecar names no max_positions or model_config.max_position_embeddings: re-export the model")
     max_positions = int(max_positions)
-    max_batch = config.max_batch or int(sidecar.get("max_batch") or 1)
-    max_new = config.max_new_tokens or max(1, max_positions // 2)
+    max_batch = config.max_batch if config.max_batch is not None else int(sidecar.get("max_batch") or 1)
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else max(1, max_positions // 2)
     max_past = config.max_past if config.max_past is not None else max_positions - 1
     if max_batch < 1:
         raise MoecError(f"--max-batch {max_batch}: give at least 1")
@@ -232,22 +237,22 @@ def phase_ranges(limits: Limits, config: BuildConfig) -> dict[str, dict[str, tup
     }
 
 
+def axis_roles(name: str, rank: int) -> tuple[str | None, ...]:
+    """The moec role of each axis of an input: batch, new (tokens this step), past (cache length)."""
+    if name.startswith(("past_key.", "past_value.")):
+        return ("batch", None, "past", None)
+    if name in (contract.INPUT_IDS, contract.POSITION_IDS):
+        return ("batch", "new")
+    return (None,) * rank
+
+
 def _tensor_ranges(network, axes: dict[str, tuple[int, int, int]]) -> Ranges:
     """min/opt/max per network input: each dynamic axis from its moec role (batch, new, past)."""
-    roles = {
-        contract.INPUT_IDS: ("batch", "new"),
-        contract.POSITION_IDS: ("batch", "new"),
-    }
     out: Ranges = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
         shape = tuple(t.shape)
-        if t.name.startswith("past_key.") or t.name.startswith("past_value."):
-            role = ("batch", None, "past", None)
-        elif t.name in roles:
-            role = roles[t.name]
-        else:
-            role = (None,) * len(shape)
+        role = axis_roles(t.name, len(shape))
         lo, opt, hi = [], [], []
         for axis, dim in enumerate(shape):
             if dim >= 0:
@@ -300,9 +305,15 @@ def apply_overrides(network, ranges: Ranges, overrides: Ranges, profile: str) ->
         shape = inputs[name]
         if not len(lo) == len(opt) == len(hi) == len(shape):
             raise MoecError(f"{where}{name}: rank of min/opt/max ({len(lo)}, {len(opt)}, {len(hi)}) must equal the input's rank {len(shape)}")
+        roles = axis_roles(name, len(shape))
         for axis, dim in enumerate(shape):
             if not 0 <= lo[axis] <= opt[axis] <= hi[axis]:
                 raise MoecError(f"{where}{name}: axis {axis} needs 0 <= min <= opt <= max, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
+            # Only a cache may be empty (a prompt's first step has no past); a step has at least
+            # one sequence and one token.
+            if dim < 0 and lo[axis] < 1 and (roles[axis] if axis < len(roles) else None) != "past":
+                what = {"batch": "batch", "new": "new tokens"}.get(roles[axis] if axis < len(roles) else None, "size")
+                raise MoecError(f"{where}{name}: axis {axis} ({what}) has min {lo[axis]}; a step needs at least 1: give min >= 1")
             if dim >= 0 and not lo[axis] == opt[axis] == hi[axis] == dim:
                 raise MoecError(f"{where}{name}: axis {axis} is fixed at {dim} in the graph, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
         merged[name] = (lo, opt, hi)

@@ -22,9 +22,9 @@ import click
                    "without a prefix replaces the two profiles with ONE custom profile (both phases' ranges, tuned for "
                    "decode) with those tensors overridden. Do not mix the two forms. Axes that share a name in the "
                    "graph (input_ids and position_ids; batch on every input) need the same opt.")
-@click.option("--max-batch", type=int, default=None, help="Profile max batch (default: the export's).")
-@click.option("--max-new-tokens", type=int, default=None, help="Prefill profile max new tokens per step (default: half the positions).")
-@click.option("--max-past", type=int, default=None, help="Decode profile max past length (default: positions - 1; prefill's past "
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Profile max batch (default: the export's).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Prefill profile max new tokens per step (default: half the positions).")
+@click.option("--max-past", type=click.IntRange(min=1), default=None, help="Decode profile max past length (default: positions - 1; prefill's past "
                                                          "is capped so new + past fit the positions).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Timing cache file (created when missing).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")

@@ -200,6 +200,9 @@ def test_prefill_opt_and_decode_batch_opt_are_configurable(tiny, tmp_path):
          r"profile decode: input_ids axis 0 and past_key.0 axis 0 are both 'batch' .* get opt 2 and 1"),
         (("prefill:input_ids:1x1,1x16,1x24",),
          r"profile prefill: input_ids axis 1 and position_ids axis 1 are both 'new_tokens' .*--shapes prefill:position_ids"),
+        # A step has at least one sequence and one token; only the cache may be empty.
+        (("input_ids:0x0,1x1,1x1",), r"--shapes input_ids: axis 0 \(batch\) has min 0; a step needs at least 1"),
+        (("decode:input_ids:1x0,1x1,1x1",), r"--shapes decode:input_ids: axis 1 \(new tokens\) has min 0"),
     ],
 )
 def test_impossible_shape_ranges_are_refused(tiny, tmp_path, shapes, message):
@@ -210,7 +213,9 @@ def test_impossible_shape_ranges_are_refused(tiny, tmp_path, shapes, message):
 
 @pytest.mark.parametrize("limits, message", [(dict(max_new_tokens=65), "--max-new-tokens 65 is outside 1..64"),
                                              (dict(max_past=64), "--max-past 64 is outside 1..63"),
-                                             (dict(max_past=0), "--max-past 0 is outside 1..63")])
+                                             (dict(max_past=0), "--max-past 0: give at least 1"),
+                                             (dict(max_batch=0), "--max-batch 0: give at least 1"),
+                                             (dict(max_new_tokens=0), "--max-new-tokens 0: give at least 1")])
 def test_limits_beyond_positions_are_refused(tiny, tmp_path, limits, message):
     with pytest.raises(MoecError, match=message):
         build_engine(tiny, tmp_path / "e", quiet(**limits))
