@@ -36,6 +36,7 @@ import onnx
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
+from moec.common.onnx_files import missing_external_data
 from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
@@ -150,6 +151,20 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
             "or pick another --moe-lowering)"
         )
     return builder, network, parser
+
+
+def check_external_data(onnx_path: Path) -> None:
+    """A missing or truncated .data file, named, before TensorRT's parser reports it as an
+    unimportable initializer (which reads like a graph problem)."""
+    try:
+        problems = missing_external_data(onnx_path)
+    except Exception as e:  # noqa: BLE001 - not even a readable ONNX file: say so, not the parser
+        raise MoecError(f"{onnx_path} is not a readable ONNX model ({e}): pass the .onnx written by `moec optimize`") from e
+    if problems:
+        raise MoecError(
+            f"{onnx_path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
+            "Keep the complete .data file beside the .onnx (same name as when exported), or re-export."
+        )
 
 
 # --- Profiles --------------------------------------------------------------------------------------
@@ -709,8 +724,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             notes.append(f"--hardware-compat {config.hardware_compat} does not apply to TensorRT-RTX: each engine runs on "
                          "the compute capability it was built for (--arch)")
     sidecar = read_sidecar(onnx_path)
+    check_external_data(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    # Hash first: it also finds a missing external-data file before TensorRT trips over it.
     source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:

@@ -373,8 +373,30 @@ def test_source_hash_covers_external_data(tmp_path):
     data.write_bytes(bytes(blob))
     assert build_engine(src, tmp_path / "e", quiet()).manifest["source_onnx"]["sha256"] != before
     data.unlink()
-    with pytest.raises(MoecError, match="external data file .*model.onnx.data is missing"):
+    with pytest.raises(MoecError, match="external data that is not usable: .*model.onnx.data \\(missing\\)"):
         build_engine(src, tmp_path / "e2", quiet())
+
+
+def test_truncated_external_data_is_named_before_parsing(tmp_path):
+    src = write_moec_graph(tmp_path / "src")
+    onnx.save_model(onnx.load(src), src, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    data = src.with_name("model.onnx.data")
+    data.write_bytes(data.read_bytes()[:-40])
+    with pytest.raises(MoecError) as e:
+        build_engine(src, tmp_path / "e", quiet())
+    assert "model.onnx.data (has" in str(e.value) and "cannot parse" not in str(e.value)
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_refuses_zero_limits(tiny, tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    for option in ("--max-batch", "--max-new-tokens", "--max-past"):
+        with pytest.raises(SystemExit) as e:
+            main(["build", str(tiny), "-o", str(tmp_path / "e"), option, "0", "--no-progress"])
+        assert e.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 def test_inspect_flags_tampered_and_missing_engines(tiny, tmp_path):
