@@ -148,7 +148,7 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
         raise MoecError(
             f"{flavour.name} cannot parse {onnx_path}:\n  " + "\n  ".join(lines)
             + "\nrewrite the graph for this target (moec optimize --target trt:<arch> or trt-rtx:<arch>, "
-            "or pick another --moe-lowering)"
+            "with --moe-lowering hybrid (the default) or dense)"
         )
     return builder, network, parser
 
@@ -554,7 +554,14 @@ def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display
     if cancel.is_set():
         raise KeyboardInterrupt
     if blob is None:
-        raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {_errors(logger, mark, trt)}")
+        errors = _errors(logger, mark, trt)
+        hint = "check the graph's ops and dtypes for this target (moec optimize --target), or try --opt-level 0"
+        if flavour.is_rtx:
+            # Observed with TensorRT-RTX 1.7: the gather lowering fails in Myelin (ssa_validation);
+            # hybrid (the default) and dense build.
+            hint = ("optimize the graph with --moe-lowering hybrid (the default) or dense: TensorRT-RTX cannot build "
+                    "every lowering (gather fails in Myelin); or try --opt-level 0")
+        raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {errors}\n{hint}")
     return bytes(blob)
 
 
