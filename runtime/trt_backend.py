@@ -208,7 +208,7 @@ def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTr
             raise MoecError(
                 f"{engine_dir}: engine needs TensorRT plugin {key[2]}::{key[0]} version {key[1]}, which is not "
                 f"registered in {host.flavour} here: import moec.runtime.trt_plugin on a host where it loads, or "
-                f"rebuild the graph with a lowering that needs no plugin (moec optimize --moe-lowering gather)"
+                f"rebuild the graph with a lowering that needs no plugin (moec optimize --moe-lowering hybrid, the default, or dense)"
             )
     path = engine_dir / engine["file"]
     if not path.is_file():

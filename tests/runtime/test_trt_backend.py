@@ -99,7 +99,7 @@ def test_version_compatible_engine_accepts_newer_same_major(engine_dir, host):
 def test_missing_plugin(engine_dir, host):
     m = json.loads(json.dumps(load_manifest(engine_dir)))
     m["plugins"] = [{"name": contract.PLUGIN_NAME, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE}]
-    with pytest.raises(MoecError, match=rf"needs TensorRT plugin moec::{contract.PLUGIN_NAME} version 1"):
+    with pytest.raises(MoecError, match=rf"needs TensorRT plugin moec::{contract.PLUGIN_NAME} version 1.*--moe-lowering hybrid, the default, or dense"):
         select_engine(m, engine_dir, host)
     present = dataclasses.replace(host, plugins=frozenset({(contract.PLUGIN_NAME, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE)}))
     assert select_engine(m, engine_dir, present).name == "engine.sm89.plan"
