@@ -92,6 +92,13 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: every character that is not printable (control bytes such
+    as ESC, which start terminal escape sequences, DEL, zero-width and bidi marks) becomes its
+    Python escape (``\\x1b``); letters, punctuation, spaces, newlines and tabs stay as they are."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Prompt text (needs tokenizer.json beside ARTIFACT or in --checkpoint).")
@@ -160,7 +167,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
         out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe()}
         click.echo(json.dumps(out))
         return
-    click.echo(text if text is not None else " ".join(map(str, new_ids)))
+    # --json keeps the exact text; a terminal gets it escaped (a random or hostile model can emit
+    # bytes that would drive the terminal).
+    click.echo(printable(text) if text is not None else " ".join(map(str, new_ids)))
     click.echo(
         f"[{be.name}] {len(ids)} prompt + {len(new_ids)} new tokens ({result.finish_reasons[0]}): "
         f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s",

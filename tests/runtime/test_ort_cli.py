@@ -146,3 +146,24 @@ def test_corrupt_tokenizer(demo_onnx, tmp_path, capsys):
     assert "printing token ids, not text" in err and str(tok) in err
     code, out, err = run_cli(["run", model, "--prompt-ids", "1 2", "--max-new-tokens", "3", "--json"], capsys)
     assert code == 0 and json.loads(out)["text"] is None and len(json.loads(out)["ids"]) == 3
+
+
+def test_generated_control_bytes_are_escaped_for_the_terminal(demo_onnx, monkeypatch, capsys):
+    """Human output escapes what a terminal would act on; --json keeps the exact text."""
+    import moec.runtime.generate as gen
+
+    # The demo tokenizer is byte-level: ids 0..255 decode to those bytes.
+    emitted = [ord(c) for c in "Hi\x1b[31m\x07\r\n\tok\x7f"]
+    real = gen.generate
+
+    def fixed(backend, ids, config):
+        result = real(backend, ids, config)
+        result.new_tokens = [emitted]
+        return result
+
+    monkeypatch.setattr(gen, "generate", fixed)
+    code, out, err = run_cli(["run", demo_onnx, "--prompt-ids", "1", "--max-new-tokens", "1"], capsys)
+    assert code == 0, err
+    assert out == "Hi\\x1b[31m\\x07\\r\n\tok\\x7f\n"
+    code, out, err = run_cli(["run", demo_onnx, "--prompt-ids", "1", "--max-new-tokens", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["text"] == "Hi\x1b[31m\x07\r\n\tok\x7f"
