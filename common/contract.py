@@ -31,6 +31,15 @@ def present_value(layer: int) -> str:  # [B, KVH, P + S, D]
     return f"present_value.{layer}"
 
 
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in order, of a moec export with ``num_layers`` layers."""
+    inputs, outputs = [INPUT_IDS, POSITION_IDS], [LOGITS]
+    for i in range(num_layers):
+        inputs += [past_key(i), past_value(i)]
+        outputs += [present_key(i), present_value(i)]
+    return inputs, outputs
+
+
 # Names of the dynamic dimensions in every export.
 DIM_BATCH = "batch"
 DIM_NEW_TOKENS = "new_tokens"

@@ -37,14 +37,19 @@ from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
 from moec.common.onnx_files import missing_external_data
+from moec.common.sidecar import read_sidecar
 from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
     TrtFlavour,
     arch_name,
+    engine_problems,
+    engine_profiles,
     import_trt,
     load_manifest,
     local_gpu_arch,
+    manifest_problems,
+    max_prompt_tokens,
     parse_arch,
     read_engine_header,
 )
@@ -199,13 +204,6 @@ class Limits:
     max_new_tokens: int
     max_past: int
     max_positions: int
-
-
-def read_sidecar(onnx_path: Path) -> dict[str, Any]:
-    path = contract.sidecar_path(onnx_path)
-    if not path.is_file():
-        raise MoecError(f"{path} is missing: build from a graph written by `moec export`/`moec optimize` (it writes the sidecar)")
-    return json.loads(path.read_text())
 
 
 def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
@@ -822,14 +820,20 @@ def inspect_engine_dir(engine_dir: str | Path, flavour: str | None = None) -> di
     trt_flavour = None
     with contextlib.suppress(MoecError):
         trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
+    report["problems"] = manifest_problems(manifest, engine_dir)
     for entry in manifest["engines"]:
         path = engine_dir / entry["file"]
         if not path.is_file():
             raise MoecError(f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`")
+        problems = engine_problems(manifest, engine_dir, entry)
         item: dict[str, Any] = {"file": entry["file"], "archs": entry["archs"], "header": read_engine_header(path),
-                                "sha256_ok": sha256_file(path) == entry["sha256"], "deserialized": False}
+                                "sha256_ok": not any("sha256" in p for p in problems), "problems": problems,
+                                "deserialized": False}
+        report["problems"] += problems
         if not item["sha256_ok"]:
             item["reason"] = "the engine file does not match the manifest's sha256 (modified or corrupted): rebuild it"
+        elif problems:
+            item["reason"] = "the engine header disagrees with the manifest: rebuild it"
         elif trt_flavour is None:
             item["reason"] = f"{manifest['trt']['flavour']} is not importable here"
         elif arch is None:
@@ -839,6 +843,7 @@ def inspect_engine_dir(engine_dir: str | Path, flavour: str | None = None) -> di
         else:
             item.update(_inspect_with_trt(trt_flavour, path))
         report["engines"].append(item)
+    report["max_prompt_tokens"] = max_prompt_tokens(engine_profiles(manifest), manifest["limits"]["max_positions"])
     return report
 
 

@@ -134,15 +134,6 @@ def _export_module(model):
     return ExportModule(model).eval()
 
 
-def _names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = [contract.INPUT_IDS, contract.POSITION_IDS]
-    outputs = [contract.LOGITS]
-    for i in range(num_layers):
-        inputs += [contract.past_key(i), contract.past_value(i)]
-        outputs += [contract.present_key(i), contract.present_value(i)]
-    return inputs, outputs
-
-
 def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int):
     """torch.onnx.export with dynamic batch, new tokens and past length -> onnx_ir.Model."""
     import torch
@@ -166,7 +157,7 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
         {0: batch, 1: new},
         tuple({0: batch, 2: past} for _ in range(2 * L)),
     )
-    input_names, output_names = _names(L)
+    input_names, output_names = contract.io_names(L)
     # The exporter prints progress lines and warns (through logging and warnings) about
     # torchvision ops that a language model never uses.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -284,7 +275,7 @@ def build_sidecar(llama_config, config: ExportConfig, max_positions: int, extern
     import onnx
     import torch
 
-    inputs, outputs = _names(llama_config.num_hidden_layers)
+    inputs, outputs = contract.io_names(llama_config.num_hidden_layers)
     return {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,

@@ -19,7 +19,6 @@ temporary names and renamed into place.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ import onnx_ir as ir
 from moec.common import contract
 from moec.common.artifacts import write_json_atomic
 from moec.common.errors import MoecError
+from moec.common.sidecar import read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
@@ -275,16 +275,6 @@ def _save(model: ir.Model, path: Path, external: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_sidecar(in_path: Path) -> dict | None:
-    side = contract.sidecar_path(in_path)
-    if not side.exists():
-        return None
-    try:
-        return json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoecError(f"cannot read the sidecar {side}: {e}; re-export the model") from e
-
-
 def check_writable(path: str | os.PathLike) -> None:
     """MoecError unless a file can be created at ``path``, found before any work.
 
@@ -345,7 +335,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     check_writable(out_path)
     if config.dump_dir is not None:
         check_writable(Path(config.dump_dir) / "00_input.onnx")
-    sidecar = _read_sidecar(in_path)
+    sidecar = read_sidecar(in_path, required=False)
     if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
         raise MoecError(
             f"{in_path} was exported as {sidecar['dtype']}; --precision converts fp32 exports only "

@@ -14,7 +14,6 @@ whose precision differs from the export's is described as what it is.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from moec.common import contract
 from moec.common.errors import MoecError
 from moec.common.onnx_files import missing_external_data
+from moec.common.sidecar import read_sidecar, validate_sidecar
 
 # ONNX type strings of the KV inputs -> the element type an empty OrtValue needs. bf16 has no
 # numpy dtype, so it goes by its ONNX enum (onnx.TensorProto.BFLOAT16 == 16).
@@ -34,36 +34,6 @@ _KV_ELEMENT_TYPES: dict[str, Any] = {
     "tensor(bfloat16)": 16,
 }
 _KV_DTYPE_NAMES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
-SIDECAR_REQUIRED = ("num_layers", "max_positions", "vocab_size", "generation")
-
-
-def read_sidecar(onnx_path: str | os.PathLike) -> dict:
-    """The moec metadata beside ``onnx_path``; MoecError when it is absent or unreadable."""
-    side = contract.sidecar_path(onnx_path)
-    if not side.is_file():
-        raise MoecError(
-            f"{onnx_path} is not a moec export: its metadata file {side} is missing "
-            "(export the checkpoint with `moec export`, which writes it beside the .onnx, or give "
-            "`moec run` the checkpoint with --checkpoint DIR)"
-        )
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
-    missing = [k for k in SIDECAR_REQUIRED if k not in meta]
-    if missing:
-        raise MoecError(f"the moec metadata {side} lacks {', '.join(missing)}; re-export the model with `moec export`")
-    return meta
-
-
-def expected_io(num_layers: int) -> tuple[list[str], list[str]]:
-    """Graph input and output names of a moec export with ``num_layers`` layers."""
-    inputs = [contract.INPUT_IDS, contract.POSITION_IDS]
-    outputs = [contract.LOGITS]
-    for i in range(num_layers):
-        inputs += [contract.past_key(i), contract.past_value(i)]
-        outputs += [contract.present_key(i), contract.present_value(i)]
-    return inputs, outputs
 
 
 @dataclass
@@ -101,7 +71,7 @@ class OrtBackend:
         # [B, KVH, P, D]: KVH and D are static in a moec export.
         self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
         self.dtype = _KV_DTYPE_NAMES[self._kv_type]
-        self._input_names, self._output_names = expected_io(self.num_layers)
+        self._input_names, self._output_names = contract.io_names(self.num_layers)
 
     @classmethod
     def from_onnx(
@@ -112,7 +82,7 @@ class OrtBackend:
         intra_op_threads: int | None = None,
         metadata: dict | None = None,
     ) -> "OrtBackend":
-        """``metadata`` replaces the sidecar file (same keys; at least SIDECAR_REQUIRED)."""
+        """``metadata`` replaces the sidecar file (same keys, validated the same way)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -123,10 +93,7 @@ class OrtBackend:
         if metadata is None:
             sidecar = read_sidecar(path)
         else:
-            missing = [k for k in SIDECAR_REQUIRED if k not in metadata]
-            if missing:
-                raise MoecError(f"the metadata given for {path} lacks {', '.join(missing)}")
-            sidecar = metadata
+            sidecar = validate_sidecar(metadata, f"given for {path}")
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = (
@@ -165,7 +132,7 @@ class OrtBackend:
                 ) from e
             raise MoecError(f"ONNX Runtime cannot load {path}: {msg}") from e
 
-        want_in, want_out = expected_io(int(sidecar["num_layers"]))
+        want_in, want_out = contract.io_names(int(sidecar["num_layers"]))
         have_in = [i.name for i in session.get_inputs()]
         have_out = [o.name for o in session.get_outputs()]
         missing_in = [n for n in want_in if n not in have_in]

@@ -133,7 +133,7 @@ def test_not_a_moec_export_names_missing_inputs(tmp_path, demo_onnx):
 def test_sidecar_lacking_keys(tmp_path, demo_onnx):
     shutil.copyfile(demo_onnx, tmp_path / "m.onnx")
     (tmp_path / "m.moec.json").write_text(json.dumps({"dtype": "fp32"}))
-    with pytest.raises(MoecError, match="lacks num_layers, max_positions, vocab_size, generation"):
+    with pytest.raises(MoecError, match="lacks num_layers, max_positions, vocab_size, max_batch, model_config, generation"):
         OrtBackend.from_onnx(tmp_path / "m.onnx")
 
 

@@ -1,0 +1,75 @@
+"""Read the sidecar (``<model>.moec.json``) that travels with every moec ONNX graph and engine.
+
+Export writes it (``moec.compiler.export.build_sidecar``); the passes, the build stage and every
+runtime backend read it here, so a hand-edited or damaged file is refused the same way
+everywhere, with the file and the field named, instead of failing somewhere deeper.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from moec.common import contract
+from moec.common.errors import MoecError
+
+# Fields every reader needs, and fields checked when present (an export always writes them; graphs
+# that tests or other tools build may leave them out). bool is not an int here: JSON true is not 1.
+_REQUIRED_POSITIVE_INTS = ("num_layers", "max_positions", "vocab_size", "max_batch")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_sidecar(meta, source: str | os.PathLike) -> dict:
+    """Check the fields every reader relies on; return ``meta``. ``source`` names the file."""
+    redo = "re-export the model with `moec export`"
+    if not isinstance(meta, dict):
+        raise MoecError(f"the moec metadata {source} is not a JSON object; {redo}")
+    missing = [k for k in (*_REQUIRED_POSITIVE_INTS, "model_config", "generation") if k not in meta]
+    if missing:
+        raise MoecError(f"the moec metadata {source} lacks {', '.join(missing)}; {redo}")
+    for key in (*_REQUIRED_POSITIVE_INTS, *_OPTIONAL_POSITIVE_INTS):
+        if key not in meta:
+            continue
+        if not _is_int(meta[key]) or meta[key] < 1:
+            raise MoecError(f"the moec metadata {source}: {key} must be a positive integer, got {meta[key]!r}; {redo}")
+    if not isinstance(meta.get("model_config"), dict):
+        raise MoecError(f"the moec metadata {source} lacks model_config (the model's configuration); {redo}")
+    moe_layers = meta.get("moe_layers", [])
+    if not isinstance(moe_layers, list) or not all(_is_int(i) and 0 <= i < meta["num_layers"] for i in moe_layers):
+        raise MoecError(f"the moec metadata {source}: moe_layers must list layer indices below num_layers "
+                        f"({meta['num_layers']}), got {moe_layers!r}; {redo}")
+    gen = meta.get("generation")
+    if not isinstance(gen, dict):
+        raise MoecError(f"the moec metadata {source} lacks generation settings; {redo}")
+    eos = gen.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(_is_int(t) and 0 <= t < meta["vocab_size"] for t in eos):
+        raise MoecError(f"the moec metadata {source}: generation.eos_token_ids must be token ids below vocab_size "
+                        f"({meta['vocab_size']}), got {eos!r}; {redo}")
+    return meta
+
+
+def read_sidecar(onnx_path: str | os.PathLike, *, required: bool = True) -> dict | None:
+    """The validated moec metadata beside ``onnx_path``.
+
+    A missing file is a MoecError when ``required`` (the runtime and the build stage need it) and
+    None otherwise (the passes also optimize graphs that moec did not export).
+    """
+    side = contract.sidecar_path(onnx_path)
+    if not side.is_file():
+        if not required:
+            return None
+        raise MoecError(
+            f"{onnx_path} is not a moec export: its metadata file {side} is missing "
+            "(export the checkpoint with `moec export`, which writes it beside the .onnx, or give "
+            "`moec run` the checkpoint with --checkpoint DIR)"
+        )
+    try:
+        meta = json.loads(Path(side).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
+    return validate_sidecar(meta, side)
