@@ -112,9 +112,13 @@ def printable(text: str) -> str:
     help="Checkpoint to take tokenizer.json (and, for an .onnx without its sidecar, the config) from.",
 )
 @click.option("--dtype", default=None, help="torch backend only: fp32|fp16|bf16 [default: the checkpoint's].")
-@click.option("--temperature", type=float, default=None, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
+# Ranges checked here, where the option is named: GenerationConfig reads a negative temperature
+# as greedy (runtime/generate.py), which from the command line is a typo, not a request.
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy; > 0 samples.")
+@click.option("--top-k", type=click.IntRange(min=0), default=None, help="Keep the k most likely tokens; 0 = all.")
+@click.option(
+    "--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus mass in (0, 1]; 1 = all."
+)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json):
