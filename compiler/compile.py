@@ -226,6 +226,15 @@ STAGES: list[tuple[str, Callable[[_State], StageRecord]]] = [
 ]
 
 
+def _check_trt_installed(target) -> None:
+    import importlib.util
+
+    module, extra = {"trt": ("tensorrt", "tensorrt"), "trt-rtx": ("tensorrt_rtx", "trt-rtx")}.get(target.kind, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise MoecError(f"target {target} builds with the Python package {module}, which is not installed; "
+                        f"install it (pip install 'moec[{extra}]') or choose another --target")
+
+
 class _StageFailed(Exception):
     def __init__(self, record: StageRecord, message: str):
         super().__init__(message)
@@ -237,9 +246,13 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                        on_stage: Callable[[StageRecord], None] | None = None) -> CompileReport:
     """Run every stage; return the report. A stage failure raises MoecError after nothing was
     written to ``out_dir`` (the report of the stages so far is attached as ``.report``)."""
-    from moec.passes.targets import parse_target
+    from moec.passes.targets import lowerings_for, parse_target
 
-    parse_target(config.target)  # a bad target fails before any work
+    # Everything the stages would refuse late (after an export that takes hours for Scout) is
+    # refused here: the target and its arch, the lowering on that target, a missing TensorRT.
+    target = parse_target(config.target)
+    lowerings_for(target, config.moe_lowering)
+    _check_trt_installed(target)
     out_dir = Path(out_dir)
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise MoecError(f"checkpoint {checkpoint}: not a folder; give a Hugging Face checkpoint folder "

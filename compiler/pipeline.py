@@ -322,11 +322,12 @@ def _check_external_data(in_path: Path) -> None:
 def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, config: OptimizeConfig = OptimizeConfig()) -> OptimizeReport:
     """Optimize ``in_path`` for ``config.target`` and write ``out_path`` with its sidecar files."""
     from moec.passes.fusions._graph import FusionLog
-    from moec.passes.targets import parse_target
+    from moec.passes.targets import lowerings_for, parse_target
 
     t_start = time.perf_counter()
     in_path, out_path = Path(in_path), Path(out_path)
     target = parse_target(config.target)
+    lowerings_for(target, config.moe_lowering)  # a lowering the target cannot run fails before any work
     if config.precision is not None and config.precision not in PRECISIONS:
         raise MoecError(f"precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not in_path.is_file():

@@ -24,6 +24,14 @@ from moec.common.errors import MoecError
 
 KINDS = ("ort", "trt", "trt-rtx")
 LOWERINGS = ("ort", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")
+# The GPU archs each TensorRT flavour can build for. TensorRT-RTX 1.7 offers exactly these compute
+# capabilities (FACTS.md: no SM90, no SM100). Full TensorRT 10/11: the real archs from Turing on
+# (sm87 Orin, sm90 Hopper, sm100/sm103 Blackwell datacenter, sm110 Thor, sm120/sm121 RTX Blackwell).
+ARCHS = {
+    "trt-rtx": ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121"),
+    "trt": ("sm75", "sm80", "sm86", "sm87", "sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm121"),
+}
+FLAVOUR_NAMES = {"trt": "full TensorRT", "trt-rtx": "TensorRT-RTX"}
 # IMoELayer runs on Blackwell datacenter and Thor only (public TensorRT docs; FACTS.md).
 TRT_NATIVE_MOE_ARCHS = frozenset({"sm100", "sm103", "sm110"})
 
@@ -51,7 +59,21 @@ def parse_target(text: str) -> Target:
         return Target("ort")
     if not re.fullmatch(r"sm\d{2,3}", arch or ""):
         raise MoecError(f"target {text!r} needs an arch like {kind}:sm89, {kind}:sm90 or {kind}:sm100")
+    if reason := arch_unsupported_reason(kind, arch):
+        raise MoecError(f"target {text!r}: {reason}")
     return Target(kind, arch)
+
+
+def arch_unsupported_reason(kind: str, arch: str) -> str | None:
+    """Why TensorRT flavour ``kind`` ("trt" | "trt-rtx") cannot build for ``arch`` (None when it can)."""
+    if arch in ARCHS[kind]:
+        return None
+    known = sorted(set().union(*ARCHS.values()), key=lambda a: int(a[2:]))
+    if arch not in known:
+        return f"unknown arch {arch}; GPU archs are {', '.join(known)}"
+    others = [k for k in ARCHS if k != kind and arch in ARCHS[k]]
+    hint = f"; build {arch} with {FLAVOUR_NAMES[others[0]]} ({others[0]}:{arch})" if others else ""
+    return f"{FLAVOUR_NAMES[kind]} cannot target {arch}; it targets {', '.join(ARCHS[kind])}{hint}"
 
 
 def unsupported_reason(target: Target, lowering: str) -> str | None:
@@ -67,8 +89,20 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
             return f"TRT_MoE (IMoELayer) runs only on {', '.join(sorted(TRT_NATIVE_MOE_ARCHS))} TensorRT targets"
     if lowering == "trt-plugin" and not target.is_trt:
         return "the moec TensorRT plugin exists only inside TensorRT engines"
+    if lowering == "trt-plugin" and target.kind == "trt-rtx":
+        # runtime/trt_plugin.py: TensorRT-RTX 1.7's parser aborts the process on a Python IPluginV3.
+        return ("TensorRT-RTX aborts the process when its ONNX parser meets the moec plugin; "
+                f"use hybrid (the default) or dense, or full TensorRT (trt:{target.arch})")
+    if lowering == "gather" and target.kind == "trt-rtx":
+        # Checked on the demo export with TensorRT-RTX 1.7.1 (sm89): the build fails in Myelin
+        # ("MyelinCheckException: ssa.cpp:848: CHECK(graph().ssa_validation()) failed") whenever the
+        # profile allows batch > 1 with more than one new token; hybrid (whose decode branch is this
+        # same gather form) and dense build.
+        return ("TensorRT-RTX 1.7 cannot build it (Myelin: CHECK(graph().ssa_validation()) failed) for batch > 1; "
+                "use hybrid (the default: gather for decode, dense for prefill) or dense")
     if lowering == "function" and target.is_trt:
-        return "moec ops as ONNX functions: TensorRT would inline the all-experts body; pick gather, dense or trt-plugin"
+        choices = "hybrid or dense" if target.kind == "trt-rtx" else "hybrid, gather, dense or trt-plugin"
+        return f"moec ops as ONNX functions: TensorRT would inline the all-experts body; pick {choices}"
     return None
 
 

@@ -83,6 +83,13 @@ def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, ca
         (["--target", "trt-rtx"], "needs an arch"),
         (["--target", "cuda:sm90"], "unknown target"),
         (["NOT_A_DIR"], "not a folder"),
+        # Refused before the checkpoint is exported, not by the build at the end.
+        (["--target", "trt-rtx:sm90"], "TensorRT-RTX cannot target sm90"),
+        (["--target", "trt:sm42"], "unknown arch sm42"),
+        (["--target", "trt-rtx:sm89", "--moe-lowering", "gather"], "ssa_validation"),
+        (["--target", "trt-rtx:sm89", "--moe-lowering", "trt-plugin"], "aborts the process"),
+        (["--target", "ort", "--moe-lowering", "trt-native"], "MoE lowering 'trt-native' cannot run there"),
+        (["--target", "ort", "--moe-lowering", "fast"], "unknown MoE lowering 'fast'"),
     ],
 )
 def test_bad_input_is_one_line_error_and_no_output(tmp_path, capsys, argv, message):
@@ -91,4 +98,14 @@ def test_bad_input_is_one_line_error_and_no_output(tmp_path, capsys, argv, messa
     code, _, err = _cli(["compile", *argv, "-o", str(out)], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and "stage" not in err  # no stage ran
+
+
+def test_missing_tensorrt_flavour_is_refused_before_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    with pytest.raises(MoecError, match=r"tensorrt, which is not installed; install it \(pip install 'moec\[tensorrt\]'\)"):
+        compile_checkpoint(None, tmp_path / "out", CompileConfig(target="trt:sm90", progress=False))
+    assert not list(tmp_path.iterdir())

@@ -4,6 +4,7 @@ refuse (with the target and op named) what they cannot express."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import onnx_ir as ir
 import pytest
@@ -15,7 +16,7 @@ from moec.passes.fusions._graph import FusionLog
 from moec.passes.fusions.grouped_experts import fuse_grouped_experts
 from moec.passes.fusions.moe_gating import fuse_moe_gating
 from moec.passes.lowerings import lower_moe
-from moec.passes.targets import lowerings_for, parse_target
+from moec.passes.targets import lowerings_for, parse_target, unsupported_reason
 
 
 def fused(path) -> ir.Model:
@@ -80,7 +81,8 @@ def test_trt_native_refuses_input_scaling_with_k2(block_onnx):
 
 
 @pytest.mark.parametrize("target,lowering", [("trt:sm89", "trt-native"), ("trt-rtx:sm120", "trt-native"),
-                                             ("trt:sm90", "ort"), ("ort", "trt-plugin")])
+                                             ("trt:sm90", "ort"), ("ort", "trt-plugin"),
+                                             ("trt-rtx:sm89", "trt-plugin"), ("trt-rtx:sm89", "gather")])
 def test_lowering_the_target_cannot_run_is_an_error(target, lowering):
     with pytest.raises(MoecError, match=f"target {target}: MoE lowering '{lowering}'"):
         lowerings_for(parse_target(target), lowering)
@@ -90,7 +92,8 @@ def test_defaults_per_target():
     assert lowerings_for(parse_target("ort"), None)[0] == "ort"
     assert lowerings_for(parse_target("trt:sm100"), None)[0] == "trt-native"
     assert lowerings_for(parse_target("trt:sm90"), None) == ("hybrid",)
-    assert lowerings_for(parse_target("trt-rtx:sm89"), "trt-plugin") == ("trt-plugin",)
+    assert lowerings_for(parse_target("trt:sm89"), "trt-plugin") == ("trt-plugin",)
+    assert lowerings_for(parse_target("trt-rtx:sm89"), "dense") == ("dense",)
     for bad in ("tensorrt", "trt", "trt:90", "ort:sm80"):
         with pytest.raises(MoecError):
             parse_target(bad)
@@ -138,3 +141,33 @@ def test_hybrid_takes_both_branches(block_onnx, tokens):
     (if_node,) = [n for n in model.graph if n.op_type == "If"]
     feeds = block_input(seed=tokens, batch=1, seq=tokens)
     assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
+
+
+def test_trt_rtx_refusals_say_why_and_what_builds():
+    gather = unsupported_reason(parse_target("trt-rtx:sm89"), "gather")
+    assert "ssa_validation" in gather and "hybrid" in gather and "dense" in gather
+    plugin = unsupported_reason(parse_target("trt-rtx:sm120"), "trt-plugin")
+    assert "aborts" in plugin and "trt:sm120" in plugin
+    function = unsupported_reason(parse_target("trt-rtx:sm89"), "function")
+    assert "gather" not in function and "hybrid or dense" in function
+    assert unsupported_reason(parse_target("trt:sm89"), "gather") is None
+
+
+@pytest.mark.parametrize("text,match", [
+    ("trt-rtx:sm90", "TensorRT-RTX cannot target sm90; it targets sm75, sm80, sm86, sm89, sm120, sm121; build sm90 with full TensorRT"),
+    ("trt-rtx:sm100", "TensorRT-RTX cannot target sm100"),
+    ("trt-rtx:sm42", "unknown arch sm42"),
+    ("trt:sm42", "unknown arch sm42"),
+    ("trt:sm999", "unknown arch sm999"),
+])
+def test_arch_is_checked_against_the_flavour(text, match):
+    with pytest.raises(MoecError, match=f"target '{text}': {re.escape(match)}"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize("kind", ["trt", "trt-rtx"])
+def test_every_listed_arch_parses(kind):
+    from moec.passes.targets import ARCHS
+
+    assert [parse_target(f"{kind}:{a}").arch for a in ARCHS[kind]] == list(ARCHS[kind])
+    assert {"sm90", "sm100", "sm103", "sm110"} <= set(ARCHS["trt"])
