@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -319,6 +320,26 @@ def _check_external_data(in_path: Path) -> None:
         )
 
 
+_LOWERED_NODE = re.compile(r"moe_(?:%s)_\d+/" % "|".join(re.escape(name) for name in ("ort", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")))
+
+
+def _check_not_optimized_for_another_target(in_path: Path, model: ir.Model, sidecar: dict | None, target) -> bool:
+    """True when ``in_path`` was already optimized for ``target`` (running again is a no-op);
+    MoecError when it was optimized for another one: its MoE layers are lowered for that target
+    and nothing is left to re-fuse, so the result would be the old target's graph labelled as the new."""
+    done_for = (sidecar or {}).get("target")
+    redo = f"optimize the export (the model.onnx `moec export` wrote) for {target} instead"
+    if done_for is not None:
+        if done_for == str(target):
+            return True
+        lowering = sidecar.get("moe_lowering", "?")
+        raise MoecError(f"{in_path} is already optimized for {done_for} ({lowering}); {redo}")
+    lowered = sorted({m.group(0)[:-1] for n in model.graph.all_nodes() if (m := _LOWERED_NODE.match(n.name or ""))})
+    if lowered:
+        raise MoecError(f"{in_path} is already optimized (its graph has lowered MoE layers: {', '.join(lowered[:3])}); {redo}")
+    return False
+
+
 def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, config: OptimizeConfig = OptimizeConfig()) -> OptimizeReport:
     """Optimize ``in_path`` for ``config.target`` and write ``out_path`` with its sidecar files."""
     from moec.passes.fusions._graph import FusionLog
@@ -346,6 +367,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         model = ir.load(in_path)
     except Exception as e:
         raise MoecError(f"{in_path}: not a readable ONNX model ({e})") from e
+    already = _check_not_optimized_for_another_target(in_path, model, sidecar, target)
     external = _has_external_data(model) or _weight_bytes(model) > INLINE_WEIGHT_LIMIT_BYTES
 
     ctx = _Context(config, target, FusionLog())
@@ -358,12 +380,14 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     gating, experts = ctx.counts.get("gating", 0), ctx.counts.get("experts", 0)
     moe_layers = len(sidecar["moe_layers"]) if sidecar and "moe_layers" in sidecar else None
     notes: list[str] = []
-    if experts == 0:
+    if already:
+        pass  # lowered for this target before: nothing left to fuse, and that is not a problem
+    elif experts == 0:
         msg = f"{in_path}: no MoE layer was fused" + (f" (refusals: {'; '.join(map(str, ctx.log.refusals))})" if ctx.log.refusals else "")
         if config.require_fusion:
             raise MoecError(msg + "; --require-fusion makes this an error")
         notes.append(msg)
-    if moe_layers is not None and (gating != moe_layers or experts != moe_layers):
+    if not already and moe_layers is not None and (gating != moe_layers or experts != moe_layers):
         notes.append(f"fused {gating} gating and {experts} expert ops, but the model has {moe_layers} MoE layers")
     from moec.passes.cleanup import untyped_values
 

@@ -335,3 +335,20 @@ def test_report_may_not_overwrite_the_model(demo_onnx, tmp_path, capsys):
         assert code == 2 and "--report" in err, victim
         assert (victim.read_bytes() if victim.exists() else None) == before
     assert not out.parent.exists()
+
+
+def test_an_optimized_graph_is_not_optimized_for_another_target(demo_onnx, tmp_path):
+    first = tmp_path / "rtx" / "model.opt.onnx"
+    optimize_onnx(demo_onnx, first, OptimizeConfig(target="trt-rtx:sm89"))
+    with pytest.raises(MoecError, match=r"already optimized for trt-rtx:sm89 \(hybrid\); optimize the export"):
+        optimize_onnx(first, tmp_path / "ort" / "model.onnx", OptimizeConfig(target="ort"))
+    assert not (tmp_path / "ort").exists()
+    # The same target again is a no-op that still works.
+    again = optimize_onnx(first, tmp_path / "again" / "model.onnx", OptimizeConfig(target="trt-rtx:sm89"))
+    assert again.fused_experts == 0 and again.moe_lowering == {}
+    # Without a sidecar the lowered MoE nodes in the graph still show it.
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    shutil.copy(first, bare)
+    with pytest.raises(MoecError, match=r"already optimized \(its graph has lowered MoE layers: moe_hybrid_0"):
+        optimize_onnx(bare, tmp_path / "ort2" / "model.onnx", OptimizeConfig(target="ort"))
