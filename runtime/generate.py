@@ -146,6 +146,17 @@ def sample_next(logits_BV: np.ndarray, config: GenerationConfig, rng: np.random.
     return order_BV[np.arange(B), idx_B].astype(np.int64)
 
 
+def prefill_chunk(backend: Backend, prompt_len: int) -> int:
+    """Tokens per prefill step: the whole prompt, unless the backend takes fewer new tokens per
+    step (its optional ``max_new_tokens_per_step``, e.g. a TensorRT engine's prefill profile)."""
+    limit = getattr(backend, "max_new_tokens_per_step", None)
+    if limit is None:
+        return prompt_len
+    if int(limit) < 1:
+        raise MoecError(f"the {backend.name} backend takes {limit} new tokens per step; it needs at least 1")
+    return min(prompt_len, int(limit))
+
+
 def generate(
     backend: Backend,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
@@ -155,7 +166,8 @@ def generate(
 
     The whole sequence (prompt + generated) is capped at ``backend.max_positions``; a prompt
     longer than that is an error, a generation that would pass it stops early with finish
-    reason "max_positions".
+    reason "max_positions". A prompt longer than the backend's ``max_new_tokens_per_step`` (when
+    it has one) is prefilled in chunks of that size; ``prefill_s`` covers all of them.
     """
     prompt_BS = as_prompt_batch(prompt_ids)
     B, S = prompt_BS.shape
@@ -178,8 +190,13 @@ def generate(
     if budget > 0:
         cache = backend.init_cache(B)
         positions_BS = np.broadcast_to(np.arange(S, dtype=np.int64), (B, S)).copy()
+        chunk = prefill_chunk(backend, S)
         t0 = time.perf_counter()
-        logits_BSV, cache = backend.forward(prompt_BS, positions_BS, cache)
+        # A prompt longer than the backend takes in one step goes in as consecutive chunks, each
+        # with the earlier ones as its past: the same cache, and the same last-position logits.
+        for start in range(0, S, chunk):
+            end = min(start + chunk, S)
+            logits_BSV, cache = backend.forward(prompt_BS[:, start:end], positions_BS[:, start:end], cache)
         next_B = sample_next(logits_BSV[:, -1, :], config, rng)
         prefill_s = time.perf_counter() - t0
         pos = S

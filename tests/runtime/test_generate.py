@@ -194,3 +194,48 @@ def test_sampling_frequencies_match_the_filtered_softmax(seed, temperature, top_
     assert (freq[want == 0] == 0).all()
     se = np.sqrt(want * (1 - want) / n) + 1e-12
     assert (np.abs(freq - want) <= 5 * se + 1e-9).all(), (freq, want)
+
+
+@pytest.mark.parametrize("chunk, calls", [(4, [(4, 0), (4, 4), (2, 8)]), (5, [(5, 0), (5, 5)]), (64, [(10, 0)]),
+                                          (1, [(1, p) for p in range(10)])])
+def test_long_prompt_is_prefilled_in_chunks_of_the_backends_limit(chunk, calls):
+    backend = FakeBackend()
+    backend.max_new_tokens_per_step = chunk
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    res = generate(backend, prompt, GenerationConfig(max_new_tokens=3))
+    assert res.new_tokens == [expected_greedy(prompt, 3)]
+    assert backend.calls[: len(calls)] == calls and backend.calls[len(calls):] == [(1, 10), (1, 11)]
+
+
+def test_chunked_prefill_matches_one_step_prefill_on_onnx_runtime(demo_onnx):
+    """The real cache path: the demo export on ONNX Runtime, its prompt fed in chunks of 5, gives
+    the same greedy tokens and the same logits (prefill's last position and every decode step)."""
+    from moec.runtime.ort_backend import OrtBackend
+
+    class Recording:
+        def __init__(self, inner, chunk=None):
+            self.inner, self.logits = inner, []
+            self.name, self.max_positions, self.eos_token_ids = inner.name, inner.max_positions, ()
+            if chunk is not None:
+                self.max_new_tokens_per_step = chunk
+            self.steps = []
+
+        def init_cache(self, b):
+            return self.inner.init_cache(b)
+
+        def forward(self, ids, pos, cache):
+            logits, cache = self.inner.forward(ids, pos, cache)
+            self.steps.append(ids.shape[1])
+            self.logits.append(logits[:, -1, :])
+            return logits, cache
+
+    ort = OrtBackend.from_onnx(demo_onnx)
+    prompt = np.random.default_rng(1).integers(0, 100, size=(2, 13))
+    whole, chunked = Recording(ort), Recording(ort, chunk=5)
+    cfg = GenerationConfig(max_new_tokens=4, stop_on_eos=False)
+    a, b = generate(whole, prompt, cfg), generate(chunked, prompt, cfg)
+    assert chunked.steps == [5, 5, 3, 1, 1, 1] and whole.steps == [13, 1, 1, 1]
+    assert a.new_tokens == b.new_tokens
+    # Logits after the whole prompt (the last chunk's) and after every decode step agree.
+    for x, y in zip(whole.logits, chunked.logits[2:]):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
