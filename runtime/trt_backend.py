@@ -172,7 +172,7 @@ def _rebuild_hint(manifest: dict[str, Any], host: HostTrt) -> str:
     return f"rebuild on this host: moec build {manifest['source_onnx']['file']} -o DIR --arch {arch} --backend {host.flavour}"
 
 
-def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTrt) -> Path:
+def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTrt, check_integrity: bool = True) -> Path:
     """Check ``manifest`` against ``host``; return the engine file to deserialize.
 
     Every refusal is a MoecError naming the mismatch and the rebuild that fixes it. The checks run
@@ -211,15 +211,55 @@ def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTr
                 f"rebuild the graph with a lowering that needs no plugin (moec optimize --moe-lowering hybrid, the default, or dense)"
             )
     path = engine_dir / engine["file"]
-    if not path.is_file():
-        raise MoecError(f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`")
-    digest = sha256_file(path)
-    if digest != engine["sha256"]:
-        raise MoecError(
-            f"{path}: sha256 {digest[:16]}... does not match the manifest's {engine['sha256'][:16]}... "
-            f"(file modified or corrupted); rebuild the engine directory with `moec build`"
-        )
+    if check_integrity:
+        check_engine_files(manifest, engine_dir, [engine])
     return path
+
+
+def engine_problems(manifest: dict[str, Any], engine_dir: str | Path, entry: dict[str, Any]) -> list[str]:
+    """What is wrong with one engine file of ``manifest`` (missing, sha256 mismatch, a header that
+    disagrees with the manifest on flavour, version or archs), each with what to do; needs no GPU."""
+    path = Path(engine_dir) / entry["file"]
+    if not path.is_file():
+        return [f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`"]
+    problems = []
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        problems.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... "
+                        "(file modified or corrupted); rebuild the engine directory with `moec build`")
+    header, built = read_engine_header(path), manifest["trt"]
+    said = []
+    if header.get("flavour") in FLAVOUR_MODULES and header["flavour"] != built["flavour"]:
+        said.append(f"flavour {header['flavour']} (manifest: {built['flavour']})")
+    if "version" in header and header["version"] != built["version"]:
+        said.append(f"{header.get('flavour')} version {header['version']} (manifest: {built['version']})")
+    if "archs" in header and sorted(header["archs"]) != sorted(entry["archs"]):
+        said.append(f"archs {', '.join(header['archs']) or 'none'} (manifest: {', '.join(entry['archs'])})")
+    if said:
+        problems.append(f"{path}: the engine header says {'; '.join(said)}: the manifest does not describe this "
+                        "engine; rebuild the engine directory with `moec build`")
+    return problems
+
+
+def manifest_problems(manifest: dict[str, Any], engine_dir: str | Path) -> list[str]:
+    """Disagreements inside the manifest: its archs against its engines' archs."""
+    listed = sorted(manifest.get("archs", []))
+    built = sorted({a for e in manifest["engines"] for a in e["archs"]})
+    if listed != built:
+        return [f"{Path(engine_dir) / contract.ENGINE_MANIFEST}: archs {', '.join(listed)} but its engines target "
+                f"{', '.join(built)}: the manifest was edited; rebuild the engine directory with `moec build`"]
+    return []
+
+
+def check_engine_files(manifest: dict[str, Any], engine_dir: str | Path, entries: list[dict[str, Any]] | None = None) -> None:
+    """Raise on the first problem of the given engines (default: all) or of the manifest itself."""
+    for entry in manifest["engines"] if entries is None else entries:
+        problems = engine_problems(manifest, engine_dir, entry)
+        if problems:
+            raise MoecError(problems[0])
+    problems = manifest_problems(manifest, engine_dir)
+    if problems:
+        raise MoecError(problems[0])
 
 
 def _engine_for_arch(manifest: dict[str, Any], arch: str) -> dict[str, Any] | None:
@@ -277,6 +317,32 @@ def select_profile(profiles: list[EngineProfile], shapes: dict[str, tuple[int, .
     return fits[0]
 
 
+def max_prompt_tokens(profiles: list[EngineProfile], max_positions: int, batch: int = 1) -> int:
+    """The longest prompt the generation loop can prefill on these profiles and still generate a
+    token (so at most ``max_positions - 1``), feeding it in chunks of the largest new-token count
+    any profile takes (``TrtBackend.max_new_tokens_per_step``): each chunk, at the past the
+    earlier chunks left, must fit some profile."""
+    chunk = max(p.ranges[contract.INPUT_IDS][1][1] for p in profiles)
+    limit = max_positions - 1
+    done = 0
+    while done < limit:
+        room = 0
+        for p in profiles:
+            (b_lo, n_lo), (b_hi, n_hi) = p.ranges[contract.INPUT_IDS]
+            pasts = [(lo[2], hi[2]) for name, (lo, hi) in p.ranges.items() if name.startswith(("past_key.", "past_value."))]
+            p_lo, p_hi = (max(lo for lo, _ in pasts), min(hi for _, hi in pasts)) if pasts else (0, max_positions)
+            if b_lo <= batch <= b_hi and p_lo <= done <= p_hi:
+                n = min(chunk, n_hi, limit - done)
+                if n >= n_lo:
+                    room = max(room, n)
+        if room == 0:
+            break
+        done += room
+        if room < chunk:  # a shorter chunk ends the prompt: a longer one would not fit here
+            break
+    return done
+
+
 # --- The backend (needs a GPU) -------------------------------------------------------------------
 class TrtKVCache:
     """Past keys/values as flat torch CUDA buffers viewed [B, KVH, P, D].
@@ -331,6 +397,9 @@ class TrtBackend:
         self._active_profile = int(context.active_optimization_profile)
         self.max_batch = limits["max_batch"]
         self.max_new_tokens = limits["max_new_tokens"]
+        # The generation loop feeds a longer prompt in chunks of this many tokens (a default
+        # prefill profile takes half the positions; the second chunk runs with the first as past).
+        self.max_new_tokens_per_step = max(p.ranges[contract.INPUT_IDS][1][1] for p in self.profiles)
         self.max_past = limits["max_past"]
         # The loop checks prompt + generated <= max_positions; a step's past is at most max_past
         # (the decode profile's).
@@ -350,9 +419,14 @@ class TrtBackend:
 
         path = Path(path)
         manifest = load_manifest(path)
+        # The integrity checks need no GPU and no TensorRT, so a tampered or mismatched directory is
+        # reported as such everywhere: with a GPU, the engine for it; without, every engine.
+        arch = local_gpu_arch()
+        entry = _engine_for_arch(manifest, arch) if arch else None
+        check_engine_files(manifest, path, [entry] if entry else None)
         trt_flavour = import_trt(flavour or manifest["trt"]["flavour"])
         _register_plugins(manifest, trt_flavour)
-        engine_path = select_engine(manifest, path, HostTrt.detect(trt_flavour))
+        engine_path = select_engine(manifest, path, HostTrt.detect(trt_flavour), check_integrity=False)
         trt = trt_flavour.trt
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)

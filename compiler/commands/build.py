@@ -56,6 +56,7 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
     click.echo(f"built {len(m['engines'])} engine(s) for {', '.join(m['archs'])} with {m['trt']['flavour']} "
                f"{m['trt']['version']} ({m['precision']}, {result.seconds:.1f} s) -> {result.out_dir}")
     click.echo(f"  profiles: {_profile_summary(m)}")
+    click.echo(f"  max prompt: {_max_prompt(m)}")
     for e in m["engines"]:
         click.echo(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, sha256 {e['sha256'][:16]}")
 
@@ -64,14 +65,19 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
 @click.argument("engine_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
 def inspect(engine_dir, as_json) -> None:
-    """Print an engine directory's manifest, its engines' I/O tensors and layer information."""
+    """Print an engine directory's manifest, its engines' I/O tensors and layer information.
+    Exits 2 when an engine does not match the manifest (sha256, or a header that names another
+    TensorRT version or arch), so scripts can use it as a check."""
+    from moec.common.errors import MoecError
     from moec.compiler.build import inspect_engine_dir
 
     report = inspect_engine_dir(engine_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        return
-    _print_inspection(report)
+    else:
+        _print_inspection(report)
+    if report["problems"]:
+        raise MoecError(f"{engine_dir} failed inspection: " + "; ".join(report["problems"]))
 
 
 def _profile_summary(manifest) -> str:
@@ -85,6 +91,15 @@ def _profile_summary(manifest) -> str:
             text += f", past_len {past['min'][2]}..{past['max'][2]} opt {past['opt'][2]}"
         parts.append(text)
     return "; ".join(parts)
+
+
+def _max_prompt(manifest) -> str:
+    from moec.runtime.trt_backend import engine_profiles, max_prompt_tokens
+
+    profiles = engine_profiles(manifest)
+    chunk = max(p.ranges["input_ids"][1][1] for p in profiles)
+    n = max_prompt_tokens(profiles, manifest["limits"]["max_positions"])
+    return f"{n} tokens (prefilled in chunks of up to {chunk})"
 
 
 def _grouped_ranges(shapes):
@@ -125,18 +140,29 @@ def _print_inspection(report) -> None:
         for i, (name, r) in enumerate(_grouped_ranges(p["shapes"])):
             profiles.add_row(f"{p['name']} #{p['index']}" if i == 0 else "", name, *("x".join(map(str, r[k])) for k in ("min", "opt", "max")))
     console.print(profiles)
+    console.print(f"max prompt: {_max_prompt(m)}")
+    # Every engine of a directory comes from one network: its I/O table is printed once, unless
+    # deserialized engines report different I/O.
+    printed_io = None
     for engine in report["engines"]:
         h = engine["header"]
-        console.print(f"[bold]{engine['file']}[/] archs {', '.join(engine['archs'])}; sha256 "
-                      f"{'[green]ok[/]' if engine['sha256_ok'] else '[red]MISMATCH[/]'}; header: {h.get('flavour')} "
-                      f"{h.get('version', '?')} for {', '.join(h.get('archs', [])) or '?'}")
+        status = "[green]ok[/]" if engine["sha256_ok"] else "[red]MISMATCH[/]"
+        console.print(f"[bold]{engine['file']}[/] archs {', '.join(engine['archs'])}; sha256 {status}; header: "
+                      f"{h.get('flavour')} {h.get('version', '?')} for {', '.join(h.get('archs', [])) or '?'}")
+        for problem in engine.get("problems", []):
+            console.print(f"  [red]{problem}[/]")
         if not engine["deserialized"]:
-            console.print(f"  [yellow]not deserialized: {engine['reason']}; I/O below is the manifest's (network) record[/]")
-        io = Table("tensor", "mode", "dtype", "shape")
+            console.print(f"  [yellow]not deserialized: {engine['reason']}[/]")
         rows = engine.get("io") or [dict(t, mode="input") for t in m["io"]["inputs"]] + [dict(t, mode="output") for t in m["io"]["outputs"]]
-        for t in rows:
-            io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]))
-        console.print(io)
+        if rows != printed_io:
+            source = "engine" if engine.get("io") else "network, from the manifest"
+            io = Table("tensor", "mode", "dtype", "shape", title=f"I/O tensors ({source})")
+            for t in rows:
+                io.add_row(t["name"], t["mode"], t["dtype"], str(t["shape"]))
+            console.print(io)
+            printed_io = rows
+        else:
+            console.print("  I/O tensors: as above")
         if "num_profiles" in engine:
             console.print(f"  the engine holds {engine['num_profiles']} optimization profile(s)")
         if engine.get("layers"):

@@ -346,9 +346,11 @@ def test_cli_build_and_inspect(tiny, tmp_path, capsys):
     assert "built 2 engine(s) for sm89, sm120 with tensorrt-rtx" in out_text
     assert "profiles: prefill (#0) batch x new_tokens [1, 1]..[2, 32] opt [1, 32], past_len 0..32 opt 0; " \
            "decode (#1) batch x new_tokens [1, 1]..[2, 1] opt [1, 1], past_len 1..63 opt 31" in out_text
+    assert "max prompt: 63 tokens (prefilled in chunks of up to 32)" in out_text
     main(["inspect", str(out), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert [e["archs"] for e in report["engines"]] == [["sm89"], ["sm120"]]
+    assert report["problems"] == [] and report["max_prompt_tokens"] == 63
     assert [p["name"] for p in report["manifest"]["profiles"]] == ["prefill", "decode"]
     main(["inspect", str(out)])
     text = capsys.readouterr().out
@@ -356,6 +358,9 @@ def test_cli_build_and_inspect(tiny, tmp_path, capsys):
     # The profile table: prefill then decode, dims as --shapes writes them, past tensors grouped.
     assert "prefill #0" in text and "decode #1" in text and text.index("prefill #0") < text.index("decode #1")
     assert "past K/V (4)" in text and "2x2x63x4" in text
+    # One network, one I/O table, however many archs.
+    assert text.count("present_value.1") == 1 and "I/O tensors: as above" in text
+    assert "max prompt: 63 tokens" in text
 
 
 def test_source_hash_covers_external_data(tmp_path):
@@ -408,6 +413,7 @@ def test_inspect_flags_tampered_and_missing_engines(tiny, tmp_path):
     report = inspect_engine_dir(out)
     assert [e["sha256_ok"] for e in report["engines"]] == [False, True]
     assert "does not match the manifest's sha256" in report["engines"][0]["reason"]
+    assert len(report["problems"]) == 1 and "engine.sm80.plan: sha256" in report["problems"][0]
     (out / "engine.sm89.plan").unlink()
     with pytest.raises(MoecError, match="engine.sm89.plan is missing"):
         inspect_engine_dir(out)
@@ -426,6 +432,32 @@ class _SigintDisplay(ProgressDisplay):
         self.steps += 1
         if self.steps == 2:
             signal.raise_signal(signal.SIGINT)
+
+
+def test_cli_inspect_exits_non_zero_on_a_tampered_or_mismatched_engine(tiny, tmp_path, capsys):
+    from moec.compiler.cli import main
+
+    out = tmp_path / "e"
+    build_engine(tiny, out, quiet(archs=("sm89",)))
+    main(["inspect", str(out)])
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    edited = json.loads(json.dumps(manifest))
+    edited["archs"], edited["engines"][0]["archs"], edited["trt"]["version"] = ["sm80"], ["sm80"], "1.5.0"
+    (out / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "header says" in err and "(manifest: 1.5.0)" in err and "archs sm89 (manifest: sm80)" in err
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with open(out / "engine.sm89.plan", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and "sha256" in captured.err
+    assert json.loads(captured.out)["engines"][0]["sha256_ok"] is False
 
 
 def test_sigint_during_build_cancels_through_the_monitor(tiny, tmp_path):

@@ -25,6 +25,7 @@ from moec.runtime.trt_backend import (  # noqa: E402
     TrtKVCache,
     engine_profiles,
     load_manifest,
+    max_prompt_tokens,
     parse_arch,
     select_engine,
     select_profile,
@@ -411,3 +412,59 @@ def test_tensorrt_validity_diagnostics_are_named():
         _check_validity(trt, bad, b"", Path("engine.sm89.plan"))
     _check_validity(trt, Runtime((trt.EngineValidity.VALID, 0)), b"", Path("engine.sm89.plan"))
     _check_validity(trt, Runtime((trt.EngineValidity.SUBOPTIMAL, 0)), b"", Path("engine.sm89.plan"))
+
+
+def test_long_prompt_is_prefilled_in_chunks_on_the_prefill_profile(engine_dir):
+    """The tiny engine's prefill profile takes 32 new tokens (half of 64 positions): a 50-token
+    prompt goes in as 32 + 18 on the prefill profile, and matches ONNX Runtime's one-step prefill."""
+    from moec.runtime.generate import GenerationConfig, generate
+    from moec.runtime.ort_backend import OrtBackend
+
+    src = engine_dir.parent / "src" / "model.onnx"
+    be = cpu_backend(engine_dir, src)
+    assert be.max_new_tokens_per_step == 32
+    prompt = np.random.default_rng(0).integers(0, 16, size=(1, 50))
+    cfg = GenerationConfig(max_new_tokens=4, stop_on_eos=False)
+    got = generate(be, prompt, cfg)
+    assert got.new_tokens == generate(OrtBackend.from_onnx(src), prompt, cfg).new_tokens
+    assert be.context.step_profiles == [PREFILL, PREFILL, DECODE, DECODE, DECODE]
+    assert max_prompt_tokens(be.profiles, 64) == 63
+
+
+def test_max_prompt_tokens_follows_the_profiles():
+    def prof(name, index, new, past):
+        return EngineProfile(name, index, {contract.INPUT_IDS: ((1, new[0]), (2, new[1])),
+                                           "past_key.0": ((1, 2, past[0], 4), (2, 2, past[1], 4))})
+
+    # Demo defaults: 512 positions, prefill 1..256 new with past 0..256: 256 + 255 (one position left).
+    assert max_prompt_tokens([prof("prefill", 0, (1, 256), (0, 256)), prof("decode", 1, (1, 1), (1, 511))], 512) == 511
+    # A prefill profile with no room for a past: one chunk, then one last token on the decode profile.
+    assert max_prompt_tokens([prof("prefill", 0, (1, 100), (0, 0)), prof("decode", 1, (1, 1), (1, 511))], 512) == 101
+    # Chunks of 200 at past 0 and 200 fit (past <= 312); at 400 only decode's single token does.
+    assert max_prompt_tokens([prof("prefill", 0, (1, 200), (0, 312)), prof("decode", 1, (1, 1), (1, 511))], 512) == 401
+    assert max_prompt_tokens([prof("prefill", 0, (1, 200), (0, 312))], 512) == 400
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("tamper", r"engine.sm89.plan: sha256 .* does not match"),
+    ("archs", r"engine.sm89.plan: the engine header says archs sm89 \(manifest: sm80\)"),
+    ("version", r"the engine header says tensorrt-rtx version .* \(manifest: 1.5.0\)"),
+    ("manifest_archs", r"manifest.json: archs sm80, sm89 but its engines target sm120, sm89"),
+])
+def test_from_engine_dir_checks_integrity_before_the_gpu(engine_dir, tmp_path, edit, message):
+    """No GPU here: a tampered or mismatched directory is reported as such, not as "no CUDA GPU"."""
+    d = copy_dir(engine_dir, tmp_path / "e")
+    m = json.loads((d / "manifest.json").read_text())
+    if edit == "tamper":
+        blob = bytearray((d / "engine.sm89.plan").read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        (d / "engine.sm89.plan").write_bytes(bytes(blob))
+    elif edit == "archs":
+        m["engines"][0]["archs"] = ["sm80"]
+    elif edit == "version":
+        m["trt"]["version"] = "1.5.0"
+    else:
+        m["archs"] = ["sm80", "sm89"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MoecError, match=message):
+        TrtBackend.from_engine_dir(d)
