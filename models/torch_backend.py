@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moec.common.errors import MoecError
+from moec.common.token_ids import bad_token_ids_message
 from moec.models.checkpoint import load_pretrained, resolve_dtype
 from moec.models.config import Llama4Config
 from moec.models.llama4 import KVCache, Llama4ForCausalLM
@@ -68,7 +69,7 @@ class TorchBackend:
             raise MoecError(f"input batch {ids.shape[0]} does not match the cache's batch {cache.batch_size}")
         vocab = self.config.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
-            raise MoecError(f"token ids must lie in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+            raise MoecError(bad_token_ids_message(ids.tolist(), pos.tolist(), vocab))
         end = cache.past_len + ids.shape[1]
         if end > self.max_positions:
             raise MoecError(f"sequence of {end} tokens exceeds the model's {self.max_positions} positions")

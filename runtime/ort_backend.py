@@ -23,6 +23,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
+from moec.common.token_ids import bad_token_ids_message
 from moec.common.onnx_files import missing_external_data
 from moec.common.sidecar import read_sidecar, validate_sidecar
 
@@ -185,7 +186,8 @@ class OrtBackend:
                 f"{cache.past_len + S} positions exceed the {self.max_positions} that {self.path} was exported for"
             )
         if input_ids_BS.size and (input_ids_BS.min() < 0 or input_ids_BS.max() >= self.vocab_size):
-            raise MoecError(f"token ids must be in [0, {self.vocab_size}) for {self.path}")
+            message = bad_token_ids_message(input_ids_BS.tolist(), position_ids_BS.tolist(), self.vocab_size)
+            raise MoecError(f"{message}, for {self.path}")
 
         binding = self.session.io_binding()
         binding.bind_cpu_input(contract.INPUT_IDS, input_ids_BS)

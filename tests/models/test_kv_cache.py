@@ -115,7 +115,7 @@ def test_torch_backend_casts_on_load(demo_ckpt):
     [
         (np.array([[1, 2]]), np.array([[0, 1, 2]]), 1, "must both be"),
         (np.array([[1, 2]]), np.array([[0, 1]]), 2, "batch"),
-        (np.array([[1, 264]]), np.array([[0, 1]]), 1, "token ids"),
+        (np.array([[1, 264]]), np.array([[0, 1]]), 1, r"token ids must lie in \[0, 264\), got 264 \(at position 1\)$"),
         (np.zeros((1, 513), dtype=np.int64), np.arange(513)[None], 1, "exceeds"),
     ],
 )

@@ -102,9 +102,26 @@ def test_prompt_longer_than_max_positions(ort_backend):
         generate(ort_backend, too_long, GenerationConfig(max_new_tokens=1))
 
 
-def test_token_out_of_vocabulary(ort_backend):
-    with pytest.raises(MoecError, match=r"token ids must be in \[0, "):
-        ort_backend.forward(np.array([[ort_backend.vocab_size]]), np.array([[0]]), ort_backend.init_cache(1))
+@pytest.mark.parametrize(
+    "ids_BS, pos_BS, got",
+    [
+        ([[99999, 99999]], [[0, 1]], "got 99999 (at positions 0, 1)"),
+        ([[5, 264, 7, 300]], [[4, 5, 6, 7]], "got 264 (at position 5), 300 (at position 7)"),
+        ([[1, 300], [300, 2]], [[8, 9], [8, 9]], "got 300 (at sequence 0 position 9, sequence 1 position 8)"),
+        ([[300] * 7], [list(range(7))], "got 300 (at positions 0, 1, 2, 3, 4 and 2 more)"),
+    ],
+)
+def test_token_out_of_vocabulary_named_alike(ort_backend, torch_backend, ids_BS, pos_BS, got):
+    """Both backends name the offending ids and where they are, in the same words."""
+    ids_BS, pos_BS = np.array(ids_BS), np.array(pos_BS)
+    want = f"token ids must lie in [0, {ort_backend.vocab_size}), {got}"
+    messages = []
+    for backend in (ort_backend, torch_backend):
+        with pytest.raises(MoecError) as e:
+            backend.forward(ids_BS, pos_BS, backend.init_cache(ids_BS.shape[0]))
+        messages.append(str(e.value))
+    assert messages[0] == f"{want}, for {ort_backend.path}"
+    assert messages[1] == want
 
 
 def _plain_onnx(path):
