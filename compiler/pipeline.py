@@ -216,7 +216,8 @@ def _phase_index(records: list[PassRecord]) -> int:
 def _dump(model: ir.Model, dump_dir: Path, stem: str) -> None:
     """Write the graph only: every initializer over DUMP_INLINE_LIMIT_BYTES becomes a graph input
     with its name, dtype and shape (Netron and onnx shape inference still see it); small constants
-    (shapes, scalars, the mask fill) stay inline.
+    (shapes, scalars, the mask fill) are written inline, also when the input kept them in external
+    data, so a dump never references a file beside it.
 
     Why graph-only and not weights as shared external data: a dump is for reading what a phase did
     to the graph, and the weights do not change between phases except by relayout, which is
@@ -231,9 +232,15 @@ def _dump(model: ir.Model, dump_dir: Path, stem: str) -> None:
     graph = model.graph
     big = [v for v in graph.initializers.values() if v not in graph.inputs
            and (v.const_value is None or v.const_value.nbytes > DUMP_INLINE_LIMIT_BYTES)]
-    saved = {v.name: v.const_value for v in big}
+    # A small tensor kept in external data is read (a few bytes) and written inline: left as is, the
+    # dump would reference a .data file that is not beside it.
+    small_external = [v for v in graph.initializers.values() if v not in big
+                      and isinstance(v.const_value, ir.ExternalTensor)]
+    saved = {v.name: v.const_value for v in big + small_external}
     n_inputs = len(graph.inputs)
     try:
+        for v in small_external:
+            v.const_value = ir.Tensor(v.const_value.numpy(), name=v.name)
         for v in big:
             if v.const_value is not None:
                 v.shape = v.shape or v.const_value.shape
@@ -245,6 +252,8 @@ def _dump(model: ir.Model, dump_dir: Path, stem: str) -> None:
     finally:
         while len(graph.inputs) > n_inputs:
             graph.inputs.pop()
+        for v in small_external:
+            v.const_value = saved[v.name]
         for v in big:
             v.const_value = saved[v.name]
             if v.const_value is not None:

@@ -352,3 +352,21 @@ def test_an_optimized_graph_is_not_optimized_for_another_target(demo_onnx, tmp_p
     shutil.copy(first, bare)
     with pytest.raises(MoecError, match=r"already optimized \(its graph has lowered MoE layers: moe_hybrid_0"):
         optimize_onnx(bare, tmp_path / "ort2" / "model.onnx", OptimizeConfig(target="ort"))
+
+
+def test_dumps_of_an_external_data_model_are_self_contained(demo_onnx, tmp_path):
+    import onnx
+
+    from moec.compiler.pipeline import DUMP_INLINE_LIMIT_BYTES
+
+    # Every tensor external, including ones of exactly the inline limit (the router weights of the
+    # demo are 1024 bytes) and the small shape constants.
+    src = _external_copy(demo_onnx, tmp_path / "ext")
+    sizes = {v.name: v.const_value.nbytes for v in ir.load(src).graph.initializers.values()}
+    assert DUMP_INLINE_LIMIT_BYTES in sizes.values()
+    dump = tmp_path / "dump"
+    optimize_onnx(src, tmp_path / "o" / "model.onnx", OptimizeConfig(target="trt-rtx:sm89", dump_dir=dump))
+    for path in sorted(dump.iterdir()):
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(path, load_external_data=False)
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), path.name
