@@ -167,9 +167,27 @@ def _ort_can_run(optimized_report) -> bool:
     return not any(k in ("trt-native", "trt-plugin") for k in optimized_report.moe_lowering)
 
 
+def verify_skip_reason(config: CompileConfig) -> str | None:
+    """Why the verify stage cannot run for ``config`` on this machine (None when it can).
+
+    Decided before any work: ONNX Runtime's CPU provider has no bf16 kernels for most arithmetic
+    (MatMul, Where, ... in onnxruntime 1.32), so a bf16 graph verifies only where the CUDA
+    provider is available. That is a limit of the checker, not a fault of the graph: skipped, not failed.
+    """
+    if not config.verify:
+        return "--no-verify"
+    if (config.precision or config.dtype) == "bf16":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return ("bf16 needs a GPU provider to verify (ONNX Runtime's CPU provider has no bf16 "
+                    "kernels); fp32/fp16 verify on CPU")
+    return None
+
+
 def stage_verify(s: _State) -> StageRecord:
-    if not s.config.verify:
-        return StageRecord("verify", 0.0, "skipped", "--no-verify")
+    if (reason := verify_skip_reason(s.config)) is not None:
+        return StageRecord("verify", 0.0, "skipped", reason)
     from moec.compiler.verify import VerifyConfig, verify_backends
     from moec.models import Llama4Config
     from moec.models.torch_backend import TorchBackend
@@ -260,8 +278,14 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
     # one must be an earlier compile output (or empty).
     protected = [checkpoint] if checkpoint is not None else []
+    verify_skip_reason(config)  # imports what verify needs (onnxruntime) before any work
     report = CompileReport(out_dir=out_dir, target=config.target)
     with atomic_dir(out_dir, replaces=REPORT_FILE, inputs=protected) as work:
+        def final(text: str) -> str:
+            # Messages name artifacts where they will be (or would have been), not in the
+            # temporary folder, which is gone by the time the user reads them.
+            return text.replace(str(work), str(out_dir))
+
         state = _State(config=config, work=work, checkpoint=Path(checkpoint) if checkpoint is not None else None)
         for name, stage in STAGES:
             t0 = time.perf_counter()
@@ -269,21 +293,23 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                 rec = stage(state)
             except _StageFailed as e:
                 e.record.seconds = time.perf_counter() - t0
+                e.record.detail = final(e.record.detail)
                 report.stages.append(e.record)
                 if on_stage:
                     on_stage(e.record)
-                err = MoecError(f"{name}: {e}")
+                err = MoecError(final(f"{name}: {e}"))
                 err.report = report
                 raise err from None
             except MoecError as e:
-                rec = StageRecord(name, time.perf_counter() - t0, "FAILED", str(e))
+                rec = StageRecord(name, time.perf_counter() - t0, "FAILED", final(str(e)))
                 report.stages.append(rec)
                 if on_stage:
                     on_stage(rec)
-                err = MoecError(f"{name} stage: {e}")
+                err = MoecError(final(f"{name} stage: {e}"))
                 err.report = report
                 raise err from None
             rec.seconds = time.perf_counter() - t0
+            rec.detail = final(rec.detail)
             report.stages.append(rec)
             if on_stage:
                 on_stage(rec)

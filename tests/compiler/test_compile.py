@@ -109,3 +109,28 @@ def test_missing_tensorrt_flavour_is_refused_before_work(tmp_path, monkeypatch):
     with pytest.raises(MoecError, match=r"tensorrt, which is not installed; install it \(pip install 'moec\[tensorrt\]'\)"):
         compile_checkpoint(None, tmp_path / "out", CompileConfig(target="trt:sm90", progress=False))
     assert not list(tmp_path.iterdir())
+
+
+def test_bf16_without_a_gpu_provider_skips_verify_with_the_reason(tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    out = tmp_path / "out"
+    report = compile_checkpoint(None, out, CompileConfig(target="ort", precision="bf16", progress=False))
+    verify = {s.stage: s for s in report.stages}["verify"]
+    assert verify.status == "skipped" and "bf16 needs a GPU provider to verify" in verify.detail
+    assert report.passed and (out / "onnx" / "model.opt.onnx").is_file()
+
+
+def test_errors_name_final_paths_not_the_temporary_folder(tmp_path, monkeypatch):
+    import moec.compiler.compile as compile_mod
+
+    def failing(state):
+        raise MoecError(f"{state.work / 'onnx' / 'model.onnx'}: something is wrong with it")
+
+    monkeypatch.setattr(compile_mod, "STAGES", [("checkpoint", compile_mod.stage_checkpoint), ("export", failing)])
+    out = tmp_path / "out"
+    with pytest.raises(MoecError) as exc:
+        compile_checkpoint(None, out, CompileConfig(target="ort", progress=False))
+    assert f"{out / 'onnx' / 'model.onnx'}: something is wrong" in str(exc.value)
+    assert ".tmp" not in str(exc.value) and ".tmp" not in exc.value.report.stages[-1].detail
