@@ -8,6 +8,7 @@ stage's config dataclass, calls the stage function and prints. Errors a user can
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -42,7 +43,34 @@ def _register() -> None:
 _register()
 
 
+class _NoteHandler(logging.Handler):
+    """Warnings of the ``moec`` loggers as one ``note:`` line each on stderr, each text once per
+    command (verify and compile load the same checkpoint more than once). ``click.echo`` looks up
+    stderr at each call, so a redirected stderr is honoured."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text not in self.seen:
+            self.seen.add(text)
+            click.echo(f"note: {text}", err=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("moec")
+    for h in logger.handlers:
+        if isinstance(h, _NoteHandler):
+            h.seen.clear()  # a new command (main() runs more than once in tests)
+            return
+    logger.addHandler(_NoteHandler())
+    logger.propagate = False  # the CLI owns the process's stderr; no second copy via root
+
+
 def main(argv: list[str] | None = None) -> None:
+    _show_notes()
     try:
         cli.main(args=argv, standalone_mode=False)
     except MoecError as e:

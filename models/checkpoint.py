@@ -162,7 +162,14 @@ def load_pretrained(
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
     if skipped:
-        log.info("%s: ignored %d vision/projector tensors (moec compiles the text model)", ckpt.directory, skipped)
+        # A warning, not info: the CLI shows warnings of the "moec" loggers on stderr as notes,
+        # and a user who hands over a multimodal checkpoint should hear that part of it is unused.
+        log.warning(
+            "%s: skipped %d vision/projector tensor(s) of the Llama4ForConditionalGeneration checkpoint "
+            "(moec compiles the text model only)",
+            ckpt.directory,
+            skipped,
+        )
 
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -218,3 +218,44 @@ def test_tolerated_extras_load_to_the_same_model(ckpt, demo_ckpt):
     ids = torch.tensor([[256, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(load_pretrained(ckpt)(ids)[0], load_pretrained(demo_ckpt)(ids)[0])
+
+
+def _add_vision_tensors(path):
+    _rewrite_weights(
+        path,
+        lambda t: t.update(
+            {
+                "vision_model.patch_embedding.weight": torch.zeros(4, 3),
+                "vision_model.model.layers.0.mlp.fc1.weight": torch.zeros(2, 2),
+                "multi_modal_projector.linear_1.weight": torch.zeros(2, 4),
+            }
+        ),
+    )
+
+
+def test_vision_weights_skipped_with_a_warning(tmp_path, caplog):
+    ckpt = write_demo_checkpoint(tmp_path / "vis", layout="conditional_generation")
+    _add_vision_tensors(ckpt)
+    with caplog.at_level("WARNING", logger="moec"):
+        load_pretrained(ckpt)
+    notes = [r.getMessage() for r in caplog.records if r.name.startswith("moec")]
+    assert notes == [f"{ckpt}: skipped 3 vision/projector tensor(s) of the Llama4ForConditionalGeneration "
+                     "checkpoint (moec compiles the text model only)"]
+
+
+def test_cli_notes_skipped_vision_weights_once(tmp_path, capsys):
+    """`moec run` and `moec verify` (which loads the checkpoint twice) print the note once on stderr;
+    --json's stdout stays JSON."""
+    from moec.compiler.cli import main
+
+    ckpt = write_demo_checkpoint(tmp_path / "vis", layout="conditional_generation")
+    _add_vision_tensors(ckpt)
+    for args in (["run", ckpt, "--prompt-ids", "1 2", "--max-new-tokens", "1", "--json"],
+                 ["verify", ckpt, "--decode-steps", "0", "--json"]):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        out = capsys.readouterr()
+        json.loads(out.out)
+        assert out.err.count("note: ") == 1 and "skipped 3 vision/projector tensor(s)" in out.err, (args, out.err)
