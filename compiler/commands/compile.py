@@ -20,16 +20,27 @@ def _size(n: int | None) -> str:
     return ""
 
 
-def _table(stages: list[StageRecord]):
+def _print_summary(console, stages: list[StageRecord]) -> None:
+    """The summary as a narrow table (stage, status, time, size and the one number that matters:
+    fused ops or max error) followed by one wrapped detail line per stage, so it reads the same in
+    an 80-column terminal and in a CI log (a pipe, where rich assumes 80 columns)."""
+    from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title="moec compile")
-    for col in ("stage", "time", "status", "fused ops", "max error", "artifact", "detail"):
-        t.add_column(col, overflow="fold")
+    t = Table(title="moec compile", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for col, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("size", "right"),
+                         ("fused ops / max error", "left")):
+        t.add_column(col, justify=justify, overflow="fold")
     for s in stages:
-        status = {"ok": "[green]ok[/]", "FAILED": "[red]FAILED[/]"}.get(s.status, s.status)
-        t.add_row(s.stage, f"{s.seconds:.1f} s", status, s.fused_ops, s.max_error, _size(s.artifact_bytes), s.detail)
-    return t
+        style = {"ok": "green", "FAILED": "red"}.get(s.status, "")
+        t.add_row(s.stage, Text(s.status, style=style), f"{s.seconds:.1f} s", _size(s.artifact_bytes),
+                  Text(s.fused_ops or s.max_error))
+    console.print(t)
+    for s in stages:
+        if s.detail:
+            # Text, not markup: details quote shapes and messages with square brackets.
+            console.print(Text(f"{s.stage}: {s.detail}"), overflow="fold")
 
 
 @click.command("compile")
@@ -69,8 +80,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
                            max_batch=max_batch, max_seq=max_seq, verify=not no_verify, atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
                            progress=not as_json, demo_seed=demo_seed)
-    # A pipe reports 80 columns; the table needs more to stay readable in CI logs.
-    console = Console(stderr=as_json, width=max(Console().width, 140))
+    console = Console(stderr=as_json)
 
     def on_stage(rec: StageRecord) -> None:
         if not as_json:
@@ -81,11 +91,11 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
     except Exception as e:
         partial = getattr(e, "report", None)
         if partial is not None and not as_json:
-            console.print(_table(partial.stages))
+            _print_summary(console, partial.stages)
         raise
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        console.print(_table(report.stages))
+        _print_summary(console, report.stages)
         for key, path in report.artifacts.items():
             console.print(f"{key:<10} {path}")

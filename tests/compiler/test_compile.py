@@ -134,3 +134,32 @@ def test_errors_name_final_paths_not_the_temporary_folder(tmp_path, monkeypatch)
         compile_checkpoint(None, out, CompileConfig(target="ort", progress=False))
     assert f"{out / 'onnx' / 'model.onnx'}: something is wrong" in str(exc.value)
     assert ".tmp" not in str(exc.value) and ".tmp" not in exc.value.report.stages[-1].detail
+
+
+def test_summary_fits_80_columns_in_a_pipe(tmp_path, capsys, monkeypatch):
+    import moec.compiler.compile as compile_mod
+    from moec.compiler.compile import CompileReport, StageRecord
+
+    stages = [
+        StageRecord("checkpoint", 0.01, "ok", "demo llama4-tiny (seed 0)", artifact_bytes=1_234_567),
+        StageRecord("export", 3.2, "ok", "fp32, 512 positions", artifact_bytes=2_345_678),
+        StageRecord("optimize", 2.5, "ok", "lowering hybrid x2; " + "a long warning about something " * 4,
+                    fused_ops="2 gating + 2 experts / 2 MoE layers", artifact_bytes=2_345_000),
+        StageRecord("verify", 8.1, "ok", "model.opt.onnx in ORT vs torch fp32, atol 0.0001 rtol 0.001; greedy 8/8 steps equal",
+                    max_error="2.41e-06 (logits, prefill)"),
+        StageRecord("build", 20.0, "ok", "tensorrt-rtx 1.7.1.116, sm89", artifact_bytes=20_000_000),
+    ]
+    report = CompileReport(out_dir=tmp_path / "out", target="trt-rtx:sm89", stages=stages,
+                           artifacts={"engine": str(tmp_path / "out" / "engine")})
+    monkeypatch.setattr(compile_mod, "compile_checkpoint", lambda *a, on_stage=None, **k: report)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    code, stdout, _ = _cli(["compile", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0
+    lines = stdout.splitlines()
+    assert max(map(len, lines)) <= 80, "\n".join(l for l in lines if len(l) > 80)
+    # Every value is readable whole: short cells on one line, details as text a reader can follow.
+    for cell in ("2 gating + 2 experts / 2 MoE layers", "2.41e-06 (logits, prefill)", "19.1 MiB", "20.0 s"):
+        assert any(cell in l for l in lines), cell
+    flat = " ".join(" ".join(lines).split())
+    for s in stages:
+        assert " ".join(s.detail.split()) in flat, s.detail
