@@ -12,7 +12,9 @@ Defaults, fastest valid first (the lowering driver takes the first one a layer a
   ``trt-plugin`` (moec's grouped kernel) is faster where its plugin library is loaded, so it is
   opt-in (``--moe-lowering trt-plugin``): an engine that needs it does not run without it.
 TensorRT-RTX has no IMoELayer on any arch it targets (SM75-SM121, FACTS.md), so trt-rtx never
-takes ``trt-native``.
+takes ``trt-native``; nor ``trt-plugin`` (its ONNX parser aborts the process on a Python plugin)
+or a lone ``gather`` (TensorRT-RTX 1.7 fails to build it for batch > 1; see unsupported_reason).
+Each flavour's archs are one table (``ARCHS``); the build stage should check against the same one.
 """
 
 from __future__ import annotations
