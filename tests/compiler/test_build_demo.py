@@ -3,7 +3,10 @@ every MoE lowering. TensorRT-RTX builds on the CPU; shapes are kept tiny so each
 seconds.
 
 What TensorRT-RTX 1.7 does with each lowering (checked here, and asserted below):
-- gather, dense: standard ONNX ops; engines build for sm80, sm89 and sm120.
+- dense (and hybrid, the default, below): standard ONNX ops; engines build for sm80, sm89 and sm120.
+- gather: standard ONNX ops; builds here (batch 1 profiles) but fails in Myelin (ssa_validation)
+  once a profile allows batch > 1, so `moec optimize` refuses it for trt-rtx targets; the graph is
+  made for full TensorRT (trt:sm89) and handed to TensorRT-RTX at batch 1.
 - trt-native (TRT_MoE -> IMoELayer): parses, then the build fails, "Cannot decompose operation
   ... moe_fc1" (IMoELayer exists only for SM100/SM103/SM110 in full TensorRT).
 - ort (com.microsoft.MoE): the parser has no importer and no plugin of that name: "Plugin not found".
@@ -24,10 +27,10 @@ from moec.compiler.build import BuildConfig, build_engine  # noqa: E402
 ARCHS = ("sm80", "sm89", "sm120")
 # Tiny profile: batch 1, up to 8 new tokens, 24 past.
 TINY = dict(max_batch=1, max_new_tokens=8, max_past=24, progress=False)
-# The target each lowering is produced for (the passes refuse to emit ort / trt-native for a
-# TensorRT-RTX target, so those graphs are made for the target that takes them and handed to
+# The target each lowering is produced for (the passes refuse to emit ort, trt-native, gather and
+# trt-plugin for a TensorRT-RTX target, so those graphs are made for the target that takes them and handed to
 # TensorRT-RTX to record its own answer).
-LOWERING_TARGET = {"gather": "trt-rtx:sm89", "dense": "trt-rtx:sm89", "trt-plugin": "trt-rtx:sm89",
+LOWERING_TARGET = {"gather": "trt:sm89", "dense": "trt-rtx:sm89", "trt-plugin": "trt:sm89",
                    "trt-native": "trt:sm100", "ort": "ort"}
 REFUSED = {
     "trt-native": "Cannot decompose operation",
