@@ -333,34 +333,41 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             "or remove it to export without a tokenizer (then run with --prompt-ids)",
         )
 
-    model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
-    t0 = time.perf_counter()
-    onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
-    _fold_weight_layout_ops(onnx_model)
-    if config.optimize:
-        import onnxscript.optimizer
-
-        onnxscript.optimizer.optimize_ir(onnx_model)
-    export_s = time.perf_counter() - t0
-    op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
-    weight_bytes = _weight_bytes(onnx_model)
-    external = weight_bytes > config.external_data_threshold_bytes
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     data_name = out_path.name + ".data"
     # Everything is written into a temporary folder beside the destination (same filesystem),
-    # checked there, and only then renamed into place; a failure removes the folder.
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    # checked there, and only then renamed into place; a failure removes the folder. It is made
+    # before the export itself, so an unwritable destination fails at once, not after the work.
     try:
-        tmp_model = tmp_dir / out_path.name
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
+    except OSError as e:
+        raise MoecError(f"cannot write {out_path}: {e.strerror or e}; choose a writable location") from None
+    try:
+        model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
         t0 = time.perf_counter()
-        if external:
-            # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
-            # evaluated there), so no second copy of the weights is built.
-            ir.save(onnx_model, tmp_model, external_data=data_name)
-        else:
-            ir.save(onnx_model, tmp_model)
-        save_s = time.perf_counter() - t0
+        onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
+        _fold_weight_layout_ops(onnx_model)
+        if config.optimize:
+            import onnxscript.optimizer
+
+            onnxscript.optimizer.optimize_ir(onnx_model)
+        export_s = time.perf_counter() - t0
+        op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
+        weight_bytes = _weight_bytes(onnx_model)
+        external = weight_bytes > config.external_data_threshold_bytes
+
+        tmp_model = tmp_dir / out_path.name
+        try:
+            t0 = time.perf_counter()
+            if external:
+                # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
+                # evaluated there), so no second copy of the weights is built.
+                ir.save(onnx_model, tmp_model, external_data=data_name)
+            else:
+                ir.save(onnx_model, tmp_model)
+            save_s = time.perf_counter() - t0
+        except OSError as e:  # a full disk, a quota
+            raise MoecError(f"cannot write {out_path}: {e.strerror or e}; free some space or choose another location") from None
         del onnx_model, model  # the torch weights are no longer needed for the checks
 
         t0 = time.perf_counter()

@@ -286,9 +286,40 @@ def test_bad_destinations(demo_ckpt, tmp_path):
         export_onnx(demo_ckpt, tmp_path / "model.bin")
     with pytest.raises(MoecError, match="exceeds the model's max_position_embeddings"):
         export_onnx(demo_ckpt, tmp_path / "m.onnx", ExportConfig(max_seq=10**6))
-    with pytest.raises(MoecError, match="config.json"):
+    with pytest.raises(MoecError, match="no_such_ckpt does not exist"):
         export_onnx(tmp_path / "no_such_ckpt", tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_destination_fails_before_the_export(demo_ckpt, tmp_path, monkeypatch):
+    """A file where a folder should be, or a location the OS refuses: a MoecError at once."""
+    (tmp_path / "notes.txt").write_text("keep")
+    import moec.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the destination is checked before the checkpoint is loaded")
+
+    monkeypatch.setattr(moec.models, "load_pretrained", never)
+    with pytest.raises(MoecError, match=r"cannot write .*notes\.txt/m\.onnx: .*; choose a writable location"):
+        export_onnx(demo_ckpt, tmp_path / "notes.txt" / "m.onnx")
+    with pytest.raises(MoecError, match=r"cannot write /proc/m\.onnx"):
+        export_onnx(demo_ckpt, "/proc/m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_full_disk_while_saving(demo_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    import onnx_ir
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_ir, "save", full)
+    out = tmp_path / "o" / "m.onnx"
+    with pytest.raises(MoecError, match=r"cannot write .*m\.onnx: No space left on device; free some space"):
+        export_onnx(demo_ckpt, out)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_variant_config_matches_torch(tmp_path):
