@@ -114,6 +114,7 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
     from moec.passes.fusions.moe_gating import fuse_moe_gating
     from moec.passes.fusions.rms_norm import fuse_rms_norm
     from moec.passes.fusions.rotary import fuse_rotary
+    from moec.passes.targets import lowerings_for
 
     def counted(key, fn):
         def run(m, c):
@@ -127,7 +128,12 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
     # RotaryEmbedding (opset 23, interleaved): the same two runtimes, same checks (tests/passes/test_rotary.py).
     opset23 = target.kind in ("ort", "trt-rtx")
     rms = config.fuse_rms_norm if config.fuse_rms_norm is not None else opset23
-    rope = config.fuse_rotary if config.fuse_rotary is not None else opset23
+    # TensorRT-RTX 1.7.1 cannot build RotaryEmbedding together with the lone gather lowering once a
+    # profile allows batch > 1: Myelin "CHECK(graph().ssa_validation()) failed" (demo export, sm89;
+    # the same graph with the export's RoPE ops, and hybrid or dense with RotaryEmbedding, build).
+    # So gather on trt-rtx keeps the RoPE ops.
+    gather_on_rtx = target.kind == "trt-rtx" and lowerings_for(target, config.moe_lowering) == ("gather",)
+    rope = config.fuse_rotary if config.fuse_rotary is not None else opset23 and not gather_on_rtx
     # ONNX Attention pays on ONNX Runtime (decode about 3x); TensorRT-RTX cannot build it for sm89 in
     # the demo graph (fp32 or fp16) and TensorRT has its own attention fusion.
     attn = config.fuse_attention if config.fuse_attention is not None else target.kind == "ort"

@@ -12,8 +12,8 @@ Defaults, fastest valid first (the lowering driver takes the first one a layer a
   ``trt-plugin`` (moec's grouped kernel) is faster where its plugin library is loaded, so it is
   opt-in (``--moe-lowering trt-plugin``): an engine that needs it does not run without it.
 TensorRT-RTX has no IMoELayer on any arch it targets (SM75-SM121, FACTS.md), so trt-rtx never
-takes ``trt-native``; nor ``trt-plugin`` (its ONNX parser aborts the process on a Python plugin)
-or a lone ``gather`` (TensorRT-RTX 1.7 fails to build it for batch > 1; see unsupported_reason).
+takes ``trt-native``; nor ``trt-plugin`` (its ONNX parser aborts the process on a Python plugin).
+``gather`` builds there with the export's RoPE ops (compiler/pipeline.py's fusion list says why).
 Each flavour's archs are one table (``ARCHS``); the build stage should check against the same one.
 """
 
@@ -95,15 +95,8 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
         # runtime/trt_plugin.py: TensorRT-RTX 1.7's parser aborts the process on a Python IPluginV3.
         return ("TensorRT-RTX aborts the process when its ONNX parser meets the moec plugin; "
                 f"use hybrid (the default) or dense, or full TensorRT (trt:{target.arch})")
-    if lowering == "gather" and target.kind == "trt-rtx":
-        # Checked on the demo export with TensorRT-RTX 1.7.1 (sm89): the build fails in Myelin
-        # ("MyelinCheckException: ssa.cpp:848: CHECK(graph().ssa_validation()) failed") whenever the
-        # profile allows batch > 1 with more than one new token; hybrid (whose decode branch is this
-        # same gather form) and dense build.
-        return ("TensorRT-RTX 1.7 cannot build it (Myelin: CHECK(graph().ssa_validation()) failed) for batch > 1; "
-                "use hybrid (the default: gather for decode, dense for prefill) or dense")
     if lowering == "function" and target.is_trt:
-        choices = "hybrid or dense" if target.kind == "trt-rtx" else "hybrid, gather, dense or trt-plugin"
+        choices = "hybrid, gather or dense" if target.kind == "trt-rtx" else "hybrid, gather, dense or trt-plugin"
         return f"moec ops as ONNX functions: TensorRT would inline the all-experts body; pick {choices}"
     return None
 

@@ -86,7 +86,6 @@ def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, ca
         # Refused before the checkpoint is exported, not by the build at the end.
         (["--target", "trt-rtx:sm90"], "TensorRT-RTX cannot target sm90"),
         (["--target", "trt:sm42"], "unknown arch sm42"),
-        (["--target", "trt-rtx:sm89", "--moe-lowering", "gather"], "ssa_validation"),
         (["--target", "trt-rtx:sm89", "--moe-lowering", "trt-plugin"], "aborts the process"),
         (["--target", "ort", "--moe-lowering", "trt-native"], "MoE lowering 'trt-native' cannot run there"),
         (["--target", "ort", "--moe-lowering", "fast"], "unknown MoE lowering 'fast'"),

@@ -370,3 +370,53 @@ def test_dumps_of_an_external_data_model_are_self_contained(demo_onnx, tmp_path)
         onnx.checker.check_model(str(path))
         proto = onnx.load(path, load_external_data=False)
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), path.name
+
+
+def _rtx_builds_sm89(onnx_path, max_batch, max_new_tokens):
+    """Build ``onnx_path`` with TensorRT-RTX for sm89 (on the CPU) over one profile; None when it
+    builds, else the builder's errors."""
+    trt = pytest.importorskip("tensorrt_rtx")
+
+    class Errors(trt.ILogger):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.ERROR:
+                self.lines.append(msg)
+
+    logger = Errors()
+    builder = trt.Builder(logger)
+    network = builder.create_network(int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    cfg = builder.create_builder_config()
+    cfg.num_compute_capabilities = 1
+    cfg.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.name in (contract.INPUT_IDS, contract.POSITION_IDS):
+            profile.set_shape(t.name, (1, 1), (1, 1), (max_batch, max_new_tokens))
+        else:  # past key/value [B, KVH, P, D]
+            _, kvh, _, d = t.shape
+            profile.set_shape(t.name, (1, kvh, 0, d), (1, kvh, 8, d), (max_batch, kvh, 24, d))
+    cfg.add_optimization_profile(profile)
+    return None if builder.build_serialized_network(network, cfg) is not None else logger.lines
+
+
+@pytest.mark.trt
+def test_gather_for_trt_rtx_builds_with_batch_over_one(demo_onnx, tmp_path):
+    out = tmp_path / "g" / "model.onnx"
+    report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="trt-rtx:sm89", moe_lowering="gather"))
+    assert report.moe_lowering == {"gather": 2}
+    assert "fuse_rotary" not in {r.name for r in report.passes}  # the RoPE ops stay (see _fusion_steps)
+    assert _rtx_builds_sm89(out, max_batch=2, max_new_tokens=8) is None
+    # What the RoPE ops are kept for: with RotaryEmbedding, TensorRT-RTX 1.7 fails this build.
+    forced = tmp_path / "f" / "model.onnx"
+    optimize_onnx(demo_onnx, forced, OptimizeConfig(target="trt-rtx:sm89", moe_lowering="gather", fuse_rotary=True))
+    errors = _rtx_builds_sm89(forced, max_batch=2, max_new_tokens=8)
+    if errors is None:
+        pytest.fail("TensorRT-RTX now builds gather with RotaryEmbedding: fuse it again for trt-rtx gather")
+    assert any("ssa_validation" in e for e in errors), errors
