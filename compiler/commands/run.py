@@ -119,7 +119,7 @@ def printable(text: str) -> str:
 @click.option(
     "--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus mass in (0, 1]; 1 = all."
 )
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (numpy needs >= 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json):
     """Generate from ARTIFACT: a checkpoint directory, an .onnx export or an engine directory."""

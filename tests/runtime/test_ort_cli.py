@@ -96,6 +96,7 @@ def test_not_a_moec_export(tmp_path, demo_onnx, capsys):
         (["--prompt-ids", "1", "--top-p", "1.5"], "'--top-p': 1.5 is not in the range 0<x<=1"),
         (["--prompt-ids", "1", "--temperature", "-1"], "'--temperature': -1.0 is not in the range x>=0"),
         (["--prompt-ids", "1", "--top-k", "-2"], "'--top-k': -2 is not in the range x>=0"),
+        (["--prompt-ids", "1", "--seed", "-1", "--temperature", "1"], "'--seed': -1 is not in the range x>=0"),
         (["--prompt-ids", "3 999999 999999"], "token ids must lie in [0, 264), got 999999 (at positions 1, 2), for "),
         (["--prompt-ids", "1", "--dtype", "fp16"], "--dtype only applies to the torch backend"),
     ],
