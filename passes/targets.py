@@ -94,7 +94,7 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
     if lowering == "trt-plugin" and target.kind == "trt-rtx":
         # runtime/trt_plugin.py: TensorRT-RTX 1.7's parser aborts the process on a Python IPluginV3.
         return ("TensorRT-RTX aborts the process when its ONNX parser meets the moec plugin; "
-                f"use hybrid (the default) or dense, or full TensorRT (trt:{target.arch})")
+                f"use hybrid (the default), gather or dense, or full TensorRT (trt:{target.arch})")
     if lowering == "function" and target.is_trt:
         choices = "hybrid, gather or dense" if target.kind == "trt-rtx" else "hybrid, gather, dense or trt-plugin"
         return f"moec ops as ONNX functions: TensorRT would inline the all-experts body; pick {choices}"
