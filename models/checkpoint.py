@@ -111,6 +111,8 @@ def _find_shards(directory: Path) -> dict[Path, frozenset[str] | None]:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise MoecError(f"{index_file}: not a safetensors index (needs a 'weight_map' object): {e}") from None
+        except OSError as e:
+            raise MoecError(f"{index_file}: cannot read it ({e.strerror or e}); check its permissions") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise MoecError(f"{index_file}: 'weight_map' must map tensor names to shard files")
         by_file: dict[Path, set[str]] = {}

@@ -162,6 +162,8 @@ class Llama4Config:
             d = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoecError(f"{file}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise MoecError(f"{file}: cannot read it ({e.strerror or e}); check its permissions") from None
         return cls.from_hf_dict(d, source=str(file))
 
     @classmethod

@@ -259,3 +259,21 @@ def test_cli_notes_skipped_vision_weights_once(tmp_path, capsys):
         out = capsys.readouterr()
         json.loads(out.out)
         assert out.err.count("note: ") == 1 and "skipped 3 vision/projector tensor(s)" in out.err, (args, out.err)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_unreadable_json_files(sharded, name, monkeypatch):
+    """An OS error reading config.json or the index (permissions, I/O) is named, not a traceback.
+    (Tests may run as root, which chmod cannot lock out, so the read itself fails here.)"""
+    import pathlib
+
+    real = pathlib.Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    with pytest.raises(MoecError, match=rf"{name}: cannot read it \(Permission denied\); check its permissions"):
+        load_pretrained(sharded)
