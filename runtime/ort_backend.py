@@ -23,9 +23,9 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
-from moec.common.token_ids import bad_token_ids_message
 from moec.common.onnx_files import missing_external_data
 from moec.common.sidecar import read_sidecar, validate_sidecar
+from moec.common.token_ids import bad_token_ids_message
 
 # ONNX type strings of the KV inputs -> the element type an empty OrtValue needs. bf16 has no
 # numpy dtype, so it goes by its ONNX enum (onnx.TensorProto.BFLOAT16 == 16).
