@@ -28,6 +28,10 @@ class Backend(Protocol):
     name: str  # "torch", "ort", "trt"
     max_positions: int  # longest sequence (prompt + generated) the artifact accepts
     eos_token_ids: tuple[int, ...]
+    # Optional: the most new tokens one forward() takes (a TensorRT engine's prefill profile); the
+    # loop prefills a longer prompt in chunks. Absent or None: no limit. Read with getattr, so a
+    # backend without it still satisfies the protocol.
+    # max_new_tokens_per_step: int | None
 
     def init_cache(self, batch_size: int) -> Any:
         """An empty cache (past_len 0) for ``batch_size`` sequences."""
