@@ -726,8 +726,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             raise MoecError("--version-compatible does not apply to TensorRT-RTX (it cannot build lean-runtime engines): "
                             "drop the flag, or build with --backend tensorrt")
         if config.hardware_compat != "none":
-            notes.append(f"--hardware-compat {config.hardware_compat} does not apply to TensorRT-RTX: each engine runs on "
-                         "the compute capability it was built for (--arch)")
+            # Like --version-compatible: an option with no effect is refused, never recorded as if it applied.
+            raise MoecError(f"--hardware-compat {config.hardware_compat} does not apply to TensorRT-RTX: each engine runs "
+                            "on the compute capability it was built for; list the archs with --arch instead, or build "
+                            "with --backend tensorrt")
     sidecar = read_sidecar(onnx_path)
     check_external_data(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -288,9 +289,12 @@ def test_corrupt_timing_cache_is_rebuilt_with_a_warning(tiny, tmp_path):
 def test_flags_that_do_not_apply_to_rtx(tiny, tmp_path):
     with pytest.raises(MoecError, match="--version-compatible does not apply to TensorRT-RTX"):
         build_engine(tiny, tmp_path / "e", quiet(version_compatible=True))
-    r = build_engine(tiny, tmp_path / "e", quiet(hardware_compat="ampere+", opt_level=0, workspace_mib=64))
-    assert any("--hardware-compat ampere+ does not apply" in w for w in r.warnings)
-    assert r.manifest["build_options"] == {"opt_level": 0, "hardware_compat": "ampere+", "version_compatible": False,
+    for level in ("ampere+", "same-cc"):
+        with pytest.raises(MoecError, match=f"--hardware-compat {re.escape(level)} does not apply to TensorRT-RTX"):
+            build_engine(tiny, tmp_path / "e", quiet(hardware_compat=level))
+    assert not (tmp_path / "e").exists()
+    r = build_engine(tiny, tmp_path / "e", quiet(opt_level=0, workspace_mib=64))
+    assert r.manifest["build_options"] == {"opt_level": 0, "hardware_compat": "none", "version_compatible": False,
                                            "workspace_mib": 64}
 
 
