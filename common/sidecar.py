@@ -68,8 +68,17 @@ def read_sidecar(onnx_path: str | os.PathLike, *, required: bool = True) -> dict
             "(export the checkpoint with `moec export`, which writes it beside the .onnx, or give "
             "`moec run` the checkpoint with --checkpoint DIR)"
         )
+    return read_sidecar_file(side)
+
+
+def read_sidecar_file(side: str | os.PathLike) -> dict:
+    """The validated moec metadata in the file ``side`` itself (an engine folder names it in its
+    manifest)."""
+    side = Path(side)
+    if not side.is_file():
+        raise MoecError(f"the moec metadata {side} is missing; rebuild the artifact with moec")
     try:
-        meta = json.loads(Path(side).read_text())
+        meta = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
     return validate_sidecar(meta, side)

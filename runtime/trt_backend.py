@@ -31,6 +31,7 @@ import numpy as np
 from moec.common import contract
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
+from moec.common.sidecar import read_sidecar_file
 
 # 2: "profiles" became a list of named profiles ({"name", "index", "shapes"}), prefill and decode.
 MANIFEST_FORMAT = "moec.engine/2"
@@ -404,7 +405,9 @@ class TrtBackend:
         # The loop checks prompt + generated <= max_positions; a step's past is at most max_past
         # (the decode profile's).
         self.max_positions = min(limits["max_positions"], self.max_past + 1)
-        sidecar = json.loads((engine_dir / manifest["sidecar"]).read_text()) if manifest.get("sidecar") else {}
+        if not manifest.get("sidecar"):
+            raise MoecError(f"{engine_dir}: its manifest names no moec metadata file; rebuild with `moec build`")
+        sidecar = read_sidecar_file(engine_dir / manifest["sidecar"])
         self.eos_token_ids = _eos_ids(sidecar)
         self.num_layers = int(sidecar.get("num_layers") or _count_layers(manifest))
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
