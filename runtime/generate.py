@@ -27,7 +27,7 @@ class GenerationConfig:
     """How to pick and when to stop. Defaults: greedy, 32 new tokens, stop on EOS."""
 
     max_new_tokens: int = 32
-    # temperature <= 0 means greedy (argmax); top_k/top_p only apply when sampling.
+    # temperature 0 means greedy (argmax); top_k/top_p only apply when sampling.
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
@@ -41,12 +41,14 @@ class GenerationConfig:
             raise MoecError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise MoecError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not np.isfinite(self.temperature):
-            raise MoecError(f"temperature must be finite, got {self.temperature}")
+        if not (np.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise MoecError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.seed < 0:
+            raise MoecError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature == 0.0
 
 
 @dataclass

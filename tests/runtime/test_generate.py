@@ -133,7 +133,7 @@ def test_bad_prompts(bad):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(max_new_tokens=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan"))]
+    "kwargs", [dict(max_new_tokens=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan")), dict(temperature=-1.0), dict(seed=-1)]
 )
 def test_bad_config(kwargs):
     with pytest.raises(MoecError):
