@@ -121,8 +121,9 @@ def _compare(ort_outputs: dict[str, np.ndarray], ref_outputs: dict[str, np.ndarr
     from polygraphy.comparator import IterationResult, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    # Polygraphy logs every metric at INFO; the report below says the same in one table.
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+    # Polygraphy prints every metric, and each failure as an [E] line, on stdout; moec's report says
+    # the same in one table, and stdout must stay pure JSON under --json. CRITICAL silences both.
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         func = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
         results = func(
             IterationResult(ort_outputs, runner_name="onnxruntime"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import shutil
 
 import numpy as np
@@ -101,6 +103,16 @@ def test_cli_verify_fails_with_exit_1(demo_ckpt, demo_onnx, monkeypatch, capsys)
         main(["verify", str(demo_ckpt), "--decode-steps", "1", "--atol", "0", "--rtol", "0"])
     assert e.value.code == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_cli_verify_failure_json_is_pure_json(demo_ckpt, demo_onnx, monkeypatch, capsys):
+    """Polygraphy prints failures as [E] lines on stdout; under --json nothing but JSON may be there."""
+    _reuse_export(demo_onnx, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(demo_ckpt), "--decode-steps", "1", "--atol", "0", "--rtol", "0", "--json"])
+    assert e.value.code == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is False and report["rows"]
 
 
 def test_cli_verify_unknown_dtype(demo_ckpt, capsys):
