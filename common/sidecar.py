@@ -82,3 +82,30 @@ def read_sidecar_file(side: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
     return validate_sidecar(meta, side)
+
+
+# --- The tokenizer that belongs to a model --------------------------------------------------------
+# tokenizer.json has one fixed name (what Hugging Face tools look for), so two models exported into
+# one folder would share one file. The sidecar records the sha256 of the model's own tokenizer at
+# export; writers refuse to replace a different tokenizer.json, and readers refuse one that differs.
+
+
+def check_tokenizer_slot(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Refuse to write ``src`` to ``dest`` when ``dest`` already holds a different tokenizer."""
+    from moec.common.artifacts import sha256_file
+
+    src, dest = Path(src), Path(dest)
+    if dest.is_file() and dest.resolve() != src.resolve() and sha256_file(dest) != sha256_file(src):
+        raise MoecError(f"{dest} already holds a different tokenizer (another model's, written into the same "
+                        f"folder?); write this model into a folder of its own")
+
+
+def check_tokenizer_belongs(tokenizer: str | os.PathLike, meta: dict | None, model: str | os.PathLike) -> None:
+    """Refuse a tokenizer whose sha256 differs from the one recorded for ``model`` at export."""
+    from moec.common.artifacts import sha256_file
+
+    want = (meta or {}).get("tokenizer_sha256")
+    if want and sha256_file(tokenizer) != want:
+        raise MoecError(f"{tokenizer} is not the tokenizer {model} was exported with (its sha256 differs from the "
+                        f"one recorded at export); copy the checkpoint's tokenizer.json beside the model, give "
+                        f"--checkpoint with the checkpoint it was exported from, or use --prompt-ids")

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moec.common import contract
-from moec.common.artifacts import write_json_atomic
+from moec.common.artifacts import sha256_file, write_json_atomic
+from moec.common.sidecar import check_tokenizer_slot
 from moec.common.errors import MoecError
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -270,7 +271,8 @@ def build_sidecar(llama_config, config: ExportConfig, max_positions: int, extern
     format/version, model_config (Llama4Config.to_dict()), dtype, num_layers, moe_layers,
     num_key_value_heads, head_dim, vocab_size, max_positions, max_batch, generation
     {eos_token_ids, bos_token_id, pad_token_id, max_positions}, io {inputs, outputs},
-    dynamic_dims, external_data (file name or null), tokenizer (file name or null), exporter.
+    dynamic_dims, external_data (file name or null), tokenizer (file name or null), exporter;
+    export_onnx adds tokenizer_sha256 (the checkpoint's tokenizer.json) when there is one.
     """
     import onnx
     import torch
@@ -332,6 +334,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             "replace it with the model's own tokenizer.json (from its Hugging Face repository), "
             "or remove it to export without a tokenizer (then run with --prompt-ids)",
         )
+        # Before any work: the folder may already hold another model's tokenizer.json.
+        check_tokenizer_slot(tokenizer_src, out_path.with_name(contract.TOKENIZER_FILE))
 
     data_name = out_path.name + ".data"
     # Everything is written into a temporary folder beside the destination (same filesystem),
@@ -374,10 +378,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         _check_by_path(tmp_model)
         check_s = time.perf_counter() - t0
 
-        write_json_atomic(
-            contract.sidecar_path(tmp_model),
-            build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer),
-        )
+        sidecar = build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer)
+        if has_tokenizer:
+            sidecar["tokenizer_sha256"] = sha256_file(tokenizer_src)
+        write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)
 

@@ -15,6 +15,7 @@ import click
 
 from moec.common import contract
 from moec.common.errors import MoecError
+from moec.common.sidecar import check_tokenizer_belongs
 
 BACKENDS = ("torch", "ort", "trt")
 
@@ -70,6 +71,23 @@ def open_backend(artifact: Path, backend: str, dtype: str | None, checkpoint: Pa
     raise MoecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def artifact_sidecar(artifact: Path) -> dict | None:
+    """The moec metadata of an .onnx or an engine folder (None for a checkpoint, or when absent:
+    the backend itself reports a missing one)."""
+    from moec.common.sidecar import read_sidecar, read_sidecar_file
+
+    if artifact.is_file():
+        return read_sidecar(artifact, required=False)
+    manifest = artifact / contract.ENGINE_MANIFEST
+    if manifest.is_file():
+        try:
+            name = json.loads(manifest.read_text()).get("sidecar")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return None  # the TensorRT backend names the broken manifest itself
+        return read_sidecar_file(artifact / name) if name else None
+    return None
+
+
 def find_tokenizer(artifact: Path, checkpoint: Path | None) -> Path | None:
     """tokenizer.json in (or beside) the artifact, else in --checkpoint."""
     places = [artifact if artifact.is_dir() else artifact.parent]
@@ -112,8 +130,7 @@ def printable(text: str) -> str:
     help="Checkpoint to take tokenizer.json (and, for an .onnx without its sidecar, the config) from.",
 )
 @click.option("--dtype", default=None, help="torch backend only: fp32|fp16|bf16 [default: the checkpoint's].")
-# Ranges checked here, where the option is named: GenerationConfig reads a negative temperature
-# as greedy (runtime/generate.py), which from the command line is a typo, not a request.
+# Ranges checked here too, so click names the option in its message.
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy; > 0 samples.")
 @click.option("--top-k", type=click.IntRange(min=0), default=None, help="Keep the k most likely tokens; 0 = all.")
 @click.option(
@@ -140,6 +157,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     tokenizer, tokenizer_problem = None, None
     tok_path = find_tokenizer(artifact, checkpoint)
     if tok_path is not None:
+        check_tokenizer_belongs(tok_path, artifact_sidecar(artifact), artifact)
         fix = "copy the checkpoint's tokenizer.json over it or re-export the model"
         if prompt is not None:
             tokenizer = load_tokenizer(tok_path, f"{fix}, or give --prompt-ids instead of --prompt")
