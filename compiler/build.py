@@ -426,9 +426,15 @@ def builder_config(flavour: TrtFlavour, builder, network, arch: str, profiles: l
 
 def check_archs(flavour: TrtFlavour, config: BuildConfig) -> list[str]:
     """Normalize the arch names and refuse the ones the flavour cannot target, saying what to do."""
+    from moec.passes.targets import ARCHS, arch_unsupported_reason
+
     archs = [arch_name(*parse_arch(a)) for a in config.archs]
     if len(set(archs)) != len(archs):
         raise MoecError(f"--arch lists an arch twice: {', '.join(config.archs)}")
+    known = set().union(*ARCHS.values())
+    for a in archs:
+        if a not in known:  # the same table `moec optimize` and `moec compile` check targets against
+            raise MoecError(f"arch {a}: {arch_unsupported_reason('trt', a)}")
     if flavour.is_rtx:
         offered = [n.lower() for n in flavour.trt.ComputeCapability.__members__ if n.startswith("SM")]
         for a in archs:
@@ -555,10 +561,11 @@ def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display
         errors = _errors(logger, mark, trt)
         hint = "check the graph's ops and dtypes for this target (moec optimize --target), or try --opt-level 0"
         if flavour.is_rtx:
-            # Observed with TensorRT-RTX 1.7: the gather lowering fails in Myelin (ssa_validation);
-            # hybrid (the default) and dense build.
-            hint = ("optimize the graph with --moe-lowering hybrid (the default) or dense: TensorRT-RTX cannot build "
-                    "every lowering (gather fails in Myelin); or try --opt-level 0")
+            # Observed with TensorRT-RTX 1.7: gather together with the fused RotaryEmbedding fails in
+            # Myelin (ssa_validation) at batch > 1, so `moec optimize --target trt-rtx:*` leaves RoPE
+            # unfused under gather; a graph optimized for another target can still hit it.
+            hint = ("optimize the export for this target (moec optimize --target trt-rtx:<arch>; the default "
+                    "lowering is hybrid, dense also builds), or try --opt-level 0")
         raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {errors}\n{hint}")
     return bytes(blob)
 

@@ -63,7 +63,7 @@ def plugin_identity() -> tuple[str, str, str]:
 RTX_ABORT = (
     "TensorRT for RTX aborts the process (\"terminate called without an active exception\") when its ONNX "
     "parser adds a Python IPluginV3 layer, so moec's {name} plugin cannot be used with it: build for TensorRT-RTX "
-    "with a lowering that needs no plugin (moec optimize --moe-lowering hybrid, the default, or dense), or build with full TensorRT"
+    "with a lowering that needs no plugin (moec optimize --moe-lowering hybrid, the default, gather or dense), or build with full TensorRT"
 )
 
 

@@ -233,7 +233,7 @@ def test_long_prompt_window_leaves_prefill_less_past(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("arch, message", [("sm90", "TensorRT-RTX .* targets only"), ("sm100", "--backend tensorrt"),
-                                           ("gpu9", "unknown GPU arch")])
+                                           ("gpu9", "unknown GPU arch"), ("sm42", "unknown arch sm42")])
 def test_unsupported_arch(tiny, tmp_path, arch, message):
     with pytest.raises(MoecError, match=message) as e:
         build_engine(tiny, tmp_path / "e", quiet(archs=(arch,)))
