@@ -209,10 +209,14 @@ def stage_verify(s: _State) -> StageRecord:
     rec = StageRecord("verify", 0.0, "ok" if rep.passed else "FAILED", detail,
                       max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
     if not rep.passed:
-        bad = rep.failures[0]
-        raise _StageFailed(rec, f"verify failed: {len(rep.failures)} comparisons out of tolerance, first "
-                                f"{bad.output} at {bad.step} (max abs {bad.max_abs:.3e}, max rel {bad.max_rel:.3e}); "
-                                f"see verify_report.json")
+        # The output folder (and its verify_report.json) is discarded on failure, so the message
+        # itself carries the worst comparisons.
+        worst_rows = sorted(rep.failures, key=lambda r: r.max_abs, reverse=True)[:3]
+        listing = "; ".join(f"{r.output} at {r.step}: max abs {r.max_abs:.3e}, max rel {r.max_rel:.3e}"
+                            for r in worst_rows)
+        raise _StageFailed(rec, f"verify failed: {len(rep.failures)} of {len(rep.rows)} comparisons out of "
+                                f"tolerance (atol {rep.atol:g}, rtol {rep.rtol:g}); worst: {listing}. "
+                                f"`moec verify CHECKPOINT --json` prints the full table")
     return rec
 
 
@@ -272,9 +276,10 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     lowerings_for(target, config.moe_lowering)
     _check_trt_installed(target)
     out_dir = Path(out_dir)
-    if checkpoint is not None and not Path(checkpoint).is_dir():
-        raise MoecError(f"checkpoint {checkpoint}: not a folder; give a Hugging Face checkpoint folder "
-                        f"(config.json + safetensors), or no checkpoint for the embedded demo")
+    if checkpoint is not None:
+        from moec.models.checkpoint import checkpoint_folder
+
+        checkpoint_folder(checkpoint)  # the wording export, verify and run use too
     # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
     # one must be an earlier compile output (or empty).
     protected = [checkpoint] if checkpoint is not None else []

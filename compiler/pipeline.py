@@ -33,7 +33,7 @@ import onnx_ir as ir
 from moec.common import contract
 from moec.common.artifacts import write_json_atomic
 from moec.common.errors import MoecError
-from moec.common.sidecar import read_sidecar
+from moec.common.sidecar import check_tokenizer_slot, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
@@ -370,6 +370,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
     _check_external_data(in_path)
     check_writable(out_path)
+    if (in_path.parent / contract.TOKENIZER_FILE).is_file():
+        # The output folder may hold another model's tokenizer.json (one fixed name per folder).
+        check_tokenizer_slot(in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE)
     if config.dump_dir is not None:
         check_writable(Path(config.dump_dir) / "00_input.onnx")
     sidecar = read_sidecar(in_path, required=False)

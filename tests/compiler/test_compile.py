@@ -48,6 +48,9 @@ def test_failed_verify_keeps_previous_output_and_leaves_no_partial(tmp_path):
     # atol = rtol = 0: any rounding difference between ORT and torch fails the verify stage.
     with pytest.raises(MoecError, match="verify") as exc:
         compile_checkpoint(None, out, CompileConfig(target="ort", atol=0.0, rtol=0.0, progress=False))
+    # The discarded folder's report is gone, so the message carries the worst comparisons itself.
+    assert "worst: logits at" in str(exc.value) or "worst: present_" in str(exc.value)
+    assert "verify_report.json" not in str(exc.value)
     stages = [(s.stage, s.status) for s in exc.value.report.stages]
     assert stages[-1] == ("verify", "FAILED") and ("build", "skipped") not in stages
     assert sorted(p.name for p in out.iterdir()) == ["compile_report.json", "previous.txt"]
@@ -82,7 +85,7 @@ def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, ca
     [
         (["--target", "trt-rtx"], "needs an arch"),
         (["--target", "cuda:sm90"], "unknown target"),
-        (["NOT_A_DIR"], "not a folder"),
+        (["NOT_A_DIR"], "does not exist; give a Hugging Face checkpoint folder"),
         # Refused before the checkpoint is exported, not by the build at the end.
         (["--target", "trt-rtx:sm90"], "TensorRT-RTX cannot target sm90"),
         (["--target", "trt:sm42"], "unknown arch sm42"),

@@ -53,3 +53,12 @@ def test_run_refuses_a_tokenizer_that_is_not_the_models(demo_onnx, tmp_path, cap
         raise SystemExit(0)
     assert e.value.code == 0
     assert len(json.loads(capsys.readouterr().out)["prompt_ids"]) > 3
+
+
+def test_optimize_refuses_a_folder_holding_another_models_tokenizer(demo_onnx, tmp_path):
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    _other_tokenizer(demo_onnx.with_name(contract.TOKENIZER_FILE), tmp_path / contract.TOKENIZER_FILE)
+    with pytest.raises(MoecError, match="already holds a different tokenizer"):
+        optimize_onnx(demo_onnx, tmp_path / "opt.onnx", OptimizeConfig(target="ort"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [contract.TOKENIZER_FILE]
