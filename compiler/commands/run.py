@@ -157,14 +157,20 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     tokenizer, tokenizer_problem = None, None
     tok_path = find_tokenizer(artifact, checkpoint)
     if tok_path is not None:
-        check_tokenizer_belongs(tok_path, artifact_sidecar(artifact), artifact)
         fix = "copy the checkpoint's tokenizer.json over it or re-export the model"
+
+        def usable_tokenizer(what_to_do: str):
+            tok = load_tokenizer(tok_path, what_to_do)
+            # A readable tokenizer of another model would encode the prompt wrongly, silently.
+            check_tokenizer_belongs(tok_path, artifact_sidecar(artifact), artifact)
+            return tok
+
         if prompt is not None:
-            tokenizer = load_tokenizer(tok_path, f"{fix}, or give --prompt-ids instead of --prompt")
+            tokenizer = usable_tokenizer(f"{fix}, or give --prompt-ids instead of --prompt")
         else:
             # Ids in, ids out: generation needs no tokenizer; only the text of the output is lost.
             try:
-                tokenizer = load_tokenizer(tok_path, f"{fix} to see the output as text")
+                tokenizer = usable_tokenizer(f"{fix} to see the output as text")
             except MoecError as e:
                 tokenizer_problem = str(e)
     if prompt is not None:
