@@ -19,7 +19,7 @@ def missing_external_data(onnx_path: str | os.PathLike) -> list[str]:
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     needed: dict[str, int] = {}
-    for t in _all_tensors(model.graph):
+    for t in all_tensors(model.graph):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
@@ -36,13 +36,14 @@ def missing_external_data(onnx_path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _all_tensors(graph):
+def all_tensors(graph):
+    """Every tensor of ``graph``: initializers and constant attributes, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
+                yield from all_tensors(attr.g)
             for g in attr.graphs:
-                yield from _all_tensors(g)
+                yield from all_tensors(g)

@@ -38,6 +38,7 @@ import numpy as np
 from moec.common import contract
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
+from moec.common.onnx_files import all_tensors
 from moec.runtime.backend import Backend
 
 # 2: every metric from one population (named in "population"); throughputs are their latency's
@@ -88,7 +89,7 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     files = {onnx_path}
-    for tensor in _all_tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if onnx.external_data_helper.uses_external_data(tensor):
             location = {e.key: e.value for e in tensor.external_data}.get("location")
             if location:
@@ -97,21 +98,6 @@ def onnx_files(onnx_path: Path) -> list[Path]:
                     raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
                 files.add(f)
     return sorted(files)
-
-
-def _all_tensors(graph):
-    import onnx
-
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_tensors(g)
 
 
 def artifact_files(path: Path) -> list[Path]:
