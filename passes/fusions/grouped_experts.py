@@ -53,8 +53,9 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value:
     return b if a is value else a
 
 
-def _split_swiglu(act: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
-    """act = Mul(SiLU(g), u) with g, u the halves of one tensor; returns (gate_up, nodes)."""
+def _swiglu_halves(act: ir.Value) -> tuple[ir.Value, ir.Value, list[ir.Node]]:
+    """act = Mul(SiLU(g), u), SiLU written Mul(g, Sigmoid(g)), operands in either order;
+    returns (g, u, the three nodes). Both expert forms (stacked and unrolled) start here."""
     mul = producer_is(act, "Mul")
     if mul is None:
         raise Refuse(f"{act.name!r} is not Mul(SiLU(gate), up)")
@@ -64,21 +65,26 @@ def _split_swiglu(act: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
             continue
         for g, sig_v in ((silu.inputs[0], silu.inputs[1]), (silu.inputs[1], silu.inputs[0])):
             sig = producer_is(sig_v, "Sigmoid")
-            if sig is None or sig.inputs[0] is not g:
-                continue
-            split = producer_is(g, "Split")
-            if split is None or producer_is(up, "Split") is not split:
-                raise Refuse("gate and up are not the two halves of one Split")
-            if list(split.outputs) != [g, up]:
-                raise Refuse("the Split's first half is not the gate (gate first, then up)")
-            if attr(split, "axis", 0) not in (-1, rank(split.inputs[0]) - 1 if rank(split.inputs[0]) else -1):
-                raise Refuse("the gate/up Split is not on the last axis")
-            if len(split.inputs) > 1 and split.inputs[1] is not None:
-                sizes = const_array(split.inputs[1])
-                if sizes is None or len(set(sizes.tolist())) != 1:
-                    raise Refuse("the gate/up Split is not into equal halves")
-            return split.inputs[0], [mul, silu, sig, split]
+            if sig is not None and sig.inputs[0] is g:
+                return g, up, [mul, silu, sig]
     raise Refuse(f"{act.name!r} is not Mul(SiLU(gate), up)")
+
+
+def _split_swiglu(act: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """act = Mul(SiLU(g), u) with g, u the halves of one tensor; returns (gate_up, nodes)."""
+    g, up, nodes = _swiglu_halves(act)
+    split = producer_is(g, "Split")
+    if split is None or producer_is(up, "Split") is not split:
+        raise Refuse("gate and up are not the two halves of one Split")
+    if list(split.outputs) != [g, up]:
+        raise Refuse("the Split's first half is not the gate (gate first, then up)")
+    if attr(split, "axis", 0) not in (-1, rank(split.inputs[0]) - 1 if rank(split.inputs[0]) else -1):
+        raise Refuse("the gate/up Split is not on the last axis")
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = const_array(split.inputs[1])
+        if sizes is None or len(set(sizes.tolist())) != 1:
+            raise Refuse("the gate/up Split is not into equal halves")
+    return split.inputs[0], [*nodes, split]
 
 
 def _weight_3d(value: ir.Value, what: str) -> ir.Value:
@@ -194,23 +200,12 @@ def _linear(value: ir.Value) -> tuple[ir.Value, ir.Value, bool, ir.Node]:
 
 def _expert_mlp(y: ir.Value) -> dict:
     x_in, w_d, t_d, down = _linear(y)
-    mul = producer_is(x_in, "Mul")
-    if mul is None:
-        raise Refuse(f"{x_in.name!r} is not Mul(SiLU(gate), up)")
-    for silu_v, up_v in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
-        silu = producer_is(silu_v, "Mul")
-        if silu is None:
-            continue
-        for g, sig_v in ((silu.inputs[0], silu.inputs[1]), (silu.inputs[1], silu.inputs[0])):
-            sig = producer_is(sig_v, "Sigmoid")
-            if sig is None or sig.inputs[0] is not g:
-                continue
-            xg, w_g, t_g, gate = _linear(g)
-            xu, w_u, t_u, up = _linear(up_v)
-            if xg is not xu:
-                raise Refuse("gate and up projections read different inputs")
-            return dict(x=xg, w=((w_g, t_g), (w_u, t_u), (w_d, t_d)), nodes=[down, mul, silu, sig, gate, up])
-    raise Refuse(f"{x_in.name!r} is not Mul(SiLU(gate), up)")
+    g, up_v, (mul, silu, sig) = _swiglu_halves(x_in)
+    xg, w_g, t_g, gate = _linear(g)
+    xu, w_u, t_u, up = _linear(up_v)
+    if xg is not xu:
+        raise Refuse("gate and up projections read different inputs")
+    return dict(x=xg, w=((w_g, t_g), (w_u, t_u), (w_d, t_d)), nodes=[down, mul, silu, sig, gate, up])
 
 
 def _column(node: ir.Node, dense: ir.Value) -> tuple[int, ir.Value, list[ir.Node]]:
