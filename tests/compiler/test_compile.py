@@ -6,23 +6,15 @@ import json
 
 import pytest
 
-from moec.compiler.cli import main
+from moec_cli import run_cli
 from moec.compiler.compile import CompileConfig, compile_checkpoint
 from moec.common.errors import MoecError
-
-
-def _cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_compile_demo_to_sm89_engine(tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "out"
-    code, stdout, _ = _cli(["compile", "-o", str(out), "--json"], capsys)
+    code, stdout, _ = run_cli(["compile", "-o", str(out), "--json"], capsys)
     assert code == 0
     report = json.loads(stdout)
     stages = {s["stage"]: s for s in report["stages"]}
@@ -62,20 +54,20 @@ def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, ca
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
     # -o equal to the checkpoint would replace it with the compile output.
-    code, _, err = _cli(["compile", str(ckpt), "-o", str(ckpt)], capsys)
+    code, _, err = run_cli(["compile", str(ckpt), "-o", str(ckpt)], capsys)
     assert code == 2 and "holds the input" in err
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json"]
     # A folder of the user's that is not an earlier compile output.
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "mine.txt").write_text("keep")
-    code, _, err = _cli(["compile", "-o", str(notes)], capsys)
+    code, _, err = run_cli(["compile", "-o", str(notes)], capsys)
     assert code == 2 and "choose a new or empty folder" in err
     assert sorted(p.name for p in notes.iterdir()) == ["mine.txt"]
     # A file.
     f = tmp_path / "file.txt"
     f.write_text("keep")
-    code, _, err = _cli(["compile", "-o", str(f)], capsys)
+    code, _, err = run_cli(["compile", "-o", str(f)], capsys)
     assert code == 2 and f.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "file.txt", "notes"]
 
@@ -97,7 +89,7 @@ def test_output_that_is_not_a_compile_output_is_refused_before_work(tmp_path, ca
 def test_bad_input_is_one_line_error_and_no_output(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     argv = [a if a != "NOT_A_DIR" else str(tmp_path / "missing") for a in argv]
-    code, _, err = _cli(["compile", *argv, "-o", str(out)], capsys)
+    code, _, err = run_cli(["compile", *argv, "-o", str(out)], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert not out.exists() and "stage" not in err  # no stage ran
@@ -155,7 +147,7 @@ def test_summary_fits_80_columns_in_a_pipe(tmp_path, capsys, monkeypatch):
                            artifacts={"engine": str(tmp_path / "out" / "engine")})
     monkeypatch.setattr(compile_mod, "compile_checkpoint", lambda *a, on_stage=None, **k: report)
     monkeypatch.delenv("COLUMNS", raising=False)
-    code, stdout, _ = _cli(["compile", "-o", str(tmp_path / "out")], capsys)
+    code, stdout, _ = run_cli(["compile", "-o", str(tmp_path / "out")], capsys)
     assert code == 0
     lines = stdout.splitlines()
     assert max(map(len, lines)) <= 80, "\n".join(l for l in lines if len(l) > 80)

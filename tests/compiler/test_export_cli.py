@@ -5,17 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from moec.compiler.cli import main
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from moec_cli import run_cli
 
 
 def test_export_then_run_alone_with_external_data(demo_ckpt, tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 from moec.common import contract
 from moec.common.errors import MoecError
 from moec.compiler.pipeline import OptimizeConfig, Step, _Context, optimize_onnx, run_passes
+from moec_cli import run_cli
 
 PROMPT = [[256, 10, 20, 30, 40, 50, 60, 70, 80]]
 NEW_TOKENS = 8
@@ -303,15 +304,6 @@ def test_unusable_external_data_is_refused_before_work(demo_onnx, tmp_path, dama
     assert not out.parent.exists() and not dump.exists()  # refused before any work
 
 
-def _cli_code(argv, capsys):
-    from moec.compiler.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("where", ["report", "out", "dump"])
 def test_unwritable_outputs_are_refused_before_work(demo_onnx, tmp_path, capsys, where):
     # A regular file as a parent folder cannot be written under, root or not.
@@ -321,7 +313,7 @@ def test_unwritable_outputs_are_refused_before_work(demo_onnx, tmp_path, capsys,
     bad = blocker / "sub" / "x.json"
     argv = ["optimize", str(demo_onnx), "-o", str(bad if where == "out" else out), "--report",
             str(bad if where == "report" else rep), "--dump-dir", str(bad if where == "dump" else dump)]
-    code, err = _cli_code(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and f"cannot write {bad}" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written, not even folders
 
@@ -331,7 +323,7 @@ def test_report_may_not_overwrite_the_model(demo_onnx, tmp_path, capsys):
     out = tmp_path / "o" / "model.onnx"
     for victim in (src, src.with_name("model.onnx.data"), contract.sidecar_path(src), out, contract.sidecar_path(out)):
         before = victim.read_bytes() if victim.exists() else None
-        code, err = _cli_code(["optimize", str(src), "-o", str(out), "--report", str(victim)], capsys)
+        code, _, err = run_cli(["optimize", str(src), "-o", str(out), "--report", str(victim)], capsys)
         assert code == 2 and "--report" in err, victim
         assert (victim.read_bytes() if victim.exists() else None) == before
     assert not out.parent.exists()

@@ -8,18 +8,7 @@ import shutil
 import pytest
 
 from moec.common import contract
-from moec.compiler.cli import main
-
-
-def run_cli(args, capsys):
-    """(exit code, stdout, stderr) of ``moec ARGS`` run in-process through the real entry point."""
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from moec_cli import run_cli
 
 
 def test_run_onnx_equals_run_checkpoint(demo_onnx, demo_ckpt, capsys):
