@@ -31,6 +31,7 @@ differed), which doubles the bf16 rounding error seen on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -371,6 +372,40 @@ def _prefill_down_kernel(
 # --- host side: the alignment step and the two paths ------------------------------------------
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the host code makes it: what aot.py compiles for a target GPU."""
+
+    kernel: object  # a triton JITFunction (or the interpreter's stand-in)
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+# Set by ``recording_launches``: launches are collected instead of run.
+_RECORDED: list[Launch] | None = None
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Collect the launches of the calls made inside instead of running them. With meta tensors
+    as inputs the host code runs shape-only, so this lists exactly the kernels (and the argument
+    values Triton specializes on) that a real call of that shape would launch, on any machine."""
+    global _RECORDED
+    outer, _RECORDED = _RECORDED, []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = outer
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    if _RECORDED is not None:
+        _RECORDED.append(Launch(kernel, tuple(grid), args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
 def _alloc_uninitialized(*shape, dtype, device) -> torch.Tensor:
     """Every buffer a kernel must fully overwrite comes from here, so the tests can hand out
     NaN-filled memory instead and catch an element that no program wrote."""
@@ -407,7 +442,7 @@ def decode_groups(ids_P: torch.Tensor, E: int):
     G = min(P, E)
     order_P = _alloc_uninitialized(P, dtype=torch.int32, device=ids_P.device)
     table = _alloc_uninitialized(3, G, dtype=torch.int32, device=ids_P.device)
-    _decode_group_kernel[(1,)](
+    _launch(_decode_group_kernel, (1,),
         ids_P, order_P, table[0], table[1], table[2], P, G, PB=triton.next_power_of_2(P), num_warps=4,
     )
     return order_P, table[0], table[1], table[2]
@@ -448,7 +483,7 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
     use_dot = cfg.block_m >= 16
     alloc = torch.zeros if cfg.split_k_gate_up > 1 else _alloc_uninitialized
     gu_PI2 = alloc(P, I2, dtype=torch.float32, device=hidden_TH.device)
-    _decode_gate_up_kernel[(G, triton.cdiv(I, cfg.block_n_gate_up), cfg.split_k_gate_up)](
+    _launch(_decode_gate_up_kernel, (G, triton.cdiv(I, cfg.block_n_gate_up), cfg.split_k_gate_up),
         hidden_TH, w_gate_up_EHI2, gu_PI2,
         order_P, group_expert, group_start, group_count,
         H, I, K,
@@ -458,7 +493,7 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
         USE_DOT=use_dot, DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out_TH = torch.zeros(T, H, dtype=torch.float32, device=hidden_TH.device)
-    _decode_down_kernel[(G, triton.cdiv(H, cfg.block_n_down), cfg.split_k_down)](
+    _launch(_decode_down_kernel, (G, triton.cdiv(H, cfg.block_n_down), cfg.split_k_down),
         gu_PI2, w_down_EIH, out_TH, scores_P,
         order_P, group_expert, group_start, group_count,
         H, I, K,
@@ -478,7 +513,7 @@ def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, scor
     sorted_pair, block_expert = align_by_expert(ids_P, E, cfg.block_m)
     num_blocks = block_expert.numel()
     a_PI = _alloc_uninitialized(P, I, dtype=hidden_TH.dtype, device=hidden_TH.device)
-    _prefill_gate_up_kernel[(num_blocks, triton.cdiv(I, cfg.block_n_gate_up))](
+    _launch(_prefill_gate_up_kernel, (num_blocks, triton.cdiv(I, cfg.block_n_gate_up)),
         hidden_TH, w_gate_up_EHI2, a_PI, scores_P,
         sorted_pair, block_expert,
         P, H, I, K,
@@ -491,7 +526,7 @@ def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, scor
     # k == 1: pair == token, so GEMM 2 writes the output directly. k > 1: fp32 rows per pair,
     # summed in token order (a deterministic combination, unlike atomics).
     y_PH = _alloc_uninitialized(P, H, dtype=hidden_TH.dtype if K == 1 else torch.float32, device=hidden_TH.device)
-    _prefill_down_kernel[(num_blocks, triton.cdiv(H, cfg.block_n_down))](
+    _launch(_prefill_down_kernel, (num_blocks, triton.cdiv(H, cfg.block_n_down)),
         a_PI, w_down_EIH, y_PH, scores_P,
         sorted_pair, block_expert,
         P, H, I,
