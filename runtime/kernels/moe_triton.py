@@ -232,7 +232,7 @@ def _decode_down_kernel(
         r_ok = r < count
         pair = tl.load(order_ptr + start + r, mask=r_ok, other=0).to(tl.int64)
         token = pair // K_TOP
-        score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
+        score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(act_dtype).to(tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -256,12 +256,24 @@ def _decode_down_kernel(
 @triton.jit
 def _decode_group_kernel(
     ids_ptr, order_ptr, group_expert_ptr, group_start_ptr, group_count_ptr,
-    P, G, PB: tl.constexpr,
+    zero_a_ptr, zero_b_ptr,
+    P, G, n_zero_a, n_zero_b,
+    PB: tl.constexpr, ZERO_BLOCK: tl.constexpr,
 ):
-    """The decode grouping in one program (replacing ~7 small torch launches, which cost as much
-    as a quarter of the T=1 floor): a stable counting sort of the P <= PB pairs by expert, done
-    as a [PB, PB] comparison in registers, and the table of experts present (ascending), their
-    first sorted position and row count; slots past the experts present get count 0."""
+    """Everything the decode GEMMs need before they start, in one launch (each small launch costs
+    2-3% of the T=1 floor of 83 us, even inside a CUDA graph).
+
+    Program 0: the grouping, replacing ~7 torch launches: a stable counting sort of the P <= PB
+    pairs by expert, done as a [PB, PB] comparison in registers, and the table of experts present
+    (ascending), their first sorted position and row count; slots past the experts present get
+    count 0. Programs 1..: zero the two fp32 accumulators the GEMMs atomically add into (the
+    first n_zero_a / n_zero_b elements), replacing two memset launches."""
+    if tl.program_id(0) > 0:
+        offs = (tl.program_id(0) - 1) * ZERO_BLOCK + tl.arange(0, ZERO_BLOCK)
+        zeros = tl.zeros((ZERO_BLOCK,), dtype=tl.float32)
+        tl.store(zero_a_ptr + offs, zeros, mask=offs < n_zero_a)
+        tl.store(zero_b_ptr + offs, zeros, mask=offs < n_zero_b)
+        return
     lane = tl.arange(0, PB)
     valid = lane < P
     ids = tl.load(ids_ptr + lane, mask=valid, other=0)
@@ -324,7 +336,7 @@ def _prefill_gate_up_kernel(
             acc_g += _mm(x, wg, True, DOT_UPCAST)
             acc_u += _mm(x, wu, True, DOT_UPCAST)
         if SCORE_ON_INPUT:
-            score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(tl.float32)
+            score = tl.load(score_ptr + pair, mask=r_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
             acc_g = acc_g * score[:, None]
             acc_u = acc_u * score[:, None]
         act = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -363,7 +375,7 @@ def _prefill_down_kernel(
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc += _mm(a, w, True, DOT_UPCAST)
         if not SCORE_ON_INPUT:
-            score = tl.load(score_ptr + safe_pair, mask=r_ok, other=0.0).to(tl.float32)
+            score = tl.load(score_ptr + safe_pair, mask=r_ok, other=0.0).to(w_ptr.dtype.element_ty).to(tl.float32)
             acc = acc * score[:, None]
         tl.store(y_ptr + safe_pair[:, None] * H + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & col_ok[None, :])
@@ -433,17 +445,30 @@ def expert_groups(ids_P: torch.Tensor, E: int):
 DECODE_GROUP_MAX_PAIRS = 128  # the one-program grouping holds a [P, P] comparison in registers
 
 
-def decode_groups(ids_P: torch.Tensor, E: int):
-    """``expert_groups``'s result: one Triton program for up to DECODE_GROUP_MAX_PAIRS pairs (every
-    decode call with the default table), the torch formulation beyond that."""
+ZERO_BLOCK = 4096  # fp32 elements each zeroing program of the grouping launch clears
+
+
+def decode_groups(ids_P: torch.Tensor, E: int, zero: tuple[torch.Tensor, ...] = ()):
+    """``expert_groups``'s result, and the (at most two, contiguous fp32) tensors in ``zero``
+    zeroed: one Triton launch for up to DECODE_GROUP_MAX_PAIRS pairs (every decode call with the
+    default table), the torch formulation beyond that. ``ids_P`` may be int32 or int64."""
     P = ids_P.numel()
     if P > DECODE_GROUP_MAX_PAIRS:
-        return expert_groups(ids_P, E)
+        for t in zero:
+            t.zero_()
+        return expert_groups(ids_P.long(), E)
+    if len(zero) > 2 or any(t.dtype != torch.float32 or not t.is_contiguous() for t in zero):
+        raise ValueError("decode_groups zeroes at most two contiguous fp32 tensors")
     G = min(P, E)
     order_P = _alloc_uninitialized(P, dtype=torch.int32, device=ids_P.device)
     table = _alloc_uninitialized(3, G, dtype=torch.int32, device=ids_P.device)
-    _launch(_decode_group_kernel, (1,),
-        ids_P, order_P, table[0], table[1], table[2], P, G, PB=triton.next_power_of_2(P), num_warps=4,
+    zero_a, zero_b = (list(zero) + [order_P, order_P])[:2]  # a stand-in pointer with 0 elements to clear
+    n_a = zero_a.numel() if len(zero) > 0 else 0
+    n_b = zero_b.numel() if len(zero) > 1 else 0
+    grid = (1 + triton.cdiv(max(n_a, n_b), ZERO_BLOCK),)
+    _launch(_decode_group_kernel, grid,
+        ids_P, order_P, table[0], table[1], table[2], zero_a, zero_b, P, G, n_a, n_b,
+        PB=triton.next_power_of_2(P), ZERO_BLOCK=ZERO_BLOCK, num_warps=4,
     )
     return order_P, table[0], table[1], table[2]
 
@@ -478,11 +503,14 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
     E, _, I2 = w_gate_up_EHI2.shape
     I = I2 // 2
     P = ids_P.numel()
-    order_P, group_expert, group_start, group_count = decode_groups(ids_P, E)
+    # fp32 accumulators: the down GEMM adds its split-K partials (and the k choices) into out_TH;
+    # the gate/up GEMM adds into gu_PI2 only when it splits K. The grouping launch zeroes them.
+    out_TH = _alloc_uninitialized(T, H, dtype=torch.float32, device=hidden_TH.device)
+    gu_PI2 = _alloc_uninitialized(P, I2, dtype=torch.float32, device=hidden_TH.device)
+    zero = (out_TH, gu_PI2) if cfg.split_k_gate_up > 1 else (out_TH,)
+    order_P, group_expert, group_start, group_count = decode_groups(ids_P, E, zero)
     G = group_expert.numel()
     use_dot = cfg.block_m >= 16
-    alloc = torch.zeros if cfg.split_k_gate_up > 1 else _alloc_uninitialized
-    gu_PI2 = alloc(P, I2, dtype=torch.float32, device=hidden_TH.device)
     _launch(_decode_gate_up_kernel, (G, triton.cdiv(I, cfg.block_n_gate_up), cfg.split_k_gate_up),
         hidden_TH, w_gate_up_EHI2, gu_PI2,
         order_P, group_expert, group_start, group_count,
@@ -492,7 +520,6 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k_gate_up,
         USE_DOT=use_dot, DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    out_TH = torch.zeros(T, H, dtype=torch.float32, device=hidden_TH.device)
     _launch(_decode_down_kernel, (G, triton.cdiv(H, cfg.block_n_down), cfg.split_k_down),
         gu_PI2, w_down_EIH, out_TH, scores_P,
         order_P, group_expert, group_start, group_count,
@@ -510,7 +537,7 @@ def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, scor
     E, _, I2 = w_gate_up_EHI2.shape
     I = I2 // 2
     P = ids_P.numel()
-    sorted_pair, block_expert = align_by_expert(ids_P, E, cfg.block_m)
+    sorted_pair, block_expert = align_by_expert(ids_P.long(), E, cfg.block_m)
     num_blocks = block_expert.numel()
     a_PI = _alloc_uninitialized(P, I, dtype=hidden_TH.dtype, device=hidden_TH.device)
     _launch(_prefill_gate_up_kernel, (num_blocks, triton.cdiv(I, cfg.block_n_gate_up)),
@@ -569,8 +596,16 @@ def grouped_experts_triton(
         device_name = _cuda_device_name(hidden_TH.device.index or 0) if hidden_TH.is_cuda else None
         config = select_config(E, H, I2 // 2, T, K, device_name)
     hidden_TH = hidden_TH.contiguous() if hidden_TH.stride(1) != 1 else hidden_TH
-    ids_P = expert_ids_TK.reshape(-1).long().contiguous()  # a [T, k] slice of a wider tensor is strided
-    scores_P = scores_TK.reshape(-1).to(hidden_TH.dtype).contiguous()  # passes/ops.py: cast before use
+    # No dtype casts here: each would be one more launch around a decode step. The kernels round
+    # the scores to the hidden dtype before use (passes/ops.py's semantics) and read int32 or int64
+    # ids; only the prefill alignment, written with torch ops, wants int64.
+    ids_P = expert_ids_TK.reshape(-1).contiguous()  # a [T, k] slice of a wider tensor is strided
+    scores_P = scores_TK.reshape(-1).contiguous()
     dot_upcast = INTERPRETED and hidden_TH.dtype == torch.bfloat16
+    if dot_upcast:
+        # The interpreter truncates the kernels' in-register fp32 -> bf16 rounding of the scores
+        # (see the module doc), so it gets them rounded to nearest here; fp16 and the GPU round
+        # in the kernel.
+        scores_P = scores_P.to(hidden_TH.dtype)
     run = _run_decode if config.path == "decode" else _run_prefill
     return run(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, config, dot_upcast)

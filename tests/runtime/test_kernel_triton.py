@@ -156,6 +156,58 @@ def test_one_program_grouping_equals_the_torch_formulation(poisoned, device, P, 
     assert torch.equal(expert[present], ref_expert[present]) and torch.equal(start[present], ref_start[present])
 
 
+@pytest.mark.parametrize("P, E", [(1, 16), (5, 8), (64, 128)])
+def test_grouping_launch_zeroes_the_accumulators(poisoned, device, P, E):
+    """The grouping launch's extra programs clear both fp32 accumulators, whatever their sizes
+    (one smaller than a zeroing block, one spanning several)."""
+    ids = torch.randint(0, E, (P,), device=device, dtype=torch.int32)
+    a = torch.full((P, 2 * 4096 + 5), float("nan"), device=device)
+    b = torch.full((3, 7), float("nan"), device=device)
+    order, *_ = poisoned.decode_groups(ids, E, (a, b))
+    assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))
+    assert torch.equal(order, poisoned.expert_groups(ids.long(), E)[0])
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that launch nothing on a GPU: views and uninitialized allocations.
+_NO_LAUNCH = {"aten.view.default", "aten.select.int", "aten.empty.memory_format", "aten._unsafe_view.default"}
+
+
+@pytest.mark.parametrize("T, K, ids_dtype", [(1, 1, torch.int32), (1, 1, torch.int64), (16, 2, torch.int32)])
+def test_a_decode_call_is_four_launches(mt, monkeypatch, T, K, ids_dtype):
+    """Inside a CUDA graph each launch still costs 2-3% of the T=1 floor, so a decode call is the
+    grouping launch (which also zeroes the accumulators), the two GEMMs and the final cast: no
+    memsets, no id or score casts. Counted on meta tensors: torch ops that launch plus Triton
+    launches. The launches are recorded, not run, so the GPU's host path is what is counted (the
+    interpreter adds a bf16 score cast of its own)."""
+    monkeypatch.setattr(mt, "INTERPRETED", False)
+    meta = torch.device("meta")
+    E, H, I = 16, 5120, 8192
+    args = (
+        torch.empty(T, H, dtype=torch.bfloat16, device=meta), torch.empty(T, K, dtype=ids_dtype, device=meta),
+        torch.empty(T, K, dtype=torch.float32, device=meta), torch.empty(E, H, 2 * I, dtype=torch.bfloat16, device=meta),
+        torch.empty(E, I, H, dtype=torch.bfloat16, device=meta),
+    )
+    config = mt.select_config(E, H, I, T, K)
+    config = replace(config, split_k_gate_up=max(2, config.split_k_gate_up))  # both accumulators need zeroing
+    with mt.recording_launches() as launches, _CountOps() as counted:
+        mt.grouped_experts_triton(*args, True, config=config)
+    torch_launches = [str(f) for f in counted.ops if str(f) not in _NO_LAUNCH]
+    assert torch_launches == ["aten._to_copy.default"]  # the fp32 -> bf16 output cast
+    assert [getattr(x.kernel, "__name__", None) or x.kernel.fn.__name__ for x in launches] == [
+        "_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel",
+    ]
+
+
 def test_decode_groups_list_present_experts_first(mt):
     ids = torch.tensor([5, 2, 5])
     order, group_expert, group_start, group_count = mt.expert_groups(ids, 8)
