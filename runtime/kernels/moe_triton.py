@@ -257,7 +257,7 @@ def _decode_down_kernel(
 def _decode_group_kernel(
     ids_ptr, order_ptr, group_expert_ptr, group_start_ptr, group_count_ptr,
     zero_a_ptr, zero_b_ptr,
-    P, G, n_zero_a, n_zero_b,
+    P, G, E, n_zero_a, n_zero_b,
     PB: tl.constexpr, ZERO_BLOCK: tl.constexpr,
 ):
     """Everything the decode GEMMs need before they start, in one launch (each small launch costs
@@ -275,8 +275,10 @@ def _decode_group_kernel(
         tl.store(zero_b_ptr + offs, zeros, mask=offs < n_zero_b)
         return
     lane = tl.arange(0, PB)
-    valid = lane < P
-    ids = tl.load(ids_ptr + lane, mask=valid, other=0)
+    ids = tl.load(ids_ptr + lane, mask=lane < P, other=0)
+    # An id outside [0, E) (a broken router, not checked on the GPU: that would be a host sync)
+    # joins no group, so no GEMM reads weights past the last expert for it.
+    valid = (lane < P) & (ids >= 0) & (ids < E)
     id_i = ids[:, None]
     id_j = ids[None, :]
     valid_j = valid[None, :]
@@ -298,6 +300,77 @@ def _decode_group_kernel(
     tl.store(group_expert_ptr + lane, zero, mask=empty)
     tl.store(group_start_ptr + lane, zero, mask=empty)
     tl.store(group_count_ptr + lane, zero, mask=empty)
+
+
+@triton.jit
+def _align_count_kernel(
+    ids_ptr, chunk_count_ptr, P,
+    EB: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):
+    """Prefill alignment, launch 1 of 2: chunk_count[c, e] = pairs of chunk c (CHUNK pairs, in
+    SUB-sized steps of an [SUB, EB] comparison) routed to expert e."""
+    c = tl.program_id(0)
+    experts = tl.arange(0, EB)
+    counts = tl.zeros((EB,), dtype=tl.int32)
+    for s0 in range(0, CHUNK, SUB):
+        lane = c * CHUNK + s0 + tl.arange(0, SUB)
+        ids = tl.load(ids_ptr + lane, mask=lane < P, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(chunk_count_ptr + c * EB + experts, counts)
+
+
+@triton.jit
+def _align_place_kernel(
+    ids_ptr, chunk_count_ptr, sorted_pair_ptr, block_expert_ptr,
+    P, E, n_chunks, num_blocks,
+    BLOCK_M: tl.constexpr, EB: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):
+    """Prefill alignment, launch 2 of 2: the stable sort of the pairs by expert, each expert's run
+    padded to BLOCK_M, as align_by_expert (the torch formulation) defines it.
+
+    Program c places the pairs of its chunk: an expert's run starts at its padded offset (an
+    exclusive prefix sum over experts of the padded totals); within it a pair's rank is the count
+    of same-expert pairs in earlier chunks, earlier SUB-steps of this chunk and earlier lanes of
+    this step. Program 0 also writes the padding slots (pair index P) and block_expert."""
+    c = tl.program_id(0)
+    experts = tl.arange(0, EB)
+    total = tl.zeros((EB,), dtype=tl.int32)
+    before = tl.zeros((EB,), dtype=tl.int32)  # same-expert pairs in chunks < c
+    for c2 in range(0, n_chunks):
+        row = tl.load(chunk_count_ptr + c2 * EB + experts)
+        total += row
+        before += tl.where(c2 < c, row, 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    cursor = pad_start + before  # next free slot of each expert for this chunk
+    lanes = tl.arange(0, SUB)
+    earlier = lanes[None, :] < lanes[:, None]
+    for s0 in range(0, CHUNK, SUB):
+        pair = c * CHUNK + s0 + lanes
+        valid = pair < P
+        ids = tl.load(ids_ptr + pair, mask=valid, other=-1).to(tl.int32)
+        onehot = ids[:, None] == experts[None, :]
+        same = (ids[:, None] == ids[None, :]) & valid[None, :] & earlier
+        slot = tl.sum(tl.where(onehot, cursor[None, :], 0), axis=1) + tl.sum(same.to(tl.int32), axis=1)
+        # An id outside [0, E) (a broken router; not checked on the GPU, which would cost a host
+        # sync) matches no expert: its pair is dropped rather than written over another's slot.
+        tl.store(sorted_pair_ptr + slot, pair.to(tl.int32), mask=valid & (ids >= 0) & (ids < E))
+        cursor += tl.sum(onehot.to(tl.int32), axis=0)
+    if c == 0:
+        # Padding: slots total[e] .. padded[e] - 1 of each expert's run (at most BLOCK_M - 1),
+        # one slot of every expert per step: an [EB, BLOCK_M] store would hold EB * BLOCK_M
+        # pointers in registers (the ahead-of-time check saw 227 registers at EB=128).
+        pad_value = tl.zeros((EB,), dtype=tl.int32) + P
+        for j in range(0, BLOCK_M - 1):
+            tl.store(sorted_pair_ptr + pad_start + total + j, pad_value, mask=(total + j) < padded)
+        # block_expert[b]: the expert whose padded run holds row tile b (experts whose run ends at
+        # or before the tile's first row come earlier), -1 past the last run.
+        for b0 in range(0, num_blocks, SUB):
+            b = b0 + lanes
+            first_row = b * BLOCK_M
+            owner = tl.sum(((pad_end[None, :] <= first_row[:, None]) & (experts[None, :] < E)).to(tl.int32), axis=1)
+            tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1), mask=b < num_blocks)
 
 
 @triton.jit
@@ -467,7 +540,7 @@ def decode_groups(ids_P: torch.Tensor, E: int, zero: tuple[torch.Tensor, ...] = 
     n_b = zero_b.numel() if len(zero) > 1 else 0
     grid = (1 + triton.cdiv(max(n_a, n_b), ZERO_BLOCK),)
     _launch(_decode_group_kernel, grid,
-        ids_P, order_P, table[0], table[1], table[2], zero_a, zero_b, P, G, n_a, n_b,
+        ids_P, order_P, table[0], table[1], table[2], zero_a, zero_b, P, G, E, n_a, n_b,
         PB=triton.next_power_of_2(P), ZERO_BLOCK=ZERO_BLOCK, num_warps=4,
     )
     return order_P, table[0], table[1], table[2]
@@ -495,6 +568,36 @@ def align_by_expert(ids_P: torch.Tensor, E: int, block_m: int):
     block_start = torch.arange(num_blocks, device=ids_P.device, dtype=pad_end_E.dtype) * block_m
     block_expert = torch.searchsorted(pad_end_E, block_start, right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return sorted_pair, block_expert
+
+
+ALIGN_MAX_EXPERTS = 256  # the alignment kernels hold [SUB, next_pow2(E)] comparisons in registers
+# 64-pair steps: with 128, the [SUB, EB] and [SUB, SUB] masks took 254 registers at E=128.
+ALIGN_SUB = 64
+ALIGN_MAX_CHUNKS = 32  # each placing program reads every chunk's counts: keep that loop short
+
+
+def align_by_expert_triton(ids_P: torch.Tensor, E: int, block_m: int):
+    """``align_by_expert``'s result in two launches instead of about twenty torch ops (argsort,
+    counts, prefix sums, a scatter, searchsorted): at 2-4 us each those cost up to 5% of a prefill
+    call's floor. ``ids_P`` may be int32 or int64. Entries of ``sorted_pair`` past the last
+    expert's padded run are left unwritten: their row tiles have block_expert -1 and no kernel
+    reads them."""
+    P = ids_P.numel()
+    if E > ALIGN_MAX_EXPERTS:
+        return align_by_expert(ids_P.long(), E, block_m)
+    EB = triton.next_power_of_2(E)
+    chunk = max(ALIGN_SUB, triton.next_power_of_2(triton.cdiv(P, ALIGN_MAX_CHUNKS)))
+    n_chunks = triton.cdiv(P, chunk)
+    num_blocks = triton.cdiv(P, block_m) + min(P, E)
+    chunk_count = _alloc_uninitialized(n_chunks, EB, dtype=torch.int32, device=ids_P.device)
+    sorted_pair = _alloc_uninitialized(num_blocks * block_m, dtype=torch.int32, device=ids_P.device)
+    block_expert = _alloc_uninitialized(num_blocks, dtype=torch.int32, device=ids_P.device)
+    _launch(_align_count_kernel, (n_chunks,), ids_P, chunk_count, P, EB=EB, CHUNK=chunk, SUB=ALIGN_SUB, num_warps=4)
+    _launch(_align_place_kernel, (n_chunks,),
+        ids_P, chunk_count, sorted_pair, block_expert, P, E, n_chunks, num_blocks,
+        BLOCK_M=block_m, EB=EB, CHUNK=chunk, SUB=ALIGN_SUB, num_warps=4,
+    )
     return sorted_pair, block_expert
 
 
@@ -537,7 +640,7 @@ def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, scor
     E, _, I2 = w_gate_up_EHI2.shape
     I = I2 // 2
     P = ids_P.numel()
-    sorted_pair, block_expert = align_by_expert(ids_P.long(), E, cfg.block_m)
+    sorted_pair, block_expert = align_by_expert_triton(ids_P, E, cfg.block_m)
     num_blocks = block_expert.numel()
     a_PI = _alloc_uninitialized(P, I, dtype=hidden_TH.dtype, device=hidden_TH.device)
     _launch(_prefill_gate_up_kernel, (num_blocks, triton.cdiv(I, cfg.block_n_gate_up)),

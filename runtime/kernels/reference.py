@@ -27,8 +27,9 @@ def check_inputs(hidden_TH, expert_ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH
     """Raise MoecError naming the tensor whose shape or dtype does not fit the op's schema.
 
     Expert ids are not range-checked here: that needs the values (a host sync on a GPU). The
-    reference checks them; the Triton path's index_add faults on an out-of-range id instead of
-    reading stray memory.
+    reference checks them; the Triton kernels skip a pair whose id is outside [0, E) rather than
+    read weights past the last expert (its contribution is then zero on the decode path and the
+    pair's row is left unwritten on the prefill path).
     """
     if activation != "swiglu":
         raise MoecError(f"moec.GroupedExperts: activation {activation!r} is not supported; only 'swiglu' is.")

@@ -50,7 +50,7 @@ def test_default_configs_fit_a100_l4_h100(default_survey):
     kernels = {(r["arch"], r["kernel"]) for r in rows}
     for arch in ("sm80", "sm89", "sm90"):
         for name in ("_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel",
-                     "_prefill_gate_up_kernel", "_prefill_down_kernel"):
+                     "_align_count_kernel", "_align_place_kernel", "_prefill_gate_up_kernel", "_prefill_down_kernel"):
             assert (arch, name) in kernels
     assert [r for r in rows if r["problems"]] == []
     for r in rows:
@@ -114,7 +114,7 @@ print(json.dumps(out))
 
 def test_launches_match_the_path_the_config_picks():
     """The recorded launches come from the host code itself: decode is grouping + two GEMMs,
-    prefill is two GEMMs after a torch alignment step; grids follow the shapes."""
+    prefill is two alignment launches and two GEMMs; grids follow the shapes."""
     from moec.runtime.kernels import aot
 
     names = lambda ls: [getattr(l.kernel, "__name__", None) or l.kernel.fn.__name__ for l in ls]  # noqa: E731
@@ -122,9 +122,10 @@ def test_launches_match_the_path_the_config_picks():
     assert names(decode) == ["_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel"]
     assert decode[1].grid == (1, 8192 // 64, 2) and decode[2].grid == (1, 5120 // 64, 4)
     prefill = aot.launches_for(128, 5120, 8192, 4096)
-    assert names(prefill) == ["_prefill_gate_up_kernel", "_prefill_down_kernel"]
+    assert names(prefill) == ["_align_count_kernel", "_align_place_kernel", "_prefill_gate_up_kernel", "_prefill_down_kernel"]
+    assert prefill[0].grid == prefill[1].grid == (4096 // 128,)  # 128-pair chunks
     # 32 rows per expert on average -> BLOCK_M 32; blocks = cdiv(4096, 32) + min(4096, 128).
-    assert prefill[0].grid == (4096 // 32 + 128, 8192 // 64)
+    assert prefill[2].grid == (4096 // 32 + 128, 8192 // 64)
 
 
 def test_unknown_arch_is_named():

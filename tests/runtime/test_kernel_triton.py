@@ -131,6 +131,24 @@ def test_all_tokens_on_one_expert(poisoned, device):
     assert rel_err(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("T", [3, 40])  # decode, prefill
+@pytest.mark.parametrize("bad_id", [-1, 8 + 3])
+def test_an_out_of_range_id_is_skipped_not_read_past_the_weights(poisoned, device, T, bad_id):
+    """A broken router's id outside [0, E) must not make a kernel read weights past the last expert
+    or overwrite another pair: the pair is skipped. Its own token's other choice still counts on
+    the decode path (the accumulator is zeroed); every other token is exact on both paths."""
+    E, K = 8, 2
+    x, ids, scores, w1, w2 = random_inputs(T, E, K, H, I, torch.float16, device=device)
+    bad_ids = ids.clone()
+    bad_ids[0, 0] = bad_id
+    out = poisoned.grouped_experts_triton(x, bad_ids, scores, w1, w2, True)
+    no_contribution = scores.clone()
+    no_contribution[0, 0] = 0.0  # SiLU(0 * g) * (0 * u) = 0: the pair adds nothing
+    ref = grouped_experts_reference(x.float(), ids, no_contribution.to(x.dtype).float(), w1.float(), w2.float(), True)
+    first = 0 if T <= 32 else 1  # prefill leaves the skipped pair's row unwritten
+    assert rel_err(out[first:], ref[first:]) <= TOL
+
+
 def test_alignment_pads_each_expert_to_the_tile(mt):
     ids = torch.tensor([3, 0, 3, 3, 1, 0, 3])
     sorted_pair, block_expert = mt.align_by_expert(ids, 5, 2)
@@ -144,6 +162,22 @@ def test_alignment_pads_each_expert_to_the_tile(mt):
     assert sorted(p for p in sorted_pair.tolist() if p < P) == list(range(P))
     # Static bound: cdiv(7, 2) + min(7, 5) = 9 tiles; experts 0, 1 and 3 need 1, 1 and 2.
     assert block_expert.tolist() == [0, 1, 3, 3, -1, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize(
+    "P, E, block_m",
+    [(1, 16, 16), (7, 5, 2), (129, 3, 4), (300, 16, 16), (1000, 128, 16), (4096, 16, 64), (5000, 128, 32)],
+)
+def test_two_launch_alignment_equals_the_torch_formulation(mt, device, P, E, block_m):
+    """The Triton alignment gives align_by_expert's stable order and tile table exactly, over one
+    and many chunks, with experts that get no pairs and E not a power of two. Slots past the last
+    used tile are not the kernels' to write (no tile reads them)."""
+    ids = torch.randint(0, E, (P,), device=device, dtype=torch.int32)
+    sorted_pair, block_expert = mt.align_by_expert_triton(ids, E, block_m)
+    ref_pair, ref_expert = mt.align_by_expert(ids.long(), E, block_m)
+    assert torch.equal(block_expert, ref_expert)
+    used = int((ref_expert >= 0).sum()) * block_m
+    assert torch.equal(sorted_pair[:used], ref_pair[:used])
 
 
 @pytest.mark.parametrize("P, E", [(1, 16), (3, 128), (7, 4), (32, 16), (100, 8), (128, 128)])
@@ -205,6 +239,26 @@ def test_a_decode_call_is_four_launches(mt, monkeypatch, T, K, ids_dtype):
     assert torch_launches == ["aten._to_copy.default"]  # the fp32 -> bf16 output cast
     assert [getattr(x.kernel, "__name__", None) or x.kernel.fn.__name__ for x in launches] == [
         "_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel",
+    ]
+
+
+@pytest.mark.parametrize("K, torch_ops", [(1, []), (2, ["aten.sum.dim_IntList", "aten._to_copy.default"])])
+def test_a_prefill_call_is_four_launches_plus_the_k_sum(mt, monkeypatch, K, torch_ops):
+    """Prefill: the two alignment launches and the two GEMMs; k > 1 adds the deterministic sum of
+    the k rows per token and its cast."""
+    monkeypatch.setattr(mt, "INTERPRETED", False)
+    meta = torch.device("meta")
+    T, E, H, I = 1024, 16, 5120, 8192
+    args = (
+        torch.empty(T, H, dtype=torch.bfloat16, device=meta), torch.empty(T, K, dtype=torch.int32, device=meta),
+        torch.empty(T, K, dtype=torch.float32, device=meta), torch.empty(E, H, 2 * I, dtype=torch.bfloat16, device=meta),
+        torch.empty(E, I, H, dtype=torch.bfloat16, device=meta),
+    )
+    with mt.recording_launches() as launches, _CountOps() as counted:
+        mt.grouped_experts_triton(*args, True)
+    assert [str(f) for f in counted.ops if str(f) not in _NO_LAUNCH] == torch_ops
+    assert [getattr(x.kernel, "__name__", None) or x.kernel.fn.__name__ for x in launches] == [
+        "_align_count_kernel", "_align_place_kernel", "_prefill_gate_up_kernel", "_prefill_down_kernel",
     ]
 
 
