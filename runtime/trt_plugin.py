@@ -14,8 +14,10 @@ Two implementations of one plugin identity:
 - quickly deployable (``tensorrt.plugin``, full TensorRT >= 10.9 only): see
   ``register_quickly_deployable``. It registers the shape/type descriptor and a JIT (Python)
   implementation; it has NO ahead-of-time implementation: ``trtp.aot_impl`` describes exactly one
-  kernel launch over (inputs, scalars, outputs) with no workspace, and this op needs three
-  launches (alignment, gate/up GEMM, down GEMM) and scratch buffers between them. A one-launch
+  kernel launch over (inputs, scalars, outputs) with no workspace (NVIDIA's QDP sample: it returns
+  one kernel name, one PTX, one KernelLaunchParams), and this op needs four launches (grouping or
+  two alignment launches, gate/up GEMM, down GEMM) and scratch buffers between them. The PTX side
+  is ready: runtime/kernels/aot.py compiles each launch for a target arch without a GPU. A one-launch
   variant without scratch would recompute the gate/up GEMM once per output column block (about
   40x the weight reads at H=5120). It is import-guarded and untested: full TensorRT cannot be
   installed on this project's machines (shared/FACTS.md).
@@ -24,8 +26,14 @@ TensorRT for RTX (1.7.1, checked on the CPU here): its INetworkDefinition has no
 when its ONNX parser meets a node for a registered Python IPluginV3 it calls the creator, logs
 "Successfully created plugin: MoecGroupedExperts" and then aborts the whole process with
 "terminate called without an active exception" (SIGABRT) before any other plugin method runs; the
-same happens for a one-input identity plugin. ``register_plugin`` therefore refuses tensorrt_rtx
-with a MoecError unless forced (tests/runtime/test_plugin_trt.py records the abort in a subprocess).
+same happens for a one-input identity plugin. Under gdb (2026-11-27) std::terminate is called from
+inside libtensorrt_onnxparser_rtx.so itself (eight stripped parser frames under the Python parse
+call), after create_plugin returns and before get_capability_interface is asked for anything.
+TensorRT-RTX's Python INetworkDefinition has no add_plugin_v2/v3 either (the library exports
+addPluginV3, the bindings do not), so no route adds a Python plugin layer there. The RTX wheel's
+``tensorrt_rtx.plugin`` (quickly deployable plugins) is a set of import stubs: nothing of QDP's JIT
+or AOT path can run with it. ``register_plugin`` therefore refuses tensorrt_rtx with a MoecError
+unless forced (tests/runtime/test_plugin_trt.py records the abort in a subprocess).
 
 Importing this module registers the class-based plugin with ``tensorrt`` when that is already
 imported (the build and runtime stages import theirs first); it never imports a TensorRT flavour
