@@ -16,6 +16,14 @@ Correctness comes first: every (E, T) point is compared against the fp32 referen
 Writes a JSON (device, bandwidth, matmul rate, one row per (E, T)) and a markdown table beside it.
 
     python benchmarks/kernel_bench.py --out benchmarks/kernel_results_h100.json
+
+With --tune, after timing the shipped launch parameters at a point, the run searches them
+(coordinate descent from the defaults, and from the other path's defaults where both paths are
+plausible: 8 <= T <= 128), within --tune-budget-s seconds over all points. Every candidate is
+checked against the reference before it is timed. The best per point go into the row
+(``tuned_ms``, ``tuned_frac_of_floor``, ``tuned_config``, every trial) and into a tuned-configs file
+(``<out stem>_tuned_configs.json``) in moe_configs.json's format: run moec with
+MOEC_MOE_CONFIGS=<that file> to use them, or merge them into runtime/kernels/moe_configs.json.
 """
 
 from __future__ import annotations
@@ -220,7 +228,127 @@ def bench_point(E, T, weights, bandwidth, flops, args) -> dict:
         row["dense_ms"] = None
         row["dense_skipped"] = f"[E, T, 2I + H] intermediates {dense_gib:.1f} GiB > --dense-max-gib {args.dense_max_gib}"
     row["kernel_faster_than_grouped_mm"] = row["grouped_mm_ms"] is not None and row["kernel_ms"] < row["grouped_mm_ms"]
+    if args.tune:
+        tune_point(row, x, ids, scores, w1, w2, ref, args, time.perf_counter() + args.point_budget_s)
     return row
+
+
+# --- tuning -----------------------------------------------------------------------------------
+
+# The launch parameters each path searches, in the order they are varied. Decode's row tile
+# follows T (block_m), so it is not searched.
+DECODE_SPACE = {
+    "split_k_gate_up": (1, 2, 4, 8),
+    "split_k_down": (1, 2, 4, 8),
+    "block_n_gate_up": (32, 64, 128),
+    "block_n_down": (32, 64, 128),
+    "block_k": (64, 128, 256),
+    "num_stages": (2, 3, 4),
+    "num_warps": (2, 4, 8),
+}
+PREFILL_SPACE = {
+    "block_m": (16, 32, 64, 128),
+    "block_n_gate_up": (64, 128, 256),
+    "block_n_down": (64, 128, 256),
+    "block_k": (32, 64, 128),
+    "num_warps": (4, 8),
+    "num_stages": (2, 3, 4, 5),
+}
+SPACES = {"decode": DECODE_SPACE, "prefill": PREFILL_SPACE}
+# A candidate must beat the incumbent by this much to replace it: timing noise of ~1% must not
+# walk the search away from the defaults.
+MIN_GAIN = 0.02
+
+
+def coordinate_descent(starts, cost, deadline: float, rounds: int = 2):
+    """Minimise ``cost(config)`` (ms, or None for a candidate that failed) one parameter at a time,
+    from the best of ``starts``: each parameter of the config's path is set to each of its values
+    with the others held at the incumbent, a change kept when it gains MIN_GAIN; repeated while a
+    round improves, at most ``rounds`` times, and never past ``deadline`` (time.perf_counter()).
+    Returns (best config, its cost, [(config, cost), ...] in the order tried)."""
+    from dataclasses import replace
+
+    trials = []
+    best, best_cost = None, None
+    for start in starts:
+        c = cost(start)
+        trials.append((start, c))
+        if c is not None and (best_cost is None or c < best_cost):
+            best, best_cost = start, c
+    if best is None:
+        return None, None, trials
+    for _ in range(rounds):
+        improved = False
+        for name, values in SPACES[best.path].items():
+            for value in values:
+                if time.perf_counter() > deadline:
+                    return best, best_cost, trials
+                if getattr(best, name) == value:
+                    continue
+                candidate = replace(best, **{name: value})
+                c = cost(candidate)
+                trials.append((candidate, c))
+                if c is not None and c < best_cost * (1 - MIN_GAIN):
+                    best, best_cost, improved = candidate, c, True
+        if not improved:
+            break
+    return best, best_cost, trials
+
+
+def config_entry(cfg) -> dict:
+    """A tuned-table entry (moe_configs.json) for one config: its path and every tunable field."""
+    fields = SPACES[cfg.path].keys() | {"block_m"}  # decode's block_m is the same for every T of a bucket
+    return {"path": cfg.path, **{name: getattr(cfg, name) for name in sorted(fields)}}
+
+
+def device_key(device_name: str) -> str:
+    """The substring of the device name the tuned table is keyed by ("H100" for an
+    "NVIDIA H100 80GB HBM3"), so the entries serve every variant of that card."""
+    for key in ("H200", "H100", "A100", "L40S", "L4", "B200"):
+        if key in device_name:
+            return key
+    return device_name
+
+
+def tuned_configs(device_name: str, rows: list[dict], H: int, I: int) -> dict:
+    from moec.runtime.kernels.moe_triton import config_key
+
+    entries = {config_key(r["E"], H, I, r["T"]): r["tuned_config"] for r in rows if r.get("tuned_config")}
+    return {
+        "comment": f"Tuned on {device_name} by benchmarks/kernel_bench.py --tune; use with MOEC_MOE_CONFIGS=<this file>.",
+        "tuned": {device_key(device_name): entries},
+    }
+
+
+def tune_point(row, x, ids, scores, w1, w2, ref, args, deadline: float) -> None:
+    """Search the launch parameters at one point and record the result in ``row``."""
+    from moec.runtime.kernels.moe_triton import default_config, default_path, grouped_experts_triton
+
+    T, E = row["T"], row["E"]
+    graph = T <= GRAPH_MAX_T
+
+    def cost(cfg):
+        try:
+            call = lambda: grouped_experts_triton(x, ids, scores, w1, w2, True, config=cfg)  # noqa: E731
+            if max_row_rel_err(call(), ref) > ERR_LIMIT:
+                return None
+            return time_ms(call, max(5, args.iters // 2), graph)
+        except Exception:  # out of resources, a launch failure: not a usable config
+            return None
+
+    started = time.perf_counter()
+    path = default_path(T)
+    starts = [default_config(path, E, T, 1)]
+    if 8 <= T <= 128:
+        starts.append(default_config("prefill" if path == "decode" else "decode", E, T, 1))
+    best, best_ms, trials = coordinate_descent(starts, cost, deadline)
+    row["tuning_s"] = time.perf_counter() - started
+    row["tuning_trials"] = [{"config": config_entry(c), "ms": ms} for c, ms in trials]
+    if best is not None:
+        row["tuned_config"] = config_entry(best)
+        row["tuned_ms"] = best_ms
+        row["tuned_frac_of_floor"] = row["floor_ms"] / best_ms
+        row["tuned_faster_than_grouped_mm"] = row.get("grouped_mm_ms") is not None and best_ms < row["grouped_mm_ms"]
 
 
 def markdown(result: dict) -> str:
@@ -234,13 +362,14 @@ def markdown(result: dict) -> str:
         f"bf16 matmul {result['matmul_TFLOPs']:.0f} TFLOP/s; H={result['H']}, I={result['I']}, top-1, score on input.",
         "CUDA graphs for T <= 64. Times in ms (fraction of floor).",
         "",
-        "| E | T | experts | floor | kernel | grouped_mm | dense | kernel path | max rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| E | T | experts | floor | kernel | tuned | grouped_mm | dense | kernel path | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        tuned = "-" if r.get("tuned_ms") is None else f"{cell(r['tuned_ms'], r['tuned_frac_of_floor'])} {r['tuned_config']['path']}"
         lines.append(
             f"| {r['E']} | {r['T']} | {r['distinct_experts']} | {r['floor_ms']:.3f} "
-            f"| {cell(r['kernel_ms'], r['kernel_frac_of_floor'])} "
+            f"| {cell(r['kernel_ms'], r['kernel_frac_of_floor'])} | {tuned} "
             f"| {cell(r.get('grouped_mm_ms'), r.get('grouped_mm_frac_of_floor'))} "
             f"| {cell(r.get('dense_ms'), r.get('dense_frac_of_floor'))} "
             f"| {r['kernel_path']} | {r['max_rel_err']:.1e} |"
@@ -257,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=I_LLAMA4)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dense-max-gib", type=float, default=16.0)
+    p.add_argument("--tune", action="store_true", help="also search the launch parameters at every point")
+    p.add_argument("--tune-budget-s", type=float, default=300.0, help="seconds of search over all points together")
     args = p.parse_args(argv)
     _require_gpu()
 
@@ -274,6 +405,7 @@ def main(argv=None) -> int:
         "bandwidth_TBps": bandwidth / 1e12, "matmul_TFLOPs": flops / 1e12, "H": args.H, "I": args.I,
         "rows": [],
     }
+    tuning_spent = 0.0
     for E in args.E:
         # Weights of Llama-4 scale (~1/sqrt(fan_in)), generated on the GPU: 32 GiB for E=128.
         gen = torch.Generator(device="cuda").manual_seed(E)
@@ -281,7 +413,11 @@ def main(argv=None) -> int:
         w1 = torch.randn(E, args.H, 2 * args.I, generator=gen, device="cuda", dtype=torch.bfloat16).div_(math.sqrt(args.H))
         w2 = torch.randn(E, args.I, args.H, generator=gen, device="cuda", dtype=torch.bfloat16).div_(math.sqrt(args.I))
         for T in args.T:
+            # The budget not spent at a point rolls over to the points after it.
+            points_left = len(args.T) * (len(args.E) - args.E.index(E)) - args.T.index(T)
+            args.point_budget_s = (args.tune_budget_s - tuning_spent) / points_left if args.tune else 0.0
             row = bench_point(E, T, (w1, w2), bandwidth, flops, args)
+            tuning_spent += row.get("tuning_s", 0.0)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             result["rows"].append(row)
         del w1, w2
@@ -290,6 +426,10 @@ def main(argv=None) -> int:
     write_json_atomic(args.out, result)
     md = args.out.with_suffix(".md")
     md.write_text(markdown(result))
+    if args.tune:
+        tuned_path = args.out.with_name(args.out.stem + "_tuned_configs.json")
+        write_json_atomic(tuned_path, tuned_configs(result["device"], result["rows"], args.H, args.I))
+        print(f"tuned launch parameters: {tuned_path} (use with MOEC_MOE_CONFIGS={tuned_path})")
     print(markdown(result))
     return 0
 

@@ -56,7 +56,11 @@ def test_markdown_renders_missing_baselines(bench):
            "kernel_path": "prefill", "max_rel_err": 3e-3}
     md = bench.markdown({"device": "X", "torch": "t", "triton": "r", "bandwidth_TBps": 3.0, "matmul_TFLOPs": 700.0,
                          "H": 5120, "I": 8192, "rows": [row]})
-    assert "| 128 | 4096 | 128 | 10.700 | 12.000 (89%) | - | - | prefill | 3.0e-03 |" in md
+    assert "| 128 | 4096 | 128 | 10.700 | 12.000 (89%) | - | - | - | prefill | 3.0e-03 |" in md  # no tuning, no baselines
+    row.update(tuned_ms=11.0, tuned_frac_of_floor=10.7 / 11.0, tuned_config={"path": "prefill"})
+    md = bench.markdown({"device": "X", "torch": "t", "triton": "r", "bandwidth_TBps": 3.0, "matmul_TFLOPs": 700.0,
+                         "H": 5120, "I": 8192, "rows": [row]})
+    assert "| 12.000 (89%) | 11.000 (97%) prefill | - |" in md
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -66,3 +70,143 @@ def test_script_refuses_to_run_without_a_gpu(tmp_path):
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr
     assert not out.exists()
+
+
+# --- --tune: the search and the table it writes --------------------------------------------------
+
+
+def _separable_cost(best: dict):
+    """ms = 1 + the number of fields off their best value; None (a failed candidate) for block_k 256."""
+
+    def cost(cfg):
+        if cfg.block_k == 256:
+            return None
+        return 1.0 + sum(getattr(cfg, name) != value for name, value in best.items())
+
+    return cost
+
+
+def test_coordinate_descent_finds_a_separable_optimum_and_skips_failures(bench):
+    import time
+
+    from moec.runtime.kernels.moe_triton import default_config
+
+    target = {"split_k_gate_up": 4, "split_k_down": 8, "block_n_down": 128, "num_stages": 4}
+    start = default_config("decode", 16, 1, 1)
+    best, ms, trials = bench.coordinate_descent([start], _separable_cost(target), time.perf_counter() + 60)
+    assert ms == 1.0 and all(getattr(best, k) == v for k, v in target.items())
+    assert best.block_m == start.block_m  # decode's row tile follows T and is not searched
+    assert any(c is None for _, c in trials) and best.block_k != 256
+    assert trials[0] == (start, 5.0)
+
+
+def test_coordinate_descent_keeps_the_defaults_within_noise_and_stops_at_the_deadline(bench):
+    from moec.runtime.kernels.moe_triton import default_config
+
+    start = default_config("prefill", 16, 4096, 1)
+    flat = lambda cfg: 1.0 if cfg == start else 0.99  # noqa: E731 - a 1% gain is noise (MIN_GAIN 2%)
+    best, ms, trials = bench.coordinate_descent([start], flat, deadline=float("inf"))
+    assert best == start and ms == 1.0 and len(trials) > 1
+    best, ms, trials = bench.coordinate_descent([start], flat, deadline=0.0)  # already past
+    assert best == start and len(trials) == 1
+
+
+def test_coordinate_descent_starts_from_the_better_path(bench):
+    from moec.runtime.kernels.moe_triton import default_config
+
+    decode, prefill = default_config("decode", 16, 16, 1), default_config("prefill", 16, 16, 1)
+    cost = lambda cfg: 1.0 if cfg.path == "prefill" else 2.0  # noqa: E731
+    best, _, _ = bench.coordinate_descent([decode, prefill], cost, deadline=float("inf"))
+    assert best.path == "prefill"
+    assert bench.coordinate_descent([decode], lambda cfg: None, float("inf"))[0] is None
+
+
+def test_tuned_configs_file_is_read_back_through_the_environment(bench, tmp_path, monkeypatch):
+    """The file --tune writes is a table moec uses as it is: MOEC_MOE_CONFIGS=<file> makes
+    select_config return the tuned entries on that card, for every T of the bucket."""
+    from dataclasses import replace
+
+    from moec.common.artifacts import write_json_atomic
+    from moec.runtime.kernels import moe_triton as mt
+
+    tuned = replace(mt.default_config("decode", 16, 16, 1), split_k_down=8, block_n_down=32)
+    rows = [{"E": 16, "T": 16, "tuned_config": bench.config_entry(tuned)}, {"E": 16, "T": 1}]  # T=1: search failed
+    path = tmp_path / "h100_tuned_configs.json"
+    write_json_atomic(path, bench.tuned_configs("NVIDIA H100 80GB HBM3", rows, 5120, 8192))
+    monkeypatch.setenv(mt.CONFIG_ENV, str(path))
+    mt.load_config_table.cache_clear()
+    try:
+        for T in (9, 16):
+            cfg = mt.select_config(16, 5120, 8192, T, 1, "NVIDIA H100 80GB HBM3")
+            assert cfg.tuned and cfg.split_k_down == 8 and cfg.block_n_down == 32 and cfg.path == "decode"
+        assert not mt.select_config(16, 5120, 8192, 1, 1, "NVIDIA H100 80GB HBM3").tuned
+        assert not mt.select_config(16, 5120, 8192, 16, 1, "NVIDIA L4").tuned
+    finally:
+        monkeypatch.delenv(mt.CONFIG_ENV)
+        mt.load_config_table.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read it"),
+        ('{"tuned": {"H100": {"E=16,H=5120,I=8192,T=16": {"block_k": 6', "not valid JSON.*truncated"),
+        ('{"tuned": {"H100": {"E=16,T=16": {}}}}', r"tuned.H100\[E=16,T=16\]: keys are"),
+        ('{"tuned": {"H100": {"E=16,H=5120,I=8192,T=16": {"blok_k": 64}}}}', r"unknown field\(s\) \['blok_k'\]"),
+        ('{"tuned": {"H100": {"E=16,H=5120,I=8192,T=16": {"path": "fast"}}}}', "path must be 'decode' or 'prefill'"),
+        ('{"tuned": {"H100": {"E=16,H=5120,I=8192,T=16": {"block_k": 48}}}}', "block_k must be a power of two"),
+        ('{"tuned": {"H100": {"E=16,H=5120,I=8192,T=16": {"num_warps": 0}}}}', "num_warps must be a positive integer"),
+    ],
+)
+def test_a_bad_tuned_configs_file_is_named(tmp_path, monkeypatch, content, message):
+    from moec.common.errors import MoecError
+    from moec.runtime.kernels import moe_triton as mt
+
+    path = tmp_path / "configs.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(mt.CONFIG_ENV, str(path))
+    mt.load_config_table.cache_clear()
+    try:
+        with pytest.raises(MoecError, match=message) as info:
+            mt.select_config(16, 5120, 8192, 16, 1, "NVIDIA H100 80GB HBM3")
+        assert "MOEC_MOE_CONFIGS" in str(info.value) and str(path) in str(info.value)
+    finally:
+        monkeypatch.delenv(mt.CONFIG_ENV)
+        mt.load_config_table.cache_clear()
+
+
+def test_shipped_table_is_valid():
+    import json
+    from importlib import resources
+
+    from moec.runtime.kernels import moe_triton as mt
+
+    shipped = json.loads(resources.files("moec.runtime.kernels").joinpath(mt.CONFIG_FILE).read_text())
+    assert mt.validate_config_table(shipped, "shipped") is shipped
+
+
+@pytest.mark.parametrize("T", [3, 40])  # decode, prefill (and both paths' starts at T=40)
+def test_every_candidate_of_the_search_computes_the_right_numbers(bench, monkeypatch, T):
+    """tune_point with the real kernels (Triton's interpreter on the CPU, tiny shapes) and only the
+    GPU timer replaced: every value the search may pick for every parameter passes the same
+    correctness check the GPU run applies, so a tuned table can only hold configs that compute
+    the op. A constant timer keeps the search on the defaults, so each value is tried once."""
+    import argparse
+
+    from moec.runtime.kernels import moe_triton
+
+    if not moe_triton.INTERPRETED:
+        pytest.skip("needs Triton's interpreter (a machine without a GPU)")
+    monkeypatch.setattr(bench, "time_ms", lambda fn, iters, graph: 1.0)
+    x, ids, scores, w1, w2 = random_inputs(T, 8, 1, 64, 32, torch.float16)
+    ref = grouped_experts_reference(x, ids, scores, w1, w2, True)
+    row = {"E": 8, "T": T, "floor_ms": 0.5, "grouped_mm_ms": 2.0}
+    bench.tune_point(row, x, ids, scores, w1, w2, ref, argparse.Namespace(iters=10), deadline=float("inf"))
+    failed = [t["config"] for t in row["tuning_trials"] if t["ms"] is None]
+    assert failed == []
+    tried = {(t["config"]["path"], name, t["config"][name]) for t in row["tuning_trials"] for name in t["config"] if name != "path"}
+    path = row["tuned_config"]["path"]
+    for name, values in bench.SPACES[path].items():
+        assert {v for (p, n, v) in tried if p == path and n == name} == set(values), name
+    assert row["tuned_ms"] == 1.0 and row["tuned_frac_of_floor"] == 0.5 and row["tuned_faster_than_grouped_mm"]
