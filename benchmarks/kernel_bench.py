@@ -255,6 +255,15 @@ PREFILL_SPACE = {
     "num_stages": (2, 3, 4, 5),
 }
 SPACES = {"decode": DECODE_SPACE, "prefill": PREFILL_SPACE}
+# Extra starts where the prefill GEMMs are compute-bound (>= 128 rows per expert): 128-row tiles
+# over two warpgroups, which single-parameter steps from 64x64 with 4 warps do not reach (a
+# 128-row tile with 4 warps is slower than either). Compiled ahead of time for sm90 they fit
+# without spills (238 registers for 128x128 gate/up, 97-145 KiB of shared memory); on sm80 the
+# 128x128 gate/up spills, so they are starts of the H100 search, not defaults.
+COMPUTE_BOUND_STARTS = (
+    {"block_m": 128, "block_n_gate_up": 64, "block_n_down": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
+    {"block_m": 128, "block_n_gate_up": 128, "block_n_down": 128, "block_k": 64, "num_warps": 8, "num_stages": 3},
+)
 # A candidate must beat the incumbent by this much to replace it: timing noise of ~1% must not
 # walk the search away from the defaults.
 MIN_GAIN = 0.02
@@ -322,6 +331,8 @@ def tuned_configs(device_name: str, rows: list[dict], H: int, I: int) -> dict:
 
 def tune_point(row, x, ids, scores, w1, w2, ref, args, deadline: float) -> None:
     """Search the launch parameters at one point and record the result in ``row``."""
+    from dataclasses import replace
+
     from moec.runtime.kernels.moe_triton import default_config, default_path, grouped_experts_triton
 
     T, E = row["T"], row["E"]
@@ -341,6 +352,8 @@ def tune_point(row, x, ids, scores, w1, w2, ref, args, deadline: float) -> None:
     starts = [default_config(path, E, T, 1)]
     if 8 <= T <= 128:
         starts.append(default_config("prefill" if path == "decode" else "decode", E, T, 1))
+    if path == "prefill" and T // E >= 128:
+        starts += [replace(starts[0], **fields) for fields in COMPUTE_BOUND_STARTS]
     best, best_ms, trials = coordinate_descent(starts, cost, deadline)
     row["tuning_s"] = time.perf_counter() - started
     row["tuning_trials"] = [{"config": config_entry(c), "ms": ms} for c, ms in trials]

@@ -210,3 +210,24 @@ def test_every_candidate_of_the_search_computes_the_right_numbers(bench, monkeyp
     for name, values in bench.SPACES[path].items():
         assert {v for (p, n, v) in tried if p == path and n == name} == set(values), name
     assert row["tuned_ms"] == 1.0 and row["tuned_frac_of_floor"] == 0.5 and row["tuned_faster_than_grouped_mm"]
+
+
+@pytest.mark.parametrize("T, E, expected", [(1, 16, ["decode"]), (16, 16, ["decode", "prefill"]),
+                                            (1024, 128, ["prefill"]), (4096, 16, ["prefill"] * 3)])
+def test_search_starts_follow_the_regime(bench, monkeypatch, T, E, expected):
+    """Both paths where either may win; the 128-row, 8-warp tiles where the GEMMs are compute-bound."""
+    import argparse
+
+    seen = {}
+
+    def fake_descent(starts, cost, deadline):
+        seen["starts"] = starts
+        return None, None, []
+
+    monkeypatch.setattr(bench, "coordinate_descent", fake_descent)
+    row = {"E": E, "T": T, "floor_ms": 1.0}
+    bench.tune_point(row, None, None, None, None, None, None, argparse.Namespace(iters=10), float("inf"))
+    assert [c.path for c in seen["starts"]] == expected
+    if len(expected) == 3:
+        assert {(c.block_m, c.num_warps) for c in seen["starts"][1:]} == {(128, 8)}
+    assert "tuned_config" not in row and row["tuning_trials"] == []
