@@ -19,7 +19,7 @@ Why Triton's private binder (``create_function_from_signature``/``_pack_args``):
 ``JITFunction.warmup`` compiles without launching but asks the active driver for the target, which
 a machine without a GPU does not have. The binder is what warmup itself uses, so the
 specialization matches a JIT compile on the device. A Triton without it gets a MoecError naming
-the version (verified with Triton 3.9).
+the version (verified with Triton 3.6, the device image's, and 3.9).
 
 The interpreter (TRITON_INTERPRET=1, the CPU tests) replaces kernels with objects that cannot be
 compiled: run this in a process where it is unset (the tests use a subprocess).
@@ -127,7 +127,7 @@ def _specialize(kernel, target, args, kwargs):
     except (ImportError, AttributeError, TypeError) as exc:
         raise MoecError(
             f"ahead-of-time kernel compilation needs Triton's JIT binder, which Triton {triton.__version__} does "
-            f"not offer as moec expects ({exc}); it was verified with Triton 3.9"
+            f"not offer as moec expects ({exc}); it was verified with Triton 3.6 and 3.9"
         ) from exc
     return ASTSource(kernel, signature, constexprs, attrs), options, constexprs
 
