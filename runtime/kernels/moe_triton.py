@@ -603,7 +603,10 @@ def decode_groups(ids_P: torch.Tensor, E: int, zero: tuple[torch.Tensor, ...] = 
     G = min(P, E)
     order_P = _alloc_uninitialized(P, dtype=torch.int32, device=ids_P.device)
     table = _alloc_uninitialized(3, G, dtype=torch.int32, device=ids_P.device)
-    zero_a, zero_b = (list(zero) + [order_P, order_P])[:2]  # a stand-in pointer with 0 elements to clear
+    # Absent tensors get a stand-in pointer with 0 elements to clear: the first fp32 one, so the
+    # kernel keeps one specialization whether the gate/up accumulator needs zeroing or not.
+    stand_in = zero[0] if zero else order_P
+    zero_a, zero_b = (list(zero) + [stand_in, stand_in])[:2]
     n_a = zero_a.numel() if len(zero) > 0 else 0
     n_b = zero_b.numel() if len(zero) > 1 else 0
     grid = (1 + triton.cdiv(max(n_a, n_b), ZERO_BLOCK),)
