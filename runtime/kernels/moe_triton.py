@@ -23,8 +23,9 @@ activation is stored in the input dtype, as the second GEMM's operand must be.
 
 Nothing here syncs with the host, so a call can be captured in a CUDA graph. Launches are few
 because each costs 2-3 us even inside a graph, against an 83 us floor at T=1: a decode call is
-four (grouping + accumulator zeroing, two GEMMs, the output cast), a prefill call four with k=1
-(two alignment launches, two GEMMs). All go through ``_launch``, which aot.py records to compile
+four (grouping + accumulator zeroing, two GEMMs, the output cast; three when k = 1 and the down
+GEMM does not split K, as it then writes the output itself), a prefill call four with k=1 (two
+alignment launches, two GEMMs). All go through ``_launch``, which aot.py records to compile
 them ahead of time for a target GPU.
 
 Under TRITON_INTERPRET=1 (the CPU tests) ``tl.dot`` mis-computes bf16 operands (a 16x16 product
@@ -279,9 +280,13 @@ def _decode_down_kernel(
     stride_we, stride_wi, stride_wh,
     SCORE_ON_INPUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_UPCAST: tl.constexpr, DIRECT_OUT: tl.constexpr,
 ):
-    """out[token] (fp32 [T, H], zeroed) += score-weighted (SiLU(g) * u) @ w_down[expert]."""
+    """out[token] (fp32 [T, H], zeroed) += score-weighted (SiLU(g) * u) @ w_down[expert].
+
+    DIRECT_OUT (k = 1 and no split of K): each (token, column block) has exactly one program, so
+    it stores its rows straight into the output in the output's dtype: no fp32 accumulator to
+    zero, no atomics, no cast launch afterwards."""
     group = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -318,7 +323,11 @@ def _decode_down_kernel(
             acc += _mm(a, w, USE_DOT, DOT_UPCAST)
         if not SCORE_ON_INPUT:
             acc = acc * score[:, None]
-        tl.atomic_add(out_ptr + token[:, None] * H + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :])
+        out_mask = r_ok[:, None] & col_ok[None, :]
+        if DIRECT_OUT:
+            tl.store(out_ptr + token[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(out_ptr + token[:, None] * H + cols[None, :], acc, mask=out_mask)
 
 
 @triton.jit
@@ -677,11 +686,13 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
     E, _, I2 = w_gate_up_EHI2.shape
     I = I2 // 2
     P = ids_P.numel()
-    # fp32 accumulators: the down GEMM adds its split-K partials (and the k choices) into out_TH;
-    # the gate/up GEMM adds into gu_PI2 only when it splits K. The grouping launch zeroes them.
-    out_TH = _alloc_uninitialized(T, H, dtype=torch.float32, device=hidden_TH.device)
+    # fp32 accumulators: the down GEMM adds its split-K partials (and the k choices) into out_TH,
+    # unless k = 1 and it does not split K (then it writes the output directly, DIRECT_OUT); the
+    # gate/up GEMM adds into gu_PI2 only when it splits K. The grouping launch zeroes them.
+    direct_out = K == 1 and cfg.split_k_down == 1
+    out_TH = _alloc_uninitialized(T, H, dtype=hidden_TH.dtype if direct_out else torch.float32, device=hidden_TH.device)
     gu_PI2 = _alloc_uninitialized(P, I2, dtype=torch.float32, device=hidden_TH.device)
-    zero = (out_TH, gu_PI2) if cfg.split_k_gate_up > 1 else (out_TH,)
+    zero = (() if direct_out else (out_TH,)) + ((gu_PI2,) if cfg.split_k_gate_up > 1 else ())
     order_P, group_expert, group_start, group_count = decode_groups(ids_P, E, zero)
     G = group_expert.numel()
     use_dot = cfg.block_m >= 16
@@ -701,9 +712,10 @@ def _run_decode(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score
         w_down_EIH.stride(0), w_down_EIH.stride(1), w_down_EIH.stride(2),
         SCORE_ON_INPUT=bool(score_on_input),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k_down,
-        USE_DOT=use_dot, DOT_UPCAST=dot_upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_DOT=use_dot, DOT_UPCAST=dot_upcast, DIRECT_OUT=direct_out,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out_TH.to(hidden_TH.dtype)
+    return out_TH if direct_out else out_TH.to(hidden_TH.dtype)
 
 
 def _run_prefill(hidden_TH, ids_P, scores_P, w_gate_up_EHI2, w_down_EIH, K, score_on_input, cfg, dot_upcast):

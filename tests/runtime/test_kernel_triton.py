@@ -106,15 +106,17 @@ def test_both_paths_dtypes_and_score_placements(poisoned, path, score_on_input, 
 
 @pytest.mark.parametrize("block_m", [1, 2, 4, 16])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_decode_row_tiles_and_split_k(poisoned, block_m, split_k):
+@pytest.mark.parametrize("K", [1, 2])
+def test_decode_row_tiles_and_split_k(poisoned, block_m, split_k, K):
     """Broadcast-FMA rows (1, 2, 4) and tensor-core rows (16); split-K 1 stores, 3 adds atomically
-    over uneven chunks; 9 tokens on 4 experts make an expert need several row passes."""
+    over uneven chunks; 9 tokens on 4 experts make an expert need several row passes. k = 1 with
+    split-K 1 writes the output directly (DIRECT_OUT), in the output dtype."""
     cfg = replace(
-        poisoned.select_config(4, 80, 48, 9, 2),
+        poisoned.select_config(4, 80, 48, 9, K),
         block_m=block_m, block_k=16, block_n_gate_up=16, block_n_down=32,
         split_k_gate_up=split_k, split_k_down=split_k,
     )
-    check(poisoned, 9, 4, 2, torch.float16, True, config=cfg, h=80, i=48)
+    check(poisoned, 9, 4, K, torch.float16, (block_m + K) % 2 == 0, config=cfg, h=80, i=48)
 
 
 @pytest.mark.parametrize("block_m", [16, 32, 64])
@@ -240,6 +242,23 @@ def test_a_decode_call_is_four_launches(mt, monkeypatch, T, K, ids_dtype):
     assert [getattr(x.kernel, "__name__", None) or x.kernel.fn.__name__ for x in launches] == [
         "_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel",
     ]
+
+
+def test_a_decode_call_without_split_down_is_three_launches(mt, monkeypatch):
+    """k = 1 and an unsplit down GEMM: it writes the bf16 output itself, so no cast launch."""
+    monkeypatch.setattr(mt, "INTERPRETED", False)
+    meta = torch.device("meta")
+    E, H, I = 16, 5120, 8192
+    args = (
+        torch.empty(1, H, dtype=torch.bfloat16, device=meta), torch.empty(1, 1, dtype=torch.int32, device=meta),
+        torch.empty(1, 1, dtype=torch.float32, device=meta), torch.empty(E, H, 2 * I, dtype=torch.bfloat16, device=meta),
+        torch.empty(E, I, H, dtype=torch.bfloat16, device=meta),
+    )
+    config = replace(mt.select_config(E, H, I, 1, 1), split_k_down=1)
+    with mt.recording_launches() as launches, _CountOps() as counted:
+        out = mt.grouped_experts_triton(*args, True, config=config)
+    assert [str(f) for f in counted.ops if str(f) not in _NO_LAUNCH] == [] and out.dtype == torch.bfloat16
+    assert len(launches) == 3 and launches[2].kwargs["DIRECT_OUT"] is True
 
 
 @pytest.mark.parametrize("K, torch_ops", [(1, []), (2, ["aten.sum.dim_IntList", "aten._to_copy.default"])])
