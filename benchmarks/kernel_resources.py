@@ -2,8 +2,8 @@
 
 No GPU needed (runtime/kernels/aot.py): for Llama 4's expert shapes (H=5120, I=8192), E in
 {16, 128}, T in {1, 3, 16, 128, 1024, 4096}, k in {1, 2}, bf16 and fp16, every distinct kernel the
-launch table picks is compiled for sm80 (A100), sm86 (A10), sm87 (Jetson Orin), sm89 (L4) and
-sm90 (H100) and its shared memory, registers, local memory and asynchronous copies are written to
+launch table picks (int32 and int64 expert ids) is compiled for sm80 (A100), sm86 (A10), sm87
+(Jetson Orin), sm89 (L4) and sm90 (H100) and its shared memory, registers, local memory and asynchronous copies are written to
 a JSON file and a markdown table.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/kernel_resources.json
@@ -33,13 +33,13 @@ POINTS = [(E, T, k) for E in (16, 128) for T in (1, 3, 16, 128, 1024, 4096) for 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| arch | dtype | kernel | first point (E, T, k) | warps | stages | shared KiB | regs | local B | async copies | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | dtype | ids | kernel | first point (E, T, k) | warps | stages | shared KiB | regs | local B | async copies | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tiles = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith(("BLOCK", "SPLIT", "USE_DOT")))
         lines.append(
-            f"| {r['arch']} | {r['dtype']} | {r['kernel']} ({tiles}) | ({r['E']}, {r['T']}, {r['k']}) | {r['num_warps']} | "
+            f"| {r['arch']} | {r['dtype']} | {r['ids_dtype']} | {r['kernel']} ({tiles}) | ({r['E']}, {r['T']}, {r['k']}) | {r['num_warps']} | "
             f"{r['num_stages']} | {r['shared_bytes'] / 1024:.1f} | {r['registers']} | {r['local_bytes']} | "
             f"{r['async_copies']} | {'yes' if not r['problems'] else '; '.join(r['problems'])} |"
         )

@@ -27,6 +27,7 @@ compiled: run this in a process where it is unset (the tests use a subprocess).
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import tempfile
@@ -78,7 +79,7 @@ class KernelResources:
 
 def launches_for(
     E: int, H: int, I: int, T: int, K: int = 1, dtype: torch.dtype = torch.bfloat16,
-    score_on_input: bool = True, config=None, device_name: str | None = None,
+    score_on_input: bool = True, config=None, device_name: str | None = None, ids_dtype: torch.dtype = torch.int32,
 ):
     """The launches one ``grouped_experts_triton`` call of these shapes makes (see module doc).
 
@@ -88,7 +89,7 @@ def launches_for(
 
     meta = torch.device("meta")
     hidden_TH = torch.empty(T, H, dtype=dtype, device=meta)
-    ids_TK = torch.empty(T, K, dtype=torch.int32, device=meta)
+    ids_TK = torch.empty(T, K, dtype=ids_dtype, device=meta)  # int32 from TensorRT, int64 from torch.topk
     scores_TK = torch.empty(T, K, dtype=torch.float32, device=meta)
     w_gate_up_EHI2 = torch.empty(E, H, 2 * I, dtype=dtype, device=meta)
     w_down_EIH = torch.empty(E, I, H, dtype=dtype, device=meta)
@@ -101,16 +102,17 @@ def launches_for(
     return list(launches)
 
 
-class _AlignedArg:
-    """A tensor argument as Triton's specializer sees it: a dtype and a 16-byte aligned address
-    (every buffer the host code passes is a fresh allocation or a contiguous weight)."""
+class _TensorArg:
+    """A tensor argument as Triton's specializer sees it: its dtype and its address modulo 16.
+    Allocations are at least 256-byte aligned, so a meta tensor's byte offset into its storage
+    gives the alignment a real call would have (a row of a [3, G] table starts G * 4 bytes in)."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._byte_offset = t.storage_offset() * t.element_size()
 
-    @staticmethod
-    def data_ptr() -> int:
-        return 0
+    def data_ptr(self) -> int:
+        return self._byte_offset
 
 
 def _specialize(kernel, target, args, kwargs):
@@ -160,7 +162,7 @@ def compile_launch(launch, arch: int) -> tuple[KernelResources, object]:
             "objects; compile them ahead of time in a process without it"
         )
     target = GPUTarget("cuda", arch, 32)
-    args = tuple(_AlignedArg(a.dtype) if isinstance(a, torch.Tensor) else a for a in launch.args)
+    args = tuple(_TensorArg(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
     src, options, constexprs = _specialize(kernel, target, args, dict(launch.kwargs))
     compiled = triton.compile(src, target=target, options=options.__dict__)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -204,24 +206,23 @@ def check_fits(res: KernelResources) -> list[str]:
 
 def survey(
     archs, points, dtypes=(torch.bfloat16,), H: int = 5120, I: int = 8192, score_on_input: bool = True,
-    config=None, device_name: str | None = None,
+    config=None, device_name: str | None = None, ids_dtypes=(torch.int32, torch.int64),
 ) -> list[dict]:
-    """Compile every launch of every (E, T, k) point for every arch and dtype; one row per
-    distinct compiled kernel with its resources and the problems ``check_fits`` finds. The
-    default shapes are Llama 4's experts (H=5120, I=8192)."""
+    """Compile every launch of every (E, T, k) point for every arch, dtype and expert-id dtype;
+    one row per distinct compiled kernel with its resources and the problems ``check_fits``
+    finds. The default shapes are Llama 4's experts (H=5120, I=8192)."""
     rows, seen = [], set()
     for arch in archs:
         arch = parse_arch(arch)
-        for dtype in dtypes:
-            for E, T, K in points:
-                for launch in launches_for(E, H, I, T, K, dtype, score_on_input, config, device_name):
-                    res, _ = compile_launch(launch, arch)
-                    key = (arch, str(dtype), res.kernel, tuple(sorted(res.constexprs.items())), res.num_warps, res.num_stages)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    rows.append({
-                        **res.to_json(), "arch": f"sm{arch}", "dtype": str(dtype).removeprefix("torch."),
-                        "E": E, "T": T, "k": K, "problems": check_fits(res),
-                    })
+        for dtype, ids_dtype, (E, T, K) in itertools.product(dtypes, ids_dtypes, points):
+            for launch in launches_for(E, H, I, T, K, dtype, score_on_input, config, device_name, ids_dtype):
+                res, compiled = compile_launch(launch, arch)
+                if compiled.metadata.hash in seen:  # the same binary from another point
+                    continue
+                seen.add(compiled.metadata.hash)
+                rows.append({
+                    **res.to_json(), "arch": f"sm{arch}", "dtype": str(dtype).removeprefix("torch."),
+                    "ids_dtype": str(ids_dtype).removeprefix("torch."), "E": E, "T": T, "k": K,
+                    "problems": check_fits(res),
+                })
     return rows

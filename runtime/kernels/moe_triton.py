@@ -76,7 +76,7 @@ class LaunchConfig:
 
 CONFIG_ENV = "MOEC_MOE_CONFIGS"  # a JSON file of tuned entries, e.g. from kernel_bench.py --tune
 _ENTRY_FIELDS = {f for f in LaunchConfig.__dataclass_fields__ if f != "tuned"}
-_KEY = re.compile(r"E=\d+,H=\d+,I=\d+,T=\d+")
+_KEY = re.compile(r"E=\d+,H=\d+,I=\d+,T=(?P<T>\d+)")
 
 
 def validate_config_table(table: dict, source: str) -> dict:
@@ -94,7 +94,8 @@ def validate_config_table(table: dict, source: str) -> dict:
             fail(f"tuned.{device}", "expected an object of entries keyed 'E=<E>,H=<H>,I=<I>,T=<bucket>'")
         for key, entry in entries.items():
             where = f"tuned.{device}[{key}]"
-            if not _KEY.fullmatch(key):
+            m = _KEY.fullmatch(key)
+            if not m or int(m["T"]) & (int(m["T"]) - 1) or int(m["T"]) == 0:
                 fail(where, "keys are 'E=<E>,H=<H>,I=<I>,T=<bucket>', T a power of two")
             if not isinstance(entry, dict):
                 fail(where, "an entry is an object of launch parameters")
@@ -107,8 +108,12 @@ def validate_config_table(table: dict, source: str) -> dict:
                         fail(where, f"path must be 'decode' or 'prefill', got {value!r}")
                 elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     fail(where, f"{name} must be a positive integer, got {value!r}")
-                elif name.startswith("block_") and value & (value - 1):
+                elif (name.startswith("block_") or name == "num_warps") and value & (value - 1):
                     fail(where, f"{name} must be a power of two, got {value}")
+                elif name == "block_k" and value < 16:
+                    fail(where, f"block_k must be at least 16 (tl.dot's K), got {value}")
+                elif name == "num_warps" and value > 16:
+                    fail(where, f"num_warps must be at most 16, got {value}")
     return table
 
 
@@ -190,10 +195,10 @@ def select_config(E: int, H: int, I: int, num_tokens: int, k: int, device_name: 
     table = load_config_table()
     entry = None
     if device_name:
-        for device_key, entries in table.get("tuned", {}).items():
-            if device_key in device_name:
-                entry = entries.get(config_key(E, H, I, num_tokens))
-                break
+        # The longest key the device name contains: "L40S" must not read "L4"'s entries.
+        keys = [key for key in table.get("tuned", {}) if key in device_name]
+        if keys:
+            entry = table["tuned"][max(keys, key=len)].get(config_key(E, H, I, num_tokens))
     cfg = default_config((entry or {}).get("path") or default_path(num_tokens), E, num_tokens, k)
     if entry:
         fields = {k2: v for k2, v in entry.items() if k2 != "path"}
@@ -331,6 +336,15 @@ def _decode_down_kernel(
 
 
 @triton.jit
+def _load_expert_ids(ids_ptr, pair, P, E):
+    """int32 expert ids of ``pair`` (int32 or int64 in memory), -1 past P and for any id outside
+    [0, E): checked before the narrowing cast, so a huge int64 id cannot wrap into range. Such an
+    id (a broken router; not checked on the host, which would be a sync) then matches no expert."""
+    raw = tl.load(ids_ptr + pair, mask=pair < P, other=-1)
+    return tl.where((raw >= 0) & (raw < E), raw, -1).to(tl.int32)
+
+
+@triton.jit
 def _decode_group_kernel(
     ids_ptr, order_ptr, group_expert_ptr, group_start_ptr, group_count_ptr,
     zero_a_ptr, zero_b_ptr,
@@ -352,10 +366,10 @@ def _decode_group_kernel(
         tl.store(zero_b_ptr + offs, zeros, mask=offs < n_zero_b)
         return
     lane = tl.arange(0, PB)
-    ids = tl.load(ids_ptr + lane, mask=lane < P, other=0)
-    # An id outside [0, E) (a broken router, not checked on the GPU: that would be a host sync)
-    # joins no group, so no GEMM reads weights past the last expert for it.
-    valid = (lane < P) & (ids >= 0) & (ids < E)
+    # int32 ids (half the registers of the [PB, PB] comparisons for int64 ids); one outside
+    # [0, E) joins no group, so no GEMM reads weights past the last expert for it.
+    ids = _load_expert_ids(ids_ptr, lane, P, E)
+    valid = ids >= 0
     id_i = ids[:, None]
     id_j = ids[None, :]
     valid_j = valid[None, :]
@@ -381,17 +395,17 @@ def _decode_group_kernel(
 
 @triton.jit
 def _align_count_kernel(
-    ids_ptr, chunk_count_ptr, P,
+    ids_ptr, chunk_count_ptr, P, E,
     EB: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
 ):
     """Prefill alignment, launch 1 of 2: chunk_count[c, e] = pairs of chunk c (CHUNK pairs, in
-    SUB-sized steps of an [SUB, EB] comparison) routed to expert e."""
+    SUB-sized steps of an [SUB, EB] comparison) routed to expert e (0 for the lanes e >= E)."""
     c = tl.program_id(0)
     experts = tl.arange(0, EB)
     counts = tl.zeros((EB,), dtype=tl.int32)
     for s0 in range(0, CHUNK, SUB):
         lane = c * CHUNK + s0 + tl.arange(0, SUB)
-        ids = tl.load(ids_ptr + lane, mask=lane < P, other=-1).to(tl.int32)
+        ids = _load_expert_ids(ids_ptr, lane, P, E)
         counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
     tl.store(chunk_count_ptr + c * EB + experts, counts)
 
@@ -425,14 +439,12 @@ def _align_place_kernel(
     earlier = lanes[None, :] < lanes[:, None]
     for s0 in range(0, CHUNK, SUB):
         pair = c * CHUNK + s0 + lanes
-        valid = pair < P
-        ids = tl.load(ids_ptr + pair, mask=valid, other=-1).to(tl.int32)
+        ids = _load_expert_ids(ids_ptr, pair, P, E)
+        placed = ids >= 0  # past P or out of range: dropped rather than written over another's slot
         onehot = ids[:, None] == experts[None, :]
-        same = (ids[:, None] == ids[None, :]) & valid[None, :] & earlier
+        same = (ids[:, None] == ids[None, :]) & placed[None, :] & earlier
         slot = tl.sum(tl.where(onehot, cursor[None, :], 0), axis=1) + tl.sum(same.to(tl.int32), axis=1)
-        # An id outside [0, E) (a broken router; not checked on the GPU, which would cost a host
-        # sync) matches no expert: its pair is dropped rather than written over another's slot.
-        tl.store(sorted_pair_ptr + slot, pair.to(tl.int32), mask=valid & (ids >= 0) & (ids < E))
+        tl.store(sorted_pair_ptr + slot, pair.to(tl.int32), mask=placed)
         cursor += tl.sum(onehot.to(tl.int32), axis=0)
     if c == 0:
         # Padding: slots total[e] .. padded[e] - 1 of each expert's run (at most BLOCK_M - 1),
@@ -611,17 +623,20 @@ def decode_groups(ids_P: torch.Tensor, E: int, zero: tuple[torch.Tensor, ...] = 
         raise ValueError("decode_groups zeroes at most two contiguous fp32 tensors")
     G = min(P, E)
     order_P = _alloc_uninitialized(P, dtype=torch.int32, device=ids_P.device)
-    table = _alloc_uninitialized(3, G, dtype=torch.int32, device=ids_P.device)
+    # Rows padded to 4 int32 (16 bytes) so each starts aligned: Triton specializes (and
+    # vectorizes) on 16-byte alignment, and aot.py then compiles what the JIT runs.
+    table = _alloc_uninitialized(3, -(-G // 4) * 4, dtype=torch.int32, device=ids_P.device)[:, :G]
     # Absent tensors get a stand-in pointer with 0 elements to clear: the first fp32 one, so the
     # kernel keeps one specialization whether the gate/up accumulator needs zeroing or not.
-    stand_in = zero[0] if zero else order_P
+    stand_in = zero[0] if zero else torch.empty(1, dtype=torch.float32, device=ids_P.device)
     zero_a, zero_b = (list(zero) + [stand_in, stand_in])[:2]
     n_a = zero_a.numel() if len(zero) > 0 else 0
     n_b = zero_b.numel() if len(zero) > 1 else 0
     grid = (1 + triton.cdiv(max(n_a, n_b), ZERO_BLOCK),)
+    PB = triton.next_power_of_2(P)
     _launch(_decode_group_kernel, grid,
         ids_P, order_P, table[0], table[1], table[2], zero_a, zero_b, P, G, E, n_a, n_b,
-        PB=triton.next_power_of_2(P), ZERO_BLOCK=ZERO_BLOCK, num_warps=4,
+        PB=PB, ZERO_BLOCK=ZERO_BLOCK, num_warps=4 if PB <= 64 else 8,  # [PB, PB] masks spill at 128 with 4 warps
     )
     return order_P, table[0], table[1], table[2]
 
@@ -673,7 +688,7 @@ def align_by_expert_triton(ids_P: torch.Tensor, E: int, block_m: int):
     chunk_count = _alloc_uninitialized(n_chunks, EB, dtype=torch.int32, device=ids_P.device)
     sorted_pair = _alloc_uninitialized(num_blocks * block_m, dtype=torch.int32, device=ids_P.device)
     block_expert = _alloc_uninitialized(num_blocks, dtype=torch.int32, device=ids_P.device)
-    _launch(_align_count_kernel, (n_chunks,), ids_P, chunk_count, P, EB=EB, CHUNK=chunk, SUB=ALIGN_SUB, num_warps=4)
+    _launch(_align_count_kernel, (n_chunks,), ids_P, chunk_count, P, E, EB=EB, CHUNK=chunk, SUB=ALIGN_SUB, num_warps=4)
     _launch(_align_place_kernel, (n_chunks,),
         ids_P, chunk_count, sorted_pair, block_expert, P, E, n_chunks, num_blocks,
         BLOCK_M=block_m, EB=EB, CHUNK=chunk, SUB=ALIGN_SUB, num_warps=4,

@@ -28,8 +28,9 @@ def check_inputs(hidden_TH, expert_ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH
 
     Expert ids are not range-checked here: that needs the values (a host sync on a GPU). The
     reference checks them; the Triton kernels skip a pair whose id is outside [0, E) rather than
-    read weights past the last expert: the pair adds nothing where the output is accumulated
-    (decode with k > 1 or a split down GEMM) and leaves its row unwritten where it is stored.
+    read or write past their buffers. On the decode path with k > 1 or a split down GEMM (where
+    the output is accumulated) the pair then adds nothing; elsewhere its token's output is
+    undefined. Every other token is unaffected.
     """
     if activation != "swiglu":
         raise MoecError(f"moec.GroupedExperts: activation {activation!r} is not supported; only 'swiglu' is.")

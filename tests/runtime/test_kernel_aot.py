@@ -65,12 +65,36 @@ def test_tensor_core_kernels_are_pipelined(default_survey):
     specialization would use a third of the shared memory and no async copies."""
     dot_rows = [r for r in default_survey if r["kernel"].startswith("_prefill") or r["constexprs"].get("USE_DOT")]
     assert dot_rows
+    # Each kernel's inner (unit) strides, which the specialization must have made constants.
+    unit_strides = {
+        "_decode_gate_up_kernel": ("stride_xh", "stride_wn"), "_prefill_gate_up_kernel": ("stride_xh", "stride_wn"),
+        "_decode_down_kernel": ("stride_wh",), "_prefill_down_kernel": ("stride_wh",),
+    }
     for r in dot_rows:
         assert r["async_copies"] > 0, r
-        assert r["constexprs"].get("stride_xh", r["constexprs"].get("stride_wn")) in (1, None)
+        for name in unit_strides[r["kernel"]]:
+            assert r["constexprs"].get(name) == 1, (r["kernel"], name)
     prefill_90 = [r for r in dot_rows if r["arch"] == "sm90" and r["kernel"] == "_prefill_gate_up_kernel" and r["T"] == 4096]
     # 3 stages of the x, gate and up tiles (64x64 bf16 each = 8 KiB): at least 2 buffered.
     assert prefill_90 and prefill_90[0]["shared_bytes"] >= 2 * 3 * 64 * 64 * 2
+
+
+def test_decode_up_to_the_grouping_cap_fits():
+    """A tuned table may send up to DECODE_GROUP_MAX_PAIRS pairs down the decode path (the search
+    starts decode at T <= 128): the one-program grouping, whose [P, P] masks grow with the cap,
+    must not spill there either, for int32 and int64 ids."""
+    code = """
+import json, torch
+from moec.runtime.kernels import aot, moe_triton as mt
+cap = mt.DECODE_GROUP_MAX_PAIRS
+rows = []
+for E, T, k in [(128, cap, 1), (16, cap // 2, 2)]:
+    rows += aot.survey(("sm80", "sm90"), [(E, T, k)], (torch.bfloat16,), config=mt.default_config("decode", E, T, k))
+print(json.dumps([r for r in rows if r["kernel"] == "_decode_group_kernel"]))
+"""
+    rows = run_child(code)
+    assert {r["ids_dtype"] for r in rows} == {"int32", "int64"} and {r["arch"] for r in rows} == {"sm80", "sm90"}
+    assert [r["problems"] for r in rows if r["problems"]] == []
 
 
 def test_oversized_config_is_reported_for_l4_not_h100():
