@@ -16,11 +16,15 @@ Two implementations of one plugin identity:
   implementation; it has NO ahead-of-time implementation: ``trtp.aot_impl`` describes exactly one
   kernel launch over (inputs, scalars, outputs) with no workspace (NVIDIA's QDP sample: it returns
   one kernel name, one PTX, one KernelLaunchParams), and this op needs four launches (grouping or
-  two alignment launches, gate/up GEMM, down GEMM) and scratch buffers between them. The PTX side
-  is ready: runtime/kernels/aot.py compiles each launch for a target arch without a GPU. A one-launch
+  two alignment launches, gate/up GEMM, down GEMM) and scratch buffers between them. A one-launch
   variant without scratch would recompute the gate/up GEMM once per output column block (about
-  40x the weight reads at H=5120). It is import-guarded and untested: full TensorRT cannot be
-  installed on this project's machines (shared/FACTS.md).
+  40x the weight reads at H=5120). The AOT route is a chain of single-launch QDP plugins, one per
+  kernel, with the intermediates as plugin outputs and the zeroed fp32 accumulators passed on
+  through QDP's output-to-input aliasing; the PTX side exists (runtime/kernels/aot.py compiles
+  each launch for a target arch without a GPU). It is not built: no TensorRT that can import
+  ``tensorrt.plugin`` exists on this project's machines (full TensorRT cannot be installed, see
+  shared/FACTS.md; TensorRT-RTX's module is import stubs), so it could not be run once. This
+  registration is import-guarded and untested for the same reason.
 
 TensorRT for RTX (1.7.1, checked on the CPU here): its INetworkDefinition has no add_plugin_v3, and
 when its ONNX parser meets a node for a registered Python IPluginV3 it calls the creator, logs
