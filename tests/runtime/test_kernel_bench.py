@@ -204,10 +204,11 @@ def test_every_candidate_of_the_search_computes_the_right_numbers(bench, monkeyp
     if not moe_triton.INTERPRETED:
         pytest.skip("needs Triton's interpreter (a machine without a GPU)")
     monkeypatch.setattr(bench, "time_ms", lambda fn, iters, graph: 1.0)
-    # Seeded: the check is the benchmark's per-token relative error, and at H=64 an occasional
-    # token whose output nearly cancels exceeds 1e-2 under every config alike (seen: 2.8e-2).
-    torch.manual_seed(T)
-    x, ids, scores, w1, w2 = random_inputs(T, 8, 1, 64, 32, torch.float16)
+    # Seeded: the check is the benchmark's per-token relative error, and in fp16 a token whose
+    # uniform score is near 0 has an output near fp16's subnormals, so its relative error reaches
+    # 0.03-0.27 under every config and both paths alike (60 seeds: 8 such; whole-output error
+    # stays 3e-4). The GPU run uses bf16 and sigmoid scores, which keep clear of this.
+    x, ids, scores, w1, w2 = random_inputs(T, 8, 1, 64, 32, torch.float16, seed=T)
     ref = grouped_experts_reference(x, ids, scores, w1, w2, True)
     row = {"E": 8, "T": T, "floor_ms": 0.5, "grouped_mm_ms": 2.0}
     bench.tune_point(row, x, ids, scores, w1, w2, ref, argparse.Namespace(iters=10), deadline=float("inf"))
