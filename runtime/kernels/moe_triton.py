@@ -586,16 +586,27 @@ def _alloc_uninitialized(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+def _dump_out_of_range(ids_P: torch.Tensor, E: int) -> torch.Tensor:
+    """int64 ids with every id outside [0, E) replaced by E: a dump expert that sorts after all
+    real ones and that nothing reads, so the torch formulations skip such a pair as the kernels
+    do (an out-of-range index would otherwise trip index_add_'s device assert on a GPU)."""
+    ids_P = ids_P.long()
+    return torch.where((ids_P >= 0) & (ids_P < E), ids_P, E)
+
+
 def _count_per_expert(ids_P: torch.Tensor, E: int) -> torch.Tensor:
+    """Pairs per expert; ``ids_P`` from _dump_out_of_range (ids in [0, E], E not counted)."""
     # index_add_ rather than bincount: bincount's output length depends on the values, which
     # costs a host sync on a GPU (and breaks CUDA-graph capture).
-    counts = torch.zeros(E, dtype=torch.int32, device=ids_P.device)
-    return counts.index_add_(0, ids_P, torch.ones_like(ids_P, dtype=torch.int32))
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=ids_P.device)
+    return counts.index_add_(0, ids_P, torch.ones_like(ids_P, dtype=torch.int32))[:E]
 
 
 def expert_groups(ids_P: torch.Tensor, E: int):
     """Decode grouping: pairs sorted by expert, and for each of min(P, E) group slots the expert,
-    its first sorted position and its row count (0 for the slots past the experts present)."""
+    its first sorted position and its row count (0 for the slots past the experts present).
+    Pairs with an id outside [0, E) sort last and join no group."""
+    ids_P = _dump_out_of_range(ids_P, E)
     order_P = torch.argsort(ids_P, stable=True).to(torch.int32)
     counts_E = _count_per_expert(ids_P, E)
     start_E = (torch.cumsum(counts_E, 0) - counts_E).to(torch.int32)
@@ -618,7 +629,7 @@ def decode_groups(ids_P: torch.Tensor, E: int, zero: tuple[torch.Tensor, ...] = 
     if P > DECODE_GROUP_MAX_PAIRS:
         for t in zero:
             t.zero_()
-        return expert_groups(ids_P.long(), E)
+        return expert_groups(ids_P, E)
     if len(zero) > 2 or any(t.dtype != torch.float32 or not t.is_contiguous() for t in zero):
         raise ValueError("decode_groups zeroes at most two contiguous fp32 tensors")
     G = min(P, E)
@@ -647,23 +658,31 @@ def align_by_expert(ids_P: torch.Tensor, E: int, block_m: int):
     Returns ``sorted_pair`` [num_blocks * block_m] (pair index, or P for padding) and
     ``block_expert`` [num_blocks] (the expert of each row tile, -1 past the last one). The block
     count is the static upper bound cdiv(P, block_m) + min(P, E), so nothing waits for the host.
+    A pair with an id outside [0, E) is placed nowhere.
     """
     P = ids_P.numel()
+    ids_P = _dump_out_of_range(ids_P, E)
     order_P = torch.argsort(ids_P, stable=True)
     counts_E = _count_per_expert(ids_P, E)
     padded_E = (counts_E + block_m - 1) // block_m * block_m
     pad_end_E = torch.cumsum(padded_E, 0)
     pad_start_E = pad_end_E - padded_E
     start_E = torch.cumsum(counts_E, 0) - counts_E
+    num_blocks = triton.cdiv(P, block_m) + min(P, E)
+    # Out-of-range pairs (the dump expert E, sorted last) go to one extra slot, cut off below.
+    dump = num_blocks * block_m
+    # (torch.full, not a tensor from a Python list: that is a host copy, refused in graph capture)
+    pad_start_E = torch.cat([pad_start_E, torch.full((1,), dump, dtype=pad_start_E.dtype, device=ids_P.device)])
+    start_E = torch.cat([start_E, counts_E.sum().reshape(1).to(start_E.dtype)])
     ids_sorted = ids_P[order_P]
     rank = torch.arange(P, device=ids_P.device) - start_E[ids_sorted]
-    num_blocks = triton.cdiv(P, block_m) + min(P, E)
-    sorted_pair = torch.full((num_blocks * block_m,), P, dtype=torch.int32, device=ids_P.device)
-    sorted_pair[pad_start_E[ids_sorted] + rank] = order_P.to(torch.int32)
+    slot = torch.where(ids_sorted < E, pad_start_E[ids_sorted] + rank, dump)
+    sorted_pair = torch.full((dump + 1,), P, dtype=torch.int32, device=ids_P.device)
+    sorted_pair[slot] = order_P.to(torch.int32)
     block_start = torch.arange(num_blocks, device=ids_P.device, dtype=pad_end_E.dtype) * block_m
     block_expert = torch.searchsorted(pad_end_E, block_start, right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
-    return sorted_pair, block_expert
+    return sorted_pair[:dump], block_expert
 
 
 ALIGN_MAX_EXPERTS = 256  # the alignment kernels hold [SUB, next_pow2(E)] comparisons in registers
@@ -680,7 +699,7 @@ def align_by_expert_triton(ids_P: torch.Tensor, E: int, block_m: int):
     reads them."""
     P = ids_P.numel()
     if E > ALIGN_MAX_EXPERTS:
-        return align_by_expert(ids_P.long(), E, block_m)
+        return align_by_expert(ids_P, E, block_m)
     EB = triton.next_power_of_2(E)
     chunk = max(ALIGN_SUB, triton.next_power_of_2(triton.cdiv(P, ALIGN_MAX_CHUNKS)))
     n_chunks = triton.cdiv(P, chunk)

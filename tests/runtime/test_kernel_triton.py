@@ -133,24 +133,32 @@ def test_all_tokens_on_one_expert(poisoned, device):
     assert rel_err(out, ref) <= TOL
 
 
+GUARD = 64  # elements; 64 of any dtype keep the buffer's 16-byte alignment
+
+
 @pytest.fixture
 def guarded(poisoned, monkeypatch):
-    """``poisoned``, and every buffer the kernels write is followed by 64 sentinel elements that
-    must survive the call (an out-of-bounds write lands there in the interpreter's numpy memory)."""
-    tails = []
+    """``poisoned``, and every buffer the kernels write sits between two runs of GUARD sentinel
+    elements that must survive the call (an out-of-bounds write lands there in the interpreter's
+    numpy memory). The sentinel is a value no kernel writes (not a pair index, count or expert)."""
+    guards = []
     nan_filled = poisoned._alloc_uninitialized
 
-    def with_tail(*shape, dtype, device):
+    def with_guards(*shape, dtype, device):
         n = 1
         for d in shape:
             n *= d
-        base = nan_filled(n + 64, dtype=dtype, device=device)
-        base[n:] = 7
-        tails.append(base[n:])
-        return base[:n].view(*shape)
+        base = nan_filled(n + 2 * GUARD, dtype=dtype, device=device)
+        sentinel = -(2**31) + 7 if not dtype.is_floating_point else -12288.0
+        for part in (base[:GUARD], base[GUARD + n:]):
+            part.fill_(sentinel)
+            guards.append((part, part.clone()))
+        return base[GUARD:GUARD + n].view(*shape)
 
-    monkeypatch.setattr(poisoned, "_alloc_uninitialized", with_tail)
-    monkeypatch.setattr(poisoned, "tails_intact", lambda: all(bool((t == 7).all()) for t in tails), raising=False)
+    monkeypatch.setattr(poisoned, "_alloc_uninitialized", with_guards)
+    monkeypatch.setattr(
+        poisoned, "guards_intact", lambda: all(torch.equal(part, saved) for part, saved in guards), raising=False
+    )
     return poisoned
 
 
@@ -167,7 +175,7 @@ def test_an_out_of_range_id_is_skipped_not_read_past_the_weights(guarded, device
     bad_ids = ids.clone().long()
     bad_ids[0, 0] = bad_id
     out = guarded.grouped_experts_triton(x, bad_ids, scores, w1, w2, True)
-    assert guarded.tails_intact(), "a kernel wrote past the end of a buffer"
+    assert guarded.guards_intact(), "a kernel wrote outside a buffer"
     no_contribution = scores.clone()
     no_contribution[0, 0] = 0.0  # SiLU(0 * g) * (0 * u) = 0: the pair adds nothing
     ref = grouped_experts_reference(x.float(), ids, no_contribution.to(x.dtype).float(), w1.float(), w2.float(), True)
@@ -206,6 +214,23 @@ def test_two_launch_alignment_equals_the_torch_formulation(mt, device, P, E, blo
     assert torch.equal(sorted_pair[:used], ref_pair[:used])
 
 
+@pytest.mark.parametrize("path, T, E", [("decode", 70, 8), ("prefill", 40, 260)])
+def test_an_out_of_range_id_in_the_torch_fallbacks(guarded, device, path, T, E):
+    """The torch formulations behind the kernels (decode grouping past 128 pairs, prefill
+    alignment past 256 experts) skip such a pair too, instead of failing index_add_'s bounds check
+    (a device-side assert on a GPU, which poisons the process's CUDA context)."""
+    K = 2
+    x, ids, scores, w1, w2 = random_inputs(T, E, K, H, I, torch.float16, device=device)
+    bad_ids = ids.clone()
+    bad_ids[0, 0], bad_ids[1, 1] = -1, E + 5
+    config = guarded.default_config(path, E, T, K)
+    assert (path == "decode" and T * K > guarded.DECODE_GROUP_MAX_PAIRS) or E > guarded.ALIGN_MAX_EXPERTS
+    out = guarded.grouped_experts_triton(x, bad_ids, scores, w1, w2, True, config=config)
+    assert guarded.guards_intact()
+    ref = grouped_experts_reference(x.float(), ids, scores.to(x.dtype).float(), w1.float(), w2.float(), True)
+    assert rel_err(out[2:], ref[2:]) <= TOL
+
+
 @pytest.mark.parametrize("P", [8, 200])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 def test_alignment_with_many_out_of_range_ids_stays_in_its_buffers(guarded, device, ids_dtype, P):
@@ -216,22 +241,32 @@ def test_alignment_with_many_out_of_range_ids_stays_in_its_buffers(guarded, devi
     E, block_m = 5, 16
     ids = torch.randperm(P, device=device).remainder(8).to(ids_dtype)  # 3/8 out of range
     sorted_pair, block_expert = guarded.align_by_expert_triton(ids, E, block_m)
-    assert guarded.tails_intact(), "an alignment kernel wrote past the end of a buffer"
+    assert guarded.guards_intact(), "an alignment kernel wrote outside a buffer"
     tiles = sorted_pair.view(-1, block_m)
     placed = []
     for b, e in enumerate(block_expert.tolist()):
         if e >= 0:
-            real = [p for p in tiles[b].tolist() if p < P]
+            real = [p for p in tiles[b].tolist() if 0 <= p < P]
+            assert all(p == P or 0 <= p < P for p in tiles[b].tolist())  # a pair or padding, nothing unwritten
             assert all(ids[p].item() == e for p in real)
             placed += real
     assert sorted(placed) == [p for p in range(P) if ids[p].item() < E]
 
 
-@pytest.mark.parametrize("P, E", [(1, 16), (3, 128), (7, 4), (32, 16), (100, 8), (128, 128)])
-def test_one_program_grouping_equals_the_torch_formulation(poisoned, device, P, E):
+@pytest.mark.parametrize("P, E", [(1, 16), (3, 128), (6, 8), (7, 4), (32, 16), (100, 8), (128, 128)])
+def test_one_program_grouping_equals_the_torch_formulation(guarded, device, P, E):
+    """Also: nothing is written outside the buffers, nor into the padding that aligns the table's
+    rows (it keeps its poison, -1, which the grouping never writes)."""
     ids = torch.randint(0, E, (P,), device=device)
-    order, expert, start, count = poisoned.decode_groups(ids, E)
-    ref_order, ref_expert, ref_start, ref_count = poisoned.expert_groups(ids, E)
+    order, expert, start, count = guarded.decode_groups(ids, E)
+    assert guarded.guards_intact()
+    storage = torch.empty(0, dtype=torch.int32, device=device).set_(expert.untyped_storage())
+    first, G = expert.storage_offset(), expert.numel()
+    row = start.storage_offset() - first  # G rounded up to 4
+    assert row == -(-G // 4) * 4 and count.storage_offset() - first == 2 * row
+    for r in range(3):
+        assert (storage[first + r * row + G:first + (r + 1) * row] == -1).all(), "a write into a row's padding"
+    ref_order, ref_expert, ref_start, ref_count = guarded.expert_groups(ids, E)
     assert torch.equal(order, ref_order) and torch.equal(count, ref_count)
     present = ref_count > 0
     assert torch.equal(expert[present], ref_expert[present]) and torch.equal(start[present], ref_start[present])
