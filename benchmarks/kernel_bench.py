@@ -40,6 +40,9 @@ E_VALUES = (16, 128)
 T_VALUES = (1, 16, 128, 1024, 4096)
 GRAPH_MAX_T = 64
 ERR_LIMIT = 1e-2
+# Where the inputs live. Only the tests change it (to "cpu", with Triton's interpreter and a
+# stand-in timer) to run main() end to end without a GPU; timings from that are not results.
+DEVICE = "cuda"
 
 
 def expert_bytes(H: int, I: int, elem_bytes: int = 2) -> int:
@@ -84,6 +87,12 @@ def _require_gpu():
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernel_bench.py: unset TRITON_INTERPRET; the interpreter cannot be timed")
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
 
 
 def time_ms(fn, iters: int, graph: bool) -> float:
@@ -187,10 +196,10 @@ def bench_point(E, T, weights, bandwidth, flops, args) -> dict:
 
     w1, w2 = weights
     H, I = w1.shape[1], w2.shape[1]
-    gen = torch.Generator(device="cuda").manual_seed(1000 * E + T)
-    x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
-    ids = torch.randint(0, E, (T, 1), generator=gen, device="cuda")
-    scores = torch.sigmoid(torch.randn(T, 1, generator=gen, device="cuda"))
+    gen = torch.Generator(device=DEVICE).manual_seed(1000 * E + T)
+    x = torch.randn(T, H, generator=gen, device=DEVICE).to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, 1), generator=gen, device=DEVICE)
+    scores = torch.sigmoid(torch.randn(T, 1, generator=gen, device=DEVICE))
     distinct = int(torch.unique(ids).numel())
     floor, bytes_floor, flops_floor = floor_ms(distinct, T, H, I, bandwidth, flops)
     row = {"E": E, "T": T, "distinct_experts": distinct, "floor_ms": floor,
@@ -199,7 +208,7 @@ def bench_point(E, T, weights, bandwidth, flops, args) -> dict:
     ref = grouped_experts_reference(x, ids, scores, w1, w2, True)  # fp32 inside, per expert present
     kernel = lambda: grouped_experts_triton(x, ids, scores, w1, w2, True)  # noqa: E731
     row["max_rel_err"] = max_row_rel_err(kernel(), ref)
-    cfg = select_config(E, H, I, T, 1, torch.cuda.get_device_name())
+    cfg = select_config(E, H, I, T, 1, device_name())
     row["kernel_path"], row["kernel_config_tuned"] = cfg.path, cfg.tuned
     if row["max_rel_err"] > ERR_LIMIT:
         raise SystemExit(f"E={E} T={T}: kernel max relative error {row['max_rel_err']:.3e} > {ERR_LIMIT}; not timing")
@@ -412,19 +421,19 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     bandwidth = measure_bandwidth_Bps()
     flops = measure_matmul_flops()
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    print(f"{device_name()}: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "bandwidth_TBps": bandwidth / 1e12, "matmul_TFLOPs": flops / 1e12, "H": args.H, "I": args.I,
         "rows": [],
     }
     tuning_spent = 0.0
     for E in args.E:
         # Weights of Llama-4 scale (~1/sqrt(fan_in)), generated on the GPU: 32 GiB for E=128.
-        gen = torch.Generator(device="cuda").manual_seed(E)
+        gen = torch.Generator(device=DEVICE).manual_seed(E)
         # In place: a second 21 GiB temporary would not fit beside the first on an 80 GB card.
-        w1 = torch.randn(E, args.H, 2 * args.I, generator=gen, device="cuda", dtype=torch.bfloat16).div_(math.sqrt(args.H))
-        w2 = torch.randn(E, args.I, args.H, generator=gen, device="cuda", dtype=torch.bfloat16).div_(math.sqrt(args.I))
+        w1 = torch.randn(E, args.H, 2 * args.I, generator=gen, device=DEVICE, dtype=torch.bfloat16).div_(math.sqrt(args.H))
+        w2 = torch.randn(E, args.I, args.H, generator=gen, device=DEVICE, dtype=torch.bfloat16).div_(math.sqrt(args.I))
         for T in args.T:
             # The budget not spent at a point rolls over to the points after it.
             points_left = len(args.T) * (len(args.E) - args.E.index(E)) - args.T.index(T)
@@ -434,7 +443,8 @@ def main(argv=None) -> int:
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             result["rows"].append(row)
         del w1, w2
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     result["wall_s"] = time.perf_counter() - t0
     write_json_atomic(args.out, result)
     md = args.out.with_suffix(".md")

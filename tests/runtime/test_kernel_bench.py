@@ -254,3 +254,50 @@ def test_the_longest_matching_device_key_wins(monkeypatch):
     monkeypatch.setattr(mt, "load_config_table", lambda: table)
     assert mt.select_config(16, 5120, 8192, 1, 1, "NVIDIA L40S").split_k_down == 8
     assert mt.select_config(16, 5120, 8192, 1, 1, "NVIDIA L4").split_k_down == 2
+
+
+def test_main_runs_end_to_end_with_tuning_on_the_cpu(bench, monkeypatch, tmp_path):
+    """The whole device visit's code path, run before a device is lent: main() with --tune on tiny
+    shapes, the kernels in Triton's interpreter, only the GPU roofs and timer replaced. It must
+    write the results JSON, the table and a tuned-configs file that moec then uses on that card."""
+    import json
+
+    from moec.runtime.kernels import moe_triton as mt
+
+    if not mt.INTERPRETED:
+        pytest.skip("needs Triton's interpreter (a machine without a GPU)")
+    calls = []
+
+    def fake_time_ms(fn, iters, graph):
+        calls.append(graph)
+        return 1.0 + 0.01 * (len(calls) % 7)  # varies, so the search has something to keep
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "_require_gpu", lambda: None)
+    monkeypatch.setattr(bench, "time_ms", fake_time_ms)
+    monkeypatch.setattr(bench, "measure_bandwidth_Bps", lambda: 3.0e12)
+    monkeypatch.setattr(bench, "measure_matmul_flops", lambda: 7.0e14)
+    monkeypatch.setattr(bench, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    out = tmp_path / "r.json"
+    argv = ["--out", str(out), "--E", "8", "--T", "1", "40", "--H", "64", "--I", "32", "--iters", "2",
+            "--tune", "--tune-budget-s", "120"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == "NVIDIA H100 80GB HBM3" and [(r["E"], r["T"]) for r in result["rows"]] == [(8, 1), (8, 40)]
+    for r in result["rows"]:
+        assert r["max_rel_err"] <= bench.ERR_LIMIT and r["kernel_ms"] > 0 and r["tuned_config"]["path"] in ("decode", "prefill")
+        assert r["tuning_trials"] and all(t["ms"] is not None for t in r["tuning_trials"])
+    assert True in calls and False in calls  # T=1 timed as a CUDA graph, T=40 not
+    assert "| tuned |" in out.with_suffix(".md").read_text()
+    tuned = tmp_path / "r_tuned_configs.json"
+    table = json.loads(tuned.read_text())
+    assert set(table["tuned"]["H100"]) == {"E=8,H=64,I=32,T=1", "E=8,H=64,I=32,T=64"}
+    monkeypatch.setenv(mt.CONFIG_ENV, str(tuned))
+    mt.load_config_table.cache_clear()
+    try:
+        for r in result["rows"]:
+            cfg = mt.select_config(8, 64, 32, r["T"], 1, "NVIDIA H100 80GB HBM3")
+            assert cfg.tuned and bench.config_entry(cfg) == r["tuned_config"]
+    finally:
+        monkeypatch.delenv(mt.CONFIG_ENV)
+        mt.load_config_table.cache_clear()
