@@ -188,7 +188,7 @@ def dense_moe(x_TH, ids_TK, scores_TK, w_gate_up_EHI2, w_down_EIH):
     return torch.bmm(F.silu(gu[..., : I2 // 2]) * gu[..., I2 // 2 :], w_down_EIH).sum(0)
 
 
-def bench_point(E, T, weights, bandwidth, flops, args) -> dict:
+def bench_point(E, T, weights, bandwidth, flops, args, tune_seconds: float = 0.0) -> dict:
     import torch
 
     from moec.runtime.kernels.moe_triton import grouped_experts_triton, select_config
@@ -238,7 +238,7 @@ def bench_point(E, T, weights, bandwidth, flops, args) -> dict:
         row["dense_skipped"] = f"[E, T, 2I + H] intermediates {dense_gib:.1f} GiB > --dense-max-gib {args.dense_max_gib}"
     row["kernel_faster_than_grouped_mm"] = row["grouped_mm_ms"] is not None and row["kernel_ms"] < row["grouped_mm_ms"]
     if args.tune:
-        tune_point(row, x, ids, scores, w1, w2, ref, args, time.perf_counter() + args.point_budget_s)
+        tune_point(row, x, ids, scores, w1, w2, ref, args, time.perf_counter() + tune_seconds)
     return row
 
 
@@ -437,8 +437,7 @@ def main(argv=None) -> int:
         for T in args.T:
             # The budget not spent at a point rolls over to the points after it.
             points_left = len(args.T) * (len(args.E) - args.E.index(E)) - args.T.index(T)
-            args.point_budget_s = (args.tune_budget_s - tuning_spent) / points_left if args.tune else 0.0
-            row = bench_point(E, T, (w1, w2), bandwidth, flops, args)
+            row = bench_point(E, T, (w1, w2), bandwidth, flops, args, (args.tune_budget_s - tuning_spent) / points_left)
             tuning_spent += row.get("tuning_s", 0.0)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             result["rows"].append(row)

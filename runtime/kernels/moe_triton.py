@@ -555,6 +555,11 @@ class Launch:
     args: tuple
     kwargs: dict
 
+    @property
+    def name(self) -> str:
+        # The interpreter's stand-in has no __name__; both keep the Python function as .fn.
+        return self.kernel.fn.__name__
+
 
 # Set by ``recording_launches``: launches are collected instead of run.
 _RECORDED: list[Launch] | None = None

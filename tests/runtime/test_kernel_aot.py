@@ -141,7 +141,7 @@ def test_launches_match_the_path_the_config_picks():
     prefill is two alignment launches and two GEMMs; grids follow the shapes."""
     from moec.runtime.kernels import aot
 
-    names = lambda ls: [getattr(l.kernel, "__name__", None) or l.kernel.fn.__name__ for l in ls]  # noqa: E731
+    names = lambda ls: [x.name for x in ls]  # noqa: E731
     decode = aot.launches_for(16, 5120, 8192, 1)
     assert names(decode) == ["_decode_group_kernel", "_decode_gate_up_kernel", "_decode_down_kernel"]
     assert decode[1].grid == (1, 8192 // 64, 2) and decode[2].grid == (1, 5120 // 64, 4)
