@@ -67,6 +67,20 @@ def torch_logits(ckpt, dtype, ids, pos, tokens) -> list[np.ndarray]:
     return out
 
 
+def ort_logits(path, ids, pos, tokens, **backend_options) -> list[np.ndarray]:
+    """Logits of the prompt and of each fed token from ONNX Runtime on the graph at ``path``."""
+    from moec.runtime.ort_backend import OrtBackend
+
+    be = OrtBackend.from_onnx(path, **backend_options)
+    cache, out = be.init_cache(ids.shape[0]), []
+    for step in range(len(tokens) + 1):
+        got, cache = be.forward(ids, pos, cache)
+        out.append(got)
+        if step < len(tokens):
+            ids, pos = tokens[step], np.full((ids.shape[0], 1), cache.past_len)
+    return out
+
+
 def token_errors(got: list[np.ndarray], ref: list[np.ndarray]) -> np.ndarray:
     """Each token's largest absolute logit error, over every step: shape [tokens]."""
     return np.concatenate([np.abs(g.astype(np.float32) - r).max(-1).reshape(-1) for g, r in zip(got, ref)])

@@ -149,23 +149,12 @@ def _low_precision_case(demo_ckpt, dtype, batch, steps):
     return ids, pos, tokens, fp32, low
 
 
-def _ort_steps(path, ids, pos, tokens):
-    be = OrtBackend.from_onnx(path)
-    cache, out = be.init_cache(ids.shape[0]), []
-    for step in range(len(tokens) + 1):
-        got, cache = be.forward(ids, pos, cache)
-        out.append(got)
-        if step < len(tokens):
-            ids, pos = tokens[step], np.full((ids.shape[0], 1), cache.past_len)
-    return out, be
-
-
 def test_fp16_runs_in_ort_as_close_to_fp32_as_torch_fp16(onnx_fp16, demo_ckpt):
     """fp16 on ONNX Runtime is no further from fp32 torch than torch fp16 is (tests/lowprec.py)."""
     assert _float_initializer_types(onnx_fp16) == {"FLOAT16"}
     ids, pos, tokens, fp32, low = _low_precision_case(demo_ckpt, torch.float16, batch=2, steps=4)
-    got, be = _ort_steps(onnx_fp16, ids, pos, tokens)
-    assert be._kv_type == "tensor(float16)"
+    assert OrtBackend.from_onnx(onnx_fp16)._kv_type == "tensor(float16)"
+    got = lowprec.ort_logits(onnx_fp16, ids, pos, tokens)
     lowprec.assert_as_close_as_torch(got, low, fp32, "fp16 graph on ONNX Runtime")
 
 
@@ -187,7 +176,7 @@ def test_fp16_check_fails_on_a_wrong_rounding(onnx_fp16, demo_ckpt, tmp_path):
     onnx.save(m, str(bad))
     shutil.copy(contract.sidecar_path(onnx_fp16), contract.sidecar_path(bad))
     ids, pos, tokens, fp32, low = _low_precision_case(demo_ckpt, torch.float16, batch=2, steps=4)
-    got, _ = _ort_steps(bad, ids, pos, tokens)
+    got = lowprec.ort_logits(bad, ids, pos, tokens)
     ratio, _, _ = lowprec.ratio_to_torch(got, low, fp32)
     assert ratio > lowprec.FACTOR, ratio
 
@@ -297,7 +286,7 @@ def test_bf16_in_ort_cpu(onnx_bf16, bf16_case):
         assert "has no kernel" in msg and "bf16" in msg and "Could not find an implementation for" in msg
         pytest.xfail(f"onnxruntime CPU has no bf16 kernels: {msg}")
     ids, pos, tokens, fp32, low = bf16_case
-    got, _ = _ort_steps(onnx_bf16, ids, pos, tokens)
+    got = lowprec.ort_logits(onnx_bf16, ids, pos, tokens)
     lowprec.assert_as_close_as_torch(got, low, fp32, "bf16 graph on ONNX Runtime")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import pytest
-from conftest import block_input, ort_run, rel_err
+from conftest import BLOCKS, assert_as_close_as_unfused, block_input, fp32_reference, ort_run, rel_err
 
 from moec.common.contract import MOEC_DOMAIN
 from moec.passes.fusions._graph import FusionLog
@@ -39,8 +39,26 @@ def test_fused_fp16_block_keeps_numbers(block_onnx):
     assert fuse(model)[:2] == (1, 1)
     feeds = block_input("fp16")
     (before,), (after,) = ort_run(path, feeds), ort_run(model, feeds)
-    # fp16: both graphs round every op to fp16 (about 1e-3 relative per op); the stated bound.
-    assert rel_err(after, before) <= 1e-2
+    assert_as_close_as_unfused(after, before, fp32_reference(BLOCKS["ref_k1"](), feeds))
+
+
+def test_fp16_check_fails_on_a_wrong_rounding(block_onnx):
+    """The check above, on the fused block with its expert weights rounded to 4 mantissa bits
+    instead of fp16's 10 (a rewrite that rounds wrongly): it must fail."""
+    import numpy as np
+
+    path = block_onnx("ref_k1", "fp16")
+    model = ir.load(path)
+    fuse(model)
+    experts = next(n for n in model.graph if n.op_type == "GroupedExperts")
+    for v in experts.inputs:
+        if v is not None and v.const_value is not None and v.dtype == ir.DataType.FLOAT16:
+            m, e = np.frexp(v.const_value.numpy().astype(np.float32))
+            v.const_value = ir.tensor(np.ldexp(np.round(m * 32) / 32, e).astype(np.float16), name=v.name)
+    feeds = block_input("fp16")
+    (before,), (after,) = ort_run(path, feeds), ort_run(model, feeds)
+    with pytest.raises(AssertionError, match="rewritten graph"):
+        assert_as_close_as_unfused(after, before, fp32_reference(BLOCKS["ref_k1"](), feeds))
 
 
 def test_second_consumer_of_topk_values_refuses_gating(block_onnx):
