@@ -32,8 +32,16 @@ def test_bench_ort_result(demo_onnx):
     assert "4 steps" in d["decode_ms_per_step"]["population"]
 
 
-def test_throughput_and_latency_agree_at_every_percentile():
+def test_throughput_and_latency_agree_at_every_percentile(monkeypatch):
+    import types
+
+    from moec.runtime import generate as generate_mod
     from moec.runtime.bench import run_bench
+
+    # A virtual clock that only the backend's steps advance: the figures below are exact on any
+    # machine, however loaded (real sleeps of 2 ms can take 10 ms on a busy shared runner).
+    clock = [0.0]
+    monkeypatch.setattr(generate_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class Timed:
         """A backend whose steps take known times: one slow step per repeat (a GC pause)."""
@@ -46,9 +54,8 @@ def test_throughput_and_latency_agree_at_every_percentile():
             return 0
 
         def forward(self, ids, pos, cache):
-            import time
             self.calls += 1
-            time.sleep(0.02 if self.calls % 5 == 0 else 0.002)
+            clock[0] += 0.02 if self.calls % 5 == 0 else 0.002
             return np.zeros((ids.shape[0], ids.shape[1], 8), np.float32), cache + ids.shape[1]
 
     m = run_bench(Timed(), BenchConfig(prompt_len=2, gen_len=5, batch=3, repeats=3, warmup=0))
