@@ -31,6 +31,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +205,12 @@ def open_backend(path: Path, backend: str | None = None, threads: int | None = N
     if backend != kind:
         raise MoecError(f"{path} is a {kind} artifact; --backend {backend} needs "
                         f"{'an engine directory' if backend == 'trt' else 'an .onnx file'}")
-    if threads is not None:
-        # torch's CPU ops (the TensorRT backend's host-side work) follow the same count.
-        with contextlib.suppress(ImportError):
-            import torch
+    if threads is not None and (backend == "trt" or "torch" in sys.modules):
+        # torch's CPU ops (the TensorRT backend's host-side work) follow the same count; an ONNX
+        # Runtime bench does not import torch for it (seconds of start-up on a loaded host).
+        import torch
 
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     if backend == "trt":
         from moec.runtime.trt_backend import TrtBackend
 

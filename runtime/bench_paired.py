@@ -51,7 +51,7 @@ ROUND_METRICS = ("prefill_ms", "decode_ms_per_step")
 @dataclasses.dataclass(frozen=True)
 class PairedConfig:
     bench: BenchConfig = BenchConfig()
-    max_time: float = 40.0  # seconds of timed rounds (warm-up excluded)
+    max_time: float = 35.0  # seconds of timed rounds (warm-up excluded)
     min_rounds: int = 12  # fewer rounds than this are no basis for a confidence interval
     max_rounds: int = 2000
     prefills: int = 11  # prefills per round (one inside the generate call); the round's value is their median

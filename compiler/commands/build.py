@@ -191,7 +191,7 @@ def _print_inspection(report) -> None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Intra-op threads of ONNX Runtime and torch (default: OMP_NUM_THREADS, else every core); recorded.")
-@click.option("--max-time", type=float, default=40.0, show_default=True,
+@click.option("--max-time", type=float, default=35.0, show_default=True,
               help="With --against: seconds of timed rounds at most.")
 @click.option("--rounds", "min_rounds", type=int, default=12, show_default=True,
               help="With --against: rounds before the bench may stop early.")
