@@ -8,9 +8,10 @@ gate (``moec.compiler.gate``) derives its noise band from them.
 Result JSON (``BENCH_FORMAT``)::
 
     {"format", "moec_version", "created_at",
-     "artifact": {"path", "kind", "sha256"},
+     "artifact": {"path", "kind", "sha256", "identity": artifact_identity()},
      "backend": backend.describe(),            # device and software versions
-     "config": {prompt_len, gen_len, batch, repeats, warmup, seed},
+     "host": host_identity(),                  # machine, CPU model, cores, host name
+     "config": {prompt_len, gen_len, batch, repeats, warmup, seed, threads},
      "metrics": {name: {"unit", "better": "lower"|"higher", "median", "p50",
                         "p90", "p99" (latency, "lower") | "p10", "p1" (throughput, "higher"),
                         "repeats": [one value per repeat], "population": what the numbers are over}}}
@@ -30,6 +31,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,10 @@ from moec.runtime.backend import Backend
 
 # 2: every metric from one population (named in "population"); throughputs are their latency's
 # inverse at the same percentile, with the slow tail as p10/p1.
-BENCH_FORMAT = "moec.bench/2"
+# 3: the artifact's identity (model config, dtype, lowering, tokenizer), the host and the thread
+# count are recorded, so the gate can refuse to compare unlike results; paired results
+# (``moec bench NEW --against OLD``, ``moec.runtime.bench_paired``) share the format.
+BENCH_FORMAT = "moec.bench/3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +59,12 @@ class BenchConfig:
     repeats: int = 5
     warmup: int = 1  # untimed repeats first: allocator, kernel selection and caches warm up
     seed: int = 0
+    # Intra-op threads of ONNX Runtime and torch; None: the backend's default (resolved_threads).
+    threads: int | None = None
 
     def __post_init__(self):
+        if self.threads is not None and self.threads < 1:
+            raise MoecError(f"bench threads must be >= 1, got {self.threads}")
         for name in ("prompt_len", "batch", "repeats"):
             if getattr(self, name) < 1:
                 raise MoecError(f"bench {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -136,19 +145,79 @@ def source_hashes(onnx_path: Path) -> dict[str, Any]:
     return {"file": Path(onnx_path).name, "sha256": combined, "files": files}
 
 
-def open_backend(path: Path, backend: str | None = None) -> Backend:
+def resolved_threads(threads: int | None) -> int:
+    """The intra-op thread count a run uses: ``threads``, else what OrtBackend picks by default
+    (OMP_NUM_THREADS, else every core), so results say what they ran with."""
+    if threads is not None:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+
+
+def host_identity() -> dict[str, Any]:
+    """The machine a result was measured on. ``name`` is informational (CI runners of one pool
+    have different names); machine, CPU model and core count decide comparability."""
+    import platform
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"name": platform.node(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count() or 0}
+
+
+def _sidecar_of(path: Path) -> dict[str, Any]:
+    from moec.common.sidecar import read_sidecar, read_sidecar_file
+
+    if path.is_dir():
+        manifest = json.loads((path / contract.ENGINE_MANIFEST).read_text())
+        name = manifest.get("sidecar") if isinstance(manifest, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise MoecError(f"{path}: the manifest names no sidecar file; rebuild the engine with `moec build`")
+        return read_sidecar_file(path / name)
+    return read_sidecar(path)
+
+
+def artifact_identity(path: str | Path) -> dict[str, Any]:
+    """What the measured artifact is, beyond its bytes: the model (a digest of its configuration,
+    and of its tokenizer when it has one), the dtype, the precision, the MoE lowering and target of
+    `moec optimize`. Two results with different identities measured different models."""
+    path = Path(path)
+    side = _sidecar_of(path)
+    config_json = json.dumps(side["model_config"], sort_keys=True, separators=(",", ":"))
+    return {
+        "model_config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "tokenizer_sha256": str(side.get("tokenizer_sha256") or "none"),
+        "num_layers": int(side["num_layers"]),
+        "vocab_size": int(side["vocab_size"]),
+        "dtype": str(side.get("dtype", "fp32")),
+        "precision": str(side.get("precision", side.get("dtype", "fp32"))),
+        "lowering": str(side.get("moe_lowering", "none")),
+        "target": str(side.get("target", "none")),
+    }
+
+
+def open_backend(path: Path, backend: str | None = None, threads: int | None = None) -> Backend:
     kind = artifact_kind(path)
     backend = backend or kind
     if backend != kind:
         raise MoecError(f"{path} is a {kind} artifact; --backend {backend} needs "
                         f"{'an engine directory' if backend == 'trt' else 'an .onnx file'}")
+    if threads is not None and (backend == "trt" or "torch" in sys.modules):
+        # torch's CPU ops (the TensorRT backend's host-side work) follow the same count; an ONNX
+        # Runtime bench does not import torch for it (seconds of start-up on a loaded host).
+        import torch
+
+        torch.set_num_threads(threads)
     if backend == "trt":
         from moec.runtime.trt_backend import TrtBackend
 
         return TrtBackend.from_engine_dir(path)
     from moec.runtime.ort_backend import OrtBackend
 
-    return OrtBackend.from_onnx(path)
+    return OrtBackend.from_onnx(path, intra_op_threads=threads)
 
 
 # Percentile keys: latency metrics give the slow tail as p90/p99 of the time; throughput metrics,
@@ -222,8 +291,19 @@ def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backen
     path = Path(path)
     if not path.exists():
         raise MoecError(f"{path} does not exist: bench an .onnx file or an engine directory")
-    be = open_backend(path, backend)
+    be = open_backend(path, backend, config.threads)
     metrics = run_bench(be, config)
+    return result_header(path, be, config) | {"metrics": metrics}
+
+
+def artifact_record(path: Path) -> dict[str, Any]:
+    return {"path": str(path), "kind": artifact_kind(path), "sha256": artifact_sha256(path),
+            "identity": artifact_identity(path)}
+
+
+def result_header(path: Path, be: Backend, config: BenchConfig) -> dict[str, Any]:
+    """Everything of a result but its measurements: format, versions, the artifact and its
+    identity, the backend, the host and the settings (threads resolved to a number)."""
     try:
         moec_version = importlib.metadata.version("moec")
     except importlib.metadata.PackageNotFoundError:
@@ -232,8 +312,8 @@ def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backen
         "format": BENCH_FORMAT,
         "moec_version": moec_version,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "artifact": {"path": str(path), "kind": artifact_kind(path), "sha256": artifact_sha256(path)},
+        "artifact": artifact_record(path),
         "backend": {k: str(v) for k, v in be.describe().items()},
-        "config": dataclasses.asdict(config),
-        "metrics": metrics,
+        "host": host_identity(),
+        "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
     }

@@ -180,50 +180,127 @@ def _print_inspection(report) -> None:
 @click.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the result JSON here.")
+@click.option("--against", "against", type=click.Path(path_type=Path), default=None,
+              help="A second artifact (OLD) to time in the same process, interleaved with ARTIFACT (NEW) round by "
+                   "round; `moec gate` judges the result without --baseline.")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default=None, help="Default: from the artifact (.onnx -> ort, engine dir -> trt).")
 @click.option("--prompt-len", type=int, default=32, show_default=True)
 @click.option("--gen-len", type=int, default=32, show_default=True)
 @click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats (single bench).")
 @click.option("--warmup", type=int, default=1, show_default=True)
-def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warmup) -> None:
-    """Time prefill and decode of ARTIFACT (.onnx or engine dir): latency percentiles and the tokens/s they give."""
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of ONNX Runtime and torch (default: OMP_NUM_THREADS, else every core); recorded.")
+@click.option("--max-time", type=float, default=35.0, show_default=True,
+              help="With --against: seconds of timed rounds at most.")
+@click.option("--rounds", "min_rounds", type=int, default=12, show_default=True,
+              help="With --against: rounds before the bench may stop early.")
+@click.option("--max-regression", default="5%", show_default=True,
+              help="With --against: stop early once every metric's verdict at this threshold is decided (give the gate the same).")
+def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repeats, warmup, threads, max_time,
+          min_rounds, max_regression) -> None:
+    """Time prefill and decode of ARTIFACT (.onnx or engine dir): latency percentiles and the tokens/s they give.
+
+    With --against OLD, both artifacts run in this process in alternating rounds (NEW, OLD, OLD,
+    NEW, ...) on the same prompt until --max-time, or until the paired verdict is decided."""
+    from moec.runtime.bench import BenchConfig, check_result_path
+
+    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
+    if json_out is not None:
+        check_result_path(json_out, artifact)
+        if against is not None:
+            check_result_path(json_out, against)
+    if against is None:
+        from moec.runtime.bench import bench_artifact
+
+        result = bench_artifact(artifact, config, backend)
+    else:
+        from moec.compiler.gate import parse_percent
+        from moec.compiler.gate_paired import PAIRED_BETTER, all_decided
+        from moec.runtime.bench_paired import PairedConfig, bench_paired
+
+        threshold = parse_percent(max_regression, "--max-regression")
+        paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
+        result = bench_paired(artifact, against, paired, backend,
+                              decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold))
+    # The result is on disk before anything is printed, so a closed stdout (`| head`) cannot lose it.
+    if json_out is not None:
+        _write_result(json_out, result)
+    with _stdout_may_close():
+        _print_bench(artifact, against, result)
+        if json_out is not None:
+            click.echo(f"wrote {json_out}")
+
+
+def _write_result(path: Path, result) -> None:
+    from moec.common.artifacts import write_json_atomic
+    from moec.common.errors import MoecError
+
+    try:
+        write_json_atomic(path, result)
+    except OSError as e:
+        raise MoecError(f"cannot write the bench result {path}: {e.strerror or e}; choose a writable location") from e
+
+
+class _stdout_may_close:
+    """A reader that stops early (`moec bench ... | head`) closes stdout: the bench's work is done
+    and written, so that ends the printing quietly, with exit 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None or not issubclass(kind, BrokenPipeError):
+            return False
+        import os
+
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail.
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), sys.stdout.fileno())
+        return True
+
+
+def _print_bench(artifact, against, result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moec.common.artifacts import write_json_atomic
-    from moec.runtime.bench import BenchConfig, bench_artifact, check_result_path
-
-    if json_out is not None:
-        check_result_path(json_out, artifact)
-    result = bench_artifact(artifact, BenchConfig(prompt_len, gen_len, batch, repeats, warmup), backend)
-    table = Table(title=f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')})")
+    console = Console()
+    title = f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')}, " \
+            f"{result['config']['threads']} threads)"
+    blocks = [("", result["metrics"])]
+    if against is not None:
+        p = result["paired"]
+        title += f" against {against}: {p['rounds']} rounds in {p['seconds']:.1f} s (stop: {p['stop']})"
+        blocks = [("NEW ", result["metrics"]), ("OLD ", result["against_metrics"])]
+    table = Table(title=title)
     for col in ("metric", "p50", "slow 10%", "slow 1%"):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
-    for name, m in result["metrics"].items():
-        tails = ("p90", "p99") if m["better"] == "lower" else ("p10", "p1")
-        table.add_row(name, *(f"{m[k]:.4g}" for k in ("p50", *tails)))
-    console = Console()
+    for prefix, metrics in blocks:
+        for name, m in metrics.items():
+            tails = ("p90", "p99") if m["better"] == "lower" else ("p10", "p1")
+            table.add_row(prefix + name, *(f"{m[k]:.4g}" for k in ("p50", *tails)))
     console.print(table)
     console.print("slow 10% / 1%: p90 / p99 of a latency, p10 / p1 of a throughput (the same steps' inverse)")
-    if json_out is not None:
-        write_json_atomic(json_out, result)
-        click.echo(f"wrote {json_out}")
+    sys.stdout.flush()
 
 
 @click.command("gate")
 @click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--baseline", "baseline_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--max-regression", default="5%", show_default=True, help="Allowed slowdown beyond the noise band.")
+@click.option("--baseline", "baseline_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="A stored result to compare with (trend mode); without it RESULT.json must be a paired result "
+                   "(`moec bench NEW --against OLD`).")
+@click.option("--max-regression", default="5%", show_default=True,
+              help="Allowed slowdown: a percentage (5%) or a fraction below 1 (0.05); a bare 5 is refused.")
 @click.option("--max-noise", default="25%", show_default=True,
-              help="Widest noise band to decide on; a noisier metric makes the gate refuse to decide (exit 2).")
+              help="Stored-baseline mode: widest noise band to decide on; a noisier metric makes the gate refuse to decide (exit 2).")
 @click.option("--metric", "metrics", multiple=True, help="Metric to gate on (repeatable; default: all).")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write JUnit XML here (also when the gate cannot decide: one <error> case).")
-@click.option("--allow-different-device", is_flag=True, help="Compare results from different devices or software versions.")
+@click.option("--allow-different-device", is_flag=True, help="Compare results from different devices, hosts or software versions.")
 def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_path, allow_different_device) -> None:
-    """Compare RESULT.json with a baseline; exit 1 on a regression, 2 when it cannot decide
-    (different device, missing metric, malformed file, noise band too wide)."""
+    """Judge RESULT.json: a paired result on its own, or a single one against --baseline. Exit 0
+    pass, 1 regression, 2 undecided or cannot compare (different model, settings or device,
+    missing metric, malformed file, too noisy)."""
     from moec.common.errors import MoecError
     from moec.compiler.gate import (GateConfig, gate as run_gate, noisy_message, parse_percent, print_report,
                                     write_junit, write_junit_error)
@@ -237,9 +314,10 @@ def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_p
         if junit_path is not None:
             write_junit_error(str(e), junit_path)
         raise
-    print_report(report)
     if junit_path is not None:
         write_junit(report, junit_path)
+    with _stdout_may_close():
+        print_report(report)
     if report.regressions:
         click.secho(f"performance regression in {', '.join(v.metric for v in report.regressions)}", fg="red", err=True)
         if report.undecided:

@@ -13,6 +13,10 @@ from moec.compiler.gate import GateConfig, compare, gate, parse_percent, relativ
 from moec.runtime.bench import BENCH_FORMAT
 
 
+IDENTITY = {"model_config_sha256": "c0" * 32, "tokenizer_sha256": "none", "num_layers": 4, "vocab_size": 264,
+            "dtype": "fp32", "precision": "fp32", "lowering": "none", "target": "none"}
+
+
 def result(decode_ms=(10.0, 10.1, 9.9, 10.0, 10.05), tok_s=(100.0, 99.0, 101.0, 100.0, 100.5), device="GPU-A"):
     def metric(unit, better, values):
         values = list(values)
@@ -22,8 +26,11 @@ def result(decode_ms=(10.0, 10.1, 9.9, 10.0, 10.05), tok_s=(100.0, 99.0, 101.0, 
 
     return {
         "format": BENCH_FORMAT,
+        "artifact": {"path": "build/engine", "kind": "trt", "sha256": "ab" * 32, "identity": dict(IDENTITY)},
         "backend": {"backend": "trt", "device": device, "trt_version": "10.16.0"},
-        "config": {"prompt_len": 32, "gen_len": 32, "batch": 1, "repeats": len(decode_ms), "warmup": 1, "seed": 0},
+        "host": {"name": "runner-1", "machine": "x86_64", "cpu": "AMD EPYC", "cores": 2},
+        "config": {"prompt_len": 32, "gen_len": 32, "batch": 1, "repeats": len(decode_ms), "warmup": 1, "seed": 0,
+                   "threads": 2},
         "metrics": {"decode_ms_per_step": metric("ms", "lower", decode_ms), "decode_tokens_per_s": metric("tokens/s", "higher", tok_s)},
     }
 
@@ -110,17 +117,17 @@ def test_artifact_path_is_not_a_device_difference():
 def test_different_bench_settings_are_refused():
     other = result()
     other["config"]["gen_len"] = 64
-    with pytest.raises(MoecError, match="different settings .*gen_len"):
+    with pytest.raises(MoecError, match="different models or settings .*gen_len"):
         compare(other, result(), GateConfig(allow_different_device=True))
 
 
 def test_baseline_without_the_metric():
     base = result()
     del base["metrics"]["decode_tokens_per_s"]
+    # By default the gate judges the baseline's metrics; asking for one the baseline lacks is an error.
+    assert status(compare(result(), base)) == {"decode_ms_per_step": "pass"}
     with pytest.raises(MoecError, match="baseline .* has no metric 'decode_tokens_per_s' \\(it has: decode_ms_per_step\\)"):
-        compare(result(), base)
-    # Gating only on a metric both have works.
-    assert compare(result(), base, GateConfig(metrics=("decode_ms_per_step",))).passed
+        compare(result(), base, GateConfig(metrics=("decode_tokens_per_s",)))
     with pytest.raises(MoecError, match="no metric 'nope'"):
         compare(result(), result(), GateConfig(metrics=("nope",)))
 
@@ -235,3 +242,98 @@ def test_cli_cannot_decide_exits_2_and_still_writes_junit(tmp_path, capsys):
     assert e.value.code == 2
     root = ET.parse(junit).getroot()
     assert root.get("errors") == "1" and "different devices" in root.find("testsuite/testcase/error").get("message")
+
+
+# --- Gate integrity (issue 11) ---------------------------------------------------------------------
+
+def test_a_result_without_the_regressed_metric_fails_naming_it():
+    base = result()
+    slow = scaled(base, 1.5)
+    assert not compare(slow, base).passed
+    del slow["metrics"]["decode_ms_per_step"]
+    with pytest.raises(MoecError, match="lacks the baseline's metric\\(s\\) decode_ms_per_step"):
+        compare(slow, base)
+    # --metric does not get around it either.
+    with pytest.raises(MoecError, match="lacks the baseline's metric"):
+        compare(slow, base, GateConfig(metrics=("decode_tokens_per_s",)))
+
+
+@pytest.mark.parametrize("block, field, value", [
+    ("identity", "model_config_sha256", "d1" * 32),
+    ("identity", "dtype", "fp16"),
+    ("identity", "lowering", "ort"),
+    ("identity", "tokenizer_sha256", "e2" * 32),
+    ("config", "threads", 1),
+    ("config", "batch", 4),
+    ("config", "prompt_len", 128),
+])
+def test_unlike_results_are_refused_naming_the_field(block, field, value):
+    other = result()
+    (other["artifact"]["identity"] if block == "identity" else other["config"])[field] = value
+    with pytest.raises(MoecError, match=f"different models or settings .*{field}: baseline .*, result {value!r}"):
+        compare(other, result(), GateConfig(allow_different_device=True))
+
+
+def test_another_host_kind_is_refused_but_not_another_runner_name():
+    renamed = result()
+    renamed["host"]["name"] = "runner-7"
+    assert compare(renamed, result()).passed
+    other = result()
+    other["host"]["cpu"] = "Intel Xeon"
+    with pytest.raises(MoecError, match="host.cpu: baseline 'AMD EPYC', result 'Intel Xeon'.*--allow-different-device"):
+        compare(other, result())
+    assert compare(other, result(), GateConfig(allow_different_device=True)).passed
+
+
+def test_a_result_without_identity_is_refused(tmp_path):
+    old = result()
+    del old["artifact"]["identity"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "r.json").write_text(json.dumps(result()))
+    with pytest.raises(MoecError, match="old.json: artifact.identity is None"):
+        gate(tmp_path / "r.json", tmp_path / "old.json")
+
+
+# --- Stored-baseline mode never calls noise a regression ------------------------------------------------
+
+def test_a_shift_the_repeats_cannot_separate_is_too_noisy_not_a_regression():
+    # Three repeats each, all 30% slower: beyond the band, but three repeats are no evidence
+    # (the smallest one-sided Mann-Whitney p of 3 against 3 is 0.05).
+    base = result(decode_ms=(10.0, 10.1, 9.9), tok_s=(100.0, 99.0, 101.0))
+    report = compare(scaled(base, 1.3, 1 / 1.3), base)
+    assert status(report) == {"decode_ms_per_step": "too noisy", "decode_tokens_per_s": "too noisy"}
+    assert not report.regressions
+    # Overlapping repeats whose medians differ beyond the band: too noisy too.
+    base = result(decode_ms=(10.0, 10.0, 10.0, 13.0, 13.0), tok_s=(100.0, 100.0, 100.0, 77.0, 77.0))
+    slow = result(decode_ms=(10.0, 13.0, 13.0, 13.0, 13.0), tok_s=(100.0, 77.0, 77.0, 77.0, 77.0))
+    v = compare(slow, base, GateConfig(max_noise=5.0)).verdicts[0]
+    assert v.worse_by > v.allowed and v.status == "too noisy"
+    # Five cleanly separated repeats are a regression.
+    base = result()
+    assert status(compare(scaled(base, 1.3, 1 / 1.3), base))["decode_ms_per_step"] == "regression"
+
+
+def test_cli_too_noisy_message_names_the_rank_test(tmp_path, capsys):
+    from tests.moec_cli import run_cli
+
+    base = result(decode_ms=(10.0, 10.1, 9.9), tok_s=(100.0, 99.0, 101.0))
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "slow.json").write_text(json.dumps(scaled(base, 1.3, 1 / 1.3)))
+    code, _, err = run_cli(["gate", tmp_path / "slow.json", "--baseline", tmp_path / "base.json"], capsys)
+    assert code == 2 and "do not separate it from noise" in err and "--against" in err
+
+
+@pytest.mark.parametrize("text", ["5", "1", "25", "1.5"])
+def test_bare_numbers_of_one_or_more_are_refused(text):
+    with pytest.raises(MoecError, match=f"--max-regression '{text}' is ambiguous: write {text}% for a percentage"):
+        parse_percent(text)
+    assert parse_percent(f"{text}%") == pytest.approx(float(text) / 100)
+
+
+def test_cli_refuses_a_bare_max_regression(tmp_path, capsys):
+    from tests.moec_cli import run_cli
+
+    (tmp_path / "r.json").write_text(json.dumps(result()))
+    code, _, err = run_cli(["gate", tmp_path / "r.json", "--baseline", tmp_path / "r.json", "--max-regression", "5"],
+                           capsys)
+    assert code == 2 and "ambiguous" in err and "Traceback" not in err
