@@ -320,7 +320,7 @@ def test_ctrl_c_cancels_and_leaves_previous_artifact(tiny, tmp_path):
         build_engine(tiny, out, quiet(archs=("sm80", "sm89")), display=display)
     assert display.steps == 3  # the build stopped at the first interrupted step
     assert json.loads((out / contract.ENGINE_MANIFEST).read_text()) == first.manifest
-    assert sorted(p.name for p in out.iterdir()) == sorted(["engine.sm89.plan", "manifest.json", "model.moec.json", "tokenizer.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".moec-output.json", "engine.sm89.plan", "manifest.json", "model.moec.json", "tokenizer.json"])
     assert leftovers(tmp_path) == []
 
 
