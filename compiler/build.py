@@ -37,6 +37,7 @@ from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
 from moec.common.onnx_files import load_graph_structure, require_external_data
+from moec.common.outputs import check_option_output
 from moec.common.sidecar import model_tokenizer, read_sidecar
 from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
@@ -584,6 +585,12 @@ def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, n
         messages = logger.since(mark, trt.ILogger.Severity.WARNING)
     no_gpu = any("cudaError 35" in m for m in messages)
     trouble = [m for m in messages if "cudaError 35" not in m]
+    if data and not _timing_cache_header_ok(data) and (no_gpu or cache is None or trouble):
+        # Not a cache from another TensorRT (that one is rebuilt below): some other file, which
+        # the build would replace with a cache. Refused, never overwritten.
+        raise MoecError(f"--timing-cache {path} is not a TensorRT timing cache (TensorRT cannot load it and it "
+                        "lacks a timing cache's header); moec does not overwrite it: give a new file name or "
+                        "an existing timing cache")
     if data and no_gpu:
         # Without a GPU, TensorRT-RTX cannot load any timing cache, even its own, so it cannot tell
         # a good file from a bad one; fall back to the header it writes (see _timing_cache_header_ok).
@@ -717,6 +724,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     # is not an earlier engine folder, before any work.
     protected = [onnx_path, *([config.timing_cache] if config.timing_cache else [])]
     check_output_dir(out_dir, command="build", inputs=protected)
+    if config.timing_cache is not None:
+        from moec.compiler.pipeline import model_files
+
+        # Whether it holds a timing cache is load_timing_cache's check; here: not a file of the model.
+        check_option_output(config.timing_cache, "--timing-cache", kind="timing cache", is_kind=lambda p: True,
+                            inputs=model_files(onnx_path))
     flavour = import_trt(config.backend)
     trt = flavour.trt
     notes: list[str] = []

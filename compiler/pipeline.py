@@ -33,6 +33,7 @@ import onnx_ir as ir
 from moec.common import contract
 from moec.common.artifacts import write_json_atomic
 from moec.common.errors import MoecError
+from moec.common.outputs import check_output_folder_option, mark_output_folder
 from moec.common.sidecar import check_tokenizer_slot, model_tokenizer, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -41,6 +42,8 @@ PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
 # --dump-dir writes the graph only: initializers above this size become typed graph inputs.
 DUMP_INLINE_LIMIT_BYTES = 1024
+# The marker a dump folder carries: a later --dump-dir may write into it again (common/outputs.py).
+DUMP_COMMAND = "optimize --dump-dir"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,6 +367,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     _check_external_data(in_path)
     check_writable(out_path)
     if config.dump_dir is not None:
+        check_output_folder_option(config.dump_dir, "--dump-dir", DUMP_COMMAND, inputs=model_files(in_path))
         check_writable(Path(config.dump_dir) / "00_input.onnx")
     sidecar = read_sidecar(in_path, required=False)
     # Copied into the output: only the model's own tokenizer, from inside its folder.
@@ -387,6 +391,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     steps = build_pipeline(config, target)
     dump_dir = Path(config.dump_dir) if config.dump_dir is not None else None
     if dump_dir is not None:
+        mark_output_folder(dump_dir, DUMP_COMMAND)
         _dump(model, dump_dir, "00_input")
     records = run_passes(model, steps, ctx, dump_dir)
 

@@ -192,10 +192,13 @@ def bench(artifact, json_out, backend, prompt_len, gen_len, batch, repeats, warm
     from rich.table import Table
 
     from moec.common.artifacts import write_json_atomic
+    from moec.common.outputs import check_option_output, json_object_with
     from moec.runtime.bench import BenchConfig, bench_artifact, check_result_path
 
     if json_out is not None:
         check_result_path(json_out, artifact)
+        check_option_output(json_out, "--json", kind="moec bench result",
+                            is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
     result = bench_artifact(artifact, BenchConfig(prompt_len, gen_len, batch, repeats, warmup), backend)
     table = Table(title=f"moec bench {artifact} ({result['artifact']['kind']}, {result['backend'].get('device', '')})")
     for col in ("metric", "p50", "slow 10%", "slow 1%"):
@@ -225,9 +228,14 @@ def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_p
     """Compare RESULT.json with a baseline; exit 1 on a regression, 2 when it cannot decide
     (different device, missing metric, malformed file, noise band too wide)."""
     from moec.common.errors import MoecError
+    from moec.common.outputs import check_option_output, is_moec_junit
     from moec.compiler.gate import (GateConfig, gate as run_gate, noisy_message, parse_percent, print_report,
                                     write_junit, write_junit_error)
 
+    if junit_path is not None:
+        # Before anything else: the error report below is written there too.
+        check_option_output(junit_path, "--junit", kind="moec gate JUnit file", is_kind=is_moec_junit,
+                            inputs=[result_path, baseline_path])
     try:
         config = GateConfig(max_regression=parse_percent(max_regression, "--max-regression"),
                             max_noise=parse_percent(max_noise, "--max-noise"), metrics=tuple(metrics),
