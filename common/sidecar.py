@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from moec.common import contract
+from moec.common.confine import side_file
 from moec.common.errors import MoecError
 
 # Fields every reader needs, and fields checked when present (an export always writes them; graphs
@@ -60,6 +61,7 @@ def read_sidecar(onnx_path: str | os.PathLike, *, required: bool = True) -> dict
     None otherwise (the passes also optimize graphs that moec did not export).
     """
     side = contract.sidecar_path(onnx_path)
+    side_file(side, f"the moec metadata of {onnx_path}", "keep the sidecar the export wrote as a file beside the .onnx")
     if not side.is_file():
         if not required:
             return None
@@ -79,8 +81,8 @@ def read_sidecar_file(side: str | os.PathLike) -> dict:
         raise MoecError(f"the moec metadata {side} is missing; rebuild the artifact with moec")
     try:
         meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from None
     return validate_sidecar(meta, side)
 
 
@@ -109,3 +111,18 @@ def check_tokenizer_belongs(tokenizer: str | os.PathLike, meta: dict | None, mod
         raise MoecError(f"{tokenizer} is not the tokenizer {model} was exported with (its sha256 differs from the "
                         f"one recorded at export); copy the checkpoint's tokenizer.json beside the model, give "
                         f"--checkpoint with the checkpoint it was exported from, or use --prompt-ids")
+
+
+def model_tokenizer(folder: str | os.PathLike, meta: dict | None, model: str | os.PathLike) -> Path | None:
+    """The tokenizer.json that belongs to ``model``: the one in ``folder`` (None when there is none),
+    which must resolve inside ``folder`` (a symbolic link to an arbitrary file is not read, copied or
+    shipped) and, where the sidecar records ``tokenizer_sha256``, have that digest. Writers that copy
+    a model's tokenizer (optimize, build) take it from here."""
+    tok = side_file(Path(folder) / contract.TOKENIZER_FILE, f"the tokenizer of {model}",
+                    "keep the checkpoint's tokenizer.json as a file in the model's folder")
+    if not tok.exists():
+        return None
+    if not tok.is_file():
+        raise MoecError(f"{tok} is not a file; the tokenizer of {model} must be the checkpoint's tokenizer.json")
+    check_tokenizer_belongs(tok, meta, model)
+    return tok

@@ -36,8 +36,9 @@ import onnx
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
-from moec.common.onnx_files import missing_external_data
-from moec.common.sidecar import read_sidecar
+from moec.common.onnx_files import load_graph_structure, require_external_data
+from moec.common.outputs import check_option_output
+from moec.common.sidecar import model_tokenizer, read_sidecar
 from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
@@ -159,17 +160,10 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
 
 
 def check_external_data(onnx_path: Path) -> None:
-    """A missing or truncated .data file, named, before TensorRT's parser reports it as an
-    unimportable initializer (which reads like a graph problem)."""
-    try:
-        problems = missing_external_data(onnx_path)
-    except Exception as e:  # noqa: BLE001 - not even a readable ONNX file: say so, not the parser
-        raise MoecError(f"{onnx_path} is not a readable ONNX model ({e}): pass the .onnx written by `moec optimize`") from e
-    if problems:
-        raise MoecError(
-            f"{onnx_path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
-            "Keep the complete .data file beside the .onnx (same name as when exported), or re-export."
-        )
+    """A missing or truncated .data file (or one outside the model's folder), named, before
+    TensorRT's parser reports it as an unimportable initializer (which reads like a graph problem)
+    or reads whatever file the graph points at."""
+    require_external_data(onnx_path)
 
 
 # --- Profiles --------------------------------------------------------------------------------------
@@ -591,6 +585,12 @@ def load_timing_cache(flavour: TrtFlavour, builder, path: Path | None, logger, n
         messages = logger.since(mark, trt.ILogger.Severity.WARNING)
     no_gpu = any("cudaError 35" in m for m in messages)
     trouble = [m for m in messages if "cudaError 35" not in m]
+    if data and not _timing_cache_header_ok(data) and (no_gpu or cache is None or trouble):
+        # Not a cache from another TensorRT (that one is rebuilt below): some other file, which
+        # the build would replace with a cache. Refused, never overwritten.
+        raise MoecError(f"--timing-cache {path} is not a TensorRT timing cache (TensorRT cannot load it and it "
+                        "lacks a timing cache's header); moec does not overwrite it: give a new file name or "
+                        "an existing timing cache")
     if data and no_gpu:
         # Without a GPU, TensorRT-RTX cannot load any timing cache, even its own, so it cannot tell
         # a good file from a bad one; fall back to the header it writes (see _timing_cache_header_ok).
@@ -723,7 +723,13 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     # The output folder is replaced as a whole: refuse one that holds the inputs or something that
     # is not an earlier engine folder, before any work.
     protected = [onnx_path, *([config.timing_cache] if config.timing_cache else [])]
-    check_output_dir(out_dir, replaces=contract.ENGINE_MANIFEST, inputs=protected)
+    check_output_dir(out_dir, command="build", inputs=protected)
+    if config.timing_cache is not None:
+        from moec.compiler.pipeline import model_files
+
+        # Whether it holds a timing cache is load_timing_cache's check; here: not a file of the model.
+        check_option_output(config.timing_cache, "--timing-cache", kind="timing cache", is_kind=lambda p: True,
+                            inputs=model_files(onnx_path))
     flavour = import_trt(config.backend)
     trt = flavour.trt
     notes: list[str] = []
@@ -738,8 +744,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                             "on the compute capability it was built for; list the archs with --arch instead, or build "
                             "with --backend tensorrt")
     sidecar = read_sidecar(onnx_path)
+    tokenizer = model_tokenizer(onnx_path.parent, sidecar, onnx_path)  # shipped in the engine folder
     check_external_data(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = load_graph_structure(onnx_path)
     source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:
@@ -755,7 +762,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
 
     display = display or ProgressDisplay(config.progress)
     engines: dict[str, Path] = {}
-    with atomic_dir(out_dir, replaces=contract.ENGINE_MANIFEST, inputs=protected) as tmp:
+    with atomic_dir(out_dir, command="build", inputs=protected) as tmp:
         entries = []
         with display:
             # With ampere+, one full-TensorRT build serves every listed arch.
@@ -770,8 +777,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                     engines[a] = out_dir / name
         sidecar_file = contract.sidecar_path(onnx_path)
         shutil.copy2(sidecar_file, tmp / sidecar_file.name)
-        tokenizer = onnx_path.parent / contract.TOKENIZER_FILE
-        if tokenizer.is_file():
+        if tokenizer is not None:
             shutil.copy2(tokenizer, tmp / contract.TOKENIZER_FILE)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -792,7 +798,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "build_options": {"opt_level": config.opt_level, "hardware_compat": config.hardware_compat,
                               "version_compatible": config.version_compatible, "workspace_mib": config.workspace_mib},
             "sidecar": sidecar_file.name,
-            "tokenizer": contract.TOKENIZER_FILE if tokenizer.is_file() else None,
+            "tokenizer": contract.TOKENIZER_FILE if tokenizer is not None else None,
             "notes": notes,
         }
         (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -32,7 +32,7 @@ from moec.common.errors import MoecError
 
 DEFAULT_TARGET = "trt-rtx:sm89"
 DEMO_PRESET = "llama4-tiny"
-REPORT_FILE = "compile_report.json"  # marks a folder as a compile output (safe to replace)
+REPORT_FILE = "compile_report.json"
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     protected = [checkpoint] if checkpoint is not None else []
     verify_skip_reason(config)  # imports what verify needs (onnxruntime) before any work
     report = CompileReport(out_dir=out_dir, target=config.target)
-    with atomic_dir(out_dir, replaces=REPORT_FILE, inputs=protected) as work:
+    with atomic_dir(out_dir, command="compile", inputs=protected) as work:
         def final(text: str) -> str:
             # Messages name artifacts where they will be (or would have been), not in the
             # temporary folder, which is gone by the time the user reads them.

@@ -33,7 +33,8 @@ import onnx_ir as ir
 from moec.common import contract
 from moec.common.artifacts import write_json_atomic
 from moec.common.errors import MoecError
-from moec.common.sidecar import check_tokenizer_slot, read_sidecar
+from moec.common.outputs import check_output_folder_option, mark_output_folder
+from moec.common.sidecar import check_tokenizer_slot, model_tokenizer, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
@@ -41,6 +42,8 @@ PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
 # --dump-dir writes the graph only: initializers above this size become typed graph inputs.
 DUMP_INLINE_LIMIT_BYTES = 1024
+# The marker a dump folder carries: a later --dump-dir may write into it again (common/outputs.py).
+DUMP_COMMAND = "optimize --dump-dir"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,18 +324,11 @@ def model_files(onnx_path: str | os.PathLike) -> list[Path]:
 
 def _check_external_data(in_path: Path) -> None:
     """The check run and bench make, here before any pass: the output is written by reading every
-    weight, so a missing or short .data file would otherwise fail only at the very end."""
-    from moec.common.onnx_files import missing_external_data
+    weight, so a missing or short .data file would otherwise fail only at the very end. An empty,
+    truncated or non-ONNX file, and external data outside the model's folder, are refused here too."""
+    from moec.common.onnx_files import require_external_data
 
-    try:
-        problems = missing_external_data(in_path)
-    except Exception:  # not parseable as ONNX: loading it below says why
-        return
-    if problems:
-        raise MoecError(
-            f"{in_path} keeps its weights in external data that is not usable: {'; '.join(problems)}. "
-            "Keep the .data file beside the .onnx (same name as when exported) or re-export."
-        )
+    require_external_data(in_path)
 
 
 _LOWERED_NODE = re.compile(r"moe_(?:%s)_\d+/" % "|".join(re.escape(name) for name in ("ort", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")))
@@ -370,12 +366,15 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
     _check_external_data(in_path)
     check_writable(out_path)
-    if (in_path.parent / contract.TOKENIZER_FILE).is_file():
-        # The output folder may hold another model's tokenizer.json (one fixed name per folder).
-        check_tokenizer_slot(in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE)
     if config.dump_dir is not None:
+        check_output_folder_option(config.dump_dir, "--dump-dir", DUMP_COMMAND, inputs=model_files(in_path))
         check_writable(Path(config.dump_dir) / "00_input.onnx")
     sidecar = read_sidecar(in_path, required=False)
+    # Copied into the output: only the model's own tokenizer, from inside its folder.
+    tok_src = model_tokenizer(in_path.parent, sidecar, in_path)
+    if tok_src is not None:
+        # The output folder may hold another model's tokenizer.json (one fixed name per folder).
+        check_tokenizer_slot(tok_src, out_path.parent / contract.TOKENIZER_FILE)
     if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
         raise MoecError(
             f"{in_path} was exported as {sidecar['dtype']}; --precision converts fp32 exports only "
@@ -392,6 +391,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     steps = build_pipeline(config, target)
     dump_dir = Path(config.dump_dir) if config.dump_dir is not None else None
     if dump_dir is not None:
+        mark_output_folder(dump_dir, DUMP_COMMAND)
         _dump(model, dump_dir, "00_input")
     records = run_passes(model, steps, ctx, dump_dir)
 
@@ -420,8 +420,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     if sidecar is not None:
         sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
         write_json_atomic(contract.sidecar_path(out_path), sidecar)
-    tok_src, tok_dst = in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE
-    if tok_src.exists() and tok_src.resolve() != tok_dst.resolve():
+    tok_dst = out_path.parent / contract.TOKENIZER_FILE
+    if tok_src is not None and tok_src.resolve() != tok_dst.resolve():
         with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".tokenizer.", delete=False) as f:
             tmp_tok = Path(f.name)
         shutil.copyfile(tok_src, tmp_tok)

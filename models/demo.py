@@ -24,8 +24,9 @@ from moec.models.llama4 import Llama4ForCausalLM
 LAYOUTS = {"causal_lm": CAUSAL_LM, "conditional_generation": CONDITIONAL_GENERATION}
 # Random weights for the full-size presets would be hundreds of GB; refuse above this.
 MAX_DEMO_PARAMS = 500_000_000
-# Written into every demo checkpoint: only a folder holding it is replaced by a new demo, so a real
-# checkpoint (which also has a config.json) is never overwritten with random weights.
+# Written into every demo checkpoint, for the person who finds the folder. What lets a new demo
+# replace the folder (and never a real checkpoint, which also has a config.json) is the marker
+# moec.common.artifacts writes, naming the command.
 DEMO_MARKER = "moec-demo-checkpoint.txt"
 
 # Byte-level tokenizer: ids 0..255 are the bytes themselves, then these special tokens.
@@ -136,7 +137,7 @@ def write_demo_checkpoint(
     out = Path(out_dir)
     if layout not in LAYOUTS:
         raise MoecError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    check_output_dir(out, replaces=DEMO_MARKER)
+    check_output_dir(out, command="demo-checkpoint")
     config = demo_config(preset)
     state = random_state_dict(config, seed)
     if not 1 <= shards <= len(state):
@@ -144,7 +145,7 @@ def write_demo_checkpoint(
     prefix = TEXT_PREFIX[layout]
     state = {prefix + k: v for k, v in state.items()}
 
-    with atomic_dir(out, replaces=DEMO_MARKER) as tmp:
+    with atomic_dir(out, command="demo-checkpoint") as tmp:
         (tmp / DEMO_MARKER).write_text(f"random weights written by `moec demo-checkpoint` (seed {seed}); "
                                        "moec may replace this folder with a new demo checkpoint\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_config(LAYOUTS[layout]), indent=2) + "\n")

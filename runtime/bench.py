@@ -40,7 +40,6 @@ import numpy as np
 from moec.common import contract
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
-from moec.common.onnx_files import all_tensors
 from moec.runtime.backend import Backend
 
 # 2: every metric from one population (named in "population"); throughputs are their latency's
@@ -93,19 +92,15 @@ def artifact_sha256(path: Path) -> str:
 
 
 def onnx_files(onnx_path: Path) -> list[Path]:
-    """The .onnx file and every external-data file it references."""
-    import onnx
+    """The .onnx file and every external-data file it references (each checked to lie inside the
+    model's folder: moec.common.onnx_files)."""
+    from moec.common.onnx_files import external_data_needs
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     files = {onnx_path}
-    for tensor in all_tensors(model.graph):
-        if onnx.external_data_helper.uses_external_data(tensor):
-            location = {e.key: e.value for e in tensor.external_data}.get("location")
-            if location:
-                f = onnx_path.parent / location
-                if not f.is_file():
-                    raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
-                files.add(f)
+    for f in external_data_needs(onnx_path):
+        if not f.is_file():
+            raise MoecError(f"{onnx_path}: external data file {f} is missing; copy it beside the model")
+        files.add(f)
     return sorted(files)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
-from moec.common.onnx_files import missing_external_data
+from moec.common.onnx_files import missing_external_data, require_external_data
 from moec.common.sidecar import read_sidecar, validate_sidecar
 from moec.common.token_ids import bad_token_ids_message
 
@@ -95,6 +95,9 @@ class OrtBackend:
             sidecar = read_sidecar(path)
         else:
             sidecar = validate_sidecar(metadata, f"given for {path}")
+        # Before ONNX Runtime opens anything: an empty or truncated file, or external data that is
+        # missing or lies outside the model's folder, named as such.
+        require_external_data(path)
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = (

@@ -32,6 +32,7 @@ from moec.common import contract
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
 from moec.common.sidecar import read_sidecar_file
+from moec.runtime.manifest_schema import validate_manifest
 
 # 2: "profiles" became a list of named profiles ({"name", "index", "shapes"}), prefill and decode.
 MANIFEST_FORMAT = "moec.engine/2"
@@ -157,11 +158,15 @@ def load_manifest(engine_dir: str | Path) -> dict[str, Any]:
         raise MoecError(f"{engine_dir} is not a moec engine directory (no {contract.ENGINE_MANIFEST}): build one with `moec build`")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoecError(f"{path} is not valid JSON ({e}): rebuild the engine directory with `moec build`") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MoecError(f"{path} is not valid JSON ({e}): rebuild the engine directory with `moec build`") from None
+    except OSError as e:
+        raise MoecError(f"cannot read {path}: {e.strerror or e}; rebuild the engine directory with `moec build`") from None
+    if not isinstance(manifest, dict):
+        raise MoecError(f"{path} is not a JSON object: rebuild the engine directory with `moec build`")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise MoecError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}: rebuild with this moec")
-    return manifest
+    return validate_manifest(manifest, path)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -223,6 +228,8 @@ def engine_problems(manifest: dict[str, Any], engine_dir: str | Path, entry: dic
     path = Path(engine_dir) / entry["file"]
     if not path.is_file():
         return [f"{path} is missing: the engine directory is incomplete; rebuild it with `moec build`"]
+    if path.stat().st_size == 0:
+        return [f"{path} is empty (0 bytes), not an engine: rebuild the engine directory with `moec build`"]
     problems = []
     digest = sha256_file(path)
     if digest != entry["sha256"]:

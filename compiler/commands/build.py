@@ -207,9 +207,13 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
 
     config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
     if json_out is not None:
+        from moec.common.outputs import check_option_output, json_object_with
+
         check_result_path(json_out, artifact)
         if against is not None:
             check_result_path(json_out, against)
+        check_option_output(json_out, "--json", kind="moec bench result",
+                            is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
     if against is None:
         from moec.runtime.bench import bench_artifact
 
@@ -302,9 +306,14 @@ def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_p
     pass, 1 regression, 2 undecided or cannot compare (different model, settings or device,
     missing metric, malformed file, too noisy)."""
     from moec.common.errors import MoecError
+    from moec.common.outputs import check_option_output, is_moec_junit
     from moec.compiler.gate import (GateConfig, gate as run_gate, noisy_message, parse_percent, print_report,
                                     write_junit, write_junit_error)
 
+    if junit_path is not None:
+        # Before anything else: the error report below is written there too.
+        check_option_output(junit_path, "--junit", kind="moec gate JUnit file", is_kind=is_moec_junit,
+                            inputs=[result_path, baseline_path])
     try:
         config = GateConfig(max_regression=parse_percent(max_regression, "--max-regression"),
                             max_noise=parse_percent(max_noise, "--max-noise"), metrics=tuple(metrics),

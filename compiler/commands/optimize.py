@@ -26,15 +26,15 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
     from rich.table import Table
 
     from moec.common.artifacts import write_json_atomic
-    from moec.common.errors import MoecError
+    from moec.common.outputs import check_option_output, json_object_with
     from moec.compiler.pipeline import OptimizeConfig, check_writable, model_files, optimize_onnx
 
     if report_path is not None:
         # Checked before optimizing: a report that cannot be written must not fail the command
         # after OUT.onnx is already in place, nor replace one of the model's own files.
-        clash = {p.resolve() for p in model_files(in_path) + model_files(out_path)}
-        if report_path.resolve() in clash:
-            raise MoecError(f"--report {report_path} would overwrite a file of the model; choose another name")
+        check_option_output(report_path, "--report", kind="moec optimize report",
+                            is_kind=json_object_with("in_path", "out_path", "passes"),
+                            inputs=model_files(in_path) + model_files(out_path))
         check_writable(report_path)
     config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
                             precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)

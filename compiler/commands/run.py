@@ -78,12 +78,10 @@ def artifact_sidecar(artifact: Path) -> dict | None:
 
     if artifact.is_file():
         return read_sidecar(artifact, required=False)
-    manifest = artifact / contract.ENGINE_MANIFEST
-    if manifest.is_file():
-        try:
-            name = json.loads(manifest.read_text()).get("sidecar")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            return None  # the TensorRT backend names the broken manifest itself
+    if (artifact / contract.ENGINE_MANIFEST).is_file():
+        from moec.runtime.trt_backend import load_manifest
+
+        name = load_manifest(artifact).get("sidecar")  # checked: a plain file name in the folder
         return read_sidecar_file(artifact / name) if name else None
     return None
 
@@ -93,9 +91,13 @@ def find_tokenizer(artifact: Path, checkpoint: Path | None) -> Path | None:
     places = [artifact if artifact.is_dir() else artifact.parent]
     if checkpoint is not None:
         places.append(checkpoint)
+    from moec.common.confine import side_file
+
     for p in places:
-        if (p / contract.TOKENIZER_FILE).is_file():
-            return p / contract.TOKENIZER_FILE
+        tok = side_file(p / contract.TOKENIZER_FILE, f"the tokenizer in {p}",
+                        "keep the checkpoint's tokenizer.json as a file in that folder")
+        if tok.is_file():
+            return tok
     return None
 
 

@@ -7,7 +7,14 @@ import stat
 
 import pytest
 
-from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file, write_json_atomic
+from moec.common.artifacts import (
+    OUTPUT_MARKER,
+    atomic_dir,
+    atomic_path,
+    check_output_dir,
+    sha256_file,
+    write_json_atomic,
+)
 from moec.common.errors import MoecError
 
 
@@ -42,18 +49,18 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
     old = os.umask(0o022)
     try:
         dest = tmp_path / "out"
-        with atomic_dir(dest, replaces="manifest.json") as work:
+        with atomic_dir(dest, command="build") as work:
             (work / "manifest.json").write_text("1")
         assert _mode(dest) == 0o755 and (dest / "manifest.json").read_text() == "1"
         with pytest.raises(RuntimeError):
-            with atomic_dir(dest, replaces="manifest.json") as work:
+            with atomic_dir(dest, command="build") as work:
                 (work / "g").write_text("2")
                 raise RuntimeError("stage failed")
-        assert sorted(p.name for p in dest.iterdir()) == ["manifest.json"]
+        assert sorted(p.name for p in dest.iterdir()) == [OUTPUT_MARKER, "manifest.json"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-        with atomic_dir(dest, replaces="manifest.json") as work:
+        with atomic_dir(dest, command="build") as work:
             (work / "g").write_text("2")
-        assert sorted(p.name for p in dest.iterdir()) == ["g"]
+        assert sorted(p.name for p in dest.iterdir()) == [OUTPUT_MARKER, "g"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     finally:
         os.umask(old)
@@ -64,21 +71,21 @@ def test_atomic_dir_never_replaces_what_is_not_an_earlier_output(tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     with pytest.raises(MoecError, match="choose a new or empty folder"):
-        with atomic_dir(mine, replaces="manifest.json"):
+        with atomic_dir(mine, command="build"):
             pytest.fail("the body must not run")
     a_file = tmp_path / "f"
     a_file.write_text("keep")
     with pytest.raises(MoecError, match="is a file"):
-        with atomic_dir(a_file):
+        with atomic_dir(a_file, command="build"):
             pass
     # An output folder that holds (or is) an input would destroy it.
     with pytest.raises(MoecError, match="holds the input"):
-        check_output_dir(tmp_path, inputs=[mine / "notes.txt"])
+        check_output_dir(tmp_path, command="build", inputs=[mine / "notes.txt"])
     with pytest.raises(MoecError, match="holds the input"):
-        check_output_dir(mine, replaces="notes.txt", inputs=[mine])
+        check_output_dir(mine, command="build", inputs=[mine])
     # An empty folder is fine.
     (tmp_path / "empty").mkdir()
-    with atomic_dir(tmp_path / "empty") as work:
+    with atomic_dir(tmp_path / "empty", command="build") as work:
         (work / "x").write_text("1")
     assert (mine / "notes.txt").read_text() == "keep" and a_file.read_text() == "keep"
 
@@ -90,7 +97,7 @@ def test_unwritable_location_is_a_moec_error(tmp_path):
         with atomic_path(blocker / "x.json"):
             pass
     with pytest.raises(MoecError, match="cannot write"):
-        with atomic_dir(blocker / "out"):
+        with atomic_dir(blocker / "out", command="build"):
             pass
     with pytest.raises(MoecError, match="is a folder"):
         write_json_atomic(tmp_path, {})

@@ -276,14 +276,15 @@ def test_timing_cache_missing_is_created_and_reused(tiny, tmp_path):
     assert not any("corrupt" in w or "created" in w for w in r2.warnings)
 
 
-def test_corrupt_timing_cache_is_rebuilt_with_a_warning(tiny, tmp_path):
+def test_a_file_that_is_not_a_timing_cache_is_refused_not_replaced(tiny, tmp_path):
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"\x00garbage" * 20)
-    result = build_engine(tiny, tmp_path / "e", quiet(timing_cache=cache))
-    assert any("corrupt" in w and str(cache) in w for w in result.warnings)
-    assert cache.read_bytes()[:4] == b"ptrt"  # replaced by a fresh cache
-    again = build_engine(tiny, tmp_path / "e", quiet(timing_cache=cache))
-    assert not any("corrupt" in w for w in again.warnings)
+    with pytest.raises(MoecError, match="is not a TensorRT timing cache"):
+        build_engine(tiny, tmp_path / "e", quiet(timing_cache=cache))
+    assert cache.read_bytes() == b"\x00garbage" * 20 and not (tmp_path / "e").exists()
+    # A file of the model is refused as a cache before TensorRT sees it.
+    with pytest.raises(MoecError, match="an input of this command"):
+        build_engine(tiny, tmp_path / "e", quiet(timing_cache=contract.sidecar_path(tiny)))
 
 
 def test_flags_that_do_not_apply_to_rtx(tiny, tmp_path):
@@ -320,7 +321,7 @@ def test_ctrl_c_cancels_and_leaves_previous_artifact(tiny, tmp_path):
         build_engine(tiny, out, quiet(archs=("sm80", "sm89")), display=display)
     assert display.steps == 3  # the build stopped at the first interrupted step
     assert json.loads((out / contract.ENGINE_MANIFEST).read_text()) == first.manifest
-    assert sorted(p.name for p in out.iterdir()) == sorted(["engine.sm89.plan", "manifest.json", "model.moec.json", "tokenizer.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".moec-output.json", "engine.sm89.plan", "manifest.json", "model.moec.json", "tokenizer.json"])
     assert leftovers(tmp_path) == []
 
 

@@ -35,7 +35,9 @@ def test_compile_demo_to_sm89_engine(tmp_path, capsys):
 def test_failed_verify_keeps_previous_output_and_leaves_no_partial(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "compile_report.json").write_text("{}")  # an earlier compile's output: replaceable
+    # An earlier compile's output (moec's marker naming the command): replaceable.
+    (out / ".moec-output.json").write_text('{"written_by": "moec", "command": "compile"}')
+    (out / "compile_report.json").write_text("{}")
     (out / "previous.txt").write_text("an earlier good compile")
     # atol = rtol = 0: any rounding difference between ORT and torch fails the verify stage.
     with pytest.raises(MoecError, match="verify") as exc:
@@ -45,7 +47,7 @@ def test_failed_verify_keeps_previous_output_and_leaves_no_partial(tmp_path):
     assert "verify_report.json" not in str(exc.value)
     stages = [(s.stage, s.status) for s in exc.value.report.stages]
     assert stages[-1] == ("verify", "FAILED") and ("build", "skipped") not in stages
-    assert sorted(p.name for p in out.iterdir()) == ["compile_report.json", "previous.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".moec-output.json", "compile_report.json", "previous.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -80,13 +80,13 @@ def test_overwrites_a_demo_checkpoint_but_not_other_folders(tmp_path):
     path = write_demo_checkpoint(tmp_path / "ckpt", shards=2)
     write_demo_checkpoint(path, shards=1)
     assert sorted(p.name for p in path.iterdir()) == [
-        "config.json", "model.safetensors", "moec-demo-checkpoint.txt", "tokenizer.json"]
+        ".moec-output.json", "config.json", "model.safetensors", "moec-demo-checkpoint.txt", "tokenizer.json"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.txt").write_text("x")
     with pytest.raises(MoecError, match="choose a new or empty folder"):
         write_demo_checkpoint(tmp_path / "mine")
-    # A real checkpoint has a config.json too, but no demo marker: never overwritten with random weights.
-    (path / "moec-demo-checkpoint.txt").unlink()
+    # A real checkpoint has a config.json too, but no marker: never overwritten with random weights.
+    (path / ".moec-output.json").unlink()
     with pytest.raises(MoecError, match="choose a new or empty folder"):
         write_demo_checkpoint(path)
     assert (path / "model.safetensors").is_file()
