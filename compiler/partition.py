@@ -32,7 +32,7 @@ from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, wri
 from moec.common.errors import MoecError
 from moec.common.sidecar import read_sidecar
 
-PARALLEL_FORMAT = "moec-parallel"
+
 PARALLEL_VERSION = 1
 
 
@@ -140,7 +140,7 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
         if tok.is_file():
             shutil.copyfile(tok, tmp / contract.TOKENIZER_FILE)
         write_json_atomic(tmp / contract.PARALLEL_MANIFEST, {
-            "format": PARALLEL_FORMAT, "version": PARALLEL_VERSION, "world_size": mapping.world_size,
+            "format": contract.PARALLEL_FORMAT, "version": PARALLEL_VERSION, "world_size": mapping.world_size,
             "tp": mapping.tp, "ep": mapping.ep, "partition_id": plan_id, "target": str(target),
             "source": source, "plan": plan_dict, "ranks": ranks,
         })
