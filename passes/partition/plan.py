@@ -203,7 +203,8 @@ def build_plan(model: ir.Model, model_config: dict, mapping: Mapping) -> Partiti
 
     sharded = set(weights)
     replicated = tuple(sorted(v.name for v in graph.initializers.values()
-                              if v.name not in sharded and v.const_value is not None and v.const_value.size > 1))
+                              if v.name not in sharded and v.const_value is not None and v.const_value.size > 1
+                              and v.const_value.dtype.is_floating_point()))  # weights, not shape constants
     return PartitionPlan(mapping, int(model_config["num_attention_heads"]), int(model_config["num_key_value_heads"]),
                          int(model_config["head_dim"]), int(model_config.get("num_local_experts") or 0) if moe_layers else 0,
                          weights, tuple(attention), tuple(all_reduces),
