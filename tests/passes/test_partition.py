@@ -84,13 +84,14 @@ def _feeds(ids, pos, caches):
     return f
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_ranks_match_the_single_graph(name, parts, single):
+@pytest.mark.parametrize("name,target", [*((n, "ort") for n in CONFIGS), ("tp2xep2", "trt-rtx:sm89")])
+def test_ranks_match_the_single_graph(name, target, parts, single):
     """Prefill over a chunk boundary, then 12 greedy decode steps: every rank's logits within
-    1e-5 of the unsplit graph, the same greedy tokens, the KV cache split by kv head."""
+    1e-5 of the unsplit graph, the same greedy tokens, the KV cache split by kv head. The
+    trt-rtx graph keeps attention unfused (GQA as Unsqueeze/Expand/Reshape): other head shapes."""
     import onnxruntime as ort
 
-    folder = parts(name)
+    folder = parts(name, target)
     manifest = json.loads((folder / contract.PARALLEL_MANIFEST).read_text())
     world, tp = manifest["world_size"], manifest["tp"]
     graphs = [SegmentedGraph(folder / contract.rank_onnx(r)) for r in range(world)]
@@ -189,3 +190,22 @@ def test_rank_files_and_manifest(parts, demo_onnx):
         side = json.loads(contract.sidecar_path(folder / r["file"]).read_text())
         assert side["parallel"]["rank"] == r["rank"] and side["parallel"]["partition_id"] == manifest["partition_id"]
     assert (folder / contract.TOKENIZER_FILE).is_file()
+
+
+def test_moec_optimize_cli(demo_onnx, tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from moec_cli import run_cli
+
+    out = tmp_path / "ranks"
+    code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort", "--tp", "3"], capsys)
+    assert code == 2 and "4 attention heads (num_attention_heads) over tp 3" in err and "Traceback" not in err
+    assert not out.exists()
+    code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort", "--ep", "2"], capsys)
+    assert code in (0, None), err
+    assert sorted(p.name for p in out.iterdir()) == ["parallel.json", "rank0.moec.json", "rank0.onnx",
+                                                     "rank1.moec.json", "rank1.onnx", "tokenizer.json"]
+    code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort"], capsys)
+    assert code == 2 and "is a folder" in err
