@@ -22,7 +22,7 @@ from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
 from moec.common.errors import MoecError
 
-ENGINES_FORMAT = "moec-parallel-engines"
+ENGINES_FORMAT = contract.PARALLEL_ENGINES_FORMAT
 
 
 def rank_dir(rank: int) -> str:

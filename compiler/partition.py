@@ -108,7 +108,7 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                 plan = build_plan(m, sidecar["model_config"], mapping)
                 d = plan.to_dict()
                 if plan_dict is None:
-                    plan_dict, plan_id = d, _plan_id(d, source_sha)
+                    plan_dict, plan_id = d, _plan_id(d, f"{source_sha}:{target}:{config.precision}:{config.moe_lowering}")
                 elif d != plan_dict:  # the passes are deterministic; a difference is a moec bug
                     raise RuntimeError(f"rank {rank}'s partition plan differs from rank 0's")
                 n = apply_partition(m, plan, rank, plan_id)

@@ -31,6 +31,9 @@ def read_parallel_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from e
+    if isinstance(manifest, dict) and manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
+        raise MoecError(f"{folder} holds per-rank TensorRT engines (`moec build` of a partition folder); `moec run` "
+                        "runs the partition folder itself on ONNX Runtime, TensorRT ranks need GPUs with NCCL")
     if not isinstance(manifest, dict) or manifest.get("format") != contract.PARALLEL_FORMAT or not isinstance(manifest.get("ranks"), list):
         raise MoecError(f"{path} is not a moec partition manifest; re-run `moec optimize --tp/--ep`")
     return manifest

@@ -67,6 +67,10 @@ def test_loading_refuses_incomplete_or_mixed_sets(built, tmp_path):
         load_rank_engines(mixed)
     with pytest.raises(MoecError, match="for 2 ranks but 4 were launched"):
         load_rank_engines(tp_eng, world_size=4)
+    from moec.runtime.parallel.rankset import check_rank_set
+
+    with pytest.raises(MoecError, match="holds per-rank TensorRT engines"):  # moec run ENG_DIR
+        check_rank_set(tp_eng)
 
 
 def test_build_refuses_a_bad_partition_folder_before_any_work(built, tmp_path, capsys):
