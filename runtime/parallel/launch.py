@@ -42,9 +42,10 @@ def under_torchrun() -> bool:
 
 
 def run_rank(folder: Path, rank: int, world_size: int, init_method: str, prompt_ids, gen_config,
-             launch: LaunchConfig, wrap_backend=None) -> dict:
-    """Rank ``rank``'s whole job: join the process group, open its graph, generate, leave.
-    ``wrap_backend`` (tests) may wrap the backend, e.g. to stop a rank mid-generation."""
+             launch: LaunchConfig, wrap_backend=None, job=None) -> dict:
+    """Rank ``rank``'s whole job: join the process group, open its graph, generate (or run
+    ``job(backend) -> dict`` instead, e.g. a benchmark), leave. ``wrap_backend`` (tests) may wrap
+    the backend, e.g. to stop a rank mid-generation."""
     import torch.distributed as dist
 
     from moec.runtime.generate import generate
@@ -62,6 +63,9 @@ def run_rank(folder: Path, rank: int, world_size: int, init_method: str, prompt_
         backend = OrtRankBackend(folder, rank, world_size, make_groups(manifest), launch.intra_op_threads)
         if wrap_backend is not None:
             backend = wrap_backend(backend)
+        if job is not None:
+            return {**job(backend), "describe": backend.describe(), "collective_s": backend.collective_s,
+                    "collective_calls": backend.collective_calls}
         result = generate(backend, prompt_ids, gen_config)
         out = {**result.to_dict(), "describe": backend.describe(),
                "collective_s": backend.collective_s, "collective_calls": backend.collective_calls}
@@ -73,13 +77,14 @@ def run_rank(folder: Path, rank: int, world_size: int, init_method: str, prompt_
             pass
 
 
-def _spawned(rank: int, folder: str, world_size: int, init_method: str, prompt_ids, gen_config, launch, result_dir: str):
+def _spawned(rank: int, folder: str, world_size: int, init_method: str, prompt_ids, gen_config, launch, result_dir: str,
+             job=None):
     """A spawned rank: its result (rank 0) or its error line go to files the parent reads."""
     from moec.common.errors import MoecError as _MoecError
 
     os.environ.setdefault("OMP_NUM_THREADS", str(launch.intra_op_threads or 1))
     try:
-        out = run_rank(Path(folder), rank, world_size, init_method, prompt_ids, gen_config, launch)
+        out = run_rank(Path(folder), rank, world_size, init_method, prompt_ids, gen_config, launch, job=job)
     except _MoecError as e:
         Path(result_dir, f"rank{rank}.error").write_text(str(e))
         raise SystemExit(2)
@@ -93,16 +98,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_parallel(folder: str | os.PathLike, prompt_ids, gen_config, launch: LaunchConfig = LaunchConfig()) -> dict:
-    """Generate with every rank of ``folder``; rank 0's result dict (under torchrun: this rank's,
-    None on ranks other than 0)."""
+def bench_job(bench_config, backend) -> dict:
+    """``moec bench`` on one rank (a top-level function: spawn pickles it by name)."""
+    from moec.runtime.bench import run_bench
+
+    return {"metrics": run_bench(backend, bench_config)}
+
+
+def bench_parallel(folder: str | os.PathLike, bench_config, launch: LaunchConfig = LaunchConfig()) -> dict:
+    """``run_bench`` on every rank of ``folder`` at once; rank 0's metrics and description."""
+    import functools
+
+    return run_parallel(folder, None, None, launch, job=functools.partial(bench_job, bench_config))
+
+
+def run_parallel(folder: str | os.PathLike, prompt_ids, gen_config, launch: LaunchConfig = LaunchConfig(), job=None) -> dict:
+    """Generate with every rank of ``folder`` (or run ``job(backend)`` on each); rank 0's result
+    dict (under torchrun: this rank's, None on ranks other than 0)."""
     from moec.runtime.parallel.rankset import check_rank_set
 
     folder = Path(folder)
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         check_rank_set(folder, world, hash_files=rank == 0)
-        out = run_rank(folder, rank, world, "env://", prompt_ids, gen_config, launch)
+        out = run_rank(folder, rank, world, "env://", prompt_ids, gen_config, launch, job=job)
         return out if rank == 0 else None
     manifest = check_rank_set(folder)
     world = int(manifest["world_size"])
@@ -111,7 +130,7 @@ def run_parallel(folder: str | os.PathLike, prompt_ids, gen_config, launch: Laun
     result_dir = tempfile.mkdtemp(prefix="moec-ranks-")
     try:
         ctx = mp.start_processes(
-            _spawned, args=(str(folder), world, f"tcp://127.0.0.1:{_free_port()}", prompt_ids, gen_config, launch, result_dir),
+            _spawned, args=(str(folder), world, f"tcp://127.0.0.1:{_free_port()}", prompt_ids, gen_config, launch, result_dir, job),
             nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + launch.timeout_s * 2 + 60
         try:

@@ -180,3 +180,13 @@ def test_bad_rank_sets_refused(part, tmp_path, capsys):
     assert code == 2 and "another partition" in err and sorted(p.name for p in mixed.iterdir()) == before
     with pytest.raises(MoecError, match="but 4 were launched"):
         check_rank_set(part(1, 2), 4)
+
+
+def test_moec_bench_on_a_partition_folder(part, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_cli(["bench", part(1, 2), "--json", out, "--prompt-len", 8, "--gen-len", 6,
+                                 "--repeats", 2, "--warmup", 0], capsys)
+    assert code in (0, None), err
+    result = json.loads(out.read_text())
+    assert result["artifact"]["kind"] == "ort-parallel" and result["backend"]["world_size"] == "2"
+    assert result["metrics"]["decode_ms_per_step"]["p50"] > 0 and result["collective_s"] > 0
