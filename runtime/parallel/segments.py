@@ -10,15 +10,13 @@ ends, which is exactly where the ranks must meet anyway.
 
 Values that cross a segment boundary (the residual stream, the KV cache presents, the mask) go
 through host memory as numpy arrays. Initializers stay with the segment that reads them; a graph
-with external data is written per segment into a temporary folder with the data file linked
-beside it, so no weight is copied in memory.
+with external data keeps it there: each segment's session reads the rank's .data file in place
+(ORT's external-initializers folder option), so no weight is copied.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -120,16 +118,10 @@ class SegmentedGraph:
                 for j in range(k + 1):
                     later_reads[j].add(c.input)
         types = {v.name: v.type for v in list(graph.input) + list(graph.value_info) + list(graph.output)}
-        self._tmp = None
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
-        if external:
-            self._tmp = tempfile.TemporaryDirectory(prefix="moec-segments-")
-            for t in graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        link = Path(self._tmp.name) / e.value
-                        if not link.exists():
-                            os.symlink((self.path.parent / e.value).resolve(), link)
+        # External weights: the segment is handed over as bytes and ORT told where the data file
+        # lies (it refuses external paths outside a model file's folder, so no copies, no links).
+        self._data_folder = self.path.parent if any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer) else None
         self.sessions = []
         self.segment_inputs: list[list[str]] = []
         self.segment_outputs: list[list[str]] = []
@@ -161,11 +153,9 @@ class SegmentedGraph:
         opts = ort.SessionOptions()
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        if self._data_folder is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._data_folder))
         try:
-            if self._tmp is not None:
-                path = Path(self._tmp.name) / f"segment{k}.onnx"
-                path.write_bytes(seg.SerializeToString())
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             return ort.InferenceSession(seg.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise MoecError(f"ONNX Runtime cannot load segment {k} of {self.path}: {str(e).strip()}") from e

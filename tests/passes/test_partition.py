@@ -209,3 +209,32 @@ def test_moec_optimize_cli(demo_onnx, tmp_path, capsys):
                                                      "rank1.moec.json", "rank1.onnx", "tokenizer.json"]
     code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort"], capsys)
     assert code == 2 and "is a folder" in err
+
+
+def test_external_data_rank_files(demo_onnx, single, tmp_path):
+    """An export with external weights: rank files keep theirs external, and the segments read
+    them in place (no copy, no file written at run time)."""
+    import shutil
+
+    import onnxruntime as ort
+
+    src = tmp_path / "exp"
+    src.mkdir()
+    model = onnx.load(str(demo_onnx))
+    onnx.save(model, str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=0)
+    for f in (contract.sidecar_path(demo_onnx), demo_onnx.parent / contract.TOKENIZER_FILE):
+        shutil.copyfile(f, src / f.name)
+    out = tmp_path / "ranks"
+    optimize_partitioned(src / "model.onnx", out, OptimizeConfig(target="ort"), ParallelConfig(2, 1))
+    assert (out / "rank0.onnx.data").is_file() and (out / "rank1.onnx.data").is_file()
+    before = sorted(p.name for p in out.iterdir())
+    graphs = [SegmentedGraph(out / contract.rank_onnx(r)) for r in range(2)]
+    ids = np.array([[1, 2, 3, 4]], np.int64)
+    pos = np.arange(4, dtype=np.int64)[None]
+    empty = lambda k: np.zeros((1, k, 0, 16), np.float32)
+    want = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"]).run(
+        ["logits"], _feeds(ids, pos, [(empty(2), empty(2))] * 4))[0]
+    got = lockstep(graphs, [_feeds(ids, pos, [(empty(1), empty(1))] * 4)] * 2)
+    assert float(np.abs(got[0]["logits"] - want).max()) <= 1e-5
+    assert sorted(p.name for p in out.iterdir()) == before
