@@ -71,3 +71,14 @@ OP_GROUPED_EXPERTS = "GroupedExperts"
 PLUGIN_NAME = "MoecGroupedExperts"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "moec"
+
+# --- Multi-rank artifacts (moec optimize --tp/--ep, moec build of their folder) ------------------
+PARALLEL_MANIFEST = "parallel.json"  # world size, mapping, source and per-rank file hashes
+PARALLEL_FORMAT = "moec-parallel"  # parallel.json's "format"
+PARALLEL_ENGINES_FORMAT = "moec-parallel-engines"  # parallel.json of `moec build` over a partition folder
+PARALLEL_METADATA_KEY = "moec.parallel"  # ONNX metadata_props of a rank graph: its rank and partition id
+DIST_COLLECTIVE = "DistCollective"  # TensorRT's collective op (default domain), passes/partition/collectives.py
+
+
+def rank_onnx(rank: int) -> str:
+    return f"rank{rank}.onnx"

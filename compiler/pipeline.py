@@ -3,6 +3,7 @@
     cleanup    constant folding, dead nodes, identities, shape-op simplification (libraries)
     fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
+    partition  one rank's share of a tp x ep split              (empty unless asked; compiler/partition.py)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
     cleanup    again, for what the rewrites left; then onnx shape inference types every value
 
@@ -37,7 +38,7 @@ from moec.common.outputs import check_output_folder_option, mark_output_folder
 from moec.common.sidecar import check_tokenizer_slot, model_tokenizer, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
+PHASES = ("cleanup", "fusion", "precision", "partition", "lowering", "cleanup")
 # Inputs without external data are written inline up to this size (protobuf's limit is 2 GiB).
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
 # --dump-dir writes the graph only: initializers above this size become typed graph inputs.
@@ -178,12 +179,13 @@ def _typing_step() -> Step:
     return Step("cleanup", "infer_types", lambda m, c: infer_types(m))
 
 
-def build_pipeline(config: OptimizeConfig, target) -> list[Step]:
+def build_pipeline(config: OptimizeConfig, target, partition: Step | None = None) -> list[Step]:
     """The flat pass list, phase by phase (see the module docstring)."""
     return [
         *_cleanup_steps(),
         *_fusion_steps(config, target),
         *_precision_steps(config),
+        *([partition] if partition is not None else []),
         *_lowering_steps(config, target),
         *_cleanup_steps(),
         _typing_step(),

@@ -286,6 +286,8 @@ def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backen
     path = Path(path)
     if not path.exists():
         raise MoecError(f"{path} does not exist: bench an .onnx file or an engine directory")
+    if (path / contract.PARALLEL_MANIFEST).is_file():  # a partition folder: every rank benched at once
+        return _bench_ranks(path, config, backend)
     be = open_backend(path, backend, config.threads)
     metrics = run_bench(be, config)
     return result_header(path, be, config) | {"metrics": metrics}
@@ -311,4 +313,29 @@ def result_header(path: Path, be: Backend, config: BenchConfig) -> dict[str, Any
         "backend": {k: str(v) for k, v in be.describe().items()},
         "host": host_identity(),
         "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
+    }
+
+
+def _bench_ranks(path: Path, config: BenchConfig, backend: str | None) -> dict[str, Any]:
+    """A partition folder (moec optimize --tp/--ep): its ranks on ONNX Runtime, rank 0's timings."""
+    from moec.runtime.parallel.launch import bench_parallel
+
+    if backend not in (None, "ort"):
+        raise MoecError(f"{path} is a partition folder; its ranks run on ONNX Runtime (--backend ort)")
+    out = bench_parallel(path, config)
+    try:
+        moec_version = importlib.metadata.version("moec")
+    except importlib.metadata.PackageNotFoundError:
+        moec_version = "unknown"
+    return {
+        "format": BENCH_FORMAT,
+        "moec_version": moec_version,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {"path": str(path), "kind": "ort-parallel", "sha256": sha256_file(path / contract.PARALLEL_MANIFEST),
+                     "identity": artifact_identity(path / contract.rank_onnx(0))},
+        "backend": {k: str(v) for k, v in out["describe"].items()},
+        "host": host_identity(),
+        "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
+        "metrics": out["metrics"],
+        "collective_s": out["collective_s"],
     }

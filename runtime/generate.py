@@ -159,6 +159,13 @@ def prefill_chunk(backend: Backend, prompt_len: int) -> int:
     return min(prompt_len, int(limit))
 
 
+def _shared(backend: Backend, next_B: np.ndarray) -> np.ndarray:
+    """The tokens every rank feeds next: a multi-rank backend's ``share_tokens`` (rank 0's pick,
+    broadcast) where it has one, else this process's own pick."""
+    share = getattr(backend, "share_tokens", None)
+    return next_B if share is None else share(next_B)
+
+
 def generate(
     backend: Backend,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
@@ -199,7 +206,7 @@ def generate(
         for start in range(0, S, chunk):
             end = min(start + chunk, S)
             logits_BSV, cache = backend.forward(prompt_BS[:, start:end], positions_BS[:, start:end], cache)
-        next_B = sample_next(logits_BSV[:, -1, :], config, rng)
+        next_B = _shared(backend, sample_next(logits_BSV[:, -1, :], config, rng))
         prefill_s = time.perf_counter() - t0
         pos = S
         while True:
@@ -220,7 +227,7 @@ def generate(
             feed_B1 = next_B[:, None].astype(np.int64)
             t0 = time.perf_counter()
             logits_BSV, cache = backend.forward(feed_B1, np.full((B, 1), pos, dtype=np.int64), cache)
-            next_B = sample_next(logits_BSV[:, -1, :], config, rng)
+            next_B = _shared(backend, sample_next(logits_BSV[:, -1, :], config, rng))
             step_s.append(time.perf_counter() - t0)
             pos += 1
     else:

@@ -11,7 +11,7 @@ import click
 
 
 @click.command("build")
-@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 @click.option("--arch", default="sm89", show_default=True, help="Target GPU archs, comma separated (sm75, sm80, sm86, sm89, sm90, sm100, sm120, ...).")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
@@ -34,7 +34,8 @@ import click
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
-    """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json).
+    """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
+    MODEL.onnx may be a partition folder (moec optimize --tp/--ep): one engine folder per rank.
 
     Each engine has two optimization profiles: prefill (batch 1..max tuned at 1, new tokens
     1..--max-new-tokens tuned at a typical prompt of 128 or fewer, past 0..--max-past capped so new +
@@ -49,6 +50,15 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
         opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
         workspace_mib=workspace_mib, progress=not no_progress,
     )
+    if onnx_path.is_dir():  # a partition folder (moec optimize --tp/--ep): one engine folder per rank
+        from moec.compiler.build_parallel import build_rank_engines
+
+        m = build_rank_engines(onnx_path, out_dir, config)
+        click.echo(f"built {m['world_size']} ranks (tp {m['tp']} x ep {m['ep']}) for {', '.join(m['archs'])} -> {out_dir}")
+        for r in m["ranks"]:
+            click.echo(f"  rank {r['rank']}: {r['dist_collective_layers']} DistCollective layers; "
+                       + ", ".join(f"{e['file']} sha256 {e['sha256'][:16]}" for e in r["engines"]))
+        return
     result = build_engine(onnx_path, out_dir, config)
     for note in result.warnings:
         click.secho(f"warning: {note}", fg="yellow", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from moec.passes.targets import LOWERINGS
 
 @click.command("optimize")
 @click.argument("in_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Optimized ONNX file to write.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Optimized ONNX file to write; with --tp/--ep a folder for rank{r}.onnx and parallel.json.")
 @click.option("--target", default="ort", show_default=True, help="ort | trt:<arch> | trt-rtx:<arch> (arch like sm80, sm89, sm90, sm100, sm120).")
 @click.option("--moe-lowering", type=click.Choice(["auto", *LOWERINGS]), default="auto", show_default=True,
               help="How fused MoE layers run; auto: the target's fastest valid lowering.")
@@ -20,7 +22,9 @@ from moec.passes.targets import LOWERINGS
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here (graph only: weights become typed inputs).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the pass report as JSON.")
 @click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
-def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion) -> None:
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel ranks (attention heads, MLPs).")
+@click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True, help="Expert-parallel ranks (routed experts).")
+def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion, tp, ep) -> None:
     """Fuse the MoE layers of IN.onnx, lower them for --target and write OUT.onnx (+ sidecar files)."""
     from rich.console import Console
     from rich.table import Table
@@ -38,6 +42,20 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
         check_writable(report_path)
     config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
                             precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)
+    if tp * ep > 1:
+        from moec.compiler.partition import ParallelConfig, optimize_partitioned
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = optimize_partitioned(in_path, out_path, config, ParallelConfig(tp=tp, ep=ep))
+        lowered = ", ".join(f"{k} x{v}" for k, v in r.moe_lowering.items()) or "none"
+        Console().print(f"moec optimize -> {r.out_dir}: {r.world_size} ranks (tp {tp} x ep {ep}), "
+                        f"{', '.join(r.rank_files)}; lowered: {lowered}; {r.total_ms:.0f} ms")
+        if report_path is not None:
+            write_json_atomic(report_path, dataclasses.asdict(r))
+        return
+    if out_path.is_dir():
+        raise MoecError(f"-o {out_path} is a folder; give the .onnx file to write (a folder is for --tp/--ep)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report carries them; printed below
         report = optimize_onnx(in_path, out_path, config)

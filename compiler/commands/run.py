@@ -23,6 +23,8 @@ BACKENDS = ("torch", "ort", "trt")
 def detect_backend(artifact: Path) -> str:
     if artifact.is_dir() and (artifact / contract.ENGINE_MANIFEST).is_file():
         return "trt"
+    if artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
+        return "ort"  # a partition folder: its ranks run on ONNX Runtime (runtime/parallel)
     if artifact.is_dir() and (artifact / "config.json").is_file():
         return "torch"
     if artifact.is_file() and artifact.suffix == ".onnx":
@@ -78,6 +80,9 @@ def artifact_sidecar(artifact: Path) -> dict | None:
 
     if artifact.is_file():
         return read_sidecar(artifact, required=False)
+    if (artifact / contract.PARALLEL_MANIFEST).is_file():
+        rank0 = contract.sidecar_path(artifact / contract.rank_onnx(0))
+        return read_sidecar_file(rank0) if rank0.is_file() else None
     if (artifact / contract.ENGINE_MANIFEST).is_file():
         from moec.runtime.trt_backend import load_manifest
 
@@ -187,6 +192,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     else:
         ids = parse_prompt_ids(prompt_ids)
 
+    if backend == "ort" and artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
+        _run_ranks(artifact, ids, gen_config, tokenizer, as_json)
+        return
     be = open_backend(artifact, backend, dtype, checkpoint)
     result = generate(be, ids, gen_config)
     new_ids = result.new_tokens[0]
@@ -205,6 +213,26 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
         f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s",
         err=True,
     )
+
+
+def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: bool) -> None:
+    """A partition folder: every rank in its own process (spawned here, or by torchrun); only
+    rank 0 prints."""
+    from moec.runtime.parallel.launch import run_parallel
+
+    out = run_parallel(folder, ids, gen_config)
+    if out is None:  # a torchrun rank other than 0
+        return
+    new_ids = out["new_tokens"][0]
+    text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    if as_json:
+        click.echo(json.dumps({"backend": "ort", "prompt_ids": ids, "ids": new_ids, "text": text, **out}))
+        return
+    click.echo(printable(text) if text is not None else " ".join(map(str, new_ids)))
+    t = out["timings"]
+    click.echo(f"[ort x{out['describe']['world_size']} ranks] {len(ids)} prompt + {len(new_ids)} new tokens "
+               f"({out['finish_reasons'][0]}): prefill {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s",
+               err=True)
 
 
 @click.command("export")

@@ -1,0 +1,105 @@
+"""``moec build OUT_DIR`` for a partition folder: one engine folder per rank, one parallel.json.
+
+ENG_DIR/
+  rank{r}/               what ``moec build`` writes for one graph (engines per arch, manifest.json);
+                         its manifest also records ``parallel``: world size, rank, tp, ep, the
+                         partition id and this rank's share of the mapping
+  parallel.json          world size, mapping, and every rank's engines with their sha256
+
+Each rank graph's DistCollective nodes become TensorRT DistCollective layers (NCCL at run time,
+SM80+). ``load_rank_engines`` is what a runtime calls first: it refuses a set that is incomplete
+(a rank folder or engine missing), mixed (ranks of different partitions or builds, or an engine
+whose sha256 is not the recorded one) or launched with another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from moec.common import contract
+from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
+from moec.common.errors import MoecError
+
+ENGINES_FORMAT = contract.PARALLEL_ENGINES_FORMAT
+
+
+def rank_dir(rank: int) -> str:
+    return f"rank{rank}"
+
+
+def build_rank_engines(part_dir: str | Path, out_dir: str | Path, config) -> dict:
+    """Build every rank of ``part_dir`` (``moec optimize --tp/--ep``'s folder) for ``config.archs``."""
+    from moec.compiler.build import build_engine
+    from moec.runtime.parallel.rankset import check_rank_set
+
+    part_dir, out_dir = Path(part_dir), Path(out_dir)
+    manifest = check_rank_set(part_dir)  # missing / foreign rank files: named errors before any work
+    check_output_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[part_dir])
+    plan_ranks = {r["rank"]: r for r in manifest["plan"]["ranks"]}
+    ranks = []
+    with atomic_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[part_dir]) as tmp:
+        for r in manifest["ranks"]:
+            rank = r["rank"]
+            result = build_engine(part_dir / r["file"], tmp / rank_dir(rank), config)
+            m = result.manifest
+            m["parallel"] = {"world_size": manifest["world_size"], "rank": rank, "tp": manifest["tp"], "ep": manifest["ep"],
+                             "partition_id": manifest["partition_id"], "mapping": plan_ranks[rank]}
+            write_json_atomic(tmp / rank_dir(rank) / contract.ENGINE_MANIFEST, m)
+            ranks.append({"rank": rank, "dir": rank_dir(rank), "source_sha256": r["sha256"],
+                          "dist_collective_layers": m["network_layers"]["by_type"].get("DIST_COLLECTIVE", 0),
+                          "engines": [{"file": e["file"], "archs": e["archs"], "sha256": e["sha256"], "bytes": e["bytes"]}
+                                      for e in m["engines"]]})
+        tok = part_dir / contract.TOKENIZER_FILE
+        if tok.is_file():
+            shutil.copyfile(tok, tmp / contract.TOKENIZER_FILE)
+        out = {"format": ENGINES_FORMAT, "version": 1, "world_size": manifest["world_size"], "tp": manifest["tp"],
+               "ep": manifest["ep"], "partition_id": manifest["partition_id"], "archs": list(config.archs),
+               "mapping": manifest["plan"]["mapping"], "plan_ranks": manifest["plan"]["ranks"],
+               "source": {"folder": str(part_dir), "sha256": sha256_file(part_dir / contract.PARALLEL_MANIFEST)},
+               "ranks": ranks}
+        write_json_atomic(tmp / contract.PARALLEL_MANIFEST, out)
+    return out
+
+
+def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: str | None = None) -> dict[int, Path]:
+    """{rank: engine file} for ``arch`` (the first built arch when None), after checking the set
+    is complete, of one partition and build, and of ``world_size`` ranks when given."""
+    eng_dir = Path(eng_dir)
+    path = eng_dir / contract.PARALLEL_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoecError(f"{eng_dir} has no {contract.PARALLEL_MANIFEST}; build a partition folder with `moec build`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from e
+    if manifest.get("format") != ENGINES_FORMAT:
+        raise MoecError(f"{path} is not a moec multi-rank engine manifest; rebuild with `moec build OUT_DIR`")
+    world = int(manifest["world_size"])
+    if world_size is not None and world_size != world:
+        raise MoecError(f"{eng_dir} holds engines for {world} ranks but {world_size} were launched; launch {world}")
+    if sorted(r["rank"] for r in manifest["ranks"]) != list(range(world)):
+        raise MoecError(f"{path} does not list ranks 0..{world - 1}: the rank set is incomplete; rebuild with `moec build`")
+    arch = arch or manifest["archs"][0]
+    engines = {}
+    for r in manifest["ranks"]:
+        rank_manifest = eng_dir / r["dir"] / contract.ENGINE_MANIFEST
+        if not rank_manifest.is_file():
+            raise MoecError(f"{eng_dir} is missing rank {r['rank']}'s engines ({r['dir']}/); the rank set is incomplete, "
+                            "copy the whole folder `moec build` wrote")
+        par = json.loads(rank_manifest.read_text()).get("parallel") or {}
+        if par.get("partition_id") != manifest["partition_id"] or par.get("rank") != r["rank"]:
+            raise MoecError(f"{rank_manifest} is rank {par.get('rank')} of partition {par.get('partition_id')}, not rank "
+                            f"{r['rank']} of {manifest['partition_id']}: a mixed rank set; rebuild or copy one build's folder")
+        entry = next((e for e in r["engines"] if arch in e["archs"]), None)
+        if entry is None:
+            raise MoecError(f"{eng_dir}: rank {r['rank']} has no engine for {arch}; built: {', '.join(manifest['archs'])}")
+        engine = eng_dir / r["dir"] / entry["file"]
+        if not engine.is_file():
+            raise MoecError(f"{engine} is missing; the rank set is incomplete")
+        if sha256_file(engine) != entry["sha256"]:
+            raise MoecError(f"{engine} is not the engine {contract.PARALLEL_MANIFEST} records (sha256 differs): a mixed "
+                            "rank set; copy one build's folder whole")
+        engines[r["rank"]] = engine
+    return engines

@@ -1,0 +1,82 @@
+"""A partition folder (``moec optimize --tp/--ep``) checked as one set of ranks before any run.
+
+Refused with a named error, before a process starts or a byte is written: a folder without
+parallel.json, a rank file that is missing, a rank file that is not the one parallel.json
+recorded (its sha256, or the partition id in its metadata, differ: a rank graph from another
+partition), and a launch whose world size is not the partition's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moec.common import contract
+from moec.common.artifacts import sha256_file
+from moec.common.errors import MoecError
+
+
+
+
+def is_rank_set(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / contract.PARALLEL_MANIFEST).is_file()
+
+
+def read_parallel_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / contract.PARALLEL_MANIFEST
+    if not path.is_file():
+        raise MoecError(f"{folder} has no {contract.PARALLEL_MANIFEST}; give the folder `moec optimize --tp/--ep` wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from e
+    if isinstance(manifest, dict) and manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
+        raise MoecError(f"{folder} holds per-rank TensorRT engines (`moec build` of a partition folder); `moec run` "
+                        "runs the partition folder itself on ONNX Runtime, TensorRT ranks need GPUs with NCCL")
+    if not isinstance(manifest, dict) or manifest.get("format") != contract.PARALLEL_FORMAT or not isinstance(manifest.get("ranks"), list):
+        raise MoecError(f"{path} is not a moec partition manifest; re-run `moec optimize --tp/--ep`")
+    return manifest
+
+
+def check_rank_set(folder: Path, world_size: int | None = None, *, hash_files: bool = True) -> dict:
+    """The manifest of ``folder`` after checking that every rank file is present and the one it
+    records; ``world_size``: the launch's, which must match."""
+    folder = Path(folder)
+    manifest = read_parallel_manifest(folder)
+    world = int(manifest["world_size"])
+    if world_size is not None and world_size != world:
+        raise MoecError(f"{folder} is partitioned for {world} ranks (tp {manifest['tp']} x ep {manifest['ep']}) "
+                        f"but {world_size} were launched; launch {world} (e.g. torchrun --nproc-per-node {world})")
+    if sorted(r["rank"] for r in manifest["ranks"]) != list(range(world)):
+        raise MoecError(f"{folder / contract.PARALLEL_MANIFEST} does not list ranks 0..{world - 1}; re-run `moec optimize --tp/--ep`")
+    missing = [r["file"] for r in manifest["ranks"] if not (folder / r["file"]).is_file()]
+    if missing:
+        raise MoecError(f"{folder} is missing rank file{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                        "copy the whole folder `moec optimize --tp/--ep` wrote")
+    for r in manifest["ranks"]:
+        path = folder / r["file"]
+        if _partition_id(path) != manifest["partition_id"]:
+            raise MoecError(f"{path} is a rank graph of another partition (its partition id is not "
+                            f"{manifest['partition_id']}, the one {contract.PARALLEL_MANIFEST} records); "
+                            "do not mix rank files of different `moec optimize --tp/--ep` runs")
+        if hash_files and sha256_file(path) != r["sha256"]:
+            raise MoecError(f"{path} is not the rank {r['rank']} graph {contract.PARALLEL_MANIFEST} records (sha256 "
+                            "differs); do not mix rank files of different `moec optimize --tp/--ep` runs")
+    return manifest
+
+
+def _partition_id(path: Path) -> str | None:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise MoecError(f"{path}: not a readable ONNX model ({e})") from e
+    text = next((p.value for p in model.metadata_props if p.key == contract.PARALLEL_METADATA_KEY), None)
+    if not text:
+        return None
+    try:
+        return json.loads(text).get("partition_id")
+    except json.JSONDecodeError:
+        return None
