@@ -36,10 +36,10 @@ def build_rank_engines(part_dir: str | Path, out_dir: str | Path, config) -> dic
 
     part_dir, out_dir = Path(part_dir), Path(out_dir)
     manifest = check_rank_set(part_dir)  # missing / foreign rank files: named errors before any work
-    check_output_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[part_dir])
+    check_output_dir(out_dir, command="build", inputs=[part_dir])
     plan_ranks = {r["rank"]: r for r in manifest["plan"]["ranks"]}
     ranks = []
-    with atomic_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[part_dir]) as tmp:
+    with atomic_dir(out_dir, command="build", inputs=[part_dir]) as tmp:
         for r in manifest["ranks"]:
             rank = r["rank"]
             result = build_engine(part_dir / r["file"], tmp / rank_dir(rank), config)

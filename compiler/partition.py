@@ -83,7 +83,7 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise MoecError(f"{in_path} has no {contract.sidecar_path(in_path).name} beside it; partitioning reads the "
                         "model's head and expert counts from it (keep the files `moec export` wrote together)")
     mapping.check_divisible(sidecar["model_config"])  # before any work
-    check_output_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[in_path])
+    check_output_dir(out_dir, command="optimize", inputs=[in_path])
     _check_external_data(in_path)
     source_sha = sha256_file(in_path)
     data_path = in_path.with_name(in_path.name + ".data")
@@ -92,7 +92,7 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
         source["data_sha256"] = sha256_file(data_path)
 
     ranks, counts, plan_dict, plan_id = [], {}, None, None
-    with atomic_dir(out_dir, replaces=contract.PARALLEL_MANIFEST, inputs=[in_path]) as tmp:
+    with atomic_dir(out_dir, command="optimize", inputs=[in_path]) as tmp:
         for rank in range(mapping.world_size):
             try:
                 model = ir.load(in_path)

@@ -205,7 +205,7 @@ def test_moec_optimize_cli(demo_onnx, tmp_path, capsys):
     assert not out.exists()
     code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort", "--ep", "2"], capsys)
     assert code in (0, None), err
-    assert sorted(p.name for p in out.iterdir()) == ["parallel.json", "rank0.moec.json", "rank0.onnx",
+    assert sorted(p.name for p in out.iterdir()) == [".moec-output.json", "parallel.json", "rank0.moec.json", "rank0.onnx",
                                                      "rank1.moec.json", "rank1.onnx", "tokenizer.json"]
     code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--target", "ort"], capsys)
     assert code == 2 and "is a folder" in err
