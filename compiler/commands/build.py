@@ -205,11 +205,11 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
     NEW, ...) on the same prompt until --max-time, or until the paired verdict is decided."""
     from moec.runtime.bench import BenchConfig, check_result_path
 
-    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
     if json_out is not None:
         check_result_path(json_out, artifact)
         if against is not None:
             check_result_path(json_out, against)
+    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
     if against is None:
         from moec.runtime.bench import bench_artifact
 
@@ -250,6 +250,10 @@ class _stdout_may_close:
         return self
 
     def __exit__(self, kind, value, tb):
+        # rich turns a broken pipe into SystemExit(1) itself (after pointing stdout at /dev/null).
+        rich_exit = kind is not None and issubclass(kind, SystemExit) and isinstance(value.__context__, BrokenPipeError)
+        if rich_exit:
+            return True
         if kind is None or not issubclass(kind, BrokenPipeError):
             return False
         import os
