@@ -15,7 +15,11 @@ added to the logits: the outputs are unchanged, and ONNX Runtime cannot fold the
 it depends on the input. Its length is calibrated on this host with a paired measurement of the
 decode step (the calibrated slowdown is recorded); prefill gets slower by a different factor.
 
-    python benchmarks/gate_reliability.py [--runs 20] [--threads 1] [--work DIR]
+    python benchmarks/gate_reliability.py [--runs 20] [--threads 1] [--work DIR] [--no-neighbour]
+
+Besides whatever else runs on the host, the script starts its own CPU-heavy neighbour for the whole
+measurement (calibration included): one Python process spinning in a busy loop, a full core of a
+2-core host.
 
 Writes benchmarks/results/gate_reliability.json and .md. Not a test.
 """
@@ -127,6 +131,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--no-neighbour", action="store_true", help="Do not start the busy-loop neighbour.")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moec_gate_rel_"))
 
@@ -137,6 +142,15 @@ def main() -> None:
     if not base.exists():
         write_demo_checkpoint(work / "ckpt", preset="llama4-tiny", seed=0)
         export_onnx(work / "ckpt", base, ExportConfig(dtype="fp32"))
+    neighbour = None if args.no_neighbour else subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        run(args, work, base, neighbour is not None)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+
+
+def run(args, work: Path, base: Path, neighbour: bool) -> None:
     load_start = os.getloadavg()
     slow, links, calibrated = calibrate(base, work, args.threads)
 
@@ -158,6 +172,7 @@ def main() -> None:
                 "within_60s": sum(r["wall_s"] <= 60 for r in rs)}
 
     result = {
+        "neighbour": "a Python busy loop (one full core)" if neighbour else "none started",
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "load_1_5_15_at_start": load_start, "load_1_5_15_at_end": os.getloadavg()},
         "settings": {"threads": args.threads, "prompt_len": 32, "gen_len": 32, "max_time_s": 35, "max_regression": "5%",
@@ -176,9 +191,12 @@ def main() -> None:
         f"Host: {result['host']['cpu']}, {result['host']['cores']} cores, SHARED and loaded: 1/5/15-minute load "
         f"average {tuple(round(x, 1) for x in load_start)} at the start, "
         f"{tuple(round(x, 1) for x in result['host']['load_1_5_15_at_end'])} at the end (other engineers' builds and "
-        "test runs; this is the CPU-heavy neighbour). Timings on this host are noisy and vary run to run.",
+        "test runs), plus " + ("this script's own neighbour: a Python busy loop on one core for the whole "
+                               "measurement" if neighbour else "no neighbour of this script's") +
+        ". Timings on this host are noisy and vary run to run.",
         "",
-        f"Settings: --threads {args.threads}, prompt 32, gen 32, --max-time 35, --max-regression 5%. Slow variant: "
+        f"Settings: --threads {args.threads}, prompt 32, gen 32, --max-time 35, --max-regression 5% (the defaults, "
+        f"but --threads). Slow variant: "
         f"{links} extra MatMul[{K}x{K}]+Tanh links per step, calibrated to {calibrated:.2f}x per decode step "
         "(paired, on this host).",
         "",

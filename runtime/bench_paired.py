@@ -54,7 +54,7 @@ class PairedConfig:
     max_time: float = 35.0  # seconds of timed rounds (warm-up excluded)
     min_rounds: int = 12  # fewer rounds than this are no basis for a confidence interval
     max_rounds: int = 2000
-    prefills: int = 11  # prefills per round (one inside the generate call); the round's value is their median
+    prefills: int = 21  # prefills per round (one inside the generate call); the round's value is their median
 
     def __post_init__(self):
         if not (math.isfinite(self.max_time) and self.max_time > 0):

@@ -215,7 +215,6 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
     NEW, ...) on the same prompt until --max-time, or until the paired verdict is decided."""
     from moec.runtime.bench import BenchConfig, check_result_path
 
-    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
     if json_out is not None:
         from moec.common.outputs import check_option_output, json_object_with
 
@@ -224,6 +223,7 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
             check_result_path(json_out, against)
         check_option_output(json_out, "--json", kind="moec bench result",
                             is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
+    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
     if against is None:
         from moec.runtime.bench import bench_artifact
 
@@ -264,6 +264,10 @@ class _stdout_may_close:
         return self
 
     def __exit__(self, kind, value, tb):
+        # rich turns a broken pipe into SystemExit(1) itself (after pointing stdout at /dev/null).
+        rich_exit = kind is not None and issubclass(kind, SystemExit) and isinstance(value.__context__, BrokenPipeError)
+        if rich_exit:
+            return True
         if kind is None or not issubclass(kind, BrokenPipeError):
             return False
         import os

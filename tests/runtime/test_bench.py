@@ -16,9 +16,13 @@ TINY = BenchConfig(prompt_len=4, gen_len=3, batch=2, repeats=2, warmup=1)
 def test_bench_ort_result(demo_onnx):
     res = bench_artifact(demo_onnx, TINY)
     assert res["format"] == BENCH_FORMAT
+    identity = res["artifact"].pop("identity")
     assert res["artifact"] == {"path": str(demo_onnx), "kind": "ort", "sha256": source_hashes(demo_onnx)["sha256"]}
+    assert identity["dtype"] == "fp32" and identity["lowering"] == "none" and len(identity["model_config_sha256"]) == 64
     assert res["backend"]["backend"] == "ort" and "onnxruntime" in res["backend"]
-    assert res["config"] == {"prompt_len": 4, "gen_len": 3, "batch": 2, "repeats": 2, "warmup": 1, "seed": 0}
+    # conftest sets OMP_NUM_THREADS=1, which ONNX Runtime follows when --threads is not given.
+    assert res["config"] == {"prompt_len": 4, "gen_len": 3, "batch": 2, "repeats": 2, "warmup": 1, "seed": 0, "threads": 1}
+    assert set(res["host"]) == {"name", "machine", "cpu", "cores"}
     assert set(res["metrics"]) == {"prefill_ms", "decode_ms_per_step", "decode_tokens_per_s", "prefill_tokens_per_s"}
     for name, m in res["metrics"].items():
         assert len(m["repeats"]) == 2 and m["population"], name
