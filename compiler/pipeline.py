@@ -36,7 +36,7 @@ from moec.common.errors import MoecError
 from moec.common.sidecar import check_tokenizer_slot, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-PHASES = ("cleanup", "fusion", "precision", "lowering", "cleanup")
+PHASES = ("cleanup", "fusion", "precision", "quantize", "lowering", "cleanup")
 # Inputs without external data are written inline up to this size (protobuf's limit is 2 GiB).
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
 # --dump-dir writes the graph only: initializers above this size become typed graph inputs.
@@ -56,6 +56,11 @@ class OptimizeConfig:
     fuse_rotary: bool | None = None  # RoPE -> RotaryEmbedding; None: as fuse_rms_norm
     fuse_attention: bool | None = None  # -> ONNX Attention; None: ort only (passes/fusions/attention.py says why)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
+    # Weight quantization (passes/quantize); the routing always stays in full precision.
+    quantize: str | None = None  # None | "int4" | "int8" | "fp8"
+    quantize_group: int | None = None  # int4's block along K: 32 | 64 | 128; None: 128
+    quantize_scope: str = "experts"  # "experts" | "mlp" (+ shared expert, dense MLPs) | "all" (+ attention)
+    quantize_symmetric: bool = True  # int4 only: False stores a zero point per block
 
 
 @dataclasses.dataclass
@@ -156,6 +161,12 @@ def _precision_steps(config: OptimizeConfig) -> list[Step]:
     return [Step("precision", f"convert_to_{config.precision}", lambda m, c: convert_precision(m, config.precision))]
 
 
+def _quantize_steps(config: OptimizeConfig, target) -> list[Step]:
+    from moec.compiler.quantize_stage import quantize_steps
+
+    return quantize_steps(config, target)
+
+
 def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
     from moec.passes.lowerings import lower_moe
     from moec.passes.targets import lowerings_for
@@ -181,6 +192,7 @@ def build_pipeline(config: OptimizeConfig, target) -> list[Step]:
         *_cleanup_steps(),
         *_fusion_steps(config, target),
         *_precision_steps(config),
+        *_quantize_steps(config, target),
         *_lowering_steps(config, target),
         *_cleanup_steps(),
         _typing_step(),
@@ -375,6 +387,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         check_tokenizer_slot(in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE)
     if config.dump_dir is not None:
         check_writable(Path(config.dump_dir) / "00_input.onnx")
+    from moec.compiler.quantize_stage import check_quantize_request
+
+    quant = check_quantize_request(config, target)  # before any work
     sidecar = read_sidecar(in_path, required=False)
     if config.precision not in (None, "fp32") and sidecar is not None and sidecar.get("dtype", "fp32") != "fp32":
         raise MoecError(
@@ -419,6 +434,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     lowering_name = "+".join(sorted(ctx.lowered)) or "none"
     if sidecar is not None:
         sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
+        if quant is not None:
+            sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
         write_json_atomic(contract.sidecar_path(out_path), sidecar)
     tok_src, tok_dst = in_path.parent / contract.TOKENIZER_FILE, out_path.parent / contract.TOKENIZER_FILE
     if tok_src.exists() and tok_src.resolve() != tok_dst.resolve():

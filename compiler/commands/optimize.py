@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.passes.targets import LOWERINGS
 
 
@@ -20,7 +21,9 @@ from moec.passes.targets import LOWERINGS
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here (graph only: weights become typed inputs).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the pass report as JSON.")
 @click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
-def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion) -> None:
+@quantize_options
+def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion,
+             **quantize) -> None:
     """Fuse the MoE layers of IN.onnx, lower them for --target and write OUT.onnx (+ sidecar files)."""
     from rich.console import Console
     from rich.table import Table
@@ -37,7 +40,7 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
             raise MoecError(f"--report {report_path} would overwrite a file of the model; choose another name")
         check_writable(report_path)
     config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
-                            precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)
+                            precision=precision, dump_dir=dump_dir, require_fusion=require_fusion, **quantize_fields(**quantize))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report carries them; printed below
         report = optimize_onnx(in_path, out_path, config)
