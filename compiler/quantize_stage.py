@@ -92,7 +92,12 @@ def quantize_steps(config, target) -> list:
         ctx.counts["quantized"] = ctx.counts.get("quantized", 0) + n
         return n
 
-    return [Step("quantize", f"quantize_{spec.label()}", run)]
+    steps = [Step("quantize", f"quantize_{spec.label()}", run)]
+    if target.kind == "ort" and spec.format == "int4":
+        from moec.passes.lowerings.ort_quant import lower_dense_int4
+
+        steps.append(Step("quantize", "lower_matmul_nbits", lambda m, c: lower_dense_int4(m)))
+    return steps
 
 
 def dequantize_module_weights(model, spec: QuantizeSpec) -> int:
