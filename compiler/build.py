@@ -738,6 +738,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                             "on the compute capability it was built for; list the archs with --arch instead, or build "
                             "with --backend tensorrt")
     sidecar = read_sidecar(onnx_path)
+    from moec.compiler.quantize_stage import check_engine_archs
+
+    check_engine_archs(sidecar, archs, onnx_path)
     check_external_data(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     source = source_hashes(onnx_path)
@@ -785,6 +788,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "profiles": _profiles_json(profiles),
             "limits": dataclasses.asdict(limits),
             "precision": graph_precision(model),
+            "quantization": sidecar.get("quantization"),  # format, group, scope, calibration (moec optimize)
             "strongly_typed": True,
             "plugins": plugins,
             "io": network_io(network),

@@ -126,3 +126,14 @@ def dequantize_module_weights(model, spec: QuantizeSpec) -> int:
             param.copy_(torch.from_numpy(np.ascontiguousarray(dequantize(qt))).to(param.dtype))
         count += 1
     return count
+
+
+def check_engine_archs(sidecar: dict, archs, onnx_path) -> None:
+    """`moec build` of a quantized graph for an arch that cannot run its format: named before any
+    engine is built (the graph itself says nothing about the arch it was optimized for)."""
+    quant = (sidecar or {}).get("quantization") or {}
+    if quant.get("format") == "fp8":
+        bad = [a for a in archs if a not in FP8_ARCHS]
+        if bad:
+            raise MoecError(f"{onnx_path} has FP8 weights (moec optimize --quantize fp8); {', '.join(bad)} has no FP8 "
+                            "tensor cores: build for sm89 or newer, or re-optimize with --quantize int4 or int8")
