@@ -3,6 +3,7 @@
     cleanup    constant folding, dead nodes, identities, shape-op simplification (libraries)
     fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
+    quantize   weights -> int4/int8/fp8 DequantizeLinear, routing never (empty unless asked; compiler/quantize_stage.py)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
     cleanup    again, for what the rewrites left; then onnx shape inference types every value
 
