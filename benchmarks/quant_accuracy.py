@@ -33,10 +33,24 @@ HERE = Path(__file__).parent
 TEXT = HERE / "data" / "ppl_text.txt"
 RESULTS = HERE / "results"
 FORMATS = {"fp32": {}, "int8": dict(quantize="int8"), "fp8": dict(quantize="fp8"),
-           "int4-g128": dict(quantize="int4", quantize_group=128), "int4-g32": dict(quantize="int4", quantize_group=32)}
+           "int4-g128": dict(quantize="int4", quantize_group=128),
+           # SmolLM2's hidden size 576 = 9 x 64: group 128 does not divide it, 64 is the largest that does.
+           "int4-g64": dict(quantize="int4", quantize_group=64), "int4-g32": dict(quantize="int4", quantize_group=32),
+           "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False)}
 # Expected increase over fp32 before measuring (the issue's targets): int8 <= 1 %, fp8 <= 3 %, int4-g128 <= 10 %.
-TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10}
+TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g64": 0.10}
 NUM_EXPERTS = 4
+NOTES = """Notes (written after measuring):
+- int4-g128 cannot be measured on this model: its hidden size 576 = 9 x 64, so group 128 does not divide the K of
+  gate/up (moec refuses it by name); int4-g64 stands in for the issue's int4-g128 target (<= 10 %) and misses it
+  by far (+40 %). Round-to-nearest int4 on a 135M model is known to be harsh; two further reasons here: (1) the
+  "fp32" weights are SmolLM2's Q4_1 GGUF weights dequantized, i.e. already on an asymmetric 4-bit grid with
+  blocks of 32, and re-rounding them onto a different (symmetric, 64-wide) grid adds a second full rounding error;
+  (2) symmetric int4 uses 15 of 16 levels around 0 while Q4_1's blocks are not centred. The asymmetric g32 variant,
+  closest to Q4_1's own grid, is +10.6 %; symmetric g32 +21 %. No AWQ-like scaling was tried (not built).
+- int8 (+0.5 %) and fp8 (+1.7 %) meet their targets on the dense variant.
+- The MoE variant's fp32 perplexity is its own baseline (the upcycled routed experts change the function).
+- Machine: shared 2-core host under heavy load; perplexity does not depend on timing."""
 
 
 def gguf_path() -> Path:
@@ -188,7 +202,11 @@ def main() -> None:
     ap.add_argument("--variants", default="dense,moe")
     ap.add_argument("--scope", default="mlp")
     ap.add_argument("--work", type=Path, default=None, help="Keep the checkpoints and graphs here.")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="Write the results from the JSON rows these earlier runs printed (no measuring).")
     args = ap.parse_args()
+    if args.merge is not None:
+        return merge(args.merge)
     from transformers import AutoTokenizer
 
     from moec.compiler.export import ExportConfig, export_onnx
@@ -214,7 +232,7 @@ def main() -> None:
         for fmt in args.formats.split(","):
             t0 = time.perf_counter()
             out = work / variant / fmt / "model.onnx"
-            rep = optimize_onnx(export, out, OptimizeConfig(target="ort", quantize_scope=args.scope, **FORMATS[fmt]))
+            rep = optimize_onnx(export, out, OptimizeConfig(target="ort", **FORMATS[fmt], **({"quantize_scope": args.scope} if FORMATS[fmt] else {})))
             ppl = perplexity(out, tokens)
             base = ppl if fmt == "fp32" else base
             row = {"format": fmt, "variant": variant, "perplexity": round(ppl, 4), "tokens": len(tokens),
@@ -226,6 +244,26 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_results(rows, checks)
+
+
+def merge(logs: list[Path]) -> None:
+    rows, checks = {}, {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if line.startswith("dense vs transformers"):
+                checks["max_abs_logit_diff_vs_transformers"] = float(line.split("diff ")[1].split()[0])
+            elif line.startswith("{"):
+                row = json.loads(line)
+                rows[(row["variant"], row["format"])] = row
+    order = list(FORMATS)
+    out = sorted(rows.values(), key=lambda r: (r["variant"], order.index(r["format"])))
+    for r in out:
+        base = rows.get((r["variant"], "fp32"))
+        r["increase_vs_fp32"] = None if base is None else round(r["perplexity"] / base["perplexity"] - 1, 5)
+        r["target_increase"] = TARGETS.get(r["format"])
+        r["meets_target"] = None if r["target_increase"] is None or r["increase_vs_fp32"] is None \
+            else r["increase_vs_fp32"] <= r["target_increase"]
+    write_results(out, checks)
 
 
 def write_results(rows: list[dict], checks: dict) -> None:
@@ -244,6 +282,7 @@ def write_results(rows: list[dict], checks: dict) -> None:
         tgt = "" if r["target_increase"] is None else f"<= {100 * r['target_increase']:.0f} %"
         met = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
         lines.append(f"| {r['variant']} | {r['format']} | {r['perplexity']:.3f} | {inc} | {tgt} | {met} |")
+    lines += ["", NOTES]
     with atomic_path(RESULTS / "quant_accuracy.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
