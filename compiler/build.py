@@ -745,6 +745,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                             "with --backend tensorrt")
     sidecar = read_sidecar(onnx_path)
     tokenizer = model_tokenizer(onnx_path.parent, sidecar, onnx_path)  # shipped in the engine folder
+    from moec.compiler.quantize_stage import check_engine_archs
+
+    check_engine_archs(sidecar, archs, onnx_path)
     check_external_data(onnx_path)
     model = load_graph_structure(onnx_path)
     source = source_hashes(onnx_path)
@@ -791,6 +794,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "profiles": _profiles_json(profiles),
             "limits": dataclasses.asdict(limits),
             "precision": graph_precision(model),
+            "quantization": sidecar.get("quantization"),  # format, group, scope, calibration (moec optimize)
             "strongly_typed": True,
             "plugins": plugins,
             "io": network_io(network),

@@ -54,6 +54,11 @@ class CompileConfig:
     workspace_mib: int | None = None
     progress: bool = True
     demo_seed: int = 0  # seed of the embedded demo checkpoint when no checkpoint is given
+    # Weight quantization in the optimize stage (OptimizeConfig's fields, same meaning).
+    quantize: str | None = None
+    quantize_group: int | None = None
+    quantize_scope: str = "experts"
+    quantize_symmetric: bool = True
 
 
 @dataclass
@@ -151,7 +156,8 @@ def stage_optimize(s: _State) -> StageRecord:
     s.optimized_path = s.export_path.with_name("model.opt.onnx")
     rep = optimize_onnx(s.export_path, s.optimized_path, OptimizeConfig(
         target=s.config.target, moe_lowering=s.config.moe_lowering, precision=s.config.precision,
-        require_fusion=True))
+        require_fusion=True, quantize=s.config.quantize, quantize_group=s.config.quantize_group,
+        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric))
     s.optimize_report = rep
     lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
     fused = f"{rep.fused_gating} gating + {rep.fused_experts} experts / {rep.moe_layers} MoE layers"
@@ -185,6 +191,12 @@ def verify_skip_reason(config: CompileConfig) -> str | None:
     return None
 
 
+def quantize_spec_of(config):
+    from moec.compiler.quantize_stage import spec_of
+
+    return spec_of(config)
+
+
 def stage_verify(s: _State) -> StageRecord:
     if (reason := verify_skip_reason(s.config)) is not None:
         return StageRecord("verify", 0.0, "skipped", reason)
@@ -201,11 +213,17 @@ def stage_verify(s: _State) -> StageRecord:
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
     torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
+    if (quant := quantize_spec_of(s.config)) is not None:
+        # The quantized graph is checked against torch on the same dequantized weights.
+        from moec.compiler.quantize_stage import dequantize_module_weights
+
+        dequantize_module_weights(torch_backend.model, quant)
     rep = verify_backends(torch_backend, ort_backend, vcfg, llama.vocab_size, llama.attention_chunk_size)
     write_json_atomic(s.work / "verify_report.json", rep.to_dict())
     worst = max(rep.rows, key=lambda r: r.max_abs)
     greedy = f"greedy {sum(rep.greedy_match)}/{len(rep.greedy_match)} steps equal"
-    detail = f"{graph.name} in ORT vs torch {dtype}, atol {rep.atol:g} rtol {rep.rtol:g}; {greedy}"
+    reference = f"torch {dtype}" + (f" with {quant.label()}-dequantized weights" if quant is not None else "")
+    detail = f"{graph.name} in ORT vs {reference}, atol {rep.atol:g} rtol {rep.rtol:g}; {greedy}"
     rec = StageRecord("verify", 0.0, "ok" if rep.passed else "FAILED", detail,
                       max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
     if not rep.passed:
@@ -275,11 +293,20 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     target = parse_target(config.target)
     lowerings_for(target, config.moe_lowering)
     _check_trt_installed(target)
+    from moec.compiler.quantize_stage import check_quantize_request, check_model_fits
+
+    quant = check_quantize_request(config, target)
     out_dir = Path(out_dir)
     if checkpoint is not None:
         from moec.models.checkpoint import checkpoint_folder
 
         checkpoint_folder(checkpoint)  # the wording export, verify and run use too
+    if quant is not None:
+        from moec.models import Llama4Config
+
+        source = f"{checkpoint}/config.json" if checkpoint is not None else f"the demo model {DEMO_PRESET}"
+        check_model_fits(quant, Llama4Config.from_pretrained(checkpoint) if checkpoint is not None
+                         else Llama4Config.preset(DEMO_PRESET), source)
     # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
     # one must be an earlier compile output (or empty).
     protected = [checkpoint] if checkpoint is not None else []

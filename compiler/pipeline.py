@@ -4,6 +4,7 @@
     fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
     partition  one rank's share of a tp x ep split              (empty unless asked; compiler/partition.py)
+    quantize   weights -> int4/int8/fp8 DequantizeLinear, routing never (empty unless asked; compiler/quantize_stage.py)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
     cleanup    again, for what the rewrites left; then onnx shape inference types every value
 
@@ -38,7 +39,7 @@ from moec.common.outputs import check_output_folder_option, mark_output_folder
 from moec.common.sidecar import check_tokenizer_slot, model_tokenizer, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-PHASES = ("cleanup", "fusion", "precision", "partition", "lowering", "cleanup")
+PHASES = ("cleanup", "fusion", "precision", "partition", "quantize", "lowering", "cleanup")
 # Inputs without external data are written inline up to this size (protobuf's limit is 2 GiB).
 INLINE_WEIGHT_LIMIT_BYTES = 1 << 30
 # --dump-dir writes the graph only: initializers above this size become typed graph inputs.
@@ -60,6 +61,11 @@ class OptimizeConfig:
     fuse_rotary: bool | None = None  # RoPE -> RotaryEmbedding; None: as fuse_rms_norm
     fuse_attention: bool | None = None  # -> ONNX Attention; None: ort only (passes/fusions/attention.py says why)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
+    # Weight quantization (passes/quantize); the routing always stays in full precision.
+    quantize: str | None = None  # None | "int4" | "int8" | "fp8"
+    quantize_group: int | None = None  # int4's block along K: 32 | 64 | 128; None: 128
+    quantize_scope: str = "experts"  # "experts" | "mlp" (+ shared expert, dense MLPs) | "all" (+ attention)
+    quantize_symmetric: bool = True  # int4 only: False stores a zero point per block
 
 
 @dataclasses.dataclass
@@ -160,6 +166,12 @@ def _precision_steps(config: OptimizeConfig) -> list[Step]:
     return [Step("precision", f"convert_to_{config.precision}", lambda m, c: convert_precision(m, config.precision))]
 
 
+def _quantize_steps(config: OptimizeConfig, target) -> list[Step]:
+    from moec.compiler.quantize_stage import quantize_steps
+
+    return quantize_steps(config, target)
+
+
 def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
     from moec.passes.lowerings import lower_moe
     from moec.passes.targets import lowerings_for
@@ -186,6 +198,7 @@ def build_pipeline(config: OptimizeConfig, target, partition: Step | None = None
         *_fusion_steps(config, target),
         *_precision_steps(config),
         *([partition] if partition is not None else []),
+        *_quantize_steps(config, target),
         *_lowering_steps(config, target),
         *_cleanup_steps(),
         _typing_step(),
@@ -371,6 +384,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     if config.dump_dir is not None:
         check_output_folder_option(config.dump_dir, "--dump-dir", DUMP_COMMAND, inputs=model_files(in_path))
         check_writable(Path(config.dump_dir) / "00_input.onnx")
+    from moec.compiler.quantize_stage import check_quantize_request
+
+    quant = check_quantize_request(config, target)  # before any work
     sidecar = read_sidecar(in_path, required=False)
     # Copied into the output: only the model's own tokenizer, from inside its folder.
     tok_src = model_tokenizer(in_path.parent, sidecar, in_path)
@@ -421,6 +437,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     lowering_name = "+".join(sorted(ctx.lowered)) or "none"
     if sidecar is not None:
         sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
+        if quant is not None:
+            sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
         write_json_atomic(contract.sidecar_path(out_path), sidecar)
     tok_dst = out_path.parent / contract.TOKENIZER_FILE
     if tok_src is not None and tok_src.resolve() != tok_dst.resolve():

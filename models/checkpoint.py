@@ -22,6 +22,7 @@ import torch
 
 from moec.common.errors import MoecError
 from moec.models.config import CONDITIONAL_GENERATION, Llama4Config, architecture_of
+from moec.models.fp8_checkpoint import FP8_FILE_DTYPES, QuantizationConfig, assemble, is_fp8_part, read_quantization_config
 from moec.models.llama4 import Llama4ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class CheckpointFiles:
     layout: str  # "causal_lm" | "conditional_generation"
     # shard file -> the tensor keys the index assigns to it (None: every key in the file)
     shards: dict[Path, frozenset[str] | None]
+    quantization: QuantizationConfig | None = None  # a pre-quantized (fbgemm_fp8) checkpoint
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -100,7 +102,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointFiles:
     raw = json.loads(config_file.read_text())
     multimodal = architecture_of(raw, str(config_file)) == CONDITIONAL_GENERATION
     layout = "conditional_generation" if multimodal else "causal_lm"
-    return CheckpointFiles(directory, config, layout, _find_shards(directory))
+    return CheckpointFiles(directory, config, layout, _find_shards(directory),
+                           read_quantization_config(raw, str(config_file)))
 
 
 def _find_shards(directory: Path) -> dict[Path, frozenset[str] | None]:
@@ -192,6 +195,8 @@ def _read_text_tensors(
     prefix = TEXT_PREFIX[ckpt.layout]
     tied = ckpt.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
+    fp8_parts: dict[str, torch.Tensor] = {}  # FP8 weights and scales, dequantized after all shards are read
+    fp8_file: dict[str, str] = {}
     skipped = 0
     for file, listed in ckpt.shards.items():
         with _open(file) as f:
@@ -213,6 +218,12 @@ def _read_text_tensors(
                     continue  # a derived buffer some exporters save; recomputed from the config
                 if tied and name == "lm_head.weight":
                     continue  # tied: the embedding serves as lm_head
+                if ckpt.quantization is not None and (is_fp8_part(name) or f.get_slice(key).get_dtype() in FP8_FILE_DTYPES):
+                    fp8_parts[name], fp8_file[name] = f.get_tensor(key), str(file)
+                    continue
+                if is_fp8_part(name):
+                    raise MoecError(f"{file}: tensor {key!r} belongs to an FP8 (fbgemm_fp8) checkpoint, but {CONFIG_FILE} "
+                                    "has no quantization_config saying so; use the checkpoint's own config.json")
                 if name not in expected:
                     raise MoecError(
                         f"{file}: unexpected tensor {key!r}; it is not part of the Llama 4 text model that "
@@ -228,6 +239,10 @@ def _read_text_tensors(
                             f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected[name])} "
                             f"from {CONFIG_FILE}"
                         )
+                    if file_dtype in FP8_FILE_DTYPES:
+                        raise MoecError(f"{file}: tensor {key!r} is {file_dtype}, but {CONFIG_FILE} has no "
+                                        "quantization_config (fbgemm_fp8) saying how it is scaled; use the checkpoint's "
+                                        "own config.json")
                     if file_dtype not in _FLOAT_DTYPES:
                         raise MoecError(
                             f"{file}: tensor {key!r} is {file_dtype}; moec loads fp32, fp16 or bf16 weights "
@@ -238,4 +253,15 @@ def _read_text_tensors(
                     raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
 
+    if fp8_parts:
+        for name, tensor in assemble(fp8_parts, expected, ckpt.quantization, fp8_file, dtype or torch.bfloat16).items():
+            if name not in expected:
+                raise MoecError(f"{ckpt.directory}: unexpected FP8 tensor {prefix + name!r}; it is not part of the Llama 4 "
+                                f"text model that {CONFIG_FILE} describes")
+            if name in state:
+                raise MoecError(f"{ckpt.directory}: {prefix + name!r} is stored both in FP8 and unquantized")
+            if tuple(tensor.shape) != expected[name]:
+                raise MoecError(f"{ckpt.directory}: FP8 tensor {prefix + name!r} assembles to shape {list(tensor.shape)}, "
+                                f"expected {list(expected[name])} from {CONFIG_FILE}")
+            state[name] = tensor.to(device=device)
     return state, skipped

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.compiler.compile import DEFAULT_TARGET, CompileConfig, StageRecord
 
 
@@ -65,8 +66,9 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
 @click.option("--seed", "demo_seed", type=int, default=0, show_default=True,
               help="Seed of the embedded demo checkpoint (used when no CHECKPOINT is given).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@quantize_options
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, atol, rtol,
-             opt_level, timing_cache, workspace_mib, demo_seed, as_json):
+             opt_level, timing_cache, workspace_mib, demo_seed, as_json, **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
     With no arguments but -o, compiles the demo checkpoint to an sm89 engine with TensorRT for RTX,
@@ -79,7 +81,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
     config = CompileConfig(target=target, dtype=dtype, precision=precision, moe_lowering=moe_lowering,
                            max_batch=max_batch, max_seq=max_seq, verify=not no_verify, atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
-                           progress=not as_json, demo_seed=demo_seed)
+                           progress=not as_json, demo_seed=demo_seed, **quantize_fields(**quantize))
     console = Console(stderr=as_json)
 
     def on_stage(rec: StageRecord) -> None:

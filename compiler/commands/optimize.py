@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.passes.targets import LOWERINGS
 
 
@@ -24,7 +25,9 @@ from moec.passes.targets import LOWERINGS
 @click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel ranks (attention heads, MLPs).")
 @click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True, help="Expert-parallel ranks (routed experts).")
-def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion, tp, ep) -> None:
+@quantize_options
+def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, report_path, require_fusion, tp, ep,
+             **quantize) -> None:
     """Fuse the MoE layers of IN.onnx, lower them for --target and write OUT.onnx (+ sidecar files)."""
     from rich.console import Console
     from rich.table import Table
@@ -41,7 +44,8 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
                             inputs=model_files(in_path) + model_files(out_path))
         check_writable(report_path)
     config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
-                            precision=precision, dump_dir=dump_dir, require_fusion=require_fusion)
+                            precision=precision, dump_dir=dump_dir, require_fusion=require_fusion,
+                            **quantize_fields(**quantize))
     if tp * ep > 1:
         from moec.compiler.partition import ParallelConfig, optimize_partitioned
 

@@ -16,7 +16,7 @@ from moec.passes.fusions._graph import Refuse, is_initializer
 
 
 def derived(graph: ir.Graph, source: ir.Value, name: str, shape: tuple[int, ...],
-            fn: Callable[[np.ndarray], np.ndarray]) -> ir.Value:
+            fn: Callable[[np.ndarray], np.ndarray], dtype: ir.DataType | None = None) -> ir.Value:
     if not is_initializer(source):
         raise Refuse(f"expert weight {source.name!r} is not a constant initializer")
     src = source.const_value
@@ -24,11 +24,13 @@ def derived(graph: ir.Graph, source: ir.Value, name: str, shape: tuple[int, ...]
     if full in graph.initializers:
         return graph.initializers[full]
 
-    def compute():
-        return ir.tensor(np.ascontiguousarray(fn(src.numpy())))
+    dtype = dtype or src.dtype  # a re-packing (quantized weights) may change it
 
-    tensor = ir.LazyTensor(compute, dtype=src.dtype, shape=ir.Shape(shape))
-    value = ir.Value(name=full, shape=ir.Shape(shape), type=ir.TensorType(src.dtype), const_value=tensor)
+    def compute():
+        return ir.tensor(np.ascontiguousarray(fn(src.numpy())), dtype=dtype)
+
+    tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape))
+    value = ir.Value(name=full, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
+from moec.passes.lowerings.ort_quant import qmoe, quantized_experts
 
 ORT_DOMAIN = "com.microsoft"
 
@@ -46,6 +47,8 @@ def lower(op, pair):
             raise Refuse("softmax scores on the expert input: com.microsoft.MoE weights expert outputs")
         x_in, k, normalize = x, g["k"], g["normalize"]
     router = logits if logits.dtype == x.dtype else op.Cast(logits, to=x.dtype)
+    if (quantized := quantized_experts(pair)) is not None:  # the quantize pass's DequantizeLinear
+        return qmoe(op, pair, x_in, router, k, normalize, quantized)
     E, H, I = dims(pair)
     fc1 = derived(graph, pair.w_gate_up_EHI2, "ort_fc1_E2IH", (E, 2 * I, H),
                   # [E, I, 2, H] -> [E, 2I, H]: row 2i is gate column i, row 2i+1 up column i.

@@ -1,0 +1,139 @@
+"""The optimize stage's quantize phase: the request checked against the target before any work,
+and the phase's one step (passes/quantize/apply.py does the work).
+
+What each target builds (checked here, so `moec optimize` / `moec compile` refuse before the
+export or the passes run):
+- ort: every format. int4 / int8 experts become com.microsoft.QMoE, int4 dense weights
+  MatMulNBits; fp8 weights run as DequantizeLinear -> MatMul / the hybrid expert lowering.
+- trt / trt-rtx: DequantizeLinear feeding the gather / dense / hybrid lowerings. FP8 needs an
+  FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. TRT_MoE (trt-native) and
+  moec's plugin take full-precision expert weights only.
+"""
+
+from __future__ import annotations
+
+from moec.common.errors import MoecError
+from moec.passes.quantize import QuantizeSpec, make_spec
+
+# FP8 (E4M3) tensor cores: Ada (sm89), Hopper (sm90), Blackwell (sm100+); not Turing/Ampere/Orin.
+FP8_ARCHS = frozenset({"sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm121"})
+# Lowerings that read the expert weights themselves and take full precision only.
+_FLOAT_ONLY_LOWERINGS = {"trt-native": "TensorRT's TRT_MoE (moec does not emit its quantization attributes)",
+                         "trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
+                         "function": "moec's function bodies"}
+
+
+def spec_of(config) -> QuantizeSpec | None:
+    return make_spec(config.quantize, config.quantize_group, config.quantize_scope, config.quantize_symmetric)
+
+
+def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> str | None:
+    """Why ``target`` (with ``moe_lowering``) cannot build ``spec`` (None when it can)."""
+    if spec.format == "fp8" and target.is_trt and target.arch not in FP8_ARCHS:
+        return (f"FP8 needs FP8 tensor cores (sm89 and newer); {target.arch} has none: use --quantize int4 or int8, "
+                f"or a target like {target.kind}:sm89")
+    if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
+        return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
+                "use the target's default lowering (or hybrid, gather, dense)")
+    return None
+
+
+def check_quantize_request(config, target) -> QuantizeSpec | None:
+    """The validated spec, or a named MoecError for a request the target cannot build."""
+    spec = spec_of(config)
+    if spec is not None and (reason := unsupported_reason(spec, target, config.moe_lowering)):
+        raise MoecError(f"target {target}: --quantize {spec.label()}: {reason}")
+    return spec
+
+
+def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
+    """Before an export, from the checkpoint's config ``c`` alone: the scope names some weight and
+    the group divides every reduction dimension in it (the pass checks the graph itself again)."""
+    if spec is None:
+        return
+    moe, dense = bool(c.moe_layer_indices()), len(c.moe_layer_indices()) < c.num_hidden_layers
+    if spec.scope == "experts" and not moe:
+        raise MoecError(f"--quantize-scope experts names no weight in {source}: it has no MoE layers; "
+                        "use --quantize-scope mlp or all")
+    kinds = spec.record()["kinds"]
+    ks = {}  # reduction dimension -> a weight that has it
+    if moe:
+        ks.update({c.hidden_size: "experts.gate_up_proj", c.intermediate_size: "experts.down_proj"})
+    if "mlp" in kinds:
+        ks.setdefault(c.hidden_size, "mlp gate_proj/up_proj")
+        if moe:
+            ks.setdefault(c.intermediate_size, "shared_expert.down_proj")
+        if dense:
+            ks.setdefault(c.intermediate_size_mlp, "feed_forward.down_proj")
+    if "attention" in kinds:
+        ks.setdefault(c.hidden_size, "self_attn.q/k/v_proj")
+        ks.setdefault(c.num_attention_heads * c.head_dim, "self_attn.o_proj")
+    for k, weight in sorted(ks.items()):
+        block = spec.block_for(k)
+        if k % block:
+            raise MoecError(f"--quantize-group {block} does not divide {weight}'s reduction dimension {k} in {source}; "
+                            f"choose a group that divides every K of the scope ({', '.join(map(str, sorted(ks)))})")
+
+
+def quantize_steps(config, target) -> list:
+    """The quantize phase: empty without --quantize (a disabled step is an empty step). On ort,
+    int4 dense weights then become MatMulNBits (the experts' DequantizeLinear waits for the MoE
+    lowering, which turns it into QMoE)."""
+    from moec.compiler.pipeline import Step
+
+    spec = spec_of(config)
+    if spec is None:
+        return []
+
+    def run(model, ctx):
+        from moec.passes.quantize.apply import quantize_weights
+
+        n = quantize_weights(model, spec, ctx.log)
+        ctx.counts["quantized"] = ctx.counts.get("quantized", 0) + n
+        return n
+
+    steps = [Step("quantize", f"quantize_{spec.label()}", run)]
+    if target.kind == "ort" and spec.format == "int4":
+        from moec.passes.lowerings.ort_quant import lower_dense_int4
+
+        steps.append(Step("quantize", "lower_matmul_nbits", lambda m, c: lower_dense_int4(m)))
+    return steps
+
+
+def dequantize_module_weights(model, spec: QuantizeSpec) -> int:
+    """Replace, in a torch ``Llama4ForCausalLM``, every weight ``spec`` quantizes by its
+    dequantized value: the reference the verify stage compares a quantized graph with (the same
+    blocks along the same K as the pass; a Linear's [N, K] weight is the MatMul's [K, N] one
+    transposed, so its blocks are the same numbers). Returns how many weights were replaced."""
+    import numpy as np
+    import torch
+
+    from moec.passes.quantize import SCOPES, WEIGHT_KINDS, dequantize
+
+    kinds = SCOPES[spec.scope]
+    count = 0
+    for name, param in model.named_parameters():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            kind, axis = "experts", 1
+        else:
+            kind = next((k for k, p in WEIGHT_KINDS.items() if p.search(name)), None)
+            axis = 1  # nn.Linear weight [N, K]
+        if kind is None or kind not in kinds:
+            continue
+        w = param.detach().float().numpy()
+        qt = spec.fmt.quantize(w, axis, spec.block_for(w.shape[axis]), spec.symmetric)
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(dequantize(qt))).to(param.dtype))
+        count += 1
+    return count
+
+
+def check_engine_archs(sidecar: dict, archs, onnx_path) -> None:
+    """`moec build` of a quantized graph for an arch that cannot run its format: named before any
+    engine is built (the graph itself says nothing about the arch it was optimized for)."""
+    quant = (sidecar or {}).get("quantization") or {}
+    if quant.get("format") == "fp8":
+        bad = [a for a in archs if a not in FP8_ARCHS]
+        if bad:
+            raise MoecError(f"{onnx_path} has FP8 weights (moec optimize --quantize fp8); {', '.join(bad)} has no FP8 "
+                            "tensor cores: build for sm89 or newer, or re-optimize with --quantize int4 or int8")

@@ -1,0 +1,104 @@
+"""Weight quantization: one file per format (int4.py, int8.py, fp8.py), each a ``Format`` record
+behind one interface (``_base.py``); ``QuantizeSpec`` is what the optimize stage asks for;
+``apply.quantize_weights`` is the pass.
+
+Scope, as data (``SCOPES``): which kinds of weight a scope quantizes.
+  experts  the routed experts (the fused moec.GroupedExperts weights)      the default
+  mlp      + the shared expert and the dense layers' MLPs
+  all      + the attention projections (q, k, v, o)
+The routing (router weights, top-k, sigmoid) is never quantized, and neither are the embedding,
+lm_head and norms: no scope names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from moec.common.errors import MoecError
+from moec.passes.quantize._base import Format, QTensor, dequantize
+from moec.passes.quantize.fp8 import FP8
+from moec.passes.quantize.int4 import DEFAULT_GROUP, GROUPS, INT4
+from moec.passes.quantize.int8 import INT8
+
+FORMATS: dict[str, Format] = {f.name: f for f in (INT4, INT8, FP8)}
+SCOPES: dict[str, tuple[str, ...]] = {
+    "experts": ("experts",),
+    "mlp": ("experts", "mlp"),
+    "all": ("experts", "mlp", "attention"),
+}
+# Weight kinds found by initializer name (the export keeps the checkpoint's parameter names). The
+# router matches neither: routing stays full precision whatever the scope.
+WEIGHT_KINDS: dict[str, re.Pattern] = {
+    "mlp": re.compile(r"(^|\.)feed_forward\.(shared_expert\.)?(gate|up|down)_proj\.weight$"),
+    "attention": re.compile(r"(^|\.)self_attn\.[qkvo]_proj\.weight$"),
+}
+# What the sidecar records as the calibration: round-to-nearest weights need none.
+CALIBRATION_NONE = "none (round-to-nearest, weight-only)"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeSpec:
+    """A validated request: format, group size (blockwise formats), scope, symmetric."""
+
+    format: str
+    group: int = DEFAULT_GROUP
+    scope: str = "experts"
+    symmetric: bool = True
+
+    @property
+    def fmt(self) -> Format:
+        return FORMATS[self.format]
+
+    def block_for(self, k: int) -> int:
+        """Elements per scale along a reduction axis of length ``k``."""
+        return self.group if self.fmt.granularity == "block" else k
+
+    def label(self) -> str:
+        """fp32-style names the benchmarks and sidecar use: int4-g128, int4-g32-asym, int8, fp8."""
+        if self.fmt.granularity != "block":
+            return self.format
+        return f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
+
+    def record(self) -> dict:
+        """What the sidecar and the manifest say about the quantization."""
+        return {
+            "format": self.format,
+            "group_size": self.group if self.fmt.granularity == "block" else None,
+            "granularity": "block" if self.fmt.granularity == "block" else "per_output_channel",
+            "symmetric": self.symmetric,
+            "scope": self.scope,
+            "kinds": list(SCOPES[self.scope]),
+            "calibration": CALIBRATION_NONE,
+            "routing": "full precision",
+        }
+
+
+def make_spec(format: str | None, group: int | None = None, scope: str | None = None,
+              symmetric: bool = True) -> QuantizeSpec | None:
+    """The spec for the optimize stage's fields (None: no quantization); named errors for a bad one."""
+    if format is None:
+        if group is not None or (scope is not None and scope != "experts") or not symmetric:
+            raise MoecError("--quantize-group / --quantize-scope / --quantize-asymmetric need --quantize int4|int8|fp8")
+        return None
+    if format not in FORMATS:
+        raise MoecError(f"--quantize {format!r}: choose one of {', '.join(FORMATS)}")
+    fmt = FORMATS[format]
+    scope = scope or "experts"
+    if scope not in SCOPES:
+        raise MoecError(f"--quantize-scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    if fmt.granularity != "block":
+        if group is not None:
+            raise MoecError(f"--quantize-group applies to int4 (blockwise); {format} has one scale per output "
+                            "channel: drop --quantize-group")
+        group = DEFAULT_GROUP
+    elif group is None:
+        group = DEFAULT_GROUP
+    elif group not in GROUPS:
+        raise MoecError(f"--quantize-group {group}: choose one of {', '.join(map(str, GROUPS))}")
+    if not symmetric and not fmt.asymmetric:
+        raise MoecError(f"--quantize-asymmetric: {format} is symmetric only (int4 has an asymmetric variant)")
+    return QuantizeSpec(format, group, scope, symmetric)
+
+
+__all__ = ["FORMATS", "SCOPES", "WEIGHT_KINDS", "Format", "QTensor", "QuantizeSpec", "dequantize", "make_spec"]

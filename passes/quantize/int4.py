@@ -1,0 +1,46 @@
+"""int4 weight-only, blockwise along K (group 32, 64 or 128), symmetric or asymmetric.
+
+Symmetric: scale = max|w| / 7 per block, q = round(w / scale) in [-7, 7] (not -8: then a block's
+largest value of either sign is exact and every error stays within half a step).
+Asymmetric: the block's range [min(w, 0), max(w, 0)] over 16 levels, scale = range / 15, zero
+point = round(-min / scale) in [0, 15], q = round(w / scale) + zero point in [0, 15]. Including 0
+in the range keeps the zero point inside the levels, so nothing is clipped.
+Either way |w - dequantized| <= scale / 2 per element, up to fp32 rounding of the division.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from moec.passes.quantize._base import Format, QTensor, block_view, expand
+
+GROUPS = (32, 64, 128)
+DEFAULT_GROUP = 128
+
+
+def _quantize(w: np.ndarray, axis: int, block: int, symmetric: bool) -> QTensor:
+    w = w.astype(np.float32)
+    wb = block_view(w, axis, block)
+    if symmetric:
+        amax = np.abs(wb).max(axis=axis + 1)
+        scale = np.where(amax > 0, amax / 7, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w / expand(scale, axis, block)), -7, 7).astype(np.int8)
+        return QTensor(q, scale, None, axis, block)
+    lo = np.minimum(wb.min(axis=axis + 1), 0)
+    hi = np.maximum(wb.max(axis=axis + 1), 0)
+    scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.int8)
+    q = np.clip(np.rint(w / expand(scale, axis, block)) + expand(zp, axis, block), 0, 15).astype(np.int8)
+    return QTensor(q, scale, zp, axis, block)
+
+
+def _error_bound(w: np.ndarray, qt: QTensor) -> np.ndarray:
+    return np.broadcast_to(expand(qt.scale, qt.axis, qt.block) / 2, w.shape)
+
+
+INT4 = Format(
+    name="int4", bits=4, granularity="block",
+    storage=lambda symmetric: ir.DataType.INT4 if symmetric else ir.DataType.UINT4,
+    quantize=_quantize, error_bound=_error_bound, asymmetric=True,
+)

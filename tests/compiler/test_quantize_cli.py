@@ -1,0 +1,46 @@
+"""`moec optimize` / `moec compile` quantization options: a thin layer that fills the stage
+dataclasses, and bad requests as one `error:` line (exit 2) before any output is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from moec_cli import run_cli  # noqa: E402
+
+
+def test_optimize_quantize_int4_writes_qmoe_and_records_it(demo_onnx, tmp_path, capsys):
+    import onnx_ir as ir
+
+    out = tmp_path / "q" / "model.onnx"
+    code, stdout, err = run_cli(["optimize", demo_onnx, "-o", out, "--quantize", "int4", "--quantize-group", "32",
+                                 "--quantize-asymmetric"], capsys)
+    assert code == 0, err
+    assert "quantize_int4-g32-asym" in stdout
+    assert sum(n.op_type == "QMoE" for n in ir.load(out).graph) == 2
+    q = json.loads(out.with_name("model.moec.json").read_text())["quantization"]
+    assert (q["format"], q["group_size"], q["symmetric"], q["scope"]) == ("int4", 32, False, "experts")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "int4"], "--quantize-group 128 does not divide"),
+    (["--quantize", "int8", "--quantize-group", "64"], "--quantize-group applies to int4"),
+    (["--quantize-scope", "all"], "need --quantize"),
+    (["--quantize", "fp8", "--target", "trt-rtx:sm86"], "FP8 needs FP8 tensor cores"),
+    (["--quantize", "fp8", "--quantize-asymmetric"], "fp8 is symmetric only"),
+])
+def test_optimize_bad_quantize_requests(demo_onnx, tmp_path, capsys, args, message):
+    out = tmp_path / "q" / "model.onnx"
+    code, _, err = run_cli(["optimize", demo_onnx, "-o", out, *args], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_compile_refuses_a_group_that_does_not_fit_the_demo_before_exporting(tmp_path, capsys):
+    code, _, err = run_cli(["compile", "-o", tmp_path / "out", "--quantize", "int4", "--quantize-scope", "mlp"], capsys)
+    assert code == 2 and "--quantize-group 128 does not divide experts.down_proj's reduction dimension 32" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,115 @@
+"""Real TensorRT-RTX engines from quantized graphs, built on the CPU: int4 / int8 / fp8 for sm89 and
+sm120, the engine size on a MoE-heavy config, the arch checks, and what NVFP4 does."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moec.common.errors import MoecError
+
+trt = pytest.importorskip("tensorrt_rtx")
+pytestmark = pytest.mark.trt
+
+
+def _optimize_and_build(export: Path, out: Path, arch: str, **quantize) -> int:
+    from moec.compiler.build import BuildConfig, build_engine
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimize_onnx(export, out / "model.onnx", OptimizeConfig(target=f"trt-rtx:{arch}", **quantize))
+    result = build_engine(out / "model.onnx", out / "engine", BuildConfig(archs=(arch,), progress=False))
+    assert (result.manifest["quantization"] is not None) == bool(quantize)
+    return result.engines[arch].stat().st_size
+
+
+@pytest.mark.parametrize("arch,quantize", [("sm89", dict(quantize="int4", quantize_group=32)),
+                                           ("sm89", dict(quantize="fp8")), ("sm120", dict(quantize="fp8")),
+                                           ("sm80", dict(quantize="int8"))])
+def test_quantized_demo_engines_build(demo_onnx, tmp_path, arch, quantize):
+    import json
+
+    size = _optimize_and_build(demo_onnx, tmp_path, arch, quantize_scope="all", **quantize)
+    manifest = json.loads((tmp_path / "engine" / "manifest.json").read_text())
+    assert size > 0 and manifest["quantization"]["format"] == quantize["quantize"]
+
+
+def test_fp8_engine_for_an_arch_without_fp8_is_refused_before_building(demo_onnx, tmp_path):
+    from moec.compiler.build import BuildConfig, build_engine
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimize_onnx(demo_onnx, tmp_path / "model.onnx", OptimizeConfig(target="trt-rtx:sm89", quantize="fp8"))
+    with pytest.raises(MoecError, match="has FP8 weights .* sm80 has no FP8 tensor cores"):
+        build_engine(tmp_path / "model.onnx", tmp_path / "engine", BuildConfig(archs=("sm80",), progress=False))
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.slow
+def test_int4_and_fp8_engines_are_a_fraction_of_fp16_on_a_moe_heavy_config(tmp_path):
+    """E=64 experts of 512 x 512 in both layers: 201 MB of the fp16 engine's weights are experts
+    (like Scout, where a layer's experts are 4.5 GB). Measured: fp16 223 MB, int4-g128 74.5 MB
+    (0.33x), fp8 124 MB (0.55x); the remainder is the non-expert weights and about 17 MB of kernels."""
+    from moec.compiler.export import ExportConfig, export_onnx
+    from moec.models import Llama4Config
+    from moec.models.demo import write_demo_checkpoint
+
+    config = Llama4Config.preset("llama4-tiny").replace(
+        hidden_size=512, intermediate_size=512, intermediate_size_mlp=512, num_local_experts=64,
+        num_attention_heads=8, head_dim=64, num_hidden_layers=2, moe_layers=[0, 1], max_position_embeddings=64)
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt", preset=config)
+    export = tmp_path / "onnx" / "model.onnx"
+    export_onnx(ckpt, export, ExportConfig(dtype="fp16", max_batch=2))
+    fp16 = _optimize_and_build(export, tmp_path / "fp16", "sm89")
+    int4 = _optimize_and_build(export, tmp_path / "int4", "sm89", quantize="int4")
+    fp8 = _optimize_and_build(export, tmp_path / "fp8", "sm89", quantize="fp8")
+    assert int4 <= 0.35 * fp16, (int4, fp16)
+    assert fp8 <= 0.6 * fp16, (fp8, fp16)
+
+
+def _nvfp4_matmul_model():
+    """x @ DequantizeLinear(w FLOAT4E2M1 [K, N], DequantizeLinear(block scales E4M3, global fp32),
+    axis 0, block 16): NVFP4's two-level scaling as TensorRT reads it (opset 23)."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    K, N = 256, 128
+    nibbles = np.random.default_rng(0).integers(0, 16, K * N).astype(np.uint8)
+    w = helper.make_tensor("w", TensorProto.FLOAT4E2M1, [K, N], (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes(), raw=True)
+    scales = np.ones((K // 16, N), np.float32).astype(ml_dtypes.float8_e4m3fn).tobytes()
+    bs = helper.make_tensor("bs", TensorProto.FLOAT8E4M3FN, [K // 16, N], scales, raw=True)
+    gs = numpy_helper.from_array(np.array(0.01, np.float32), "gs")
+    nodes = [helper.make_node("DequantizeLinear", ["bs", "gs"], ["s"]),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=16),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "nvfp4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", N])], initializer=[w, bs, gs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 11
+    return model, K
+
+
+@pytest.mark.parametrize("arch,builds", [("sm120", True), ("sm89", False)])
+def test_nvfp4_builds_on_the_cpu_for_sm120_only(arch, builds):
+    """What moec found out about NVFP4 (E2M1 weights, E4M3 block scales) on TensorRT-RTX 1.7: it
+    builds for sm120 on a CPU; sm89 is refused ("HW-specific datatypes: fp4_e2m1"). moec does not
+    emit NVFP4 yet (--quantize has no nvfp4); this test keeps the finding honest."""
+    model, K = _nvfp4_matmul_model()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model.SerializeToString())
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), 0)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, K), (4, K), (16, K))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    assert (engine is not None) == builds

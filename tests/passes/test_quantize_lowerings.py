@@ -1,0 +1,157 @@
+"""The quantize pass and its lowerings on the demo export: fires (QMoE, MatMulNBits, DequantizeLinear
+where each belongs), must not fire (fp8 experts on ort, the router, weights outside the scope, a
+TensorRT target), same numbers (ONNX Runtime on the quantized graph equals ONNX Runtime on the export
+with the dequantized weights put in by NumPy, to fp32 rounding)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from moec.common.errors import MoecError
+from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import demo_feeds, ort_run, rel_err  # noqa: E402
+from quant_reference import dequantized_weights, reference_model  # noqa: E402
+
+CASES = {
+    "int4-g32": dict(quantize="int4", quantize_group=32),
+    "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False),
+    "int8": dict(quantize="int8"),
+    "fp8": dict(quantize="fp8"),
+}
+
+
+@pytest.fixture(scope="module")
+def optimized(demo_onnx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+    cache = {}
+
+    def get(case: str, target: str = "ort", scope: str = "all") -> Path:
+        key = (case, target, scope)
+        if key not in cache:
+            out = root / f"{case}_{target.replace(':', '_')}_{scope}" / "model.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optimize_onnx(demo_onnx, out, OptimizeConfig(target=target, quantize_scope=scope, **CASES[case]))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def _ops(path: Path) -> Counter:
+    return Counter((n.domain or "", n.op_type) for n in ir.load(path).graph)
+
+
+def test_fires_qmoe_and_matmulnbits_for_int4(optimized):
+    model = ir.load(optimized("int4-g32"))
+    ops = Counter(n.op_type for n in model.graph)
+    # 2 MoE layers; 4 layers x 4 attention + 2 dense MLPs x 3 + 2 shared experts x 3 = 28 dense weights.
+    assert ops["QMoE"] == 2 and ops["MatMulNBits"] == 28 and ops["DequantizeLinear"] == 0 and ops["MoE"] == 0
+    qmoe = next(n for n in model.graph if n.op_type == "QMoE")
+    attrs = {k: v.value for k, v in qmoe.attributes.items()}
+    assert attrs["expert_weight_bits"] == 4 and attrs["block_size"] == 32 and attrs["swiglu_fusion"] == 1
+    assert qmoe.inputs[2].dtype == ir.DataType.UINT8 and list(qmoe.inputs[2].shape) == [4, 64, 32]  # [E, 2I, H/2]
+
+
+def test_fires_qmoe_8bit_per_channel_and_dq_for_int8(optimized):
+    model = ir.load(optimized("int8"))
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["QMoE"] == 2 and ops["DequantizeLinear"] == 28 and ops["MatMulNBits"] == 0
+    qmoe = next(n for n in model.graph if n.op_type == "QMoE")
+    assert qmoe.attributes["expert_weight_bits"].value == 8 and "block_size" not in qmoe.attributes
+    assert list(qmoe.inputs[3].shape) == [4, 64]  # one scale per (expert, output row)
+
+
+def test_must_not_fire_qmoe_for_fp8_experts(optimized):
+    model = ir.load(optimized("fp8"))
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["QMoE"] == 0 and ops["MoE"] == 0 and ops["If"] == 2  # hybrid over the DequantizeLinear
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == 32 and {n.inputs[0].dtype for n in dqs} == {ir.DataType.FLOAT8E4M3FN}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_routing_and_unscoped_weights_stay_full_precision(optimized, case):
+    model = ir.load(optimized(case, scope="experts"))
+    graph = model.graph
+    routers = [v for name, v in graph.initializers.items() if "router" in name]
+    assert len(routers) == 2 and all(v.dtype == ir.DataType.FLOAT for v in routers)
+    assert all(u.node.op_type == "Gemm" for v in routers for u in v.uses())
+    # Scope experts: the 4 expert weights only; attention and MLP weights keep their float initializers.
+    assert sum(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in graph) in (0, 4)
+    assert "model.layers.0.self_attn.q_proj.weight.T" in graph.initializers
+    assert "model.layers.1.feed_forward.shared_expert.gate_proj.weight" in graph.initializers
+
+
+@pytest.mark.parametrize("case", ["int4-g32", "fp8"])
+def test_tensorrt_targets_keep_dequantizelinear(optimized, case):
+    ops = _ops(optimized(case, "trt-rtx:sm89"))
+    assert not any(domain == "com.microsoft" for domain, _ in ops)
+    assert ops[("", "DequantizeLinear")] == 32
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("past,new", [(0, 6), (5, 1)])
+def test_same_numbers_as_the_dequantized_reference(demo_onnx, optimized, case, past, new):
+    ort_graph, trt_graph = optimized(case), optimized(case, "trt-rtx:sm89")
+    reference = reference_model(demo_onnx, ir.load(trt_graph))
+    feeds = demo_feeds(demo_onnx, past, new)
+    want = ort_run(reference, feeds)
+    for graph in (ort_graph, trt_graph):
+        got = ort_run(graph, feeds)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5, (graph.parent.name, rel_err(g, w))
+    # The check can fail: quantization changes the logits well beyond that.
+    assert rel_err(ort_run(demo_onnx, feeds)[0], want[0]) > 1e-3
+
+
+def test_quantized_weights_are_what_the_quantizer_makes(demo_onnx, optimized):
+    from moec.passes.quantize import dequantize, make_spec
+
+    weights = dequantized_weights(ir.load(optimized("int4-g32", "trt-rtx:sm89")))
+    source = ir.load(demo_onnx).graph.initializers
+    w = source["model.layers.1.feed_forward.experts.gate_up_proj"].const_value.numpy()
+    spec = make_spec("int4", 32)
+    assert np.array_equal(weights["model.layers.1.feed_forward.experts.gate_up_proj"],
+                          dequantize(spec.fmt.quantize(w, 1, 32, True)))
+
+
+def test_group_that_does_not_divide_is_named(demo_onnx, tmp_path):
+    with pytest.raises(MoecError, match=r"--quantize-group 128 does not divide model\.layers\.\d\.feed_forward\.experts"):
+        optimize_onnx(demo_onnx, tmp_path / "out.onnx", OptimizeConfig(quantize="int4"))
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_scope_naming_nothing_is_named(demo_onnx):
+    from moec.passes.quantize import make_spec
+    from moec.passes.quantize.apply import quantize_weights
+
+    # Before the fusions there is no moec.GroupedExperts: the experts scope names nothing.
+    with pytest.raises(MoecError, match="--quantize-scope experts names no weight"):
+        quantize_weights(ir.load(demo_onnx), make_spec("int8"))
+
+
+def test_fp8_on_an_arch_without_fp8_is_named_before_work(demo_onnx, tmp_path):
+    with pytest.raises(MoecError, match="FP8 needs FP8 tensor cores .* sm86 has none"):
+        optimize_onnx(demo_onnx, tmp_path / "out.onnx", OptimizeConfig(target="trt-rtx:sm86", quantize="fp8"))
+    with pytest.raises(MoecError, match="--moe-lowering trt-plugin runs moec's TensorRT plugin"):
+        optimize_onnx(demo_onnx, tmp_path / "out.onnx", OptimizeConfig(target="trt:sm90", quantize="int4",
+                                                                       quantize_group=32, moe_lowering="trt-plugin"))
+
+
+def test_sidecar_records_the_quantization(optimized):
+    import json
+
+    side = json.loads(optimized("int4-g32-asym").with_name("model.moec.json").read_text())
+    q = side["quantization"]
+    assert (q["format"], q["group_size"], q["symmetric"], q["scope"], q["weights"]) == ("int4", 32, False, "all", 32)
+    assert q["calibration"].startswith("none") and q["routing"] == "full precision"
