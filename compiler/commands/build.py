@@ -327,7 +327,7 @@ def gate(result_path, baseline_path, max_regression, max_noise, metrics, junit_p
     if junit_path is not None:
         # Before anything else: the error report below is written there too.
         check_option_output(junit_path, "--junit", kind="moec gate JUnit file", is_kind=is_moec_junit,
-                            inputs=[result_path, baseline_path])
+                            inputs=[p for p in (result_path, baseline_path) if p is not None])
     try:
         config = GateConfig(max_regression=parse_percent(max_regression, "--max-regression"),
                             max_noise=parse_percent(max_noise, "--max-noise"), metrics=tuple(metrics),
