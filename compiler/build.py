@@ -70,6 +70,9 @@ class BuildConfig:
     max_batch: int | None = None
     max_new_tokens: int | None = None
     max_past: int | None = None
+    # The engine's context (prompt + generated); None: the smaller of the export's positions and
+    # moec.compiler.plan.DEFAULT_CONTEXT, since no GPU holds the KV cache of Llama 4's full 10 M.
+    max_seq: int | None = None
     # Where TensorRT tunes each profile: prefill at a typical prompt length (capped at
     # max_new_tokens); decode at this batch (None: half of max_batch, since a server's decode batch
     # moves between 1 and the max as requests come and go).
@@ -95,7 +98,7 @@ class BuildConfig:
             raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
         # None means "from the export"; 0 is not a way to say that, so it is refused, not defaulted.
         for option, value in (("--max-batch", self.max_batch), ("--max-new-tokens", self.max_new_tokens),
-                              ("--max-past", self.max_past)):
+                              ("--max-past", self.max_past), ("--max-seq", self.max_seq)):
             if value is not None and value < 1:
                 raise MoecError(f"{option} {value}: give at least 1 (or leave it out for the export's default)")
 
@@ -213,7 +216,7 @@ def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
     max_positions = sidecar.get("max_positions") or model.get("max_position_embeddings")
     if not max_positions:
         raise MoecError("the sidecar names no max_positions or model_config.max_position_embeddings: re-export the model")
-    max_positions = int(max_positions)
+    max_positions = context_positions(int(max_positions), config.max_seq)
     max_batch = config.max_batch if config.max_batch is not None else int(sidecar.get("max_batch") or 1)
     max_new = config.max_new_tokens if config.max_new_tokens is not None else max(1, max_positions // 2)
     max_past = config.max_past if config.max_past is not None else max_positions - 1
@@ -227,6 +230,18 @@ def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
             f"its own token takes a position of the model's {max_positions}; pick a past length in that range"
         )
     return Limits(max_batch, max_new, max_past, max_positions)
+
+
+def context_positions(export_positions: int, max_seq: int | None) -> int:
+    """The engine's context: ``max_seq``, else min(the export's positions, DEFAULT_CONTEXT)."""
+    from moec.compiler.plan import DEFAULT_CONTEXT
+
+    if max_seq is None:
+        return min(export_positions, DEFAULT_CONTEXT)
+    if not 2 <= max_seq <= export_positions:
+        raise MoecError(f"--max-seq {max_seq} is outside 2..{export_positions} (the export's positions): "
+                        "lower it, or re-export with a larger --max-seq")
+    return max_seq
 
 
 def phase_ranges(limits: Limits, config: BuildConfig) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -751,6 +766,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
     limits = limits_of(profiles, limits.max_positions)
+    memory, context_note = _engine_memory(sidecar, model, limits, config)
     timing_cache = load_timing_cache(flavour, builder, config.timing_cache, logger, notes)
 
     display = display or ProgressDisplay(config.progress)
@@ -784,6 +800,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "engines": entries,
             "profiles": _profiles_json(profiles),
             "limits": dataclasses.asdict(limits),
+            "context_note": context_note,
+            "memory": memory,
             "precision": graph_precision(model),
             "strongly_typed": True,
             "plugins": plugins,
@@ -800,6 +818,25 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
         # the engine folder appears, not after.
         save_timing_cache(timing_cache, config.timing_cache)
     return BuildResult(out_dir, manifest, engines, notes, time.perf_counter() - t0)
+
+
+def _engine_memory(sidecar: dict[str, Any], model: onnx.ModelProto, limits: Limits,
+                   config: BuildConfig) -> tuple[dict[str, Any], str]:
+    """moec plan's numbers for this engine (weights as built, KV and activations at its limits),
+    and the sentence that says where the context came from when it was the default."""
+    from moec.compiler.plan import DEFAULT_CONTEXT, engine_memory
+    from moec.compiler.plan import onnx_weight_bytes
+    from moec.models.config import Llama4Config
+
+    cfg = Llama4Config.from_hf_dict(sidecar["model_config"], source="the sidecar's model_config")
+    ring = any(e.get("kind") == "chunked" for e in sidecar.get("kv_cache") or [])
+    memory = engine_memory(cfg, onnx_weight_bytes(model), graph_precision(model), limits.max_batch,
+                           limits.max_new_tokens, limits.max_positions, ring)
+    exported = int(sidecar.get("max_positions") or cfg.max_position_embeddings)
+    note = ""
+    if config.max_seq is None and exported > DEFAULT_CONTEXT:
+        note = f" (default: min of the export's {exported} and {DEFAULT_CONTEXT}; --max-seq to change)"
+    return memory, note
 
 
 def _register_moec_plugin(flavour: TrtFlavour, notes: list[str]) -> None:

@@ -28,6 +28,7 @@ heads, experts and intermediate sizes divide.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,6 +311,19 @@ def engine_memory(cfg, weight_bytes: int, dtype: str, max_batch: int, max_new_to
             "kv_chunked_bytes": chunked, "kv_chunked_ring": ring, "activation_bytes": act,
             "reserve_bytes": RESERVE_BYTES, "total_bytes": total,
             "fits": [g.name for g in GPUS.values() if total <= g.memory_bytes]}
+
+
+def onnx_weight_bytes(model) -> int:
+    """Bytes of an ONNX ModelProto's initializers, inline or external (read from the proto only)."""
+    import onnx
+
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in t.external_data if e.key == "length"), 0))
+        else:
+            total += onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * math.prod(t.dims)
+    return total
 
 
 def format_engine_memory(m: dict[str, Any]) -> str:

@@ -239,3 +239,31 @@ def _read_text_tensors(
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     return state, skipped
+
+
+_DTYPE_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype the checkpoint's text weights are stored in ("fp32" | "fp16" | "bf16"), read from
+    the safetensors headers (no weights are read). The tensors decide, not config.json's
+    ``torch_dtype``, because that field is only a hint some writers leave stale; mixed float dtypes
+    (a checkpoint that keeps norms in fp32, say) fall back to ``torch_dtype``, then to fp32."""
+    ckpt = inspect_checkpoint(path)
+    prefix = TEXT_PREFIX[ckpt.layout]
+    found: set[str] = set()
+    for file, listed in ckpt.shards.items():
+        with _open(file) as f:
+            for key in listed if listed is not None else f.keys():
+                if key.startswith(prefix) and not key.startswith(_SKIPPED_PREFIXES):
+                    found.add(f.get_slice(key).get_dtype())
+    floats = {_FLOAT_DTYPES[d] for d in found if d in _FLOAT_DTYPES}
+    if len(floats) == 1:
+        return _DTYPE_SHORT[floats.pop()]
+    raw = json.loads((ckpt.directory / CONFIG_FILE).read_text())
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    # transformers 5 writes "dtype", older versions "torch_dtype".
+    for hint in (raw.get("dtype"), raw.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
+        if isinstance(hint, str) and hint.lower() in _DTYPE_NAMES:
+            return _DTYPE_SHORT[_DTYPE_NAMES[hint.lower()]]
+    return "fp32"
