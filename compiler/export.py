@@ -312,7 +312,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
     import onnx_ir as ir
 
-    from moec.models import Llama4Config, load_pretrained
+    from moec.models import Llama4Config
     from moec.models.checkpoint import checkpoint_folder
 
     t_start = time.perf_counter()
@@ -355,9 +355,15 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     except OSError as e:
         raise MoecError(f"cannot write {out_path}: {e.strerror or e}; choose a writable location") from None
     try:
-        model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        # The weights stay in the checkpoint's files until the saver streams them one at a time
+        # (moec.compiler.export_weights): host memory does not grow with the layer count.
+        from moec.compiler.export_weights import attach_checkpoint_weights
+        from moec.models.checkpoint import load_pretrained_lazy
+
+        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
+        attach_checkpoint_weights(onnx_model, model, sources)
         _fold_weight_layout_ops(onnx_model)
         if config.optimize:
             import onnxscript.optimizer
