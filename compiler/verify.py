@@ -179,7 +179,7 @@ def default_prompt_len(batch: int, heads: int, vocab_size: int, chunk_size: int 
     n = max(1, min(max_len, chunk))
     while n > 1 and prompt_bytes(n, batch, heads, vocab_size) > VERIFY_BUDGET_BYTES:
         n = n * 9 // 10
-    if chunk + 3 > max_len:
+    if chunk + 3 > max_len and prompt_bytes(chunk + 3, batch, heads, vocab_size) <= VERIFY_BUDGET_BYTES:
         return n, f"{n} tokens: the export's {max_len} positions leave no room to cross the attention chunk ({chunk})"
     return n, (f"{n} tokens: a prompt past the attention chunk ({chunk}) would exceed verify's "
                f"{VERIFY_BUDGET_BYTES >> 20} MiB budget for logits and attention scores; pass --prompt-len to cross it")
