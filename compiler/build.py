@@ -142,13 +142,26 @@ def _errors(logger, mark: int, trt) -> str:
 
 # --- Step 1: network from ONNX --------------------------------------------------------------------
 def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
-    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes)."""
+    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes).
+    Returns (builder, network, keep): ``keep`` holds the parser and the memory-mapped weights
+    (moec.compiler.build_stream), which the network points into until the build is done."""
     trt = flavour.trt
     builder = trt.Builder(logger)
     flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flag)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    weights = None
+    if hasattr(parser, "load_model_proto"):
+        from moec.compiler.build_stream import load_external_initializers
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        ok = parser.load_model_proto(proto.SerializeToString(), str(onnx_path))
+        if ok:
+            weights = load_external_initializers(parser, proto, onnx_path)
+            ok = parser.parse_model_proto()
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
         lines = []
         for i in range(parser.num_errors):
             e = parser.get_error(i)
@@ -158,7 +171,7 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
             + "\nrewrite the graph for this target (moec optimize --target trt:<arch> or trt-rtx:<arch>, "
             "with --moe-lowering hybrid (the default) or dense)"
         )
-    return builder, network, parser
+    return builder, network, (parser, weights)
 
 
 def check_external_data(onnx_path: Path) -> None:
@@ -560,14 +573,27 @@ def _sigint_cancels(cancel: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display: ProgressDisplay, arch: str) -> bytes:
+def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display: ProgressDisplay, arch: str,
+                     out_path: Path) -> tuple[str, int]:
+    """Build and write the plan to ``out_path``; (sha256, bytes). Streamed where the builder can
+    (build_serialized_network_to_stream: no host copy of the whole plan)."""
     trt = flavour.trt
     cancel = threading.Event()
     monitor = make_progress_monitor(trt, display, cancel)
     cfg.progress_monitor = monitor
     mark = logger.mark()
+    writer = None
     with _sigint_cancels(cancel):
-        blob = builder.build_serialized_network(network, cfg)
+        if hasattr(builder, "build_serialized_network_to_stream"):
+            from moec.compiler.build_stream import make_plan_writer
+
+            writer = make_plan_writer(trt, out_path)
+            try:
+                blob = writer if builder.build_serialized_network_to_stream(network, cfg, writer) else None
+            finally:
+                writer.close()
+        else:
+            blob = builder.build_serialized_network(network, cfg)
     if monitor.error is not None:
         raise monitor.error
     if cancel.is_set():
@@ -582,7 +608,10 @@ def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display
             hint = ("optimize the export for this target (moec optimize --target trt-rtx:<arch>; the default "
                     "lowering is hybrid, dense also builds), or try --opt-level 0")
         raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {errors}\n{hint}")
-    return bytes(blob)
+    if writer is not None:
+        return writer.sha256.hexdigest(), writer.bytes
+    out_path.write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest(), len(blob)
 
 
 # --- Timing cache ------------------------------------------------------------------------------------
@@ -766,7 +795,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
     limits = limits_of(profiles, limits.max_positions)
-    memory, context_note = _engine_memory(sidecar, model, limits, config)
+    try:
+        memory, context_note = _engine_memory(sidecar, model, limits, config)
+    except MoecError as e:  # a graph from another exporter: no Llama 4 config to plan from
+        memory, context_note = None, ""
+        notes.append(f"no memory plan: {e}")
     timing_cache = load_timing_cache(flavour, builder, config.timing_cache, logger, notes)
 
     display = display or ProgressDisplay(config.progress)
@@ -778,10 +811,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             groups = [archs] if (not flavour.is_rtx and config.hardware_compat == "ampere+") else [[a] for a in archs]
             for group in groups:
                 cfg = builder_config(flavour, builder, network, group[0], profiles, config, timing_cache, logger, notes)
-                blob = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group))
                 name = engine_file_name(group[0] if len(group) == 1 else "ampere_plus")
-                (tmp / name).write_bytes(blob)
-                entries.append({"file": name, "archs": group, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+                sha, size = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group), tmp / name)
+                entries.append({"file": name, "archs": group, "sha256": sha, "bytes": size})
                 for a in group:
                     engines[a] = out_dir / name
         sidecar_file = contract.sidecar_path(onnx_path)
