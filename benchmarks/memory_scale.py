@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--build-layers", type=int, nargs="*", default=[1])
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--name", default="memory_scale", help="results file name (benchmarks/results/NAME.json/.md)")
+    ap.add_argument("--note", default="", help="a line for the table's header (what this run measures)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
@@ -211,13 +213,15 @@ def main() -> None:
         "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["note"] = args.note
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Host memory at Scout's layer size (bf16, 4.49 GB of weights per layer)",
         "",
         f"`python benchmarks/memory_scale.py` ({result['date_utc']}; 2 cores and 24 GB shared with other jobs, so "
         "wall times are noisy; peak RSS is the kernel's VmHWM of each step's own process).",
         "",
+        *([args.note, ""] if args.note else []),
         "| layers | weights | export peak RSS | optimize peak RSS | build (sm89) peak RSS |",
         "|---|---|---|---|---|",
     ]
@@ -225,7 +229,7 @@ def main() -> None:
         w = r["weight_bytes"]
         lines.append(f"| {r['layers']} | {w / 1e9:.2f} GB | {_cell(r.get('export'), w)} | {_cell(r.get('optimize'), w)} | "
                      f"{_cell(r.get('build'), w)} |")
-    (RESULTS / "memory_scale.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
