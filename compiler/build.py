@@ -71,6 +71,9 @@ class BuildConfig:
     max_batch: int | None = None
     max_new_tokens: int | None = None
     max_past: int | None = None
+    # The engine's context (prompt + generated); None: the smaller of the export's positions and
+    # moec.compiler.plan.DEFAULT_CONTEXT, since no GPU holds the KV cache of Llama 4's full 10 M.
+    max_seq: int | None = None
     # Where TensorRT tunes each profile: prefill at a typical prompt length (capped at
     # max_new_tokens); decode at this batch (None: half of max_batch, since a server's decode batch
     # moves between 1 and the max as requests come and go).
@@ -96,7 +99,7 @@ class BuildConfig:
             raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
         # None means "from the export"; 0 is not a way to say that, so it is refused, not defaulted.
         for option, value in (("--max-batch", self.max_batch), ("--max-new-tokens", self.max_new_tokens),
-                              ("--max-past", self.max_past)):
+                              ("--max-past", self.max_past), ("--max-seq", self.max_seq)):
             if value is not None and value < 1:
                 raise MoecError(f"{option} {value}: give at least 1 (or leave it out for the export's default)")
 
@@ -140,13 +143,26 @@ def _errors(logger, mark: int, trt) -> str:
 
 # --- Step 1: network from ONNX --------------------------------------------------------------------
 def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
-    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes)."""
+    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes).
+    Returns (builder, network, keep): ``keep`` holds the parser and the memory-mapped weights
+    (moec.compiler.build_stream), which the network points into until the build is done."""
     trt = flavour.trt
     builder = trt.Builder(logger)
     flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flag)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    weights = None
+    if hasattr(parser, "load_model_proto"):
+        from moec.compiler.build_stream import load_external_initializers
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        ok = parser.load_model_proto(proto.SerializeToString(), str(onnx_path))
+        if ok:
+            weights = load_external_initializers(parser, proto, onnx_path)
+            ok = parser.parse_model_proto()
+    else:
+        ok = parser.parse_from_file(str(onnx_path))
+    if not ok:
         lines = []
         for i in range(parser.num_errors):
             e = parser.get_error(i)
@@ -156,7 +172,7 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
             + "\nrewrite the graph for this target (moec optimize --target trt:<arch> or trt-rtx:<arch>, "
             "with --moe-lowering hybrid (the default) or dense)"
         )
-    return builder, network, parser
+    return builder, network, (parser, weights)
 
 
 def check_external_data(onnx_path: Path) -> None:
@@ -207,7 +223,7 @@ def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
     max_positions = sidecar.get("max_positions") or model.get("max_position_embeddings")
     if not max_positions:
         raise MoecError("the sidecar names no max_positions or model_config.max_position_embeddings: re-export the model")
-    max_positions = int(max_positions)
+    max_positions = context_positions(int(max_positions), config.max_seq)
     max_batch = config.max_batch if config.max_batch is not None else int(sidecar.get("max_batch") or 1)
     max_new = config.max_new_tokens if config.max_new_tokens is not None else max(1, max_positions // 2)
     max_past = config.max_past if config.max_past is not None else max_positions - 1
@@ -221,6 +237,18 @@ def profile_limits(sidecar: dict[str, Any], config: BuildConfig) -> Limits:
             f"its own token takes a position of the model's {max_positions}; pick a past length in that range"
         )
     return Limits(max_batch, max_new, max_past, max_positions)
+
+
+def context_positions(export_positions: int, max_seq: int | None) -> int:
+    """The engine's context: ``max_seq``, else min(the export's positions, DEFAULT_CONTEXT)."""
+    from moec.compiler.plan import DEFAULT_CONTEXT
+
+    if max_seq is None:
+        return min(export_positions, DEFAULT_CONTEXT)
+    if not 2 <= max_seq <= export_positions:
+        raise MoecError(f"--max-seq {max_seq} is outside 2..{export_positions} (the export's positions): "
+                        "lower it, or re-export with a larger --max-seq")
+    return max_seq
 
 
 def phase_ranges(limits: Limits, config: BuildConfig) -> dict[str, dict[str, tuple[int, int, int]]]:
@@ -539,14 +567,27 @@ def _sigint_cancels(cancel: threading.Event):
         signal.signal(signal.SIGINT, previous)
 
 
-def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display: ProgressDisplay, arch: str) -> bytes:
+def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display: ProgressDisplay, arch: str,
+                     out_path: Path) -> tuple[str, int]:
+    """Build and write the plan to ``out_path``; (sha256, bytes). Streamed where the builder can
+    (build_serialized_network_to_stream: no host copy of the whole plan)."""
     trt = flavour.trt
     cancel = threading.Event()
     monitor = make_progress_monitor(trt, display, cancel)
     cfg.progress_monitor = monitor
     mark = logger.mark()
+    writer = None
     with _sigint_cancels(cancel):
-        blob = builder.build_serialized_network(network, cfg)
+        if hasattr(builder, "build_serialized_network_to_stream"):
+            from moec.compiler.build_stream import make_plan_writer
+
+            writer = make_plan_writer(trt, out_path)
+            try:
+                blob = writer if builder.build_serialized_network_to_stream(network, cfg, writer) else None
+            finally:
+                writer.close()
+        else:
+            blob = builder.build_serialized_network(network, cfg)
     if monitor.error is not None:
         raise monitor.error
     if cancel.is_set():
@@ -561,7 +602,10 @@ def build_serialized(flavour: TrtFlavour, builder, network, cfg, logger, display
             hint = ("optimize the export for this target (moec optimize --target trt-rtx:<arch>; the default "
                     "lowering is hybrid, dense also builds), or try --opt-level 0")
         raise MoecError(f"{flavour.name} {flavour.version} could not build the engine for {arch}:\n  {errors}\n{hint}")
-    return bytes(blob)
+    if writer is not None:
+        return writer.sha256.hexdigest(), writer.bytes
+    out_path.write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest(), len(blob)
 
 
 # --- Timing cache ------------------------------------------------------------------------------------
@@ -761,6 +805,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
     limits = limits_of(profiles, limits.max_positions)
+    try:
+        memory, context_note = _engine_memory(sidecar, model, limits, config)
+    except MoecError as e:  # a graph from another exporter: no Llama 4 config to plan from
+        memory, context_note = None, ""
+        notes.append(f"no memory plan: {e}")
     timing_cache = load_timing_cache(flavour, builder, config.timing_cache, logger, notes)
 
     display = display or ProgressDisplay(config.progress)
@@ -772,10 +821,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             groups = [archs] if (not flavour.is_rtx and config.hardware_compat == "ampere+") else [[a] for a in archs]
             for group in groups:
                 cfg = builder_config(flavour, builder, network, group[0], profiles, config, timing_cache, logger, notes)
-                blob = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group))
                 name = engine_file_name(group[0] if len(group) == 1 else "ampere_plus")
-                (tmp / name).write_bytes(blob)
-                entries.append({"file": name, "archs": group, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+                sha, size = build_serialized(flavour, builder, network, cfg, logger, display, ",".join(group), tmp / name)
+                entries.append({"file": name, "archs": group, "sha256": sha, "bytes": size})
                 for a in group:
                     engines[a] = out_dir / name
         sidecar_file = contract.sidecar_path(onnx_path)
@@ -793,6 +841,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "engines": entries,
             "profiles": _profiles_json(profiles),
             "limits": dataclasses.asdict(limits),
+            "context_note": context_note,
+            "memory": memory,
             "precision": graph_precision(model),
             "quantization": sidecar.get("quantization"),  # format, group, scope, calibration (moec optimize)
             "strongly_typed": True,
@@ -810,6 +860,25 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
         # the engine folder appears, not after.
         save_timing_cache(timing_cache, config.timing_cache)
     return BuildResult(out_dir, manifest, engines, notes, time.perf_counter() - t0)
+
+
+def _engine_memory(sidecar: dict[str, Any], model: onnx.ModelProto, limits: Limits,
+                   config: BuildConfig) -> tuple[dict[str, Any], str]:
+    """moec plan's numbers for this engine (weights as built, KV and activations at its limits),
+    and the sentence that says where the context came from when it was the default."""
+    from moec.compiler.plan import DEFAULT_CONTEXT, engine_memory
+    from moec.compiler.plan import onnx_weight_bytes
+    from moec.models.config import Llama4Config
+
+    cfg = Llama4Config.from_hf_dict(sidecar["model_config"], source="the sidecar's model_config")
+    ring = any(e.get("kind") == "chunked" for e in sidecar.get("kv_cache") or [])
+    memory = engine_memory(cfg, onnx_weight_bytes(model), graph_precision(model), limits.max_batch,
+                           limits.max_new_tokens, limits.max_positions, ring)
+    exported = int(sidecar.get("max_positions") or cfg.max_position_embeddings)
+    note = ""
+    if config.max_seq is None and exported > DEFAULT_CONTEXT:
+        note = f" (default: min of the export's {exported} and {DEFAULT_CONTEXT}; --max-seq to change)"
+    return memory, note
 
 
 def _register_moec_plugin(flavour: TrtFlavour, notes: list[str]) -> None:

@@ -24,6 +24,7 @@ COMMAND_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("moec.compiler.commands.optimize", ("optimize",)),
     ("moec.compiler.commands.build", ("build", "inspect", "bench", "gate")),
     ("moec.compiler.commands.compile", ("compile_",)),
+    ("moec.compiler.commands.plan", ("plan",)),
 ]
 
 

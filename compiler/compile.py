@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +41,13 @@ class CompileConfig:
     """What ``moec compile`` does; the CLI fills it, defaults live here only."""
 
     target: str = DEFAULT_TARGET  # "ort" | "trt:<arch>" | "trt-rtx:<arch>"
-    dtype: str = "fp32"  # export dtype
+    dtype: str | None = None  # export dtype; None: resolve_dtype (the checkpoint's, where the target runs it)
     precision: str | None = None  # optimize-stage cast of an fp32 export (fp16/bf16); None keeps the export's
     moe_lowering: str | None = None  # None: the target's default lowering
     max_batch: int = 8
-    max_seq: int | None = None  # None: the model's max positions
+    max_seq: int | None = None  # None: min(the model's positions, moec.compiler.plan.DEFAULT_CONTEXT)
     verify: bool = True
+    prompt_len: int | None = None  # verify's prompt; None: moec.compiler.verify.default_prompt_len
     atol: float | None = None  # None: verify's per-dtype defaults
     rtol: float | None = None
     # Engine build options (TensorRT targets only).
@@ -104,6 +106,8 @@ class _State:
     optimized_path: Path | None = None
     optimize_report: Any = None
     engine_dir: Path | None = None
+    export_dtype: str = "fp32"
+    max_seq: int | None = None
 
 
 def _files_bytes(*paths: Path) -> int:
@@ -140,13 +144,48 @@ def stage_checkpoint(s: _State) -> StageRecord:
                        artifact_bytes=_files_bytes(s.checkpoint))
 
 
+def _ort_has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def resolve_dtype(config: CompileConfig, checkpoint: Path) -> tuple[str, str]:
+    """The export dtype and why. Given: as given. Default: the checkpoint's stored dtype, except
+    bf16 for ``--target ort`` on a machine whose ONNX Runtime has no GPU provider: the CPU provider
+    has no bf16 kernels (onnxruntime 1.32), so the graph that target deploys is fp32."""
+    if config.dtype is not None:
+        return config.dtype, config.dtype
+    from moec.models.checkpoint import stored_dtype
+
+    stored = stored_dtype(checkpoint)
+    if stored == "bf16" and config.target == "ort" and not _ort_has_cuda():
+        return "fp32", ("fp32 (the checkpoint is bf16; ONNX Runtime's CPU provider has no bf16 kernels; "
+                        "--dtype bf16 for a GPU provider)")
+    return stored, f"{stored} (the checkpoint's)"
+
+
+def context_of(config: CompileConfig, checkpoint: Path) -> tuple[int, str]:
+    """The artifacts' context (export positions and engine profiles) and why."""
+    from moec.compiler.plan import DEFAULT_CONTEXT
+    from moec.models import Llama4Config
+
+    model_positions = Llama4Config.from_pretrained(checkpoint).max_position_embeddings
+    if config.max_seq is not None:
+        return config.max_seq, f"{config.max_seq} positions"
+    n = min(model_positions, DEFAULT_CONTEXT)
+    return n, f"{n} positions (default: min of the model's {model_positions} and {DEFAULT_CONTEXT}; --max-seq to change)"
+
+
 def stage_export(s: _State) -> StageRecord:
     from moec.compiler.export import ExportConfig, export_onnx
 
+    s.export_dtype, dtype_note = resolve_dtype(s.config, s.checkpoint)
+    s.max_seq, context_note = context_of(s.config, s.checkpoint)
     s.export_path = s.work / "onnx" / "model.onnx"
-    res = export_onnx(s.checkpoint, s.export_path,
-                      ExportConfig(dtype=s.config.dtype, max_batch=s.config.max_batch, max_seq=s.config.max_seq))
-    return StageRecord("export", 0.0, "ok", f"{s.config.dtype}, {res.max_positions} positions",
+    export_onnx(s.checkpoint, s.export_path,
+                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq))
+    return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}",
                        artifact_bytes=_onnx_bytes(s.export_path))
 
 
@@ -176,18 +215,13 @@ def _ort_can_run(optimized_report) -> bool:
 def verify_skip_reason(config: CompileConfig) -> str | None:
     """Why the verify stage cannot run for ``config`` on this machine (None when it can).
 
-    Decided before any work: ONNX Runtime's CPU provider has no bf16 kernels for most arithmetic
-    (MatMul, Where, ... in onnxruntime 1.32), so a bf16 graph verifies only where the CUDA
-    provider is available. That is a limit of the checker, not a fault of the graph: skipped, not failed.
+    A bf16 graph is not a reason: where ONNX Runtime has no GPU provider (its CPU provider has no
+    bf16 kernels), stage_verify checks the same pipeline's fp32 twin instead (see _fp32_twin).
     """
+    import onnxruntime  # noqa: F401 - what verify needs, imported before any work
+
     if not config.verify:
         return "--no-verify"
-    if (config.precision or config.dtype) == "bf16":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return ("bf16 needs a GPU provider to verify (ONNX Runtime's CPU provider has no bf16 "
-                    "kernels); fp32/fp16 verify on CPU")
     return None
 
 
@@ -195,6 +229,28 @@ def quantize_spec_of(config):
     from moec.compiler.quantize_stage import spec_of
 
     return spec_of(config)
+
+
+def _fp32_twin(s: _State) -> Path:
+    """The graph verify runs in place of a bf16 one on a CPU-only ONNX Runtime: the same checkpoint
+    through the same export and optimize settings in fp32 (re-exported only when the export itself
+    is bf16), under ``work/verify-fp32``, which stage_verify removes afterwards."""
+    from moec.compiler.export import ExportConfig, export_onnx
+    from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+    twin = s.work / "verify-fp32"
+    export = s.export_path
+    if s.export_dtype != "fp32":
+        export = export_onnx(s.checkpoint, twin / "model.onnx",
+                             ExportConfig(dtype="fp32", max_batch=s.config.max_batch, max_seq=s.max_seq)).onnx_path
+    if not _ort_can_run(s.optimize_report):
+        return export
+    out = twin / "model.opt.onnx"
+    optimize_onnx(export, out, OptimizeConfig(
+        target=s.config.target, moe_lowering=s.config.moe_lowering, require_fusion=True,
+        quantize=s.config.quantize, quantize_group=s.config.quantize_group,
+        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric))
+    return out
 
 
 def stage_verify(s: _State) -> StageRecord:
@@ -208,8 +264,13 @@ def stage_verify(s: _State) -> StageRecord:
     # The graph the engine is built from, when ONNX Runtime can run it; a graph with TensorRT-only
     # MoE nodes is checked through its export instead, and the table says so.
     graph = s.optimized_path if _ort_can_run(s.optimize_report) else s.export_path
-    dtype = s.config.precision or s.config.dtype
-    vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol)
+    dtype = s.config.precision or s.export_dtype
+    twin_note = ""
+    if dtype == "bf16" and not _ort_has_cuda():
+        graph, dtype = _fp32_twin(s), "fp32"
+        twin_note = ("; the bf16 graph cannot run on ONNX Runtime's CPU provider (no bf16 kernels), so its fp32 twin "
+                     "(same export and passes) was verified")
+    vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol, prompt_len=s.config.prompt_len)
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
     torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
@@ -218,12 +279,17 @@ def stage_verify(s: _State) -> StageRecord:
         from moec.compiler.quantize_stage import dequantize_module_weights
 
         dequantize_module_weights(torch_backend.model, quant)
-    rep = verify_backends(torch_backend, ort_backend, vcfg, llama.vocab_size, llama.attention_chunk_size)
+    try:
+        rep = verify_backends(torch_backend, ort_backend, vcfg, llama.vocab_size, llama.attention_chunk_size)
+    finally:
+        del ort_backend, torch_backend
+        shutil.rmtree(s.work / "verify-fp32", ignore_errors=True)
     write_json_atomic(s.work / "verify_report.json", rep.to_dict())
     worst = max(rep.rows, key=lambda r: r.max_abs)
     greedy = f"greedy {sum(rep.greedy_match)}/{len(rep.greedy_match)} steps equal"
     reference = f"torch {dtype}" + (f" with {quant.label()}-dequantized weights" if quant is not None else "")
-    detail = f"{graph.name} in ORT vs {reference}, atol {rep.atol:g} rtol {rep.rtol:g}; {greedy}"
+    detail = (f"{graph.name} in ORT vs {reference}, prompt {rep.prompt_rule}, atol {rep.atol:g} rtol {rep.rtol:g}; "
+              f"{greedy}{twin_note}")
     rec = StageRecord("verify", 0.0, "ok" if rep.passed else "FAILED", detail,
                       max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
     if not rep.passed:
@@ -247,6 +313,7 @@ def stage_build(s: _State) -> StageRecord:
     s.engine_dir = s.work / "engine"
     res = build_engine(s.optimized_path, s.engine_dir, BuildConfig(
         archs=(arch,), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
+        max_seq=s.max_seq,
         timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress))
     m = res.manifest
     flavour = f"{m['trt']['flavour']} {m['trt']['version']}"

@@ -29,6 +29,7 @@ Files written (all first under temporary names, renamed into place only after th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -53,7 +54,10 @@ SIDECAR_VERSION = 1
 class ExportConfig:
     """How to export. The CLI (``moec export``) fills it; defaults live here only."""
 
-    dtype: str = "fp32"  # "fp32" | "fp16" | "bf16": weights, activations and KV cache
+    # "fp32" | "fp16" | "bf16": weights, activations and KV cache. None: the dtype the checkpoint's
+    # weights are stored in (``moec.models.checkpoint.stored_dtype``), so a bf16 checkpoint is not
+    # doubled in size by default.
+    dtype: str | None = None
     max_batch: int = 8  # upper bound of the dynamic batch dimension
     # Longest sequence (prompt + generated) the artifact accepts; None: the model's
     # max_position_embeddings.
@@ -70,7 +74,7 @@ class ExportConfig:
     optimize: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise MoecError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_batch < 1:
             raise MoecError(f"max_batch must be >= 1, got {self.max_batch}")
@@ -142,7 +146,7 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
 
     L = llama_config.num_hidden_layers
     K, D = llama_config.num_key_value_heads, llama_config.head_dim
-    dt = torch_dtype(config.dtype)
+    dt = torch_dtype(config.dtype) if config.dtype else next(model.parameters()).dtype
     # Sample sizes: distinct and > 1, so torch.export neither specialises (0/1) nor unifies them.
     B, S, P = 2, 3, 5
     batch = Dim(contract.DIM_BATCH, min=1, max=config.max_batch)
@@ -308,7 +312,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
     import onnx_ir as ir
 
-    from moec.models import Llama4Config, load_pretrained
+    from moec.models import Llama4Config
     from moec.models.checkpoint import checkpoint_folder
 
     t_start = time.perf_counter()
@@ -319,6 +323,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     if out_path.is_dir():
         raise MoecError(f"{out_path} is a directory; give the .onnx file to write")
     llama_config = Llama4Config.from_pretrained(checkpoint_dir)
+    if config.dtype is None:
+        from moec.models.checkpoint import stored_dtype
+
+        config = dataclasses.replace(config, dtype=stored_dtype(checkpoint_dir))
     max_positions = config.max_seq or llama_config.max_position_embeddings
     if max_positions > llama_config.max_position_embeddings:
         raise MoecError(
@@ -347,9 +355,15 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     except OSError as e:
         raise MoecError(f"cannot write {out_path}: {e.strerror or e}; choose a writable location") from None
     try:
-        model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        # The weights stay in the checkpoint's files until the saver streams them one at a time
+        # (moec.compiler.export_weights): host memory does not grow with the layer count.
+        from moec.compiler.export_weights import attach_checkpoint_weights
+        from moec.models.checkpoint import load_pretrained_lazy
+
+        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
+        attach_checkpoint_weights(onnx_model, model, sources)
         _fold_weight_layout_ops(onnx_model)
         if config.optimize:
             import onnxscript.optimizer

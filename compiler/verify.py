@@ -44,7 +44,7 @@ class VerifyConfig:
     atol: float | None = None  # None: DEFAULT_TOLERANCES[dtype]
     rtol: float | None = None
     batch: int = 2
-    # None: 2 * attention_chunk_size + 3 (crosses two chunk boundaries), capped by max positions.
+    # None: default_prompt_len (crosses the attention chunk where that fits the memory budget).
     prompt_len: int | None = None
     decode_steps: int = 6
     seed: int = 0
@@ -84,6 +84,7 @@ class VerifyReport:
     rtol: float
     prompt_len: int
     batch: int
+    prompt_rule: str = ""  # how the prompt length was chosen
     rows: list[CompareRow] = field(default_factory=list)
     # Per decode step (and the prefill first): does ORT's greedy token equal the reference's?
     greedy_match: list[bool] = field(default_factory=list)
@@ -109,6 +110,7 @@ class VerifyReport:
             "rtol": self.rtol,
             "prompt_len": self.prompt_len,
             "batch": self.batch,
+            "prompt_rule": self.prompt_rule,
             "passed": self.passed,
             "greedy_match": self.greedy_match,
             "rows": [asdict(r) for r in self.rows],
@@ -148,11 +150,50 @@ def _ort_kv(cache) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(k.numpy().astype(np.float32), v.numpy().astype(np.float32)) for k, v in zip(cache.keys, cache.values)]
 
 
+# The largest tensors a verify prefill of S tokens creates, in fp32: the logits [B, S, vocab] (both
+# backends return them whole, and the comparison holds a few copies) and one attention layer's
+# scores [B, heads, S, S] in the torch reference. Their sum is kept under this budget so that the
+# default prompt fits a small CI machine even at the real vocabulary (202,048) and 40 heads; a
+# longer prompt is one --prompt-len away.
+VERIFY_BUDGET_BYTES = 256 << 20
+
+
+def prompt_bytes(prompt_len: int, batch: int, heads: int, vocab_size: int) -> int:
+    """Bytes of the logits plus one layer's attention scores of a prefill (see VERIFY_BUDGET_BYTES)."""
+    return 4 * batch * prompt_len * (heads * prompt_len + vocab_size)
+
+
+def default_prompt_len(batch: int, heads: int, vocab_size: int, chunk_size: int | None, max_len: int) -> tuple[int, str]:
+    """verify's prompt length when none is given, and the sentence that says why.
+
+    Prefer 2 * chunk + 3 (crosses two chunk boundaries), then chunk + 3 (one), so chunked attention,
+    NoPE temperature tuning and QK norm are checked past the first chunk; each only if it fits
+    VERIFY_BUDGET_BYTES and the export's positions (``max_len``). Otherwise the longest prompt that
+    fits: on Llama 4's real configs (chunk 8192, vocab 202,048) that is about 150 tokens at batch 2,
+    which checks every op but not a chunk boundary; say so rather than exhaust the machine.
+    """
+    chunk = chunk_size or 8
+    for n, what in ((2 * chunk + 3, "crosses two attention chunks"), (chunk + 3, "crosses one attention chunk")):
+        if n <= max_len and prompt_bytes(n, batch, heads, vocab_size) <= VERIFY_BUDGET_BYTES:
+            return n, f"{n} tokens: {what} of {chunk}"
+    n = max(1, min(max_len, chunk))
+    while n > 1 and prompt_bytes(n, batch, heads, vocab_size) > VERIFY_BUDGET_BYTES:
+        n = n * 9 // 10
+    if chunk + 3 > max_len and prompt_bytes(chunk + 3, batch, heads, vocab_size) <= VERIFY_BUDGET_BYTES:
+        return n, f"{n} tokens: the export's {max_len} positions leave no room to cross the attention chunk ({chunk})"
+    return n, (f"{n} tokens: a prompt past the attention chunk ({chunk}) would exceed verify's "
+               f"{VERIFY_BUDGET_BYTES >> 20} MiB budget for logits and attention scores; pass --prompt-len to cross it")
+
+
 def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size: int, chunk_size: int | None) -> VerifyReport:
     """Compare two ready backends (see the module doc)."""
     atol, rtol = config.tolerances
     max_pos = min(torch_backend.max_positions, ort_backend.max_positions)
-    prompt_len = config.prompt_len or min(2 * (chunk_size or 8) + 3, max_pos - config.decode_steps)
+    if config.prompt_len is not None:
+        prompt_len, rule = config.prompt_len, f"{config.prompt_len} tokens: given"
+    else:
+        heads = torch_backend.config.num_attention_heads
+        prompt_len, rule = default_prompt_len(config.batch, heads, vocab_size, chunk_size, max_pos - config.decode_steps)
     if prompt_len + config.decode_steps > max_pos:
         raise MoecError(
             f"prompt_len {prompt_len} + decode_steps {config.decode_steps} exceed the {max_pos} positions of the export"
@@ -167,6 +208,7 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
         rtol=rtol,
         prompt_len=prompt_len,
         batch=config.batch,
+        prompt_rule=rule,
         torch_describe=torch_backend.describe(),
         ort_describe=ort_backend.describe(),
     )
@@ -212,7 +254,7 @@ def verify(checkpoint: str | os.PathLike, config: VerifyConfig = VerifyConfig())
 def format_report(report: VerifyReport) -> str:
     """The table ``moec verify`` prints: one row per step and output."""
     lines = [
-        f"verify {report.dtype}: batch {report.batch}, prompt {report.prompt_len} tokens, "
+        f"verify {report.dtype}: batch {report.batch}, prompt {report.prompt_rule or f'{report.prompt_len} tokens'}, "
         f"atol {report.atol:g}, rtol {report.rtol:g} (an element fails when both are exceeded)",
         f"{'step':<10} {'output':<18} {'max abs':>11} {'max rel':>11}  result",
     ]

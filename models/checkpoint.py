@@ -186,10 +186,12 @@ def load_pretrained(
 
 
 def _read_text_tensors(
-    ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device
+    ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device,
+    lazy: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The text model's tensors, by module name, checked against ``expected`` shapes; and how
-    many vision/projector tensors were skipped. Each tensor is cast/moved on its own."""
+    many vision/projector tensors were skipped. Each tensor is cast/moved on its own. ``lazy``:
+    every check, but (file, key) in place of each tensor, nothing read beyond the headers."""
     from safetensors import SafetensorError
 
     prefix = TEXT_PREFIX[ckpt.layout]
@@ -248,6 +250,9 @@ def _read_text_tensors(
                             f"{file}: tensor {key!r} is {file_dtype}; moec loads fp32, fp16 or bf16 weights "
                             f"(quantized checkpoints are not supported)"
                         )
+                    if lazy:
+                        state[name] = (file, key)
+                        continue
                     tensor = f.get_tensor(key)
                 except SafetensorError as e:
                     raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
@@ -265,3 +270,78 @@ def _read_text_tensors(
                                 f"expected {list(expected[name])} from {CONFIG_FILE}")
             state[name] = tensor.to(device=device)
     return state, skipped
+
+
+_DTYPE_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype the checkpoint's text weights are stored in ("fp32" | "fp16" | "bf16"), read from
+    the safetensors headers (no weights are read). The tensors decide, not config.json's
+    ``torch_dtype``, because that field is only a hint some writers leave stale; mixed float dtypes
+    (a checkpoint that keeps norms in fp32, say) fall back to ``torch_dtype``, then to fp32."""
+    ckpt = inspect_checkpoint(path)
+    prefix = TEXT_PREFIX[ckpt.layout]
+    found: set[str] = set()
+    for file, listed in ckpt.shards.items():
+        with _open(file) as f:
+            for key in listed if listed is not None else f.keys():
+                if key.startswith(prefix) and not key.startswith(_SKIPPED_PREFIXES):
+                    found.add(f.get_slice(key).get_dtype())
+    floats = {_FLOAT_DTYPES[d] for d in found if d in _FLOAT_DTYPES}
+    if len(floats) == 1:
+        return _DTYPE_SHORT[floats.pop()]
+    raw = json.loads((ckpt.directory / CONFIG_FILE).read_text())
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    # transformers 5 writes "dtype", older versions "torch_dtype".
+    for hint in (raw.get("dtype"), raw.get("torch_dtype"), text.get("dtype"), text.get("torch_dtype")):
+        if isinstance(hint, str) and hint.lower() in _DTYPE_NAMES:
+            return _DTYPE_SHORT[_DTYPE_NAMES[hint.lower()]]
+    return "fp32"
+
+
+def load_pretrained_lazy(
+    path: str | Path, dtype: torch.dtype | str | None = None
+) -> tuple[Llama4ForCausalLM, dict[str, tuple[Path, str]]]:
+    """The model with UNINITIALISED weights (``to_empty``: untouched memory the OS has not backed
+    with pages, so it costs no RSS) and, per module weight name, the (shard, key) it is read from.
+    Every check of ``load_pretrained`` runs, on the headers only. For tracing (torch.export never
+    reads the weights' values): the caller reads each tensor from the file when it needs it
+    (``read_tensor``), one at a time. The RoPE buffer, not in checkpoints, is computed."""
+    ckpt = inspect_checkpoint(path)
+    config = ckpt.config
+    prefix = TEXT_PREFIX[ckpt.layout]
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    target_dtype = resolve_dtype(dtype)
+    if target_dtype is not None:
+        model = model.to(target_dtype)
+    sources, _ = _read_text_tensors(ckpt, expected, None, torch.device("cpu"), lazy=True)
+    missing = sorted(set(expected) - set(sources))
+    if missing:
+        shown = ", ".join(prefix + m for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
+    if config.tie_word_embeddings:
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.model.rotary_emb.reset_inv_freq("cpu")
+    model.requires_grad_(False)
+    return model.eval(), sources
+
+
+def read_tensor(source: tuple[Path, str], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of a checkpoint, by the (shard, key) that ``load_pretrained_lazy`` returned."""
+    from safetensors import SafetensorError
+
+    file, key = source
+    with _open(file) as f:
+        try:
+            tensor = f.get_tensor(key)
+        except SafetensorError as e:
+            raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)

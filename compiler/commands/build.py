@@ -26,13 +26,15 @@ import click
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Prefill profile max new tokens per step (default: half the positions).")
 @click.option("--max-past", type=click.IntRange(min=1), default=None, help="Decode profile max past length (default: positions - 1; prefill's past "
                                                          "is capped so new + past fit the positions).")
+@click.option("--max-seq", type=click.IntRange(min=2), default=None,
+              help="Engine context, prompt + generated (default: min(the export's positions, 8192)).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Timing cache file (created when missing).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--hardware-compat", type=click.Choice(["none", "ampere+", "same-cc"]), default="none", show_default=True)
 @click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions of the same major (full TensorRT only).")
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace memory pool limit in MiB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, timing_cache, opt_level,
+def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
     MODEL.onnx may be a partition folder (moec optimize --tp/--ep): one engine folder per rank.
@@ -46,7 +48,7 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
 
     config = BuildConfig(
         archs=tuple(a for a in arch.replace(" ", "").split(",") if a), backend=backend, shapes=tuple(shapes),
-        max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, timing_cache=timing_cache,
+        max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, max_seq=max_seq, timing_cache=timing_cache,
         opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
         workspace_mib=workspace_mib, progress=not no_progress,
     )
@@ -67,6 +69,11 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
                f"{m['trt']['version']} ({m['precision']}, {result.seconds:.1f} s) -> {result.out_dir}")
     click.echo(f"  profiles: {_profile_summary(m)}")
     click.echo(f"  max prompt: {_max_prompt(m)}")
+    click.echo(f"  context: {m['limits']['max_positions']} positions{m.get('context_note', '')}")
+    if m.get("memory"):
+        from moec.compiler.plan import format_engine_memory
+
+        click.echo(f"  {format_engine_memory(m['memory'])}")
     for e in m["engines"]:
         click.echo(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, sha256 {e['sha256'][:16]}")
 

@@ -50,14 +50,17 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
               help="Output folder (replaced only when the whole job succeeds).")
 @click.option("--target", default=DEFAULT_TARGET, show_default=True,
               help="ort, trt:<arch> (full TensorRT) or trt-rtx:<arch> (TensorRT for RTX; builds on a CPU).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Export dtype.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Export dtype [default: the checkpoint's; fp32 for a bf16 checkpoint with --target ort on a CPU].")
 @click.option("--precision", type=click.Choice(["fp16", "bf16"]), default=None,
               help="Cast an fp32 export in the optimize stage (router math stays fp32).")
 @click.option("--moe-lowering", default=None, help="Override the target's default MoE lowering.")
 @click.option("--max-batch", type=int, default=CompileConfig.max_batch, show_default=True)
-@click.option("--max-seq", type=int, default=None, help="Longest prompt + generation (default: the model's).")
+@click.option("--max-seq", type=click.IntRange(min=2), default=None,
+              help="Longest prompt + generation, of the export and the engine [default: min(the model's, 8192)].")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=None,
+              help="Verify's prompt [default: crosses the attention chunk where verify's memory budget allows].")
 @click.option("--atol", type=float, default=None)
 @click.option("--rtol", type=float, default=None)
 @click.option("--opt-level", type=click.IntRange(0, 5), default=CompileConfig.opt_level, show_default=True)
@@ -67,7 +70,7 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
               help="Seed of the embedded demo checkpoint (used when no CHECKPOINT is given).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @quantize_options
-def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, atol, rtol,
+def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,
              opt_level, timing_cache, workspace_mib, demo_seed, as_json, **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
@@ -79,7 +82,8 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
     from moec.compiler.compile import compile_checkpoint
 
     config = CompileConfig(target=target, dtype=dtype, precision=precision, moe_lowering=moe_lowering,
-                           max_batch=max_batch, max_seq=max_seq, verify=not no_verify, atol=atol, rtol=rtol,
+                           max_batch=max_batch, max_seq=max_seq, verify=not no_verify, prompt_len=prompt_len,
+                           atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
                            progress=not as_json, demo_seed=demo_seed, **quantize_fields(**quantize))
     console = Console(stderr=as_json)

@@ -238,7 +238,8 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="OUT.onnx")
-@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 [default: fp32].")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="[default: the dtype the checkpoint's weights are stored in]")
 @click.option("--max-batch", type=int, default=None)
 @click.option("--max-seq", type=int, default=None, help="Longest sequence the export accepts [default: the model's].")
 @click.option(
@@ -267,7 +268,9 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
 @click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per dtype].")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per dtype].")
 @click.option("--decode-steps", type=int, default=None)
-@click.option("--prompt-len", type=int, default=None, help="[default: two attention chunks + 3]")
+@click.option("--prompt-len", type=int, default=None,
+              help="[default: crosses one or two attention chunks where that fits verify's memory budget, "
+                   "else the longest prompt that fits; see moec.compiler.verify.default_prompt_len]")
 @click.option("--batch", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_json):

@@ -107,15 +107,21 @@ def test_missing_tensorrt_flavour_is_refused_before_work(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_bf16_without_a_gpu_provider_skips_verify_with_the_reason(tmp_path, monkeypatch):
+def test_bf16_without_a_gpu_provider_verifies_the_fp32_twin(tmp_path, monkeypatch):
+    """ONNX Runtime's CPU provider cannot run the bf16 graph: verify checks the same pipeline in
+    fp32 instead of skipping, says so, and leaves no twin behind; the bf16 graph is the output."""
+    import onnx
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     out = tmp_path / "out"
     report = compile_checkpoint(None, out, CompileConfig(target="ort", precision="bf16", progress=False))
     verify = {s.stage: s for s in report.stages}["verify"]
-    assert verify.status == "skipped" and "bf16 needs a GPU provider to verify" in verify.detail
-    assert report.passed and (out / "onnx" / "model.opt.onnx").is_file()
+    assert verify.status == "ok" and "its fp32 twin (same export and passes) was verified" in verify.detail
+    assert "torch fp32" in verify.detail
+    assert report.passed and not (out / "verify-fp32").exists()
+    graph = onnx.load(str(out / "onnx" / "model.opt.onnx"), load_external_data=False)
+    assert onnx.TensorProto.BFLOAT16 in {t.data_type for t in graph.graph.initializer}
 
 
 def test_errors_name_final_paths_not_the_temporary_folder(tmp_path, monkeypatch):

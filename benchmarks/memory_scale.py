@@ -1,0 +1,237 @@
+"""Benchmark: host memory of export, optimize and build at Llama 4 Scout's real layer size, for 1, 2
+and 4 layers. Does peak RSS grow with the layer count?
+
+Model: Scout's layer shapes (hidden 5120, expert intermediate 8192, 16 experts, 40/8 heads,
+head_dim 128; every layer MoE), vocabulary shrunk to 32768, bf16: 4.49 GB of weights per layer.
+
+Expected before measuring: export flat in the layer count at about twice the largest tensor
+(gate_up_proj, 2.68 GB: the tensor read from the checkpoint plus the bytes being written) plus the
+libraries, so about 6 GB for 1, 2 and 4 layers (it was 1.03x the weights, growing: 4.57 / 9.23 GB
+for 1 / 2 layers); optimize flat at about 120 MB; build unchanged by this work at about 2.9x the
+weights (13.2 GB for 1 layer), so only 1 layer is built on this 24 GB machine.
+
+Each step runs in its own process, which reads its kernel-recorded peak (VmHWM) at the end. The
+checkpoint is written without holding it in memory: safetensors headers by hand, then each tensor
+streamed from one 64 MB block of random bf16 values (randn * 0.02), repeated. Files live under
+--workdir (default: a folder in /tmp) and are deleted as soon as the next step no longer needs
+them. Results: benchmarks/results/memory_scale.json and memory_scale.md.
+
+    python benchmarks/memory_scale.py [--layers 1 2 4] [--build-layers 1] [--vocab 32768] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BLOCK_BYTES = 64 << 20
+
+
+def scout_layers_config(layers: int, vocab: int):
+    from moec.models import Llama4Config
+
+    return Llama4Config.preset("llama4-scout").replace(
+        num_hidden_layers=layers, vocab_size=vocab, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0)
+
+
+def _random_block() -> bytes:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(BLOCK_BYTES // 2, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8).numpy().tobytes()
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], block: bytes) -> int:
+    """A bf16 safetensors file of ``shapes``, each tensor streamed from ``block`` (repeated)."""
+    import math
+
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in shapes:
+            left = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            while left:
+                chunk = block[: min(left, len(block))]
+                f.write(chunk)
+                left -= len(chunk)
+    return offset
+
+
+def write_checkpoint(out: Path, layers: int, vocab: int) -> int:
+    import torch
+
+    from moec.models import Llama4ForCausalLM
+
+    config = scout_layers_config(layers, vocab)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Llama4ForCausalLM(config).state_dict().items()}
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        key = name.split(".")[2] if name.startswith("model.layers.") else "other"
+        groups.setdefault(key, {})[name] = shape
+    out.mkdir(parents=True, exist_ok=True)
+    hf = config.to_hf_config()
+    hf["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    block = _random_block()
+    weight_map, total = {}, 0
+    for i, (_, group) in enumerate(sorted(groups.items())):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        total += _write_safetensors(out / shard, group, block)
+        weight_map.update(dict.fromkeys(group, shard))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def run_stage(stage: str, src: Path, dst: Path) -> dict:
+    """In the measuring child: one stage, its wall time and peak RSS."""
+    t0 = time.perf_counter()
+    if stage == "export":
+        from moec.compiler.export import ExportConfig, export_onnx
+
+        export_onnx(src, dst, ExportConfig())
+    elif stage == "optimize":
+        from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
+
+        optimize_onnx(src, dst, OptimizeConfig(target="trt-rtx:sm89"))
+    elif stage == "build":
+        from moec.compiler.build import BuildConfig, build_engine
+
+        build_engine(src, dst, BuildConfig(archs=("sm89",), backend="tensorrt-rtx", progress=False))
+    return {"wall_s": time.perf_counter() - t0, "peak_rss_bytes": _status("VmHWM")}
+
+
+def _files_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _child(stage: str, src: Path, dst: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--src", str(src), "--dst", str(dst)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1], "returncode": proc.returncode}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(layers: int, vocab: int, build: bool, work: Path) -> dict:
+    row: dict = {"layers": layers}
+    ckpt, onnx_dir = work / f"ckpt{layers}", work / f"onnx{layers}"
+    try:
+        t = time.perf_counter()
+        row["weight_bytes"] = write_checkpoint(ckpt, layers, vocab)
+        row["write_s"] = time.perf_counter() - t
+        row["export"] = _child("export", ckpt, onnx_dir / "model.onnx")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if "error" in row["export"]:
+            return row
+        row["export"]["artifact_bytes"] = _files_bytes(onnx_dir)
+        row["optimize"] = _child("optimize", onnx_dir / "model.onnx", onnx_dir / "model.opt.onnx")
+        (onnx_dir / "model.onnx.data").unlink(missing_ok=True)
+        if build and "error" not in row["optimize"]:
+            row["build"] = _child("build", onnx_dir / "model.opt.onnx", work / f"engine{layers}")
+            if "error" not in row["build"]:
+                row["build"]["artifact_bytes"] = _files_bytes(work / f"engine{layers}")
+    finally:
+        for p in (ckpt, onnx_dir, work / f"engine{layers}"):
+            shutil.rmtree(p, ignore_errors=True)
+    return row
+
+
+def _cell(stage: dict | None, weights: int) -> str:
+    if stage is None:
+        return "not run"
+    if "error" in stage:
+        return f"failed: {stage['error'][:60]}"
+    return f"{stage['peak_rss_bytes'] / 1e9:.2f} GB ({stage['peak_rss_bytes'] / weights:.2f}x), {stage['wall_s']:.0f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--build-layers", type=int, nargs="*", default=[1])
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--name", default="memory_scale", help="results file name (benchmarks/results/NAME.json/.md)")
+    ap.add_argument("--note", default="", help="a line for the table's header (what this run measures)")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        print(json.dumps(run_stage(args.stage, args.src, args.dst)))
+        return
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="moec-memory-scale-"))
+    rows = []
+    try:
+        for n in args.layers:
+            row = measure(n, args.vocab, n in args.build_layers, work)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    import torch
+
+    result = {
+        "what": "peak RSS of moec export / optimize / build at Scout's layer size (bf16), by layer count",
+        "config": {"base": "llama4-scout", "hidden_size": 5120, "intermediate_size": 8192, "num_local_experts": 16,
+                   "heads": "40/8", "vocab_size": args.vocab, "dtype": "bf16"},
+        "expected": {"export": "flat, about 2x the largest tensor (2.68 GB) + libraries: ~6 GB",
+                     "optimize": "flat, ~120 MB", "build": "unchanged, ~2.9x the weights (1 layer only)"},
+        "rows": rows,
+        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                 "torch": torch.__version__, "shared": "24 GB / 2 cores shared with 6 other jobs: wall times are noisy"},
+        "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result["note"] = args.note
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "# Host memory at Scout's layer size (bf16, 4.49 GB of weights per layer)",
+        "",
+        f"`python benchmarks/memory_scale.py` ({result['date_utc']}; 2 cores and 24 GB shared with other jobs, so "
+        "wall times are noisy; peak RSS is the kernel's VmHWM of each step's own process).",
+        "",
+        *([args.note, ""] if args.note else []),
+        "| layers | weights | export peak RSS | optimize peak RSS | build (sm89) peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        w = r["weight_bytes"]
+        lines.append(f"| {r['layers']} | {w / 1e9:.2f} GB | {_cell(r.get('export'), w)} | {_cell(r.get('optimize'), w)} | "
+                     f"{_cell(r.get('build'), w)} |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
