@@ -334,10 +334,14 @@ def load_pretrained_lazy(
     return model.eval(), sources
 
 
-def read_tensor(source: tuple[Path, str], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One tensor of a checkpoint, by the (shard, key) that ``load_pretrained_lazy`` returned."""
+def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of a checkpoint, by the (shard, key) that ``load_pretrained_lazy`` returned. A
+    pre-quantized (FP8) checkpoint's experts come as tensors already: they are assembled from
+    several stored tensors (weights and scales) while the headers are read, so they are held."""
     from safetensors import SafetensorError
 
+    if isinstance(source, torch.Tensor):
+        return source if dtype is None or source.dtype == dtype else source.to(dtype)
     file, key = source
     with _open(file) as f:
         try:
