@@ -58,6 +58,7 @@ class ExportConfig:
     # Longest sequence (prompt + generated) the artifact accepts; None: the model's
     # max_position_embeddings.
     max_seq: int | None = None
+    allow_nonfinite_weights: bool = False  # NaN/Inf weights are an error unless the user says so
     # Weights above this many bytes go to one external-data file OUT.onnx.data. Protobuf cannot
     # hold more than 2 GiB, and a large inline proto is a second copy of the weights in memory
     # while it is serialised, so the default stays well below that.
@@ -347,7 +348,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     except OSError as e:
         raise MoecError(f"cannot write {out_path}: {e.strerror or e}; choose a writable location") from None
     try:
-        model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        model = load_pretrained(checkpoint_dir, dtype=torch_dtype(config.dtype),
+                                allow_nonfinite=config.allow_nonfinite_weights)
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
         _fold_weight_layout_ops(onnx_model)

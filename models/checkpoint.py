@@ -143,9 +143,14 @@ def _open(file: Path):
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+    allow_nonfinite: bool = False,
 ) -> Llama4ForCausalLM:
-    """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's)."""
+    """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's).
+
+    A tensor holding NaN or Inf (after the cast: fp32 values beyond fp16's range become Inf) is a
+    MoecError naming it: such a model exports and runs "fine" and emits token 0 forever.
+    ``allow_nonfinite`` is for a user who knows why their weights hold them."""
     target_dtype = resolve_dtype(dtype)
     ckpt = inspect_checkpoint(path)
     config = ckpt.config
@@ -157,7 +162,7 @@ def load_pretrained(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
-    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device))
+    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device), allow_nonfinite)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(prefix + m for m in missing[:5])
@@ -183,7 +188,8 @@ def load_pretrained(
 
 
 def _read_text_tensors(
-    ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device
+    ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The text model's tensors, by module name, checked against ``expected`` shapes; and how
     many vision/projector tensors were skipped. Each tensor is cast/moved on its own."""
@@ -237,5 +243,17 @@ def _read_text_tensors(
                 except SafetensorError as e:
                     raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                if not allow_nonfinite:
+                    _check_finite(file, key, state[name])
 
     return state, skipped
+
+
+def _check_finite(file: Path, key: str, tensor: torch.Tensor) -> None:
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        n_nan, n_bad = int(torch.isnan(tensor).sum()), int(bad.sum())
+        raise MoecError(
+            f"{file}: tensor {key!r} holds {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) of "
+            f"{tensor.numel()} ({tensor.dtype}); such weights run silently to garbage: fix the checkpoint, load it "
+            f"in a wider dtype, or pass --allow-nonfinite-weights if you know why they are there")

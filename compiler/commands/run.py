@@ -232,11 +232,13 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     default=None,
     help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
 )
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold):
+@click.option("--allow-nonfinite-weights", is_flag=True, help="Export weights that hold NaN or Inf (refused by default).")
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
 
-    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold)
+    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
+                   allow_nonfinite_weights=allow_nonfinite_weights or None)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     r = export_onnx(checkpoint, output, config)
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]
