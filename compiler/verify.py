@@ -185,7 +185,7 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
             # output on either side is a failure, never "equal".
             finite = bool(np.isfinite(ref[out_name]).all() and np.isfinite(got[out_name]).all())
             max_abs, max_rel = float(r.max_absdiff), float(r.max_reldiff)
-            ok = bool(r) and finite and np.isfinite(max_abs)
+            ok = bool(r) and finite and bool(np.isfinite(max_abs))
             report.rows.append(CompareRow(name, out_name, max_abs if finite else float("nan"), max_rel, ok))
         ref_next_B = t_logits[:, -1].argmax(-1)
         finite_logits = bool(np.isfinite(t_logits[:, -1]).all() and np.isfinite(o_logits[:, -1]).all())

@@ -91,3 +91,6 @@ def test_verify_reports_nan_as_a_failure_never_as_equal():
     report = verify_backends(_Backend(False), _Backend(True), cfg, vocab_size=8, chunk_size=None)
     assert not report.passed and not any(report.greedy_match)
     assert all(np.isnan(r.max_abs) for r in report.rows)
+    import json
+
+    json.dumps(same.to_dict()), json.dumps(report.to_dict())  # plain Python types for --json
