@@ -204,6 +204,18 @@ def _make_parents(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+@contextlib.contextmanager
+def parents_made_for(path: str | os.PathLike) -> Iterator[None]:
+    """Create the folders missing above ``path``; remove them again (if still empty) when the
+    body fails, so a failed command leaves no empty output folder behind."""
+    made = _make_parents(Path(path))
+    try:
+        yield
+    except BaseException:
+        _remove_made(made)
+        raise
+
+
 def _remove_made(made: list[Path]) -> None:
     for p in reversed(made):
         with contextlib.suppress(OSError):

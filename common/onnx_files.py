@@ -99,3 +99,21 @@ def all_tensors(graph):
                 yield from all_tensors(attr.g)
             for g in attr.graphs:
                 yield from all_tensors(g)
+
+
+def require_moec_io(onnx_path: str | os.PathLike, model, num_layers: int) -> None:
+    """MoecError unless the graph has a moec export's inputs and outputs for ``num_layers`` layers
+    (``moec.common.contract``): a graph from elsewhere, given with a moec sidecar, is named as such
+    before TensorRT or a profile lookup meets tensors it does not know."""
+    from moec.common import contract
+
+    want_in, want_out = contract.io_names(num_layers)
+    have_in = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+    have_out = {o.name for o in model.graph.output}
+    missing = [n for n in want_in if n not in have_in] + [n for n in want_out if n not in have_out]
+    extra = sorted(have_in - set(want_in))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")]
+                 if missing else []) + ([f"unexpected inputs {', '.join(extra[:4])}"] if extra else [])
+        raise MoecError(f"{onnx_path} is not a moec export for its metadata ({num_layers} layers): {'; '.join(parts)}; "
+                        "export the checkpoint with `moec export` (and optimize it with `moec optimize`)")

@@ -36,7 +36,7 @@ import onnx
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
 from moec.common.errors import MoecError
-from moec.common.onnx_files import load_graph_structure, require_external_data
+from moec.common.onnx_files import load_graph_structure, require_external_data, require_moec_io
 from moec.common.outputs import check_option_output
 from moec.common.sidecar import model_tokenizer, read_sidecar
 from moec.runtime.bench import source_hashes
@@ -794,6 +794,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     check_engine_archs(sidecar, archs, onnx_path)
     check_external_data(onnx_path)
     model = load_graph_structure(onnx_path)
+    require_moec_io(onnx_path, model, sidecar["num_layers"])
     source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:

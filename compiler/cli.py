@@ -14,6 +14,7 @@ import sys
 import click
 
 from moec.common.errors import MoecError
+from moec.common.resources import as_resource_error
 
 # (module, command attribute names). Commands are imported when the CLI starts; each module
 # imports its heavy dependencies (torch, onnxruntime, tensorrt) inside the command body so
@@ -88,6 +89,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except Exception as e:
+        # Out of memory or disk is the machine's limit, not a bug: one line naming the command.
+        err = as_resource_error(e, f"moec {_command_name(argv)}")
+        if err is None:
+            raise
+        click.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(2)
+
+
+def _command_name(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), "").strip() or "(no command)"
 
 
 if __name__ == "__main__":

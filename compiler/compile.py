@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from moec.common.artifacts import atomic_dir, write_json_atomic
 from moec.common.errors import MoecError
+from moec.common.resources import as_resource_error
 
 DEFAULT_TARGET = "trt-rtx:sm89"
 DEMO_PRESET = "llama4-tiny"
@@ -399,7 +400,12 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                 err = MoecError(final(f"{name}: {e}"))
                 err.report = report
                 raise err from None
-            except MoecError as e:
+            except Exception as e:
+                if not isinstance(e, MoecError):
+                    # Out of memory or disk in a stage is named with the stage; anything else is a bug.
+                    e = as_resource_error(e, None) or e
+                    if not isinstance(e, MoecError):
+                        raise
                 rec = StageRecord(name, time.perf_counter() - t0, "FAILED", final(str(e)))
                 report.stages.append(rec)
                 if on_stage:

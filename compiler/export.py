@@ -62,6 +62,7 @@ class ExportConfig:
     # Longest sequence (prompt + generated) the artifact accepts; None: the model's
     # max_position_embeddings.
     max_seq: int | None = None
+    allow_nonfinite_weights: bool = False  # NaN/Inf weights are an error unless the user says so
     # Weights above this many bytes go to one external-data file OUT.onnx.data. Protobuf cannot
     # hold more than 2 GiB, and a large inline proto is a second copy of the weights in memory
     # while it is serialised, so the default stays well below that.
@@ -361,9 +362,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         from moec.models.checkpoint import load_pretrained_lazy
 
         model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        allow_nonfinite = config.allow_nonfinite_weights
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
-        attach_checkpoint_weights(onnx_model, model, sources)
+        attach_checkpoint_weights(onnx_model, model, sources, allow_nonfinite=allow_nonfinite)
         _fold_weight_layout_ops(onnx_model)
         if config.optimize:
             import onnxscript.optimizer

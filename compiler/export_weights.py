@@ -32,10 +32,12 @@ def _ir_tensor(tensor, name: str):
     return ir.Tensor(array, name=name)
 
 
-def attach_checkpoint_weights(onnx_model, model, sources: dict[str, tuple[Path, str]]) -> int:
+def attach_checkpoint_weights(onnx_model, model, sources: dict[str, tuple[Path, str]], allow_nonfinite: bool = False) -> int:
     """Point every initializer that is one of ``model``'s weights at its checkpoint tensor (read
     lazily, cast to the initializer's dtype); returns how many. An initializer named after a weight
-    that has no source would carry uninitialised memory into the graph: refused."""
+    that has no source would carry uninitialised memory into the graph: refused. Each tensor is
+    checked finite as it is read (unless ``allow_nonfinite``): the export writes to a temporary
+    name, so a refusal mid-save leaves nothing behind."""
     import onnx_ir as ir
 
     from moec.compiler.export import torch_dtype
@@ -53,7 +55,7 @@ def attach_checkpoint_weights(onnx_model, model, sources: dict[str, tuple[Path, 
         dtype = torch_dtype(dtypes[value.dtype])
 
         def read(source=source, dtype=dtype, name=value.name):
-            return _ir_tensor(read_tensor(source, dtype), name)
+            return _ir_tensor(read_tensor(source, dtype, allow_nonfinite), name)
 
         value.const_value = ir.LazyTensor(read, dtype=value.dtype, shape=value.shape, name=value.name)
         attached += 1

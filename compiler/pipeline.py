@@ -33,9 +33,10 @@ from typing import Callable
 import onnx_ir as ir
 
 from moec.common import contract
-from moec.common.artifacts import write_json_atomic
+from moec.common.artifacts import parents_made_for, write_json_atomic
 from moec.common.errors import MoecError
 from moec.common.outputs import check_output_folder_option, mark_output_folder
+from moec.common.resources import as_resource_error
 from moec.common.sidecar import check_tokenizer_slot, model_tokenizer, read_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -218,6 +219,8 @@ def run_passes(model: ir.Model, steps: list[Step], ctx: _Context, dump_dir: Path
             except MoecError as e:
                 raise MoecError(f"pass {step.name} ({step.phase}): {e}") from e
             except Exception as e:  # a bug in moec: keep the traceback, but say which pass
+                if (err := as_resource_error(e, f"pass {step.name} ({step.phase})")) is not None:
+                    raise err from None  # out of memory is the machine's limit, not a bug
                 raise RuntimeError(f"moec pass {step.name} ({step.phase}) failed: {e}") from e
             total += n
             if not n:
@@ -296,7 +299,10 @@ def _weight_bytes(model: ir.Model) -> int:
 
 def _save(model: ir.Model, path: Path, external: bool) -> None:
     """Write ``path`` (+ ``path.data``) atomically: into a temporary folder beside it, then renamed."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise MoecError(f"cannot write {path}: {e.strerror or e}; choose a writable location") from None
     try:
         data_name = path.name + ".data"
         ir.save(model, tmp / path.name, external_data=data_name if external else None)
@@ -305,6 +311,10 @@ def _save(model: ir.Model, path: Path, external: bool) -> None:
         elif (path.parent / data_name).exists():
             (path.parent / data_name).unlink()  # a stale data file from an earlier external write
         os.replace(tmp / path.name, path)
+    except OSError as e:
+        if (err := as_resource_error(e, f"writing {path}")) is not None:
+            raise err from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -317,6 +327,9 @@ def check_writable(path: str | os.PathLike) -> None:
     no folder, so a refused job leaves nothing behind.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise MoecError(f"{path} is a symbolic link; moec would replace the link, not write through it: "
+                        f"give the real path ({path.resolve()}) or a new name")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -432,14 +445,14 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     for n in notes:
         warnings.warn(n, stacklevel=2)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _save(model, out_path, external)
     lowering_name = "+".join(sorted(ctx.lowered)) or "none"
-    if sidecar is not None:
-        sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
-        if quant is not None:
-            sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
-        write_json_atomic(contract.sidecar_path(out_path), sidecar)
+    with parents_made_for(out_path):
+        _save(model, out_path, external)
+        if sidecar is not None:
+            sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
+            if quant is not None:
+                sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
+            write_json_atomic(contract.sidecar_path(out_path), sidecar)
     tok_dst = out_path.parent / contract.TOKENIZER_FILE
     if tok_src is not None and tok_src.resolve() != tok_dst.resolve():
         with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".tokenizer.", delete=False) as f:

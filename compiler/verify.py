@@ -223,9 +223,15 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
         name = "prefill" if step == 0 else f"decode {step}"
         for out_name in ref:
             r = results[out_name]
-            report.rows.append(CompareRow(name, out_name, float(r.max_absdiff), float(r.max_reldiff), bool(r)))
+            # NaN compares unequal to everything, so a tolerance check can miss it; a non-finite
+            # output on either side is a failure, never "equal".
+            finite = bool(np.isfinite(ref[out_name]).all() and np.isfinite(got[out_name]).all())
+            max_abs, max_rel = float(r.max_absdiff), float(r.max_reldiff)
+            ok = bool(r) and finite and bool(np.isfinite(max_abs))
+            report.rows.append(CompareRow(name, out_name, max_abs if finite else float("nan"), max_rel, ok))
         ref_next_B = t_logits[:, -1].argmax(-1)
-        report.greedy_match.append(bool((o_logits[:, -1].argmax(-1) == ref_next_B).all()))
+        finite_logits = bool(np.isfinite(t_logits[:, -1]).all() and np.isfinite(o_logits[:, -1]).all())
+        report.greedy_match.append(finite_logits and bool((o_logits[:, -1].argmax(-1) == ref_next_B).all()))
         ids_BS = ref_next_B[:, None].astype(np.int64)
         pos_BS = np.full((config.batch, 1), t_cache.past_len, dtype=np.int64)
     return report

@@ -146,9 +146,14 @@ def _open(file: Path):
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+    path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+    allow_nonfinite: bool = False,
 ) -> Llama4ForCausalLM:
-    """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's)."""
+    """Load a checkpoint directory; ``dtype`` casts every weight on load (None keeps the file's).
+
+    A tensor holding NaN or Inf (after the cast: fp32 values beyond fp16's range become Inf) is a
+    MoecError naming it: such a model exports and runs "fine" and emits token 0 forever.
+    ``allow_nonfinite`` is for a user who knows why their weights hold them."""
     target_dtype = resolve_dtype(dtype)
     ckpt = inspect_checkpoint(path)
     config = ckpt.config
@@ -160,7 +165,7 @@ def load_pretrained(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
-    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device))
+    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device), allow_nonfinite)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(prefix + m for m in missing[:5])
@@ -188,6 +193,7 @@ def load_pretrained(
 def _read_text_tensors(
     ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None, device: torch.device,
     lazy: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The text model's tensors, by module name, checked against ``expected`` shapes; and how
     many vision/projector tensors were skipped. Each tensor is cast/moved on its own. ``lazy``:
@@ -257,6 +263,8 @@ def _read_text_tensors(
                 except SafetensorError as e:
                     raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
                 state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                if not allow_nonfinite:
+                    _check_finite(file, key, state[name])
 
     if fp8_parts:
         for name, tensor in assemble(fp8_parts, expected, ckpt.quantization, fp8_file, dtype or torch.bfloat16).items():
@@ -334,7 +342,8 @@ def load_pretrained_lazy(
     return model.eval(), sources
 
 
-def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | None = None,
+                allow_nonfinite: bool = False) -> torch.Tensor:
     """One tensor of a checkpoint, by the (shard, key) that ``load_pretrained_lazy`` returned. A
     pre-quantized (FP8) checkpoint's experts come as tensors already: they are assembled from
     several stored tensors (weights and scales) while the headers are read, so they are held."""
@@ -348,4 +357,17 @@ def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | No
             tensor = f.get_tensor(key)
         except SafetensorError as e:
             raise MoecError(f"{file}: cannot read tensor {key!r} ({e}); the file is damaged") from None
-    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+    tensor = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+    if not allow_nonfinite:
+        _check_finite(file, key, tensor)  # after the cast, like load_pretrained
+    return tensor
+
+
+def _check_finite(file: Path, key: str, tensor: torch.Tensor) -> None:
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        n_nan, n_bad = int(torch.isnan(tensor).sum()), int(bad.sum())
+        raise MoecError(
+            f"{file}: tensor {key!r} holds {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) of "
+            f"{tensor.numel()} ({tensor.dtype}); such weights run silently to garbage: fix the checkpoint, load it "
+            f"in a wider dtype, or pass --allow-nonfinite-weights if you know why they are there")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moec.common.errors import MoecError
+from moec.models.config_bounds import check_config_bounds, check_layer_count
 
 CAUSAL_LM = "Llama4ForCausalLM"
 CONDITIONAL_GENERATION = "Llama4ForConditionalGeneration"
@@ -346,6 +347,7 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
     vocab = _int(d, "vocab_size", source)
     hidden = _int(d, "hidden_size", source)
     layers = _int(d, "num_hidden_layers", source)
+    check_layer_count(layers, source)  # before any per-layer list is built
     heads = _int(d, "num_attention_heads", source)
     # transformers: an absent field takes the class default, an explicit null a derived value.
     kv_raw = d.get("num_key_value_heads", _HF_DEFAULTS["num_key_value_heads"])
@@ -412,7 +414,7 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
     if rms_eps <= 0:
         raise MoecError(f"{source}: rms_norm_eps must be positive, got {rms_eps}")
 
-    return Llama4Config(
+    config = Llama4Config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=_int(d, "intermediate_size", source),
@@ -443,6 +445,8 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
         pad_token_id=_optional_token(d, "pad_token_id", source, vocab),
         hidden_act=act,
     )
+    check_config_bounds(config, source)
+    return config
 
 
 # --- presets ----------------------------------------------------------------------------------

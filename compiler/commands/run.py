@@ -117,6 +117,17 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def check_prompt_text(prompt: str) -> None:
+    """MoecError unless ``prompt`` is text: bytes that are not UTF-8 reach Python as lone
+    surrogates (the file system encoding's escape), which no tokenizer can encode."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = prompt[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise MoecError(f"--prompt is not valid UTF-8 text (bytes {raw!r} at character {e.start}); pass the prompt "
+                        "as UTF-8, or give its token ids with --prompt-ids") from None
+
+
 def printable(text: str) -> str:
     """``text`` safe for a terminal: every character that is not printable (control bytes such
     as ESC, which start terminal escape sequences, DEL, zero-width and bidi marks) becomes its
@@ -151,6 +162,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
 
     if (prompt is None) == (prompt_ids is None):
         raise MoecError("give exactly one of --prompt TEXT or --prompt-ids \"1 2 3\"")
+    if prompt is not None:
+        check_prompt_text(prompt)
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     gen_config = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
     backend = backend or detect_backend(artifact)
@@ -248,11 +261,13 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     default=None,
     help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
 )
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold):
+@click.option("--allow-nonfinite-weights", is_flag=True, help="Export weights that hold NaN or Inf (refused by default).")
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
 
-    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold)
+    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
+                   allow_nonfinite_weights=allow_nonfinite_weights or None)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     r = export_onnx(checkpoint, output, config)
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]
