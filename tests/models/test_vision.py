@@ -85,3 +85,33 @@ def test_text_only_and_mismatched_weights_are_named():
         load_vision_state(tower, _checkpoint_tensors(vision, projector), "ckpt")
     with pytest.raises(MoecError, match="text-only"):
         VisionConfig.from_hf_dict({"text_config": {"hidden_size": 64}})
+
+
+def test_load_vision_tower_from_conditional_generation_checkpoint(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moec.models.checkpoint import load_pretrained, load_vision_tower
+    from moec.models.demo import write_demo_checkpoint
+
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt", layout="conditional_generation")
+    text_only = write_demo_checkpoint(tmp_path / "text", layout="conditional_generation")
+    config = json.loads((ckpt / "config.json").read_text())
+    vision_dict = _hf_config(56, 2)
+    vision_dict["text_config"] = config["text_config"]
+    vision, projector = _reference(vision_dict)
+    config["vision_config"] = vision_dict["vision_config"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    weights = load_file(ckpt / "model.safetensors") | _checkpoint_tensors(vision, projector)
+    save_file({k: v.contiguous() for k, v in weights.items()}, ckpt / "model.safetensors")
+
+    tower = load_vision_tower(ckpt)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        image_features = vision(pixels, return_dict=True).last_hidden_state
+        expected = projector(image_features.view(-1, image_features.size(-1)))
+        torch.testing.assert_close(tower(pixels), expected, atol=1e-5, rtol=0)
+    load_pretrained(ckpt)  # the text loader still skips the vision tensors (with its note)
+    with pytest.raises(MoecError, match="no vision"):
+        load_vision_tower(text_only)
