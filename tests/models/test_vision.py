@@ -115,3 +115,22 @@ def test_load_vision_tower_from_conditional_generation_checkpoint(tmp_path):
     load_pretrained(ckpt)  # the text loader still skips the vision tensors (with its note)
     with pytest.raises(MoecError, match="no vision"):
         load_vision_tower(text_only)
+
+
+def test_vision_tower_exports_to_onnx_with_dynamic_tiles(tmp_path):
+    """Real arithmetic only (no complex rotary), so torch.onnx's dynamo export takes it; ORT equals torch."""
+    ort = pytest.importorskip("onnxruntime")
+    tower = VisionTower(VisionConfig.from_hf_dict(_hf_config(56, 2))).eval()
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.normal_(0, 0.2)
+    tiles = torch.export.Dim("tiles", min=1, max=64)
+    program = torch.onnx.export(tower, (torch.randn(2, 3, 56, 56),), dynamo=True, dynamic_shapes=({0: tiles},),
+                                input_names=["pixels"], output_names=["features"])
+    program.save(str(tmp_path / "vision.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "vision.onnx"))
+    for count in (1, 5):
+        pixels = torch.randn(count, 3, 56, 56, generator=torch.Generator().manual_seed(count))
+        got = torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
+        with torch.no_grad():
+            torch.testing.assert_close(got, tower(pixels), atol=1e-5, rtol=0)
