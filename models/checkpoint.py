@@ -371,3 +371,27 @@ def _check_finite(file: Path, key: str, tensor: torch.Tensor) -> None:
             f"{file}: tensor {key!r} holds {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) of "
             f"{tensor.numel()} ({tensor.dtype}); such weights run silently to garbage: fix the checkpoint, load it "
             f"in a wider dtype, or pass --allow-nonfinite-weights if you know why they are there")
+
+
+def load_vision_tower(path: str | Path, dtype: torch.dtype | str | None = None):
+    """The vision tower + projector (`vision_model.*`, `multi_modal_projector.*`) of a ConditionalGeneration
+    checkpoint, as ``moec.models.vision.VisionTower``. ``load_pretrained`` still skips these tensors with its
+    note: the text model and the vision tower are loaded (and compiled) apart."""
+    from moec.models.vision import VisionConfig, VisionTower, load_vision_state
+
+    target_dtype = resolve_dtype(dtype)
+    ckpt = inspect_checkpoint(path)
+    if ckpt.layout != "conditional_generation":
+        raise MoecError(f"{ckpt.directory}: a text-only checkpoint (no vision tower); drop the image input")
+    with open(ckpt.directory / CONFIG_FILE, encoding="utf-8") as f:
+        tower = VisionTower(VisionConfig.from_hf_dict(json.load(f)))
+    tensors: dict[str, torch.Tensor] = {}
+    for file, listed in ckpt.shards.items():
+        with _open(file) as f:
+            for key in sorted(listed if listed is not None else f.keys()):
+                if key.startswith(_SKIPPED_PREFIXES):
+                    tensor = f.get_tensor(key)
+                    tensors[key] = tensor.to(dtype=target_dtype or tensor.dtype)
+    load_vision_state(tower, tensors, str(ckpt.directory))
+    tower.requires_grad_(False)
+    return tower.eval()
