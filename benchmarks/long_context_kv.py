@@ -166,7 +166,7 @@ def real_configs(tmp: Path) -> list[dict]:
         real = Llama4Config.from_pretrained(src)
         # Only what the KV cache does not depend on is shrunk.
         small = dataclasses.replace(real, hidden_size=64, intermediate_size=16, intermediate_size_mlp=16,
-                                    num_local_experts=2, vocab_size=256, num_attention_heads=real.num_key_value_heads,
+                                    num_local_experts=2, vocab_size=264, num_attention_heads=real.num_key_value_heads,
                                     eos_token_ids=(2,), bos_token_id=1, pad_token_id=None)
         ckpt = write_demo_checkpoint(tmp / f"{name}-small", preset=small)
         path = tmp / f"{name}.onnx"
