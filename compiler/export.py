@@ -388,6 +388,15 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             save_s = time.perf_counter() - t0
         except OSError as e:  # a full disk, a quota
             raise MoecError(f"cannot write {out_path}: {e.strerror or e}; free some space or choose another location") from None
+        except Exception as e:
+            # onnx-ir wraps what a lazily read weight raised (a non-finite or damaged tensor):
+            # the user's error is the innermost MoecError, not the serializer's chain.
+            cause = e
+            while cause is not None and not isinstance(cause, MoecError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
         del onnx_model, model  # the torch weights are no longer needed for the checks
 
         t0 = time.perf_counter()

@@ -165,7 +165,7 @@ def load_pretrained(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
 
-    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device), allow_nonfinite)
+    state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device), allow_nonfinite=allow_nonfinite)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(prefix + m for m in missing[:5])
@@ -364,6 +364,11 @@ def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | No
 
 
 def _check_finite(file: Path, key: str, tensor: torch.Tensor) -> None:
+    # Checked a slice at a time: no mask of the tensor's size (host memory stays at the weights)
+    # unless there is something to report.
+    flat = tensor.reshape(-1)
+    if all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 20)):
+        return
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         n_nan, n_bad = int(torch.isnan(tensor).sum()), int(bad.sum())

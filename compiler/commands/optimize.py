@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from moec.common.errors import MoecError
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.passes.targets import LOWERINGS
 

@@ -19,9 +19,9 @@ def test_weights_are_read_only_while_saving(demo_ckpt, tmp_path, monkeypatch):
     saving = [False]
     real_read, real_save = ckpt_mod.read_tensor, ir.save
 
-    def read(source, dtype=None):
+    def read(source, dtype=None, *rest):
         reads.append((source[1], saving[0]))
-        return real_read(source, dtype)
+        return real_read(source, dtype, *rest)
 
     def save(*args, **kwargs):
         saving[0] = True
