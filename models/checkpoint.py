@@ -157,7 +157,6 @@ def load_pretrained(
     target_dtype = resolve_dtype(dtype)
     ckpt = inspect_checkpoint(path)
     config = ckpt.config
-    prefix = TEXT_PREFIX[ckpt.layout]
 
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
@@ -166,7 +165,22 @@ def load_pretrained(
         expected.pop("lm_head.weight")
 
     state, skipped = _read_text_tensors(ckpt, expected, target_dtype, torch.device(device), allow_nonfinite=allow_nonfinite)
-    missing = sorted(set(expected) - set(state))
+    _check_all_read(ckpt, expected, state, skipped)
+
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the embedding Parameter; re-point lm_head at it
+    model.model.rotary_emb.reset_inv_freq(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _check_all_read(ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]], found, skipped: int) -> None:
+    """Every expected tensor was found (else a MoecError naming the first few), and a note for
+    the vision/projector tensors that were skipped."""
+    prefix = TEXT_PREFIX[ckpt.layout]
+    missing = sorted(set(expected) - set(found))
     if missing:
         shown = ", ".join(prefix + m for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -180,14 +194,6 @@ def load_pretrained(
             ckpt.directory,
             skipped,
         )
-
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()  # assign=True replaced the embedding Parameter; re-point lm_head at it
-    model.model.rotary_emb.reset_inv_freq(device)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def _read_text_tensors(
@@ -318,7 +324,6 @@ def load_pretrained_lazy(
     (``read_tensor``), one at a time. The RoPE buffer, not in checkpoints, is computed."""
     ckpt = inspect_checkpoint(path)
     config = ckpt.config
-    prefix = TEXT_PREFIX[ckpt.layout]
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -327,12 +332,8 @@ def load_pretrained_lazy(
     target_dtype = resolve_dtype(dtype)
     if target_dtype is not None:
         model = model.to(target_dtype)
-    sources, _ = _read_text_tensors(ckpt, expected, None, torch.device("cpu"), lazy=True)
-    missing = sorted(set(expected) - set(sources))
-    if missing:
-        shown = ", ".join(prefix + m for m in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise MoecError(f"{ckpt.directory}: missing tensor(s) {shown}{more}")
+    sources, skipped = _read_text_tensors(ckpt, expected, None, torch.device("cpu"), lazy=True)
+    _check_all_read(ckpt, expected, sources, skipped)
     if config.tie_word_embeddings:
         sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     model = model.to_empty(device="cpu")

@@ -301,6 +301,10 @@ def artifact_record(path: Path) -> dict[str, Any]:
 def result_header(path: Path, be: Backend, config: BenchConfig) -> dict[str, Any]:
     """Everything of a result but its measurements: format, versions, the artifact and its
     identity, the backend, the host and the settings (threads resolved to a number)."""
+    return _header(artifact_record(path), be.describe(), config)
+
+
+def _header(artifact: dict[str, Any], backend: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
     try:
         moec_version = importlib.metadata.version("moec")
     except importlib.metadata.PackageNotFoundError:
@@ -309,8 +313,8 @@ def result_header(path: Path, be: Backend, config: BenchConfig) -> dict[str, Any
         "format": BENCH_FORMAT,
         "moec_version": moec_version,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "artifact": artifact_record(path),
-        "backend": {k: str(v) for k, v in be.describe().items()},
+        "artifact": artifact,
+        "backend": {k: str(v) for k, v in backend.items()},
         "host": host_identity(),
         "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
     }
@@ -323,19 +327,6 @@ def _bench_ranks(path: Path, config: BenchConfig, backend: str | None) -> dict[s
     if backend not in (None, "ort"):
         raise MoecError(f"{path} is a partition folder; its ranks run on ONNX Runtime (--backend ort)")
     out = bench_parallel(path, config)
-    try:
-        moec_version = importlib.metadata.version("moec")
-    except importlib.metadata.PackageNotFoundError:
-        moec_version = "unknown"
-    return {
-        "format": BENCH_FORMAT,
-        "moec_version": moec_version,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "artifact": {"path": str(path), "kind": "ort-parallel", "sha256": sha256_file(path / contract.PARALLEL_MANIFEST),
-                     "identity": artifact_identity(path / contract.rank_onnx(0))},
-        "backend": {k: str(v) for k, v in out["describe"].items()},
-        "host": host_identity(),
-        "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
-        "metrics": out["metrics"],
-        "collective_s": out["collective_s"],
-    }
+    artifact = {"path": str(path), "kind": "ort-parallel", "sha256": sha256_file(path / contract.PARALLEL_MANIFEST),
+                "identity": artifact_identity(path / contract.rank_onnx(0))}
+    return _header(artifact, out["describe"], config) | {"metrics": out["metrics"], "collective_s": out["collective_s"]}
