@@ -14,7 +14,9 @@ Output folder:
     checkpoint/           only when no checkpoint was given: the embedded demo checkpoint
     onnx/model.onnx       the export (unfused MoE), with model.moec.json and tokenizer.json
     onnx/model.opt.onnx   the optimized graph for the target
-    engine/               TensorRT targets: engine per arch + manifest.json (``moec run``/``inspect``)
+    onnx/ranks/           with --tp/--ep instead: rank{r}.onnx per rank + parallel.json
+    engine/               TensorRT targets: engine per arch + manifest.json (``moec run``/``inspect``);
+                          with --tp/--ep one rank{r}/ engine folder per rank + parallel.json
     compile_report.json   the summary table as data
 """
 
@@ -62,6 +64,14 @@ class CompileConfig:
     quantize_group: int | None = None
     quantize_scope: str = "experts"
     quantize_symmetric: bool = True
+    # Multi-GPU: tp x ep ranks (moec.compiler.partition); 1 x 1 is one graph and one engine.
+    tp: int = 1
+    ep: int = 1
+    rank_timeout_s: float | None = None  # verify's ranks: process-group timeout; None: LaunchConfig's
+
+    @property
+    def parallel(self) -> bool:
+        return self.tp * self.ep > 1
 
 
 @dataclass
@@ -193,11 +203,22 @@ def stage_export(s: _State) -> StageRecord:
 def stage_optimize(s: _State) -> StageRecord:
     from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
 
-    s.optimized_path = s.export_path.with_name("model.opt.onnx")
-    rep = optimize_onnx(s.export_path, s.optimized_path, OptimizeConfig(
+    opt = OptimizeConfig(
         target=s.config.target, moe_lowering=s.config.moe_lowering, precision=s.config.precision,
         require_fusion=True, quantize=s.config.quantize, quantize_group=s.config.quantize_group,
-        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric))
+        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric)
+    if s.config.parallel:
+        from moec.compiler.partition import ParallelConfig, optimize_partitioned
+
+        s.optimized_path = s.export_path.parent / "ranks"
+        rep = optimize_partitioned(s.export_path, s.optimized_path, opt, ParallelConfig(s.config.tp, s.config.ep))
+        s.optimize_report = rep
+        lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
+        return StageRecord("optimize", 0.0, "ok", f"{rep.world_size} ranks (tp {s.config.tp} x ep {s.config.ep}), "
+                           f"lowering {lowered} over all ranks", fused_ops=f"{len(rep.rank_files)} rank graphs",
+                           artifact_bytes=_files_bytes(s.optimized_path))
+    s.optimized_path = s.export_path.with_name("model.opt.onnx")
+    rep = optimize_onnx(s.export_path, s.optimized_path, opt)
     s.optimize_report = rep
     lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
     fused = f"{rep.fused_gating} gating + {rep.fused_experts} experts / {rep.moe_layers} MoE layers"
@@ -272,6 +293,8 @@ def stage_verify(s: _State) -> StageRecord:
         twin_note = ("; the bf16 graph cannot run on ONNX Runtime's CPU provider (no bf16 kernels), so its fp32 twin "
                      "(same export and passes) was verified")
     vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol, prompt_len=s.config.prompt_len)
+    if s.config.parallel:
+        return _verify_ranks(s, vcfg)
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
     torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
@@ -312,16 +335,69 @@ def stage_build(s: _State) -> StageRecord:
 
     kind, arch = s.config.target.split(":", 1)
     s.engine_dir = s.work / "engine"
-    res = build_engine(s.optimized_path, s.engine_dir, BuildConfig(
+    bcfg = BuildConfig(
         archs=(arch,), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
         max_seq=s.max_seq,
-        timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress))
+        timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress)
+    if s.config.parallel:
+        from moec.compiler.build_parallel import build_rank_engines
+
+        out = build_rank_engines(s.optimized_path, s.engine_dir, bcfg)
+        layers = sum(r["dist_collective_layers"] for r in out["ranks"])
+        return StageRecord("build", 0.0, "ok", f"{out['world_size']} rank engines for {arch}, "
+                           f"{layers} DistCollective layers in all", artifact_bytes=_files_bytes(s.engine_dir))
+    res = build_engine(s.optimized_path, s.engine_dir, bcfg)
     m = res.manifest
     flavour = f"{m['trt']['flavour']} {m['trt']['version']}"
     detail = f"{flavour}, {', '.join(res.engines)}"
     if res.warnings:
         detail += "; " + "; ".join(res.warnings)
     return StageRecord("build", 0.0, "ok", detail, artifact_bytes=_files_bytes(*res.engines.values()))
+
+
+def _verify_ranks(s: _State, vcfg) -> StageRecord:
+    """The ranks (each in its own process, collectives on gloo) against torch: moec.compiler.verify_parallel."""
+    from moec.compiler.verify_parallel import verify_rank_set
+    from moec.runtime.parallel.launch import LaunchConfig
+
+    if vcfg.dtype == "bf16" and not _ort_has_cuda():
+        return StageRecord("verify", 0.0, "skipped", "bf16 rank graphs do not run on ONNX Runtime's CPU provider (no bf16 "
+                           "kernels); compile with --dtype fp32 to verify the partition here")
+    launch = LaunchConfig() if s.config.rank_timeout_s is None else LaunchConfig(timeout_s=s.config.rank_timeout_s)
+    dequantize = None
+    if (quant := quantize_spec_of(s.config)) is not None:
+        from moec.compiler.quantize_stage import dequantize_module_weights
+
+        dequantize = lambda model: dequantize_module_weights(model, quant)  # noqa: E731
+    folder, twin_note = s.optimized_path, ""
+    if not _ort_can_run(s.optimize_report):
+        # TensorRT-only MoE nodes: the same export split by the same plan, lowered for ONNX Runtime
+        # instead, is what runs here (the table says so), as the single-graph path verifies the export.
+        from moec.compiler.partition import ParallelConfig, optimize_partitioned
+        from moec.compiler.pipeline import OptimizeConfig
+
+        folder = s.work / "verify-ranks"
+        optimize_partitioned(s.export_path, folder, OptimizeConfig(
+            target="ort", precision=s.config.precision, require_fusion=True, quantize=s.config.quantize,
+            quantize_group=s.config.quantize_group, quantize_scope=s.config.quantize_scope,
+            quantize_symmetric=s.config.quantize_symmetric), ParallelConfig(s.config.tp, s.config.ep))
+        twin_note = ("; the rank graphs hold TensorRT-only MoE nodes, so the same partition lowered for ONNX Runtime "
+                     "was verified")
+    try:
+        rep = verify_rank_set(folder, s.checkpoint, vcfg, launch, dequantize=dequantize)
+    finally:
+        shutil.rmtree(s.work / "verify-ranks", ignore_errors=True)
+    write_json_atomic(s.work / "verify_report.json", rep.to_dict())
+    worst = max(rep.rows, key=lambda r: r.max_abs)
+    detail = (f"{rep.ort_describe.get('world_size', '?')} ranks in ORT (gloo) vs torch {vcfg.dtype}, prompt "
+              f"{rep.prompt_rule}, atol {rep.atol:g} rtol {rep.rtol:g}; greedy {sum(rep.greedy_match)}/"
+              f"{len(rep.greedy_match)} steps equal{twin_note}")
+    rec = StageRecord("verify", 0.0, "ok" if rep.passed else "FAILED", detail,
+                      max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
+    if not rep.passed:
+        raise _StageFailed(rec, f"verify failed: {len(rep.failures)} of {len(rep.rows)} steps' logits out of tolerance "
+                                f"(atol {rep.atol:g}, rtol {rep.rtol:g}); worst {worst.max_abs:.3e} at {worst.step}")
+    return rec
 
 
 # The whole job, in order. Each stage reads and extends the state.
@@ -341,6 +417,17 @@ def _check_trt_installed(target) -> None:
     if module is not None and importlib.util.find_spec(module) is None:
         raise MoecError(f"target {target} builds with the Python package {module}, which is not installed; "
                         f"install it (pip install 'moec[{extra}]') or choose another --target")
+
+
+def _check_parallel(config: CompileConfig, checkpoint) -> None:
+    """--tp/--ep that do not divide the model's heads, experts or MLPs: refused before the export."""
+    from moec.models import Llama4Config
+    from moec.passes.partition import Mapping
+
+    if config.tp < 1 or config.ep < 1:
+        raise MoecError(f"--tp {config.tp} --ep {config.ep}: both must be >= 1")
+    llama = Llama4Config.from_pretrained(checkpoint) if checkpoint is not None else Llama4Config.preset(DEMO_PRESET)
+    Mapping(config.tp, config.ep).check_divisible(llama.to_dict())
 
 
 class _StageFailed(Exception):
@@ -365,6 +452,8 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
 
     quant = check_quantize_request(config, target)
     out_dir = Path(out_dir)
+    if config.parallel:
+        _check_parallel(config, checkpoint)
     if checkpoint is not None:
         from moec.models.checkpoint import checkpoint_folder
 

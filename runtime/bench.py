@@ -60,6 +60,7 @@ class BenchConfig:
     seed: int = 0
     # Intra-op threads of ONNX Runtime and torch; None: the backend's default (resolved_threads).
     threads: int | None = None
+    rank_timeout_s: float | None = None  # partition folders: process-group timeout; None: LaunchConfig's
 
     def __post_init__(self):
         if self.threads is not None and self.threads < 1:
@@ -322,11 +323,12 @@ def _header(artifact: dict[str, Any], backend: dict[str, Any], config: BenchConf
 
 def _bench_ranks(path: Path, config: BenchConfig, backend: str | None) -> dict[str, Any]:
     """A partition folder (moec optimize --tp/--ep): its ranks on ONNX Runtime, rank 0's timings."""
-    from moec.runtime.parallel.launch import bench_parallel
+    from moec.runtime.parallel.launch import LaunchConfig, bench_parallel
 
     if backend not in (None, "ort"):
         raise MoecError(f"{path} is a partition folder; its ranks run on ONNX Runtime (--backend ort)")
-    out = bench_parallel(path, config)
+    launch = LaunchConfig() if config.rank_timeout_s is None else LaunchConfig(timeout_s=config.rank_timeout_s)
+    out = bench_parallel(path, config, launch)
     artifact = {"path": str(path), "kind": "ort-parallel", "sha256": sha256_file(path / contract.PARALLEL_MANIFEST),
                 "identity": artifact_identity(path / contract.rank_onnx(0))}
     return _header(artifact, out["describe"], config) | {"metrics": out["metrics"], "collective_s": out["collective_s"]}

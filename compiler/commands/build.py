@@ -214,8 +214,10 @@ def _print_inspection(report) -> None:
               help="With --against: rounds before the bench may stop early.")
 @click.option("--max-regression", default="5%", show_default=True,
               help="With --against: stop early once every metric's verdict at this threshold is decided (give the gate the same).")
+@click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
+              help="Partition folders: seconds a rank waits for a silent peer before all stop [default: 120].")
 def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repeats, warmup, threads, max_time,
-          min_rounds, max_regression) -> None:
+          min_rounds, max_regression, rank_timeout) -> None:
     """Time prefill and decode of ARTIFACT (.onnx or engine dir): latency percentiles and the tokens/s they give.
 
     With --against OLD, both artifacts run in this process in alternating rounds (NEW, OLD, OLD,
@@ -230,7 +232,7 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
             check_result_path(json_out, against)
         check_option_output(json_out, "--json", kind="moec bench result",
                             is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
-    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
+    config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads, rank_timeout_s=rank_timeout)
     if against is None:
         from moec.runtime.bench import bench_artifact
 

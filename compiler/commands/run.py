@@ -156,7 +156,10 @@ def printable(text: str) -> str:
 )
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Sampling seed (numpy needs >= 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
-def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json):
+@click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
+              help="Partition folders: seconds a rank waits for a silent peer before all stop [default: 120].")
+def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json,
+        rank_timeout):
     """Generate from ARTIFACT: a checkpoint directory, an .onnx export or an engine directory."""
     from moec.runtime.generate import GenerationConfig, generate
 
@@ -206,7 +209,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
         ids = parse_prompt_ids(prompt_ids)
 
     if backend == "ort" and artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
-        _run_ranks(artifact, ids, gen_config, tokenizer, as_json)
+        _run_ranks(artifact, ids, gen_config, tokenizer, as_json, rank_timeout)
         return
     be = open_backend(artifact, backend, dtype, checkpoint)
     result = generate(be, ids, gen_config)
@@ -228,12 +231,12 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     )
 
 
-def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: bool) -> None:
+def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: bool, timeout_s: float | None = None) -> None:
     """A partition folder: every rank in its own process (spawned here, or by torchrun); only
     rank 0 prints."""
-    from moec.runtime.parallel.launch import run_parallel
+    from moec.runtime.parallel.launch import LaunchConfig, run_parallel
 
-    out = run_parallel(folder, ids, gen_config)
+    out = run_parallel(folder, ids, gen_config, LaunchConfig() if timeout_s is None else LaunchConfig(timeout_s=timeout_s))
     if out is None:  # a torchrun rank other than 0
         return
     new_ids = out["new_tokens"][0]
