@@ -103,3 +103,17 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
                             "rank set; copy one build's folder whole")
         engines[r["rank"]] = engine
     return engines
+
+
+def inspect_rank_engines(eng_dir: str | Path) -> dict:
+    """``moec inspect`` of a multi-rank engine folder: the set checked as a runtime would load it
+    (every arch), then each rank's folder inspected like a single engine folder."""
+    from moec.compiler.build import inspect_engine_dir
+
+    eng_dir = Path(eng_dir)
+    manifest = json.loads((eng_dir / contract.PARALLEL_MANIFEST).read_text()) if (eng_dir / contract.PARALLEL_MANIFEST).is_file() else {}
+    for arch in manifest.get("archs") or [None]:
+        load_rank_engines(eng_dir, arch=arch)  # incomplete, mixed or foreign sets: named errors
+    ranks = [inspect_engine_dir(eng_dir / r["dir"]) for r in sorted(manifest["ranks"], key=lambda r: r["rank"])]
+    return {"path": str(eng_dir), "parallel": {k: manifest[k] for k in ("world_size", "tp", "ep", "partition_id", "archs")},
+            "ranks": ranks, "problems": [f"rank {i}: {p}" for i, r in enumerate(ranks) for p in r["problems"]]}

@@ -86,13 +86,28 @@ def inspect(engine_dir, as_json) -> None:
     Exits 2 when an engine does not match the manifest (sha256, or a header that names another
     TensorRT version or arch), so scripts can use it as a check."""
     from moec.common.errors import MoecError
+    from moec.common import contract
     from moec.compiler.build import inspect_engine_dir
 
-    report = inspect_engine_dir(engine_dir)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    if (engine_dir / contract.PARALLEL_MANIFEST).is_file():
+        from moec.compiler.build_parallel import inspect_rank_engines
+
+        report = inspect_rank_engines(engine_dir)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            par = report["parallel"]
+            click.echo(f"{engine_dir}: {par['world_size']} ranks (tp {par['tp']} x ep {par['ep']}), partition "
+                       f"{par['partition_id']}, archs {', '.join(par['archs'])}")
+            for rank, r in enumerate(report["ranks"]):
+                click.echo(f"\n--- rank {rank} ---")
+                _print_inspection(r)
     else:
-        _print_inspection(report)
+        report = inspect_engine_dir(engine_dir)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            _print_inspection(report)
     if report["problems"]:
         raise MoecError(f"{engine_dir} failed inspection: " + "; ".join(report["problems"]))
 

@@ -34,7 +34,7 @@ def test_compile_ep2_for_ort_verifies_the_ranks_and_runs(tmp_path, capsys):
     assert len(json.loads(stdout)["ids"]) == 4
 
 
-def test_compile_tp2_builds_one_engine_per_rank(tmp_path):
+def test_compile_tp2_builds_one_engine_per_rank(tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "out"
     report = compile_checkpoint(None, out, CompileConfig(target="trt-rtx:sm89", tp=2, verify=False, progress=False))
@@ -48,6 +48,20 @@ def test_compile_tp2_builds_one_engine_per_rank(tmp_path):
         assert m["parallel"]["rank"] == r["rank"] and m["parallel"]["world_size"] == 2
         assert (out / "engine" / r["dir"] / r["engines"][0]["file"]).stat().st_size > 0
     assert report.artifacts["engine"] == str(out / "engine")
+    _inspect_checks(out / "engine", capsys)
+
+
+def _inspect_checks(engine, capsys):
+    import shutil
+
+    code, stdout, err = run_cli(["inspect", str(engine), "--json"], capsys)
+    assert code in (0, None), err
+    rep = json.loads(stdout)
+    assert rep["parallel"]["world_size"] == 2 and len(rep["ranks"]) == 2 and rep["problems"] == []
+    assert all(r["manifest"]["parallel"]["rank"] == i for i, r in enumerate(rep["ranks"]))
+    shutil.rmtree(engine / "rank1")
+    code, _, err = run_cli(["inspect", str(engine)], capsys)
+    assert code == 2 and "rank 1" in err and "incomplete" in err
 
 
 @pytest.mark.parametrize("flags,what", [(["--tp", "3"], "over tp 3"), (["--ep", "3"], "4 experts (num_local_experts) over ep 3")])
