@@ -242,11 +242,13 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     new_ids = out["new_tokens"][0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     if as_json:
-        click.echo(json.dumps({"backend": "ort", "prompt_ids": ids, "ids": new_ids, "text": text, **out}))
+        kind = "trt" if out["describe"].get("backend") == "trt-parallel" else "ort"
+        click.echo(json.dumps({"backend": kind, "prompt_ids": ids, "ids": new_ids, "text": text, **out}))
         return
     click.echo(printable(text) if text is not None else " ".join(map(str, new_ids)))
     t = out["timings"]
-    click.echo(f"[ort x{out['describe']['world_size']} ranks] {len(ids)} prompt + {len(new_ids)} new tokens "
+    kind = "trt" if out["describe"].get("backend") == "trt-parallel" else "ort"
+    click.echo(f"[{kind} x{out['describe']['world_size']} ranks] {len(ids)} prompt + {len(new_ids)} new tokens "
                f"({out['finish_reasons'][0]}): prefill {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s",
                err=True)
 

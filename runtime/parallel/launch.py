@@ -37,6 +37,36 @@ class LaunchConfig:
     intra_op_threads: int | None = 1  # ORT threads per rank (1: ranks do not compete for cores)
 
 
+def is_engine_set(folder: Path) -> bool:
+    """A folder of per-rank TensorRT engines (``moec build`` of a partition folder), not rank graphs."""
+    path = Path(folder) / "parallel.json"
+    try:
+        return json.loads(path.read_text()).get("format") == _engines_format()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _engines_format() -> str:
+    from moec.common import contract
+
+    return contract.PARALLEL_ENGINES_FORMAT
+
+
+def _check_set(folder: Path, world_size: int | None, hash_files: bool) -> dict:
+    """The rank set's manifest after its checks: rank graphs (ONNX Runtime, gloo) or per-rank
+    engines (TensorRT, NCCL: refused at once on a host without CUDA GPUs and NCCL)."""
+    from moec.runtime.parallel.rankset import check_rank_set
+
+    if is_engine_set(folder):
+        from moec.compiler.build_parallel import load_rank_engines
+        from moec.runtime.parallel.trt_rank import check_nccl_host
+
+        check_nccl_host(folder)
+        load_rank_engines(folder, world_size)
+        return json.loads((Path(folder) / "parallel.json").read_text())
+    return check_rank_set(folder, world_size, hash_files=hash_files)
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
@@ -52,15 +82,26 @@ def run_rank(folder: Path, rank: int, world_size: int, init_method: str, prompt_
     from moec.runtime.parallel.ort_rank import OrtRankBackend, make_groups
     from moec.runtime.parallel.rankset import check_rank_set
 
-    manifest = check_rank_set(folder, world_size, hash_files=False)
+    engines = is_engine_set(folder)
+    manifest = None if engines else check_rank_set(folder, world_size, hash_files=False)
     if launch.intra_op_threads:
         import torch
 
         torch.set_num_threads(launch.intra_op_threads)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+    if engines:
+        import torch
+
+        # One GPU per rank on this host (LOCAL_RANK under torchrun), before NCCL starts.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    dist.init_process_group("nccl" if engines else "gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=launch.timeout_s))
     try:
-        backend = OrtRankBackend(folder, rank, world_size, make_groups(manifest), launch.intra_op_threads)
+        if engines:
+            from moec.runtime.parallel.trt_rank import TrtRankBackend
+
+            backend = TrtRankBackend.open(folder, rank, world_size)
+        else:
+            backend = OrtRankBackend(folder, rank, world_size, make_groups(manifest), launch.intra_op_threads)
         if wrap_backend is not None:
             backend = wrap_backend(backend)
         if job is not None:
@@ -115,15 +156,13 @@ def bench_parallel(folder: str | os.PathLike, bench_config, launch: LaunchConfig
 def run_parallel(folder: str | os.PathLike, prompt_ids, gen_config, launch: LaunchConfig = LaunchConfig(), job=None) -> dict:
     """Generate with every rank of ``folder`` (or run ``job(backend)`` on each); rank 0's result
     dict (under torchrun: this rank's, None on ranks other than 0)."""
-    from moec.runtime.parallel.rankset import check_rank_set
-
     folder = Path(folder)
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        check_rank_set(folder, world, hash_files=rank == 0)
+        _check_set(folder, world, hash_files=rank == 0)
         out = run_rank(folder, rank, world, "env://", prompt_ids, gen_config, launch, job=job)
         return out if rank == 0 else None
-    manifest = check_rank_set(folder)
+    manifest = _check_set(folder, None, hash_files=True)
     world = int(manifest["world_size"])
     import torch.multiprocessing as mp
 

@@ -59,6 +59,12 @@ def _inspect_checks(engine, capsys):
     rep = json.loads(stdout)
     assert rep["parallel"]["world_size"] == 2 and len(rep["ranks"]) == 2 and rep["problems"] == []
     assert all(r["manifest"]["parallel"]["rank"] == i for i, r in enumerate(rep["ranks"]))
+    # TensorRT ranks run on CUDA GPUs with NCCL; a host without them is told so before any rank starts.
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(["run", str(engine), "--prompt-ids", "1 2 3"], capsys)
+        assert code == 2 and "CUDA GPUs with NCCL" in err and err.count("\n") == 1
     shutil.rmtree(engine / "rank1")
     code, _, err = run_cli(["inspect", str(engine)], capsys)
     assert code == 2 and "rank 1" in err and "incomplete" in err
