@@ -59,10 +59,11 @@ def test_export_refuses_nan_weights_unless_allowed(nan_ckpt, tmp_path, capsys):
 
 
 class _Backend:
-    """A stand-in backend whose logits are fixed, NaN where asked."""
+    """A stand-in backend whose logits are fixed; ``bad`` (NaN or Inf) is written at index 5 of
+    every step's logits, the index argmax then picks."""
 
-    def __init__(self, nan: bool):
-        self.nan, self.max_positions = nan, 64
+    def __init__(self, bad: float | None = None):
+        self.bad, self.max_positions = bad, 64
 
     def init_cache(self, batch):
         from types import SimpleNamespace
@@ -74,23 +75,29 @@ class _Backend:
 
         logits = np.zeros((ids.shape[0], ids.shape[1], 8), dtype=np.float32)
         logits[..., 3] = 1.0
-        if self.nan:
-            logits[..., 5] = np.nan
+        if self.bad is not None:
+            logits[..., 5] = self.bad
         return logits, SimpleNamespace(layers=[], keys=[], values=[], past_len=cache.past_len + ids.shape[1])
 
     def describe(self):
         return {}
 
 
-def test_verify_reports_nan_as_a_failure_never_as_equal():
-    from moec.compiler.verify import VerifyConfig, verify_backends
-
-    cfg = VerifyConfig(batch=1, prompt_len=4, decode_steps=2)
-    same = verify_backends(_Backend(False), _Backend(False), cfg, vocab_size=8, chunk_size=None)
-    assert same.passed and all(same.greedy_match)
-    report = verify_backends(_Backend(False), _Backend(True), cfg, vocab_size=8, chunk_size=None)
-    assert not report.passed and not any(report.greedy_match)
-    assert all(np.isnan(r.max_abs) for r in report.rows)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_verify_reports_nan_as_a_failure_never_as_equal(bad):
+    """NaN weights read by both backends (the real case: both load the same checkpoint) give NaN
+    logits on both sides at the same place, so argmax agrees everywhere: before the fix verify
+    printed "greedy equal" for every step beside a failing max abs."""
     import json
 
+    from moec.compiler.verify import VerifyConfig, format_report, verify_backends
+
+    cfg = VerifyConfig(batch=1, prompt_len=4, decode_steps=2)
+    same = verify_backends(_Backend(), _Backend(), cfg, vocab_size=8, chunk_size=None)
+    assert same.passed and same.greedy_match == [True, True, True]
+    for torch_side, ort_side in ((_Backend(bad), _Backend(bad)), (_Backend(), _Backend(bad)), (_Backend(bad), _Backend())):
+        report = verify_backends(torch_side, ort_side, cfg, vocab_size=8, chunk_size=None)
+        assert not report.passed and report.greedy_match == [False, False, False]
+        assert all(np.isnan(r.max_abs) and not r.passed for r in report.rows)
+        assert "greedy token equal per step (prefill, decode...): NO, NO, NO" in format_report(report)
     json.dumps(same.to_dict()), json.dumps(report.to_dict())  # plain Python types for --json
