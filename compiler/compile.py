@@ -62,6 +62,7 @@ class CompileConfig:
     quantize_group: int | None = None
     quantize_scope: str = "experts"
     quantize_symmetric: bool = True
+    allow_nonfinite_weights: bool = False  # export and verify load NaN/Inf weights (refused by default)
 
 
 @dataclass
@@ -185,7 +186,8 @@ def stage_export(s: _State) -> StageRecord:
     s.max_seq, context_note = context_of(s.config, s.checkpoint)
     s.export_path = s.work / "onnx" / "model.onnx"
     export_onnx(s.checkpoint, s.export_path,
-                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq))
+                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
+                             allow_nonfinite_weights=s.config.allow_nonfinite_weights))
     return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}",
                        artifact_bytes=_onnx_bytes(s.export_path))
 
@@ -243,7 +245,8 @@ def _fp32_twin(s: _State) -> Path:
     export = s.export_path
     if s.export_dtype != "fp32":
         export = export_onnx(s.checkpoint, twin / "model.onnx",
-                             ExportConfig(dtype="fp32", max_batch=s.config.max_batch, max_seq=s.max_seq)).onnx_path
+                             ExportConfig(dtype="fp32", max_batch=s.config.max_batch, max_seq=s.max_seq,
+                                          allow_nonfinite_weights=s.config.allow_nonfinite_weights)).onnx_path
     if not _ort_can_run(s.optimize_report):
         return export
     out = twin / "model.opt.onnx"
@@ -274,7 +277,8 @@ def stage_verify(s: _State) -> StageRecord:
     vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol, prompt_len=s.config.prompt_len)
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
-    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
+    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype,
+                                                 allow_nonfinite=s.config.allow_nonfinite_weights)
     if (quant := quantize_spec_of(s.config)) is not None:
         # The quantized graph is checked against torch on the same dequantized weights.
         from moec.compiler.quantize_stage import dequantize_module_weights
