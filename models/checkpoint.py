@@ -112,7 +112,7 @@ def _find_shards(directory: Path) -> dict[Path, frozenset[str] | None]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise MoecError(f"{index_file}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         except OSError as e:
             raise MoecError(f"{index_file}: cannot read it ({e.strerror or e}); check its permissions") from None
