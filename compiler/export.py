@@ -363,7 +363,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         from moec.compiler.export_weights import attach_checkpoint_weights
         from moec.models.checkpoint import load_pretrained_lazy
 
-        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype),
+                                              allow_nonfinite=config.allow_nonfinite_weights)
         allow_nonfinite = config.allow_nonfinite_weights
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
