@@ -403,6 +403,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                     on_stage(e.record)
                 err = MoecError(final(f"{name}: {e}"))
                 err.report = report
+                err.exit_code = 1  # a verify failure, not bad input: exit 1, as `moec verify` (issue 11)
                 raise err from None
             except Exception as e:
                 if not isinstance(e, MoecError):

@@ -101,6 +101,9 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
         partial = getattr(e, "report", None)
         if partial is not None and not as_json:
             _print_summary(console, partial.stages)
+        if getattr(e, "exit_code", None) == 1:  # the verify stage found the compiled graph wrong
+            click.secho(f"error: {e}", fg="red", err=True)
+            raise SystemExit(1) from None
         raise
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
