@@ -255,3 +255,32 @@ def test_a_hard_linked_tokenizer_sidecar_or_engine_is_not_read_or_shipped(tmp_pa
         inspect_engine_dir(out)
     with pytest.raises(MoecError, match="hard link"):
         TrtBackend.from_engine_dir(out)
+
+
+@pytest.mark.parametrize("link", ["symlinked", "hardlinked"])
+def test_partition_refuses_external_data_from_outside(tmp_path, link, request):
+    from moec.compiler.partition import ParallelConfig, optimize_partitioned
+    from moec.compiler.pipeline import OptimizeConfig
+
+    src = request.getfixturevalue(link)
+    side = contract.sidecar_path(src)
+    meta = json.loads(side.read_text())
+    with pytest.raises(MoecError, match="model_config lacks or mistypes a size the split needs"):
+        optimize_partitioned(src, tmp_path / "parts", OptimizeConfig(), ParallelConfig(tp=2, ep=1))
+    meta["model_config"] = {"num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                            "intermediate_size_mlp": 8, "moe_layers": []}  # sizes tp 2 divides
+    side.write_text(json.dumps(meta))
+    with pytest.raises(MoecError, match="outside|hard link"):
+        optimize_partitioned(src, tmp_path / "parts", OptimizeConfig(), ParallelConfig(tp=2, ep=1))
+    assert not (tmp_path / "parts").exists()
+
+
+def test_a_timing_cache_that_is_a_symbolic_link_is_refused_not_written_through(tmp_path, outside):
+    import dataclasses
+
+    src = write_moec_graph(tmp_path / "src")
+    link = tmp_path / "cache.bin"
+    link.symlink_to(outside)
+    with pytest.raises(MoecError, match="--timing-cache .* is a symbolic link"):
+        build_engine(src, tmp_path / "e", dataclasses.replace(quiet(), timing_cache=link))
+    assert outside.read_bytes() == SECRET and not (tmp_path / "e").exists()
