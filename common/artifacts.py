@@ -62,10 +62,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise MoecError(f"{dest} is a folder; give a file name")
     made: list[Path] = []
     try:
-        made = _make_parents(dest)
+        made = make_parents(dest)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix + ".tmp", dir=dest.parent)
     except OSError as e:
-        _remove_made(made)
+        remove_made(made)
         raise _no_room_to_write(dest, e) from e
     os.close(fd)
     tmp_path = Path(tmp)
@@ -78,7 +78,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        _remove_made(made)
+        remove_made(made)
         if is_no_room(e):
             raise _no_room_to_write(dest, e) from None
         raise
@@ -191,7 +191,7 @@ def _recover(dest: Path, command: str) -> None:
                         dest.parent, tmp.name)
 
 
-def _make_parents(path: Path) -> list[Path]:
+def make_parents(path: Path) -> list[Path]:
     """Create the missing folders above ``path``; return them, outermost first, so a failed
     command can remove exactly what it made (and leaves no empty output folder behind)."""
     missing = []
@@ -199,24 +199,30 @@ def _make_parents(path: Path) -> list[Path]:
     while not parent.exists() and parent != parent.parent:
         missing.append(parent)
         parent = parent.parent
-    for p in reversed(missing):
-        p.mkdir()
-    return list(reversed(missing))
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+    except OSError:
+        remove_made(made)  # a full disk or a race half-way down: leave no empty folder either
+        raise
+    return made
 
 
 @contextlib.contextmanager
 def parents_made_for(path: str | os.PathLike) -> Iterator[None]:
     """Create the folders missing above ``path``; remove them again (if still empty) when the
     body fails, so a failed command leaves no empty output folder behind."""
-    made = _make_parents(Path(path))
+    made = make_parents(Path(path))
     try:
         yield
     except BaseException:
-        _remove_made(made)
+        remove_made(made)
         raise
 
 
-def _remove_made(made: list[Path]) -> None:
+def remove_made(made: list[Path]) -> None:
     for p in reversed(made):
         with contextlib.suppress(OSError):
             p.rmdir()  # only if still empty
@@ -235,7 +241,7 @@ def atomic_dir(dest: str | os.PathLike, *, command: str, inputs: Iterable[str | 
     made: list[Path] = []
     tmp = None
     try:
-        made = _make_parents(dest)
+        made = make_parents(dest)
         _recover(dest, command)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only (0700); see atomic_path
@@ -243,7 +249,7 @@ def atomic_dir(dest: str | os.PathLike, *, command: str, inputs: Iterable[str | 
     except OSError as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        _remove_made(made)
+        remove_made(made)
         raise _no_room_to_write(dest, e) from None
     try:
         yield tmp
@@ -261,10 +267,39 @@ def atomic_dir(dest: str | os.PathLike, *, command: str, inputs: Iterable[str | 
             os.replace(tmp, dest)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_made(made)
+        remove_made(made)
         if is_no_room(e):
             raise _no_room_to_write(dest, e) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_file_set(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest`` for a file and the files that travel with it (a
+    graph, its ``.data``, its sidecar, a tokenizer), each written there under its final name. When
+    the body succeeds they are renamed beside ``dest``, ``dest`` itself last: until then an earlier
+    set stays the readable one. When it fails nothing is renamed, and the temporary folder and any
+    folder made above ``dest`` are removed: a failed command leaves no partial set and no empty
+    output folder. A full disk is a MoecError naming ``dest``."""
+    dest = Path(dest)
+    made: list[Path] = []
+    try:
+        made = make_parents(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        remove_made(made)
+        raise _no_room_to_write(dest, e) from None
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == dest.name):
+            os.replace(f, dest.parent / f.name)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_made(made)
+        if is_no_room(e):
+            raise _no_room_to_write(dest, e) from None
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(dest: str | os.PathLike, obj) -> None:

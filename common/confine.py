@@ -7,12 +7,17 @@ moec read, hash, copy or embed an arbitrary file of the host (the class of CVE-2
 CVE-2024-27318 in onnx's external-data loader). Every reader asks here first, so the rule and its
 message are the same everywhere.
 
+A hard link has no target to resolve: its other names may lie anywhere on the same file system,
+and no path says where. A regular file with more than one name (``st_nlink > 1``) is therefore
+refused as well; a copy of the file is always accepted. moec itself never writes hard links.
+
 Standard library only: the runtime shares it with hosts that have no torch or onnx.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from moec.common.errors import MoecError
@@ -49,7 +54,19 @@ def confined_path(folder: str | os.PathLike, name: str, what: str, fix: str) -> 
     if not _resolves_inside(folder, path):
         raise MoecError(f"{what} names {name!r}, which resolves to {path.resolve()} outside {folder} (a symbolic "
                         f"link?): moec reads only files inside the artifact's folder; {fix}")
+    _refuse_hard_link(path, what, name, folder)
     return path
+
+
+def _refuse_hard_link(path: Path, what: str, name: str, folder: Path) -> None:
+    try:
+        st = path.stat()
+    except OSError:
+        return  # absent or unreadable: the caller's message
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise MoecError(f"{what} names {name!r}, which is a hard link ({st.st_nlink} names for one file): its other "
+                        f"names may lie outside {folder}, and moec reads only files inside the artifact's folder; "
+                        f"replace it with a copy (cp {path} {path}.copy && mv {path}.copy {path})")
 
 
 def plain_file_name(folder: str | os.PathLike, name, what: str, fix: str) -> Path:

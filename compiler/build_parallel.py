@@ -72,10 +72,21 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise MoecError(f"{eng_dir} has no {contract.PARALLEL_MANIFEST}; build a partition folder with `moec build`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from e
-    if manifest.get("format") != ENGINES_FORMAT:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINES_FORMAT:
         raise MoecError(f"{path} is not a moec multi-rank engine manifest; rebuild with `moec build OUT_DIR`")
+    try:
+        return _rank_engines(manifest, eng_dir, path, world_size, arch)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        # A hand-edited manifest: a missing key or a wrong type is a named error, not a traceback.
+        raise MoecError(f"{path} (or a rank's manifest it lists) lacks or mistypes a field ({type(e).__name__}: {e}); "
+                        "rebuild with `moec build`") from None
+
+
+def _rank_engines(manifest: dict, eng_dir: Path, path: Path, world_size: int | None, arch: str | None) -> dict[int, Path]:
+    from moec.common.confine import plain_file_name
+
     world = int(manifest["world_size"])
     if world_size is not None and world_size != world:
         raise MoecError(f"{eng_dir} holds engines for {world} ranks but {world_size} were launched; launch {world}")
@@ -84,7 +95,8 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
     arch = arch or manifest["archs"][0]
     engines = {}
     for r in manifest["ranks"]:
-        rank_manifest = eng_dir / r["dir"] / contract.ENGINE_MANIFEST
+        rank_dir = plain_file_name(eng_dir, r["dir"], f"{path} rank {r['rank']} dir", "rebuild with `moec build`")
+        rank_manifest = rank_dir / contract.ENGINE_MANIFEST
         if not rank_manifest.is_file():
             raise MoecError(f"{eng_dir} is missing rank {r['rank']}'s engines ({r['dir']}/); the rank set is incomplete, "
                             "copy the whole folder `moec build` wrote")
@@ -95,7 +107,7 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
         entry = next((e for e in r["engines"] if arch in e["archs"]), None)
         if entry is None:
             raise MoecError(f"{eng_dir}: rank {r['rank']} has no engine for {arch}; built: {', '.join(manifest['archs'])}")
-        engine = eng_dir / r["dir"] / entry["file"]
+        engine = plain_file_name(rank_dir, entry["file"], f"{path} rank {r['rank']} engine", "rebuild with `moec build`")
         if not engine.is_file():
             raise MoecError(f"{engine} is missing; the rank set is incomplete")
         if sha256_file(engine) != entry["sha256"]:

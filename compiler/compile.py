@@ -64,6 +64,7 @@ class CompileConfig:
     quantize_group: int | None = None
     quantize_scope: str = "experts"
     quantize_symmetric: bool = True
+    allow_nonfinite_weights: bool = False  # export and verify load NaN/Inf weights (refused by default)
     # Multi-GPU: tp x ep ranks (moec.compiler.partition); 1 x 1 is one graph and one engine.
     tp: int = 1
     ep: int = 1
@@ -195,7 +196,8 @@ def stage_export(s: _State) -> StageRecord:
     s.max_seq, context_note = context_of(s.config, s.checkpoint)
     s.export_path = s.work / "onnx" / "model.onnx"
     export_onnx(s.checkpoint, s.export_path,
-                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq))
+                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
+                             allow_nonfinite_weights=s.config.allow_nonfinite_weights))
     return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}",
                        artifact_bytes=_onnx_bytes(s.export_path))
 
@@ -264,7 +266,8 @@ def _fp32_twin(s: _State) -> Path:
     export = s.export_path
     if s.export_dtype != "fp32":
         export = export_onnx(s.checkpoint, twin / "model.onnx",
-                             ExportConfig(dtype="fp32", max_batch=s.config.max_batch, max_seq=s.max_seq)).onnx_path
+                             ExportConfig(dtype="fp32", max_batch=s.config.max_batch, max_seq=s.max_seq,
+                                          allow_nonfinite_weights=s.config.allow_nonfinite_weights)).onnx_path
     if not _ort_can_run(s.optimize_report):
         return export
     out = twin / "model.opt.onnx"
@@ -297,7 +300,8 @@ def stage_verify(s: _State) -> StageRecord:
         return _verify_ranks(s, vcfg)
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
-    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype)
+    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype,
+                                                 allow_nonfinite=s.config.allow_nonfinite_weights)
     if (quant := quantize_spec_of(s.config)) is not None:
         # The quantized graph is checked against torch on the same dequantized weights.
         from moec.compiler.quantize_stage import dequantize_module_weights
@@ -384,7 +388,8 @@ def _verify_ranks(s: _State, vcfg) -> StageRecord:
         twin_note = ("; the rank graphs hold TensorRT-only MoE nodes, so the same partition lowered for ONNX Runtime "
                      "was verified")
     try:
-        rep = verify_rank_set(folder, s.checkpoint, vcfg, launch, dequantize=dequantize)
+        rep = verify_rank_set(folder, s.checkpoint, vcfg, launch, dequantize=dequantize,
+                              allow_nonfinite=s.config.allow_nonfinite_weights)
     finally:
         shutil.rmtree(s.work / "verify-ranks", ignore_errors=True)
     write_json_atomic(s.work / "verify_report.json", rep.to_dict())
@@ -488,6 +493,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                     on_stage(e.record)
                 err = MoecError(final(f"{name}: {e}"))
                 err.report = report
+                err.exit_code = 1  # a verify failure, not bad input: exit 1, as `moec verify` (issue 11)
                 raise err from None
             except Exception as e:
                 if not isinstance(e, MoecError):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moec.common import contract
-from moec.common.artifacts import sha256_file, write_json_atomic
+from moec.common.artifacts import make_parents, remove_made, sha256_file, write_json_atomic
 from moec.common.sidecar import check_tokenizer_slot
 from moec.common.errors import MoecError
 
@@ -350,10 +350,12 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     # Everything is written into a temporary folder beside the destination (same filesystem),
     # checked there, and only then renamed into place; a failure removes the folder. It is made
     # before the export itself, so an unwritable destination fails at once, not after the work.
+    made: list[Path] = []  # folders made above out_path: removed again if the export fails
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+        made = make_parents(out_path)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent))
     except OSError as e:
+        remove_made(made)
         raise MoecError(f"cannot write {out_path}: {e.strerror or e}; choose a writable location") from None
     try:
         # The weights stay in the checkpoint's files until the saver streams them one at a time
@@ -361,7 +363,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         from moec.compiler.export_weights import attach_checkpoint_weights
         from moec.models.checkpoint import load_pretrained_lazy
 
-        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
+        model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype),
+                                              allow_nonfinite=config.allow_nonfinite_weights)
         allow_nonfinite = config.allow_nonfinite_weights
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
@@ -423,6 +426,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             os.replace(src, dst)
         if not external and final_data.is_file():
             final_data.unlink()  # a stale data file of an earlier external export of this name
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_made(made)  # a failed export leaves no empty output folder behind
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

@@ -115,7 +115,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
         raise MoecError(f"{path} does not exist: write it with `moec bench ARTIFACT --json {path}`")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise MoecError(f"{path} is not valid JSON ({e}): regenerate it with `moec bench`") from e
     if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None

@@ -82,7 +82,11 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     if sidecar is None:
         raise MoecError(f"{in_path} has no {contract.sidecar_path(in_path).name} beside it; partitioning reads the "
                         "model's head and expert counts from it (keep the files `moec export` wrote together)")
-    mapping.check_divisible(sidecar["model_config"])  # before any work
+    try:
+        mapping.check_divisible(sidecar.get("model_config"))  # before any work
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MoecError(f"{contract.sidecar_path(in_path)}: model_config lacks or mistypes a size the split needs "
+                        f"({type(e).__name__}: {e}); partition the model.onnx `moec export` wrote") from None
     check_output_dir(out_dir, command="optimize", inputs=[in_path])
     _check_external_data(in_path)
     source_sha = sha256_file(in_path)

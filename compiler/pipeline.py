@@ -33,7 +33,7 @@ from typing import Callable
 import onnx_ir as ir
 
 from moec.common import contract
-from moec.common.artifacts import parents_made_for, write_json_atomic
+from moec.common.artifacts import atomic_file_set, write_json_atomic
 from moec.common.errors import MoecError
 from moec.common.outputs import check_output_folder_option, mark_output_folder
 from moec.common.resources import as_resource_error
@@ -446,20 +446,20 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         warnings.warn(n, stacklevel=2)
 
     lowering_name = "+".join(sorted(ctx.lowered)) or "none"
-    with parents_made_for(out_path):
-        _save(model, out_path, external)
+    # The graph, its data, its sidecar and the tokenizer appear together or not at all: a sidecar or
+    # tokenizer that cannot be written must not leave the new graph beside an old (or no) sidecar.
+    tok_dst = out_path.parent / contract.TOKENIZER_FILE
+    with atomic_file_set(out_path) as tmp:
+        _save(model, tmp / out_path.name, external)
         if sidecar is not None:
             sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
             if quant is not None:
                 sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
-            write_json_atomic(contract.sidecar_path(out_path), sidecar)
-    tok_dst = out_path.parent / contract.TOKENIZER_FILE
-    if tok_src is not None and tok_src.resolve() != tok_dst.resolve():
-        with tempfile.NamedTemporaryFile(dir=out_path.parent, prefix=".tokenizer.", delete=False) as f:
-            tmp_tok = Path(f.name)
-        shutil.copyfile(tok_src, tmp_tok)
-        shutil.copymode(tok_src, tmp_tok)  # the temporary file was created 0600
-        os.replace(tmp_tok, tok_dst)
+            write_json_atomic(contract.sidecar_path(tmp / out_path.name), sidecar)
+        if tok_src is not None and tok_src.resolve() != tok_dst.resolve():
+            shutil.copyfile(tok_src, tmp / contract.TOKENIZER_FILE)
+    if not external:
+        (out_path.parent / f"{out_path.name}.data").unlink(missing_ok=True)  # of an earlier external write
     return OptimizeReport(
         in_path=str(in_path), out_path=str(out_path), target=str(target), moe_lowering=dict(ctx.lowered),
         precision=config.precision or (sidecar or {}).get("dtype", "fp32"), passes=records,

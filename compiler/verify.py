@@ -51,6 +51,7 @@ class VerifyConfig:
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers; None: the best available
     graph_optimization: bool = True
     export_dir: Path | None = None  # keep the export here instead of a temporary folder
+    allow_nonfinite_weights: bool = False  # load NaN/Inf weights (refused by default) on both sides
 
     def __post_init__(self) -> None:
         if self.dtype not in DEFAULT_TOLERANCES:
@@ -249,11 +250,13 @@ def verify(checkpoint: str | os.PathLike, config: VerifyConfig = VerifyConfig())
     with tempfile.TemporaryDirectory(prefix="moec-verify-") as tmp:
         out_dir = Path(config.export_dir) if config.export_dir else Path(tmp)
         onnx_path = out_dir / "model.onnx"
-        export_onnx(checkpoint, onnx_path, ExportConfig(dtype=config.dtype))
+        export_onnx(checkpoint, onnx_path,
+                    ExportConfig(dtype=config.dtype, allow_nonfinite_weights=config.allow_nonfinite_weights))
         ort_backend = OrtBackend.from_onnx(
             onnx_path, providers=config.providers, graph_optimization=config.graph_optimization
         )
-        torch_backend = TorchBackend.from_checkpoint(checkpoint, dtype=config.dtype)
+        torch_backend = TorchBackend.from_checkpoint(checkpoint, dtype=config.dtype,
+                                                     allow_nonfinite=config.allow_nonfinite_weights)
         return verify_backends(torch_backend, ort_backend, config, llama.vocab_size, llama.attention_chunk_size)
 
 

@@ -52,7 +52,7 @@ def rank_logits_job(prompt_ids: list[int], steps: int, out_dir: str, backend) ->
 
 
 def verify_rank_set(folder: Path, checkpoint: Path, config: VerifyConfig, launch=None, torch_dtype: str | None = None,
-                    dequantize=None) -> VerifyReport:
+                    dequantize=None, allow_nonfinite: bool = False) -> VerifyReport:
     """Compare the ranks of ``folder`` (rank0.onnx ... and parallel.json) with ``checkpoint`` in
     PyTorch. ``dequantize(model)`` (optional) makes the reference use a quantized graph's weights."""
     from moec.models import Llama4Config
@@ -81,7 +81,8 @@ def verify_rank_set(folder: Path, checkpoint: Path, config: VerifyConfig, launch
         shutil.rmtree(work, ignore_errors=True)
     tokens = out["new_tokens"][0]
 
-    torch_backend = TorchBackend.from_checkpoint(checkpoint, dtype=torch_dtype or config.dtype)
+    torch_backend = TorchBackend.from_checkpoint(checkpoint, dtype=torch_dtype or config.dtype,
+                                                 allow_nonfinite=allow_nonfinite)
     if dequantize is not None:
         dequantize(torch_backend.model)
     report = VerifyReport(dtype=config.dtype, atol=atol, rtol=rtol, prompt_len=prompt_len, batch=1, prompt_rule=rule,

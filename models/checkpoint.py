@@ -112,7 +112,7 @@ def _find_shards(directory: Path) -> dict[Path, frozenset[str] | None]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise MoecError(f"{index_file}: not a safetensors index (needs a 'weight_map' object): {e}") from None
         except OSError as e:
             raise MoecError(f"{index_file}: cannot read it ({e.strerror or e}); check its permissions") from None
@@ -283,6 +283,10 @@ def _read_text_tensors(
                 raise MoecError(f"{ckpt.directory}: FP8 tensor {prefix + name!r} assembles to shape {list(tensor.shape)}, "
                                 f"expected {list(expected[name])} from {CONFIG_FILE}")
             state[name] = tensor.to(device=device)
+            if not allow_nonfinite:
+                # q * scale: a NaN code in the FP8 weight or an Inf scale (read in full here even
+                # when ``lazy``: the parts are already in memory).
+                _check_finite(ckpt.directory, f"{prefix}{name} (FP8 weight x scale)", state[name])
     return state, skipped
 
 
@@ -315,7 +319,7 @@ def stored_dtype(path: str | os.PathLike) -> str:
 
 
 def load_pretrained_lazy(
-    path: str | Path, dtype: torch.dtype | str | None = None
+    path: str | Path, dtype: torch.dtype | str | None = None, allow_nonfinite: bool = False,
 ) -> tuple[Llama4ForCausalLM, dict[str, tuple[Path, str]]]:
     """The model with UNINITIALISED weights (``to_empty``: untouched memory the OS has not backed
     with pages, so it costs no RSS) and, per module weight name, the (shard, key) it is read from.
@@ -332,7 +336,8 @@ def load_pretrained_lazy(
     target_dtype = resolve_dtype(dtype)
     if target_dtype is not None:
         model = model.to(target_dtype)
-    sources, skipped = _read_text_tensors(ckpt, expected, None, torch.device("cpu"), lazy=True)
+    sources, skipped = _read_text_tensors(ckpt, expected, None, torch.device("cpu"), lazy=True,
+                                          allow_nonfinite=allow_nonfinite)
     _check_all_read(ckpt, expected, sources, skipped)
     if config.tie_word_embeddings:
         sources["lm_head.weight"] = sources["model.embed_tokens.weight"]

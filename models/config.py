@@ -161,7 +161,7 @@ class Llama4Config:
             file = checkpoint_folder(path) / CONFIG_FILE
         try:
             d = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise MoecError(f"{file}: not valid JSON ({e})") from None
         except OSError as e:
             raise MoecError(f"{file}: cannot read it ({e.strerror or e}); check its permissions") from None

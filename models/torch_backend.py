@@ -46,9 +46,10 @@ class TorchBackend:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu"
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
+        allow_nonfinite: bool = False,
     ) -> TorchBackend:
-        model = load_pretrained(path, dtype=resolve_dtype(dtype), device=device)
+        model = load_pretrained(path, dtype=resolve_dtype(dtype), device=device, allow_nonfinite=allow_nonfinite)
         return cls(model, model.config)
 
     def init_cache(self, batch_size: int) -> TorchKVCache:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
+from moec.compiler.commands.weights_options import allow_nonfinite_option
 from moec.compiler.compile import DEFAULT_TARGET, CompileConfig, StageRecord
 
 
@@ -75,8 +76,10 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
               help="With --tp/--ep: seconds verify's ranks wait for a silent peer [default: 120].")
 @quantize_options
+@allow_nonfinite_option
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,
-             opt_level, timing_cache, workspace_mib, demo_seed, as_json, tp, ep, rank_timeout, **quantize):
+             opt_level, timing_cache, workspace_mib, demo_seed, as_json, tp, ep, rank_timeout, allow_nonfinite_weights,
+             **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
     With no arguments but -o, compiles the demo checkpoint to an sm89 engine with TensorRT for RTX,
@@ -91,6 +94,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
                            atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
                            progress=not as_json, demo_seed=demo_seed, tp=tp, ep=ep, rank_timeout_s=rank_timeout,
+                           allow_nonfinite_weights=allow_nonfinite_weights,
                            **quantize_fields(**quantize))
     console = Console(stderr=as_json)
 
@@ -104,6 +108,9 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
         partial = getattr(e, "report", None)
         if partial is not None and not as_json:
             _print_summary(console, partial.stages)
+        if getattr(e, "exit_code", None) == 1:  # the verify stage found the compiled graph wrong
+            click.secho(f"error: {e}", fg="red", err=True)
+            raise SystemExit(1) from None
         raise
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -16,6 +16,7 @@ import click
 from moec.common import contract
 from moec.common.errors import MoecError
 from moec.common.sidecar import check_tokenizer_belongs
+from moec.compiler.commands.weights_options import allow_nonfinite_option
 
 BACKENDS = ("torch", "ort", "trt")
 
@@ -49,14 +50,15 @@ def checkpoint_metadata(checkpoint: Path) -> dict:
     return meta
 
 
-def open_backend(artifact: Path, backend: str, dtype: str | None, checkpoint: Path | None = None):
+def open_backend(artifact: Path, backend: str, dtype: str | None, checkpoint: Path | None = None,
+                 allow_nonfinite: bool = False):
     """A ``moec.runtime.backend.Backend`` for ``artifact``; heavy imports happen here."""
     if backend == "torch":
         from moec.models.torch_backend import TorchBackend
 
         if not artifact.is_dir():
             raise MoecError(f"the torch backend runs a checkpoint directory; {artifact} is not one")
-        return TorchBackend.from_checkpoint(artifact, dtype=dtype)
+        return TorchBackend.from_checkpoint(artifact, dtype=dtype, allow_nonfinite=allow_nonfinite)
     if dtype is not None:
         raise MoecError(f"--dtype only applies to the torch backend; the {backend} artifact has its own dtype")
     if backend == "ort":
@@ -158,8 +160,9 @@ def printable(text: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
               help="Partition folders: seconds a rank waits for a silent peer before all stop [default: 120].")
+@allow_nonfinite_option
 def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json,
-        rank_timeout):
+        rank_timeout, allow_nonfinite_weights):
     """Generate from ARTIFACT: a checkpoint directory, an .onnx export or an engine directory."""
     from moec.runtime.generate import GenerationConfig, generate
 
@@ -170,6 +173,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     gen_config = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
     backend = backend or detect_backend(artifact)
+    if allow_nonfinite_weights and backend != "torch":
+        raise MoecError(f"--allow-nonfinite-weights applies to a checkpoint (the torch backend); the {backend} "
+                        "artifact's weights were checked, or let through, when it was exported")
     if checkpoint is not None:
         from moec.models.checkpoint import checkpoint_folder
 
@@ -211,7 +217,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     if backend == "ort" and artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
         _run_ranks(artifact, ids, gen_config, tokenizer, as_json, rank_timeout)
         return
-    be = open_backend(artifact, backend, dtype, checkpoint)
+    be = open_backend(artifact, backend, dtype, checkpoint, allow_nonfinite=allow_nonfinite_weights)
     result = generate(be, ids, gen_config)
     new_ids = result.new_tokens[0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
@@ -266,7 +272,7 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     default=None,
     help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
 )
-@click.option("--allow-nonfinite-weights", is_flag=True, help="Export weights that hold NaN or Inf (refused by default).")
+@allow_nonfinite_option
 def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
@@ -293,7 +299,8 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
                    "else the longest prompt that fits; see moec.compiler.verify.default_prompt_len]")
 @click.option("--batch", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_json):
+@allow_nonfinite_option
+def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_json, allow_nonfinite_weights):
     """Export CHECKPOINT and compare ONNX Runtime with PyTorch on prefill and decode steps.
 
     Exits 1 when any output of any step is out of tolerance (an element fails when it exceeds
@@ -301,7 +308,8 @@ def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_js
     from moec.compiler.verify import VerifyConfig, format_report
     from moec.compiler.verify import verify as run_verify
 
-    options = dict(dtype=dtype, atol=atol, rtol=rtol, decode_steps=decode_steps, prompt_len=prompt_len, batch=batch)
+    options = dict(dtype=dtype, atol=atol, rtol=rtol, decode_steps=decode_steps, prompt_len=prompt_len, batch=batch,
+                   allow_nonfinite_weights=allow_nonfinite_weights or None)
     report = run_verify(checkpoint, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     if not report.passed:

@@ -29,14 +29,37 @@ def read_parallel_manifest(folder: Path) -> dict:
         raise MoecError(f"{folder} has no {contract.PARALLEL_MANIFEST}; give the folder `moec optimize --tp/--ep` wrote")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from None
     if isinstance(manifest, dict) and manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
         raise MoecError(f"{folder} holds per-rank TensorRT engines (`moec build` of a partition folder); `moec run` "
                         "runs the partition folder itself on ONNX Runtime, TensorRT ranks need GPUs with NCCL")
     if not isinstance(manifest, dict) or manifest.get("format") != contract.PARALLEL_FORMAT or not isinstance(manifest.get("ranks"), list):
         raise MoecError(f"{path} is not a moec partition manifest; re-run `moec optimize --tp/--ep`")
+    _check_manifest_fields(manifest, folder, path)
     return manifest
+
+
+def _check_manifest_fields(manifest: dict, folder: Path, path: Path) -> None:
+    """The fields the runner reads, with their types, and each rank file a plain file name inside
+    ``folder`` (moec.common.confine): a hand-edited or hostile manifest is a named error, not a
+    traceback or a read of a file elsewhere."""
+    from moec.common.confine import plain_file_name
+
+    fix = "re-run `moec optimize --tp/--ep`"
+
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    for key in ("world_size", "tp", "ep"):
+        if not whole(manifest.get(key)) or manifest[key] < 1:
+            raise MoecError(f"{path}: {key} is {manifest.get(key)!r}, expected a whole number >= 1; {fix}")
+    if not isinstance(manifest.get("partition_id"), str):
+        raise MoecError(f"{path}: partition_id is {manifest.get('partition_id')!r}, expected a string; {fix}")
+    for i, r in enumerate(manifest["ranks"]):
+        if not isinstance(r, dict) or not whole(r.get("rank")) or not isinstance(r.get("sha256"), str):
+            raise MoecError(f"{path}: ranks[{i}] is not an object with a rank number, a file and a sha256; {fix}")
+        plain_file_name(folder, r.get("file"), f"{path} ranks[{i}].file", fix)
 
 
 def check_rank_set(folder: Path, world_size: int | None = None, *, hash_files: bool = True) -> dict:
@@ -77,6 +100,7 @@ def _partition_id(path: Path) -> str | None:
     if not text:
         return None
     try:
-        return json.loads(text).get("partition_id")
-    except json.JSONDecodeError:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         return None
+    return meta.get("partition_id") if isinstance(meta, dict) else None

@@ -183,3 +183,104 @@ def test_an_empty_engine_list_or_a_zero_byte_engine_is_not_an_engine_folder(engi
     with pytest.raises(MoecError, match="empty"):
         TrtBackend.from_engine_dir(engine_dir)
     assert os.path.getsize(plan) == 0
+
+
+# Hard links: no path says where a hard link's other names are, so a regular file with more than
+# one name is refused wherever confinement applies (moec.common.confine); a copy is accepted.
+@pytest.fixture
+def hardlinked(tmp_path, outside) -> Path:
+    """A moec graph whose external data is a hard link to a file outside the model's folder."""
+    src = write_moec_graph(tmp_path / "src")
+    data = _external(src)
+    outside.write_bytes(data.read_bytes())
+    data.unlink()
+    os.link(outside, data)
+    return src
+
+
+def test_the_helper_refuses_a_hard_link_and_accepts_a_copy(tmp_path, outside):
+    (tmp_path / "m").mkdir()
+    os.link(outside, tmp_path / "m" / "w.bin")
+    with pytest.raises(MoecError, match=r"'w.bin', which is a hard link \(2 names for one file\)"):
+        confined_path(tmp_path / "m", "w.bin", "tensor 'w''s external data", "re-export")
+    with pytest.raises(MoecError, match="hard link"):
+        plain_file_name(tmp_path / "m", "w.bin", "engines[0].file", "rebuild")
+    (tmp_path / "m" / "w.bin").unlink()
+    (tmp_path / "m" / "w.bin").write_bytes(outside.read_bytes())  # a copy: one name
+    assert confined_path(tmp_path / "m", "w.bin", "t", "fix") == tmp_path / "m" / "w.bin"
+    assert confined_path(tmp_path / "m", "absent.bin", "t", "fix").name == "absent.bin"  # the caller says it is missing
+
+
+def test_every_reader_refuses_external_data_that_is_a_hard_link(tmp_path, hardlinked):
+    from moec.compiler.pipeline import optimize_onnx
+    from moec.runtime.bench import source_hashes
+    from moec.runtime.ort_backend import OrtBackend
+
+    with pytest.raises(MoecError, match="external data names 'model.onnx.data', which is a hard link"):
+        build_engine(hardlinked, tmp_path / "e", quiet())
+    with pytest.raises(MoecError, match="hard link"):
+        optimize_onnx(hardlinked, tmp_path / "opt" / "m.onnx")
+    with pytest.raises(MoecError, match="hard link"):
+        OrtBackend.from_onnx(hardlinked)
+    with pytest.raises(MoecError, match="hard link"):
+        source_hashes(hardlinked)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "opt").exists()
+
+
+def test_a_hard_linked_tokenizer_sidecar_or_engine_is_not_read_or_shipped(tmp_path, outside):
+    from moec.compiler.pipeline import optimize_onnx
+    from moec.runtime.trt_backend import TrtBackend
+
+    src = write_moec_graph(tmp_path / "src")
+    tok = src.parent / contract.TOKENIZER_FILE
+    outside.write_bytes(tok.read_bytes())
+    tok.unlink()
+    os.link(outside, tok)
+    with pytest.raises(MoecError, match="tokenizer of .* hard link"):
+        build_engine(src, tmp_path / "e", quiet())
+    with pytest.raises(MoecError, match="tokenizer of .* hard link"):
+        optimize_onnx(src, tmp_path / "o" / "m.onnx")
+    tok.unlink()
+    side = contract.sidecar_path(src)
+    other = tmp_path / "elsewhere" / "side.json"
+    os.link(side, other)
+    with pytest.raises(MoecError, match="metadata of .* hard link"):
+        build_engine(src, tmp_path / "e", quiet())
+    other.unlink()
+    out = tmp_path / "e"
+    build_engine(src, out, quiet())  # a single name again: builds
+    plan = next(out.glob("*.plan"))
+    os.link(plan, tmp_path / "elsewhere" / "e.plan")
+    with pytest.raises(MoecError, match=r"engines\[0\]\.file names .* hard link"):
+        inspect_engine_dir(out)
+    with pytest.raises(MoecError, match="hard link"):
+        TrtBackend.from_engine_dir(out)
+
+
+@pytest.mark.parametrize("link", ["symlinked", "hardlinked"])
+def test_partition_refuses_external_data_from_outside(tmp_path, link, request):
+    from moec.compiler.partition import ParallelConfig, optimize_partitioned
+    from moec.compiler.pipeline import OptimizeConfig
+
+    src = request.getfixturevalue(link)
+    side = contract.sidecar_path(src)
+    meta = json.loads(side.read_text())
+    with pytest.raises(MoecError, match="model_config lacks or mistypes a size the split needs"):
+        optimize_partitioned(src, tmp_path / "parts", OptimizeConfig(), ParallelConfig(tp=2, ep=1))
+    meta["model_config"] = {"num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                            "intermediate_size_mlp": 8, "moe_layers": []}  # sizes tp 2 divides
+    side.write_text(json.dumps(meta))
+    with pytest.raises(MoecError, match="outside|hard link"):
+        optimize_partitioned(src, tmp_path / "parts", OptimizeConfig(), ParallelConfig(tp=2, ep=1))
+    assert not (tmp_path / "parts").exists()
+
+
+def test_a_timing_cache_that_is_a_symbolic_link_is_refused_not_written_through(tmp_path, outside):
+    import dataclasses
+
+    src = write_moec_graph(tmp_path / "src")
+    link = tmp_path / "cache.bin"
+    link.symlink_to(outside)
+    with pytest.raises(MoecError, match="--timing-cache .* is a symbolic link"):
+        build_engine(src, tmp_path / "e", dataclasses.replace(quiet(), timing_cache=link))
+    assert outside.read_bytes() == SECRET and not (tmp_path / "e").exists()

@@ -143,3 +143,28 @@ def test_fp8_module_listed_as_not_converted_is_named(demo_ckpt, tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
     with pytest.raises(MoecError, match="is FP8 but quantization_config.modules_to_not_convert lists 'feed_forward.experts'"):
         load_pretrained(tmp_path / "fp8")
+
+
+def test_a_non_finite_fp8_weight_or_scale_is_named_unless_allowed(demo_ckpt, tmp_path):
+    """q * scale is assembled while the headers are read, so it bypassed the per-tensor finite
+    check (issue 11): an Inf scale or a NaN code in the FP8 weight is named like any weight."""
+    from moec.models.checkpoint import load_pretrained_lazy
+
+    def inf_scale(t):
+        t[f"{EXPERTS}.0.down_proj.weight_scale"][0, 0] = float("inf")
+
+    _write_fp8(demo_ckpt, tmp_path / "fp8", "per_expert", inf_scale)
+    msg = r"experts\.down_proj \(FP8 weight x scale\)' holds .* non-finite value"
+    with pytest.raises(MoecError, match=msg):
+        load_pretrained(tmp_path / "fp8")
+    with pytest.raises(MoecError, match=msg):
+        load_pretrained_lazy(tmp_path / "fp8")  # what export reads
+    load_pretrained(tmp_path / "fp8", allow_nonfinite=True)
+    load_pretrained_lazy(tmp_path / "fp8", allow_nonfinite=True)
+
+    def nan_code(t):
+        t[f"{EXPERTS}.1.gate_proj.weight"].view(torch.uint8)[0, 0] = 0x7F  # E4M3's NaN
+
+    _write_fp8(demo_ckpt, tmp_path / "fp8b", "per_expert", nan_code)
+    with pytest.raises(MoecError, match=r"experts\.gate_up_proj \(FP8 weight x scale\)' holds .* \(\d+ NaN"):
+        load_pretrained(tmp_path / "fp8b")
