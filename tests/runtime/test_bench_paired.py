@@ -141,9 +141,9 @@ def test_run_paired_looks_only_at_its_planned_rounds():
     assert asked == [5, 20] and out["stop"] == "max-rounds" and out["rounds"] == 200 and out["looks"] == 3
     # One look in all: the gate's at the end, no early stop.
     assert look_points(30, 1) == () and look_points(30, 3) == (30, 120)
-    # max-time is never honoured before min_rounds either.
-    out = run_paired(PairedConfig(bc, max_time=1e-9, min_rounds=6), generate_measure(p, bc, 1), clock=clock)
-    assert out["rounds"] == 6 and out["stop"] == "max-time"
+    # max-time is a hard budget, even before the first look.
+    out = run_paired(PairedConfig(bc, max_time=1e-9, min_rounds=6), generate_measure(p, bc, 1), decided, clock=clock)
+    assert out["rounds"] == 1 and out["stop"] == "max-time" and out["looked_at"] == []
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -158,13 +158,13 @@ def test_paired_config_refuses(kwargs, message):
         PairedConfig(**kwargs)
 
 
-TINY = PairedConfig(BenchConfig(prompt_len=4, gen_len=3, batch=1, warmup=1, threads=1), max_time=0.01, min_rounds=3,
-                    prefills=2)
+TINY = PairedConfig(BenchConfig(prompt_len=4, gen_len=3, batch=1, warmup=1, threads=1), max_time=60.0, min_rounds=3,
+                    max_rounds=3, prefills=2)
 
 
 def test_bench_paired_on_the_demo_export(demo_onnx):
     res = bench_paired(demo_onnx, demo_onnx, TINY)
-    assert res["format"] == BENCH_FORMAT and res["paired"]["rounds"] >= 3
+    assert res["format"] == BENCH_FORMAT and res["paired"]["rounds"] == 3 and res["paired"]["stop"] == "max-rounds"
     assert res["against"]["path"] == str(demo_onnx) and res["artifact"]["identity"] == res["against"]["identity"]
     assert res["config"]["threads"] == 1 and res["host"]["cores"] >= 1
     for block in ("metrics", "against_metrics"):
