@@ -184,80 +184,88 @@ def run(args, work: Path, base: Path, neighbour: bool) -> None:
 
     rows = {"self": [], "slow": []}
     t_start = time.time()
+
+    def report(calibrated) -> None:
+        """Write the results so far (after every pair of comparisons: a cut-short run still leaves them)."""
+        if calibrated is None:
+            measured = sorted(1 + r["decode_ms_per_step"]["slowdown"] for r in rows["slow"] if "decode_ms_per_step" in r)
+            calibrated = measured[len(measured) // 2]
+
+        def summary(case: str, want_rc: int, thr: str) -> dict:
+            rs = rows[case]
+            rc = [r["gate_rc_at"][thr] for r in rs]
+            return {"runs": len(rs), "right": rc.count(want_rc), "undecided": rc.count(2),
+                    "wrong": sum(c not in (want_rc, 2) for c in rc),
+                    "max_wall_s": max(r["wall_s"] for r in rs), "median_wall_s": sorted(r["wall_s"] for r in rs)[len(rs) // 2],
+                    "within_60s": sum(r["wall_s"] <= 60 for r in rs),
+                    "median_bench_s": sorted(r["bench_s"] for r in rs)[len(rs) // 2],
+                    "median_timed_s": sorted(r.get("timed_s", 0) for r in rs)[len(rs) // 2],
+                    "median_rounds": sorted(r.get("rounds", 0) for r in rs)[len(rs) // 2]}
+
+        result = {
+            "neighbour": "a Python busy loop (one full core)" if neighbour else "none started",
+            "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                     "load_1_5_15_at_start": load_start, "load_1_5_15_at_end": os.getloadavg()},
+            "settings": {"threads": args.threads, "prompt_len": 32, "gen_len": 32, "max_time_s": 35,
+                         "max_regression": list(THRESHOLDS), "first_look_rounds": 30, "looks": 3,
+                         "per_look_confidence": "1 - 5%/3 = 98.3%",
+                         "slow_variant": {"links": links, "K": K, "calibrated_decode_slowdown": round(calibrated, 3)}},
+            "targets": {"self_pass": ">= 19/20", "slow_fail": ">= 19/20", "wall_s": "<= 60"},
+            "expected": EXPECTED,
+            "summary": {thr: {"self": summary("self", 0, thr), "slow": summary("slow", 1, thr)} for thr in THRESHOLDS},
+            "runs_planned": args.runs,
+            "minutes": round((time.time() - t_start) / 60, 1),
+            "runs": rows,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "gate_reliability.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = [
+            "# Paired gate reliability (`moec bench NEW --against OLD` + `moec gate`, demo model, ONNX Runtime CPU)",
+            "",
+            f"Host: {result['host']['cpu']}, {result['host']['cores']} cores, SHARED and loaded: 1/5/15-minute load "
+            f"average {tuple(round(x, 1) for x in load_start)} at the start, "
+            f"{tuple(round(x, 1) for x in result['host']['load_1_5_15_at_end'])} at the end (other engineers' builds and "
+            "test runs), plus " + ("this script's own neighbour: a Python busy loop on one core for the whole "
+                                   "measurement" if neighbour else "no neighbour of this script's") +
+            ". Timings on this host are noisy and vary run to run.",
+            "",
+            f"Settings: --threads {args.threads}, prompt 32, gen 32, --max-time 35, --rounds 30 (first early look; the "
+            "next at 120; 3 looks in all, each at 98.3%), bench --max-regression 5% (the defaults, but --threads); the "
+            "gate reads each result at 5% and at 10%. Slow variant: "
+            f"{links} extra MatMul[{K}x{K}]+Tanh links per step, "
+            + (f"calibrated to {calibrated:.2f}x per decode step (paired, on this host)." if args.links is None else
+               f"--links {links} from an earlier calibration on this host; its decode step measured "
+               f"{calibrated:.2f}x slower (median over the slow comparisons)."),
+            "",
+            f"Runs: {len(rows['self'])} of each case of the {args.runs} planned, alternately, in "
+            f"{(time.time() - t_start) / 60:.0f} minutes.",
+            "",
+            f"Expected before measuring (written in the script before this run): {EXPECTED}.",
+            "",
+            "| case | --max-regression | right verdict | right | undecided (exit 2) | wrong | median rounds | "
+            "median timed s | median bench s | median wall s | max wall s | within 60 s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for thr in THRESHOLDS:
+            for case, name, want in (("self", "self (NEW = OLD)", "pass (0)"),
+                                     ("slow", f"slow ({calibrated:.2f}x decode)", "regression (1)")):
+                c = result["summary"][thr][case]
+                md.append(f"| {name} | {thr} | {want} | {c['right']}/{c['runs']} | {c['undecided']} | {c['wrong']} | "
+                          f"{c['median_rounds']} | {c['median_timed_s']} | {c['median_bench_s']} | {c['median_wall_s']} | "
+                          f"{c['max_wall_s']} | {c['within_60s']}/{c['runs']} |")
+        md += ["",
+               "Wall time is bench + one gate (at 5%) as two CLI processes, process start and model load included; "
+               "bench s is the bench process alone, timed s its timed rounds.", ""]
+        (RESULTS / "gate_reliability.md").write_text("\n".join(md))
+        print("\n".join(md))
+
     for i in range(args.runs):
         for case, new in (("self", base), ("slow", slow)):
             row = comparison(new, base, work / f"{case}{i}.json", args.threads)
             rows[case].append(row)
             print(case, i, row.get("gate_rc"), row.get("wall_s"), row.get("rounds"), row.get("decode_ms_per_step"),
                   flush=True)
-
-    if calibrated is None:
-        measured = sorted(1 + r["decode_ms_per_step"]["slowdown"] for r in rows["slow"] if "decode_ms_per_step" in r)
-        calibrated = measured[len(measured) // 2]
-
-    def summary(case: str, want_rc: int, thr: str) -> dict:
-        rs = rows[case]
-        rc = [r["gate_rc_at"][thr] for r in rs]
-        return {"runs": len(rs), "right": rc.count(want_rc), "undecided": rc.count(2),
-                "wrong": sum(c not in (want_rc, 2) for c in rc),
-                "max_wall_s": max(r["wall_s"] for r in rs), "median_wall_s": sorted(r["wall_s"] for r in rs)[len(rs) // 2],
-                "within_60s": sum(r["wall_s"] <= 60 for r in rs),
-                "median_bench_s": sorted(r["bench_s"] for r in rs)[len(rs) // 2],
-                "median_timed_s": sorted(r.get("timed_s", 0) for r in rs)[len(rs) // 2],
-                "median_rounds": sorted(r.get("rounds", 0) for r in rs)[len(rs) // 2]}
-
-    result = {
-        "neighbour": "a Python busy loop (one full core)" if neighbour else "none started",
-        "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "load_1_5_15_at_start": load_start, "load_1_5_15_at_end": os.getloadavg()},
-        "settings": {"threads": args.threads, "prompt_len": 32, "gen_len": 32, "max_time_s": 35,
-                     "max_regression": list(THRESHOLDS), "first_look_rounds": 30, "looks": 3,
-                     "per_look_confidence": "1 - 5%/3 = 98.3%",
-                     "slow_variant": {"links": links, "K": K, "calibrated_decode_slowdown": round(calibrated, 3)}},
-        "targets": {"self_pass": ">= 19/20", "slow_fail": ">= 19/20", "wall_s": "<= 60"},
-        "expected": EXPECTED,
-        "summary": {thr: {"self": summary("self", 0, thr), "slow": summary("slow", 1, thr)} for thr in THRESHOLDS},
-        "minutes": round((time.time() - t_start) / 60, 1),
-        "runs": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gate_reliability.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [
-        "# Paired gate reliability (`moec bench NEW --against OLD` + `moec gate`, demo model, ONNX Runtime CPU)",
-        "",
-        f"Host: {result['host']['cpu']}, {result['host']['cores']} cores, SHARED and loaded: 1/5/15-minute load "
-        f"average {tuple(round(x, 1) for x in load_start)} at the start, "
-        f"{tuple(round(x, 1) for x in result['host']['load_1_5_15_at_end'])} at the end (other engineers' builds and "
-        "test runs), plus " + ("this script's own neighbour: a Python busy loop on one core for the whole "
-                               "measurement" if neighbour else "no neighbour of this script's") +
-        ". Timings on this host are noisy and vary run to run.",
-        "",
-        f"Settings: --threads {args.threads}, prompt 32, gen 32, --max-time 35, --rounds 30 (first early look; the "
-        "next at 120; 3 looks in all, each at 98.3%), bench --max-regression 5% (the defaults, but --threads); the "
-        "gate reads each result at 5% and at 10%. Slow variant: "
-        f"{links} extra MatMul[{K}x{K}]+Tanh links per step, "
-        + (f"calibrated to {calibrated:.2f}x per decode step (paired, on this host)." if args.links is None else
-           f"--links {links} from an earlier calibration on this host; its decode step measured "
-           f"{calibrated:.2f}x slower (median over the slow comparisons)."),
-        "",
-        f"Expected before measuring (written in the script before this run): {EXPECTED}.",
-        "",
-        "| case | --max-regression | right verdict | right | undecided (exit 2) | wrong | median rounds | "
-        "median timed s | median bench s | median wall s | max wall s | within 60 s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for thr in THRESHOLDS:
-        for case, name, want in (("self", "self (NEW = OLD)", "pass (0)"),
-                                 ("slow", f"slow ({calibrated:.2f}x decode)", "regression (1)")):
-            c = result["summary"][thr][case]
-            md.append(f"| {name} | {thr} | {want} | {c['right']}/{c['runs']} | {c['undecided']} | {c['wrong']} | "
-                      f"{c['median_rounds']} | {c['median_timed_s']} | {c['median_bench_s']} | {c['median_wall_s']} | "
-                      f"{c['max_wall_s']} | {c['within_60s']}/{c['runs']} |")
-    md += ["",
-           "Wall time is bench + one gate (at 5%) as two CLI processes, process start and model load included; "
-           "bench s is the bench process alone, timed s its timed rounds.", ""]
-    (RESULTS / "gate_reliability.md").write_text("\n".join(md))
-    print("\n".join(md))
+        report(calibrated)
 
 
 if __name__ == "__main__":
