@@ -345,8 +345,8 @@ def _confidence_text(report: GateReport) -> str:
 def _verdict_text(v: Verdict, report: GateReport) -> str:
     if v.low is not None:
         return (f"{v.metric}: OLD {v.baseline:.6g} {v.unit}, NEW {v.current:.6g} {v.unit}, slower by {v.worse_by:+.2%} "
-                f"({_confidence_text(report)} interval {v.low:+.2%} .. {v.high:+.2%} over {v.rounds} paired rounds, allowed {v.allowed:.2%}, "
-                f"{v.better} is better)")
+                f"({_confidence_text(report)} interval {v.low:+.2%} .. {v.high:+.2%} over {v.rounds} paired rounds, "
+                f"allowed {v.allowed:.2%}, {v.better} is better)")
     return (f"{v.metric}: baseline {v.baseline:.6g} {v.unit}, result {v.current:.6g} {v.unit}, "
             f"worse by {v.worse_by:+.2%} (allowed {v.allowed:.2%}, noise {v.noise:.2%}, {v.better} is better)")
 
