@@ -293,9 +293,10 @@ def print_report(report: GateReport, console=None) -> None:
         allowed = report.verdicts[0].allowed if report.verdicts else 0.0
         _print_table(console, f"moec gate: paired, {p.get('rounds')} rounds in {p.get('seconds', 0):.0f} s "
                               f"({p.get('stop')}), allowed {allowed:.1%}",
-                     ("metric", "OLD", "NEW", "slower", "95% interval", "status"), rows)
+                     ("metric", "OLD", "NEW", "slower", f"{_confidence_text(report)} interval", "status"), rows)
         console.print("slower: NEW against OLD, the 20%-trimmed mean of the per-round NEW/OLD ratios (OLD/NEW for "
-                      "tokens/s) with its 95% bootstrap interval; OLD, NEW: medians", soft_wrap=False)
+                      f"tokens/s) with its {_confidence_text(report)} bootstrap interval (95% over the bench's "
+                      f"{p.get('looks')} looks); OLD, NEW: medians", soft_wrap=False)
         for d in report.differences:
             console.print(f"note: {d}")
         return
@@ -336,11 +337,16 @@ def _print_table(console, title: str, headers: tuple[str, ...], rows: list[tuple
             console.print(f"{r[0]}: {fields}: [{_COLOURS[r[-1]]}]{r[-1]}[/]")
 
 
-def _verdict_text(v: Verdict) -> str:
+def _confidence_text(report: GateReport) -> str:
+    """A paired look's confidence, as printed: 98.3%."""
+    return f"{report.paired['confidence']:.1%}".replace(".0%", "%")
+
+
+def _verdict_text(v: Verdict, report: GateReport) -> str:
     if v.low is not None:
         return (f"{v.metric}: OLD {v.baseline:.6g} {v.unit}, NEW {v.current:.6g} {v.unit}, slower by {v.worse_by:+.2%} "
-                f"(95% interval {v.low:+.2%} .. {v.high:+.2%} over {v.rounds} paired rounds, allowed {v.allowed:.2%}, "
-                f"{v.better} is better)")
+                f"({_confidence_text(report)} interval {v.low:+.2%} .. {v.high:+.2%} over {v.rounds} paired rounds, "
+                f"allowed {v.allowed:.2%}, {v.better} is better)")
     return (f"{v.metric}: baseline {v.baseline:.6g} {v.unit}, result {v.current:.6g} {v.unit}, "
             f"worse by {v.worse_by:+.2%} (allowed {v.allowed:.2%}, noise {v.noise:.2%}, {v.better} is better)")
 
@@ -353,7 +359,7 @@ def write_junit(report: GateReport, path: str | Path) -> None:
     suites, suite = _junit_suites(len(report.verdicts), failures, errors)
     for v in report.verdicts:
         case = ET.SubElement(suite, "testcase", classname="moec.gate", name=v.metric, time="0")
-        text = _verdict_text(v)
+        text = _verdict_text(v, report)
         if v.status == "regression":
             ET.SubElement(case, "failure", message=f"{v.metric} regressed by {v.worse_by:.1%}", type="regression").text = text
         elif v.status == "too noisy":
@@ -402,7 +408,7 @@ def gate(result_path: str | Path, baseline_path: str | Path | None = None, confi
 
 def compare_paired(result: dict[str, Any], config: GateConfig = GateConfig(), name: str = "result") -> GateReport:
     """NEW against OLD from the rounds of one paired result (``moec.compiler.gate_paired``)."""
-    from moec.compiler.gate_paired import judge, rounds_to_decide, slowdown_interval
+    from moec.compiler.gate_paired import judge, look_confidence, rounds_to_decide, slowdown_interval
     from moec.runtime.bench_paired import check_pairable
 
     new_rec, old_rec = result["artifact"], result["against"]
@@ -415,6 +421,8 @@ def compare_paired(result: dict[str, Any], config: GateConfig = GateConfig(), na
     if missing:
         raise MoecError(f"{name} lacks NEW's values or ratios of {', '.join(missing)}, which OLD has: every metric "
                         "must be measured on both; regenerate it with `moec bench --against`")
+    # The bench may have stopped at any of its planned looks: this one is judged at the same level.
+    confidence = look_confidence(result["paired"]["looks"])
     verdicts = []
     for metric in config.metrics or tuple(old_m):
         if metric not in old_m:
@@ -423,7 +431,7 @@ def compare_paired(result: dict[str, Any], config: GateConfig = GateConfig(), na
         if new_m[metric]["better"] != better:
             raise MoecError(f"{name}: metric {metric} is {better}-is-better for OLD and "
                             f"{new_m[metric]['better']}-is-better for NEW: regenerate it")
-        iv = slowdown_interval(ratios[metric], better)
+        iv = slowdown_interval(ratios[metric], better, confidence)
         status = judge(iv, config.max_regression)
         needed = rounds_to_decide(iv, config.max_regression) if status == "undecided" else None
         verdicts.append(Verdict(metric, old_m[metric].get("unit", ""), better, float(old_m[metric]["median"]),
@@ -431,7 +439,8 @@ def compare_paired(result: dict[str, Any], config: GateConfig = GateConfig(), na
                                 (iv.high - iv.low) / 2, status, iv.low, iv.high, iv.rounds, needed))
     differences = [f"NEW and OLD differ in {k}: {old_rec['identity'].get(k)!r} -> {new_rec['identity'].get(k)!r}"
                    for k in sorted(new_rec["identity"]) if new_rec["identity"].get(k) != old_rec["identity"].get(k)]
-    return GateReport(verdicts, differences, paired={k: result["paired"].get(k) for k in ("rounds", "seconds", "stop")})
+    paired = {k: result["paired"].get(k) for k in ("rounds", "seconds", "stop", "looks")} | {"confidence": confidence}
+    return GateReport(verdicts, differences, paired=paired)
 
 
 def undecided_message(report: GateReport, config: GateConfig) -> str:
@@ -447,8 +456,7 @@ def undecided_message(report: GateReport, config: GateConfig) -> str:
         else:
             parts.append(f"{v.metric} {iv}: about {v.rounds_needed} rounds would decide it "
                          f"(--max-time {math.ceil(v.rounds_needed * per_round) + 1})")
-    from moec.compiler.gate_paired import CONFIDENCE
-
-    return (f"undecided after {rounds} rounds ({report.paired.get('seconds', 0):.0f} s): the {CONFIDENCE:.0%} interval "
+    return (f"undecided after {rounds} rounds ({report.paired.get('seconds', 0):.0f} s): the "
+            f"{_confidence_text(report)} interval "
             f"straddles --max-regression {config.max_regression:.1%}: " + "; ".join(parts)
             + "; rerun `moec bench NEW --against OLD` with that --max-time")

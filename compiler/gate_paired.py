@@ -4,7 +4,7 @@ on NEW's slowdown against OLD from the per-round ratios.
 Each round of a paired bench gives one ratio NEW/OLD per metric, measured seconds apart on the
 same machine, so the host's drift cancels within the round. The slowdown of a round is that ratio
 for a lower-is-better metric and its inverse for a higher-is-better one (half the tokens/s is
-+100%, like twice the ms). The gate bootstraps a 95% confidence interval of the 20%-trimmed mean
++100%, like twice the ms). The gate bootstraps a confidence interval of the 20%-trimmed mean
 of the log slowdowns (``scipy.stats.bootstrap``, BCa, a fixed seed so one file always gets one
 verdict) and reads the verdict off it:
 
@@ -13,6 +13,15 @@ verdict) and reads the verdict off it:
 - **improved**: its upper end is below ``-max_regression``;
 - **undecided**: it straddles ``max_regression`` (exit 2), with the rounds that would narrow it
   enough, from the 1/sqrt(rounds) shrinking of an interval.
+
+The bench looks at the rounds a few times to stop early (``moec.runtime.bench_paired.look_points``),
+and each look is another chance of a fluke verdict: at 95% per look, the dozen looks of a fixed
+budget make a wrong verdict at the threshold several times likelier than 2.5% (simulated: 8 of 60
+runs). So every look, the gate's at the end included, uses the confidence
+``look_confidence(looks)`` = 1 - 5% / looks (Bonferroni): whatever the number of rounds at each
+look, the chance that any of them is wrong on one side is at most 2.5%. Pocock's constant
+(1 - 2.2% for 3 looks) is a little less strict but assumes looks at planned fractions of a fixed
+sample; here the last look comes whenever ``--max-time`` runs out, and Bonferroni holds regardless.
 
 Why a bootstrap and not a rank test: the verdict needs the interval itself (it is printed, and the
 rounds that would decide come from its width), while a signed-rank test gives a p-value against one
@@ -35,7 +44,7 @@ from moec.common.errors import MoecError
 
 CONFIDENCE = 0.95
 TRIM = 0.2  # proportion cut from each end of the sorted log slowdowns
-MIN_ROUNDS = 10  # a bootstrap interval of fewer rounds is too narrow to trust
+MIN_ROUNDS = 20  # a bootstrap interval of fewer rounds is too narrow to trust
 _RESAMPLES = 4999
 _SEED = 0
 
@@ -54,8 +63,13 @@ def _trimmed_mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return stats.trim_mean(x, TRIM, axis=axis)
 
 
-def slowdown_interval(ratios: list[float], better: str) -> Interval:
-    """Point estimate and ``CONFIDENCE`` interval of the slowdown from per-round NEW/OLD ratios."""
+def look_confidence(looks: int) -> float:
+    """The confidence of each look's interval, when a paired bench may stop at any of ``looks``."""
+    return 1 - (1 - CONFIDENCE) / looks
+
+
+def slowdown_interval(ratios: list[float], better: str, confidence: float = CONFIDENCE) -> Interval:
+    """Point estimate and ``confidence`` interval of the slowdown from per-round NEW/OLD ratios."""
     from scipy import stats
 
     r = np.asarray(ratios, dtype=np.float64)
@@ -69,11 +83,11 @@ def slowdown_interval(ratios: list[float], better: str) -> Interval:
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BCa on a nearly degenerate sample warns; checked below
-            res = stats.bootstrap((x,), _trimmed_mean, confidence_level=CONFIDENCE, n_resamples=_RESAMPLES,
+            res = stats.bootstrap((x,), _trimmed_mean, confidence_level=confidence, n_resamples=_RESAMPLES,
                                   method="BCa", vectorized=True, rng=np.random.default_rng(_SEED))
             lo, hi = (float(v) for v in res.confidence_interval)
             if not (math.isfinite(lo) and math.isfinite(hi)):
-                res = stats.bootstrap((x,), _trimmed_mean, confidence_level=CONFIDENCE, n_resamples=_RESAMPLES,
+                res = stats.bootstrap((x,), _trimmed_mean, confidence_level=confidence, n_resamples=_RESAMPLES,
                                       method="percentile", vectorized=True, rng=np.random.default_rng(_SEED))
                 lo, hi = (float(v) for v in res.confidence_interval)
     return Interval(math.expm1(point), math.expm1(lo), math.expm1(hi), int(r.size))
@@ -107,11 +121,12 @@ def rounds_to_decide(iv: Interval, max_regression: float) -> int | None:
 
 
 def all_decided(ratios: dict[str, list[float]], betters: dict[str, str], max_regression: float,
-                metrics: tuple[str, ...] = ()) -> bool:
+                confidence: float, metrics: tuple[str, ...] = ()) -> bool:
     """Whether the gate's outcome is settled: every gated metric has a verdict, or one is already a
-    regression (the gate then fails whatever the others say). The early stop of a paired bench."""
+    regression (the gate then fails whatever the others say). The early stop of a paired bench,
+    at the gate's per-look ``confidence``."""
     names = metrics or tuple(betters)
-    verdicts = [judge(slowdown_interval(ratios[m], betters[m]), max_regression) for m in names]
+    verdicts = [judge(slowdown_interval(ratios[m], betters[m], confidence), max_regression) for m in names]
     return "regression" in verdicts or "undecided" not in verdicts
 
 
@@ -144,6 +159,9 @@ def validate_paired(data: dict[str, Any], path: str) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values)
         if not ok:
             raise bad(f"paired.ratios.{name}", values, f"{rounds} positive finite numbers (one per round)")
+    looks = paired.get("looks")
+    if not isinstance(looks, int) or isinstance(looks, bool) or looks < 1:
+        raise bad("paired.looks", looks, "the number of looks the bench planned (a positive integer)")
     seconds = paired.get("seconds", 0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
         raise bad("paired.seconds", seconds, "a number of seconds")

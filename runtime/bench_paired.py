@@ -15,15 +15,18 @@ prefill) and their ratio NEW/OLD; the gate (``moec.compiler.gate_paired``) puts 
 interval on those ratios.
 
 Rounds go on until ``max_time`` seconds have passed or ``max_rounds`` rounds are done, and may
-stop earlier, from ``min_rounds`` on, when the caller's ``decided`` says the ratios so far settle
-the verdict. Checks happen at rounds that grow geometrically, so the few looks at the data do not
-inflate the chance of a wrong verdict much (each look is one more chance to stop on a fluke).
+stop earlier when the caller's ``decided`` says the ratios so far settle the verdict. Each look at
+the data is one more chance to stop on a fluke, so the looks are few and fixed in advance:
+``looks - 1`` early ones at ``min_rounds`` x 1, 4, 16, ... rounds, and the gate's own at the end;
+the gate judges every look at the confidence ``moec.compiler.gate_paired.look_confidence(looks)``
+(a Bonferroni split of its error rate over the looks), which the caller's ``decided`` must use too.
 
 Result: a bench result (``moec.runtime.bench``) whose ``metrics`` are NEW's, plus ``against`` (OLD's
 artifact record), ``against_metrics`` (OLD's metrics) and ``paired``::
 
     {"rounds", "order": "per step: new, old, old, new, ...", "seconds", "stop": "decided" |
-     "max-time" | "max-rounds", "ratios": {metric: [NEW/OLD per round]},
+     "max-time" | "max-rounds", "looks": planned looks (the final one included), "looked_at": [rounds
+     of the early looks made], "ratios": {metric: [NEW/OLD per round]},
      "new": {metric: [per round]}, "old": {metric: [per round]}}
 
 For a throughput metric the ratio is still NEW/OLD of the throughput (below 1 is slower).
@@ -52,7 +55,10 @@ ROUND_METRICS = ("prefill_ms", "decode_ms_per_step")
 class PairedConfig:
     bench: BenchConfig = BenchConfig()
     max_time: float = 35.0  # seconds of timed rounds (warm-up excluded)
-    min_rounds: int = 12  # fewer rounds than this are no basis for a confidence interval
+    # The first early look. A bootstrap interval of a dozen heavy-tailed rounds is too narrow (on
+    # the loaded host, 2 of 20 self-comparisons stopped at 12 rounds on a false regression).
+    min_rounds: int = 30
+    looks: int = 3  # looks at the data in all: the early ones at min_rounds x 4^k, and the gate's at the end
     max_rounds: int = 2000
     prefills: int = 21  # prefills per round (one inside the generate call); the round's value is their median
 
@@ -63,6 +69,8 @@ class PairedConfig:
             raise MoecError(f"--rounds must be >= 2, got {self.min_rounds}")
         if self.prefills < 1:
             raise MoecError(f"prefills per round must be >= 1, got {self.prefills}")
+        if self.looks < 1:
+            raise MoecError(f"looks must be >= 1 (the gate's own look at the end), got {self.looks}")
         if self.max_rounds < self.min_rounds:
             raise MoecError(f"max rounds {self.max_rounds} is below --rounds {self.min_rounds}")
 
@@ -164,12 +172,11 @@ def generate_measure(paired: PairedBackend, config: BenchConfig, prefills: int =
     return measure
 
 
-def check_points(min_rounds: int):
-    """Rounds after which ``decided`` is asked: min_rounds, then about 1.25x each time."""
-    n = min_rounds
-    while True:
-        yield n
-        n = max(n + 2, int(n * 1.25))
+def look_points(min_rounds: int, looks: int) -> tuple[int, ...]:
+    """Rounds after which ``decided`` is asked: ``looks - 1`` of them, min_rounds x 1, 4, 16, ...
+    (the gate's look at the end is the last). Spaced 4x apart, each early look comes with twice the
+    previous one's precision, so it has a real chance to decide what the previous could not."""
+    return tuple(min_rounds * 4 ** k for k in range(looks - 1))
 
 
 def run_paired(config: PairedConfig, measure: Measure,
@@ -181,8 +188,8 @@ def run_paired(config: PairedConfig, measure: Measure,
         measure()
     per_round: dict[str, dict[str, list[float]]] = {w: {m: [] for m in ROUND_METRICS} for w in ("new", "old")}
     samples: dict[str, dict[str, list[float]]] = {w: {"prefill_ms": [], "decode_ms_per_step": []} for w in ("new", "old")}
-    checks = check_points(config.min_rounds)
-    next_check = next(checks)
+    checks = look_points(config.min_rounds, config.looks)
+    looked_at: list[int] = []
     stop = "max-rounds"
     start = clock()
     rounds = 0
@@ -195,16 +202,18 @@ def run_paired(config: PairedConfig, measure: Measure,
             samples[who]["prefill_ms"].append(prefill_ms)
             samples[who]["decode_ms_per_step"].extend(steps_ms)
         rounds = i + 1
-        if rounds >= config.min_rounds and clock() - start >= config.max_time:
+        # A hard budget, even before the first look: a CI job must end in bounded time, and the
+        # gate calls too few rounds "undecided" with the rounds that would decide.
+        if clock() - start >= config.max_time:
             stop = "max-time"
             break
-        if rounds == next_check:
-            next_check = next(checks)
-            if decided is not None and decided(ratios_of(per_round)):
+        if decided is not None and rounds in checks:
+            looked_at.append(rounds)
+            if decided(ratios_of(per_round)):
                 stop = "decided"
                 break
     seconds = clock() - start
-    return {"rounds": rounds, "seconds": round(seconds, 3), "stop": stop,
+    return {"rounds": rounds, "seconds": round(seconds, 3), "stop": stop, "looks": config.looks, "looked_at": looked_at,
             "ratios": ratios_of(per_round), "new": per_round["new"], "old": per_round["old"], "samples": samples}
 
 
@@ -268,7 +277,7 @@ def bench_paired(new_path: str | Path, old_path: str | Path, config: PairedConfi
     paired["order"] = "per step: " + ", ".join(pair.order[:8]) + ", ... (first of each step alternates, and flips every round)"
     samples = paired.pop("samples")
     result = result_header(new_path, backends["new"], bc)
-    result["config"] |= {"max_time": config.max_time, "min_rounds": config.min_rounds}
+    result["config"] |= {"max_time": config.max_time, "min_rounds": config.min_rounds, "looks": config.looks}
     result["against"] = old_rec
     result["metrics"] = metrics_of(samples["new"], paired["new"], bc)
     result["against_metrics"] = metrics_of(samples["old"], paired["old"], bc)

@@ -225,8 +225,8 @@ def _print_inspection(report) -> None:
               help="Intra-op threads of ONNX Runtime and torch (default: OMP_NUM_THREADS, else every core); recorded.")
 @click.option("--max-time", type=float, default=35.0, show_default=True,
               help="With --against: seconds of timed rounds at most.")
-@click.option("--rounds", "min_rounds", type=int, default=12, show_default=True,
-              help="With --against: rounds before the bench may stop early.")
+@click.option("--rounds", "min_rounds", type=int, default=30, show_default=True,
+              help="With --against: rounds of the first early look (the next at 4x); none stops before.")
 @click.option("--max-regression", default="5%", show_default=True,
               help="With --against: stop early once every metric's verdict at this threshold is decided (give the gate the same).")
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
@@ -254,13 +254,14 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
         result = bench_artifact(artifact, config, backend)
     else:
         from moec.compiler.gate import parse_percent
-        from moec.compiler.gate_paired import PAIRED_BETTER, all_decided
+        from moec.compiler.gate_paired import PAIRED_BETTER, all_decided, look_confidence
         from moec.runtime.bench_paired import PairedConfig, bench_paired
 
         threshold = parse_percent(max_regression, "--max-regression")
         paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
+        confidence = look_confidence(paired.looks)
         result = bench_paired(artifact, against, paired, backend,
-                              decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold))
+                              decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold, confidence))
     # The result is on disk before anything is printed, so a closed stdout (`| head`) cannot lose it.
     if json_out is not None:
         _write_result(json_out, result)

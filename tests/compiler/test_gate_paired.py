@@ -51,7 +51,7 @@ def paired_result(decode_ratios: list[float], prefill_ratios: list[float] | None
         "backend": {"backend": "ort"}, "host": {"name": "h", "machine": "x86_64", "cpu": "c", "cores": 2},
         "config": {"prompt_len": 32, "gen_len": 32, "batch": 1, "repeats": 5, "warmup": 1, "seed": 0, "threads": 1},
         "metrics": metrics(float(np.median(decode_ratios))), "against_metrics": metrics(1.0),
-        "paired": {"rounds": n, "seconds": n * 0.1, "stop": "max-time",
+        "paired": {"rounds": n, "seconds": n * 0.1, "stop": "max-time", "looks": 3, "looked_at": [30, 120],
                    "ratios": {"decode_ms_per_step": decode_ratios, "prefill_ms": prefill_ratios,
                               "decode_tokens_per_s": [1 / r for r in decode_ratios],
                               "prefill_tokens_per_s": [1 / r for r in prefill_ratios]}},
@@ -153,6 +153,7 @@ def test_paired_integrity():
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["paired"]["ratios"].__setitem__("prefill_ms", [1.0, -1.0]), "paired.ratios.prefill_ms is"),
     (lambda r: r["paired"].__setitem__("rounds", "many"), "paired.rounds is 'many'"),
+    (lambda r: r["paired"].pop("looks"), "paired.looks is 'None', expected the number of looks"),
     (lambda r: r.__setitem__("against_metrics", []), "against_metrics is"),
     (lambda r: r["paired"]["ratios"]["decode_ms_per_step"].__setitem__(0, float("nan")), "paired.ratios.decode_ms_per_step"),
 ])
@@ -176,7 +177,7 @@ def test_cli_paired_exit_codes_and_junit(tmp_path, capsys):
         suite = ET.parse(junit).getroot().find("testsuite")
         assert suite.get("tests") == "4"
         if name == "same":
-            assert "95% interval" in out and suite.get("failures") == "0" and suite.get("errors") == "0"
+            assert "98.3% interval" in out and suite.get("failures") == "0" and suite.get("errors") == "0"
         if name == "slow":
             assert suite.get("failures") == "4" and "regression in prefill_ms" in err
         if name == "edge":

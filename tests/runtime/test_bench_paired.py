@@ -13,7 +13,7 @@ import pytest
 
 from moec.common.errors import MoecError
 from moec.runtime.bench import BENCH_FORMAT, BenchConfig
-from moec.runtime.bench_paired import (PairedBackend, PairedConfig, bench_paired, check_points, generate_measure,
+from moec.runtime.bench_paired import (PairedBackend, PairedConfig, bench_paired, generate_measure, look_points,
                                        run_paired)
 from tests.moec_cli import run_cli
 
@@ -121,22 +121,29 @@ def test_run_paired_ratios_and_max_time():
     assert len(out["samples"]["new"]["decode_ms_per_step"]) == 19 * 3
 
 
-def test_run_paired_stops_when_decided_and_not_before_min_rounds():
+def test_run_paired_looks_only_at_its_planned_rounds():
     p, clock, _ = pair()
     bc = BenchConfig(prompt_len=4, gen_len=3, batch=1, warmup=0)
     asked = []
 
     def decided(ratios):
         asked.append(len(ratios["decode_ms_per_step"]))
-        return len(asked) == 3
+        return len(asked) == 2
 
-    out = run_paired(PairedConfig(bc, max_time=1e9, min_rounds=10), generate_measure(p, bc, 1), decided, clock=clock)
-    assert asked == [10, 12, 15] and out["stop"] == "decided" and out["rounds"] == 15
-    # max-time is never honoured before min_rounds either.
-    out = run_paired(PairedConfig(bc, max_time=1e-9, min_rounds=6), generate_measure(p, bc, 1), clock=clock)
-    assert out["rounds"] == 6 and out["stop"] == "max-time"
-    points = check_points(10)
-    assert [next(points) for _ in range(5)] == [10, 12, 15, 18, 22]
+    out = run_paired(PairedConfig(bc, max_time=1e9, min_rounds=10, looks=4), generate_measure(p, bc, 1), decided,
+                     clock=clock)
+    assert asked == [10, 40] and out["stop"] == "decided" and out["rounds"] == 40
+    assert out["looks"] == 4 and out["looked_at"] == [10, 40]
+    # Never decided: the planned early looks (2 of 3 looks) and no more, up to max-rounds.
+    asked.clear()
+    out = run_paired(PairedConfig(bc, max_time=1e9, min_rounds=5, max_rounds=200), generate_measure(p, bc, 1),
+                     lambda r: asked.append(len(r["decode_ms_per_step"])) and False, clock=clock)
+    assert asked == [5, 20] and out["stop"] == "max-rounds" and out["rounds"] == 200 and out["looks"] == 3
+    # One look in all: the gate's at the end, no early stop.
+    assert look_points(30, 1) == () and look_points(30, 3) == (30, 120)
+    # max-time is a hard budget, even before the first look.
+    out = run_paired(PairedConfig(bc, max_time=1e-9, min_rounds=6), generate_measure(p, bc, 1), decided, clock=clock)
+    assert out["rounds"] == 1 and out["stop"] == "max-time" and out["looked_at"] == []
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -144,19 +151,20 @@ def test_run_paired_stops_when_decided_and_not_before_min_rounds():
     ({"max_time": float("nan")}, "--max-time must be a positive"),
     ({"min_rounds": 1}, "--rounds must be >= 2"),
     ({"prefills": 0}, "prefills per round must be >= 1"),
+    ({"looks": 0}, "looks must be >= 1"),
 ])
 def test_paired_config_refuses(kwargs, message):
     with pytest.raises(MoecError, match=message):
         PairedConfig(**kwargs)
 
 
-TINY = PairedConfig(BenchConfig(prompt_len=4, gen_len=3, batch=1, warmup=1, threads=1), max_time=0.01, min_rounds=3,
-                    prefills=2)
+TINY = PairedConfig(BenchConfig(prompt_len=4, gen_len=3, batch=1, warmup=1, threads=1), max_time=60.0, min_rounds=3,
+                    max_rounds=3, prefills=2)
 
 
 def test_bench_paired_on_the_demo_export(demo_onnx):
     res = bench_paired(demo_onnx, demo_onnx, TINY)
-    assert res["format"] == BENCH_FORMAT and res["paired"]["rounds"] >= 3
+    assert res["format"] == BENCH_FORMAT and res["paired"]["rounds"] == 3 and res["paired"]["stop"] == "max-rounds"
     assert res["against"]["path"] == str(demo_onnx) and res["artifact"]["identity"] == res["against"]["identity"]
     assert res["config"]["threads"] == 1 and res["host"]["cores"] >= 1
     for block in ("metrics", "against_metrics"):
