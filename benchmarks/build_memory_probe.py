@@ -7,7 +7,7 @@ sampling /proc/self/status every 0.1 s, and prints one JSON line: VmHWM, the eng
 peak RssAnon / RssFile per phase (parse, build = build_serialized_network_to_stream, after), and
 the anonymous RSS's turning points during the build (rises and falls of 100 MB or more).
 
-    python benchmarks/build_memory_probe.py MODEL.onnx [--flag REFIT ...] [--opt-level N] [--no-pager]
+    python benchmarks/build_memory_probe.py MODEL.onnx [--flag REFIT ...] [--opt-level N] [--no-pager] [--shapes SPEC]
 
 --no-pager keeps the mapped weights' pages resident (the build before build_stream's pager).
 Results of the runs made for issue 13: benchmarks/results/build_memory_probe.md.
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--flag", action="append", default=[], help="a trt.BuilderFlag name to set")
     ap.add_argument("--opt-level", type=int, default=3)
     ap.add_argument("--no-pager", action="store_true")
+    ap.add_argument("--shapes", action="append", default=[], help="as moec build --shapes (one custom profile)")
     args = ap.parse_args()
 
     import moec.compiler.build as build
@@ -95,11 +96,11 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
     weights = args.onnx.with_name(args.onnx.name + ".data").stat().st_size
     row: dict = {"onnx": str(args.onnx), "weight_bytes": weights, "flags": args.flag, "opt_level": args.opt_level,
-                 "pager": not args.no_pager}
+                 "pager": not args.no_pager, "shapes": args.shapes}
     with tempfile.TemporaryDirectory(prefix="moec-build-probe-") as tmp:
         try:
             result = build.build_engine(args.onnx, Path(tmp) / "engine", build.BuildConfig(
-                archs=("sm89",), backend="tensorrt-rtx", progress=False, opt_level=args.opt_level))
+                archs=("sm89",), backend="tensorrt-rtx", progress=False, opt_level=args.opt_level, shapes=tuple(args.shapes)))
             row["engine_bytes"] = sum(e["bytes"] for e in result.manifest["engines"])
         except Exception as e:  # the row records a refused option instead of stopping the sweep
             row["error"] = str(e).splitlines()[0][:200] + " " + " ".join(str(e).split())[-160:]

@@ -18,12 +18,12 @@ SIZE = 32 << 20
 
 def _mapped_rss(path) -> int:
     """Bytes of ``path``'s mapping resident in this process (/proc/self/smaps)."""
-    total, inside = 0, False
+    total, inside, name = 0, False, str(path.resolve())
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()
             if "-" in head[0] and len(head) >= 5:  # a mapping's header line
-                inside = head[-1] == str(path)
+                inside = head[-1] == name
             elif inside and head[0] == "Rss:":
                 total += int(head[1]) * 1024
     return total
