@@ -186,7 +186,10 @@ def _cell(stage: dict | None, weights: int) -> str:
         return "not run"
     if "error" in stage:
         return f"failed: {stage['error'][:60]}"
-    return f"{stage['peak_rss_bytes'] / 1e9:.2f} GB ({stage['peak_rss_bytes'] / weights:.2f}x), {stage['wall_s']:.0f} s"
+    cell = f"{stage['peak_rss_bytes'] / 1e9:.2f} GB ({stage['peak_rss_bytes'] / weights:.2f}x), {stage['wall_s']:.0f} s"
+    if stage.get("peak_anon_bytes"):
+        cell += f"; anonymous {stage['peak_anon_bytes'] / 1e9:.2f} GB, file-backed {stage['peak_file_bytes'] / 1e9:.2f} GB"
+    return cell
 
 
 def main() -> None:
