@@ -110,8 +110,21 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
+def _sample_rss(peaks: dict, stop) -> None:
+    """Peak anonymous (the process's own copies) and file-backed (mapped files' pages) RSS, sampled:
+    VmHWM is their sum's peak and cannot tell them apart."""
+    while not stop.wait(0.1):
+        for field in ("RssAnon", "RssFile"):
+            peaks[field] = max(peaks.get(field, 0), _status(field))
+
+
 def run_stage(stage: str, src: Path, dst: Path) -> dict:
     """In the measuring child: one stage, its wall time and peak RSS."""
+    import threading
+
+    peaks: dict = {}
+    stop = threading.Event()
+    threading.Thread(target=_sample_rss, args=(peaks, stop), daemon=True).start()
     t0 = time.perf_counter()
     if stage == "export":
         from moec.compiler.export import ExportConfig, export_onnx
@@ -125,7 +138,10 @@ def run_stage(stage: str, src: Path, dst: Path) -> dict:
         from moec.compiler.build import BuildConfig, build_engine
 
         build_engine(src, dst, BuildConfig(archs=("sm89",), backend="tensorrt-rtx", progress=False))
-    return {"wall_s": time.perf_counter() - t0, "peak_rss_bytes": _status("VmHWM")}
+    wall = time.perf_counter() - t0
+    stop.set()
+    return {"wall_s": wall, "peak_rss_bytes": _status("VmHWM"), "peak_anon_bytes": peaks.get("RssAnon", 0),
+            "peak_file_bytes": peaks.get("RssFile", 0)}
 
 
 def _files_bytes(p: Path) -> int:
@@ -170,7 +186,10 @@ def _cell(stage: dict | None, weights: int) -> str:
         return "not run"
     if "error" in stage:
         return f"failed: {stage['error'][:60]}"
-    return f"{stage['peak_rss_bytes'] / 1e9:.2f} GB ({stage['peak_rss_bytes'] / weights:.2f}x), {stage['wall_s']:.0f} s"
+    cell = f"{stage['peak_rss_bytes'] / 1e9:.2f} GB ({stage['peak_rss_bytes'] / weights:.2f}x), {stage['wall_s']:.0f} s"
+    if stage.get("peak_anon_bytes"):
+        cell += f"; anonymous {stage['peak_anon_bytes'] / 1e9:.2f} GB, file-backed {stage['peak_file_bytes'] / 1e9:.2f} GB"
+    return cell
 
 
 def main() -> None:
