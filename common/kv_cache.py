@@ -69,6 +69,27 @@ def cache_layout(meta: dict) -> list[LayerCache]:
     return [LayerCache(e["layer"], e["kind"], e["slots"]) for e in entries]
 
 
+def graph_cache_layout(meta: dict, past_key_shapes: list, source) -> list[LayerCache]:
+    """Per layer, its cache as the graph itself declares it (``past_key.i`` shapes [B, K, slots,
+    D], in layer order): a fixed slot axis is a chunked layer's ring, a dynamic one (a name or
+    None) a full cache. The graph decides, so a graph run without its sidecar (metadata rebuilt
+    from a checkpoint, which cannot know the export's caches) still gets its rings; a sidecar
+    whose ``kv_cache`` says otherwise is refused."""
+    positions = int(meta["max_positions"])
+    layout = [LayerCache(i, KIND_CHUNKED, shape[2]) if isinstance(shape[2], int) else LayerCache(i, KIND_FULL, positions)
+              for i, shape in enumerate(past_key_shapes)]
+    if "kv_cache" in meta:
+        for said, has in zip(cache_layout(meta), layout):
+            if said.kind != has.kind or (has.ring and said.slots != has.slots):
+                raise MoecError(
+                    f"{source}: the moec metadata says layer {said.layer}'s KV cache is {said.kind} with {said.slots} "
+                    f"slots, the graph's past_key.{said.layer} is {has.kind}"
+                    + (f" with {has.slots} slots" if has.ring else "")
+                    + "; the metadata belongs to another export: re-export the model with `moec export`"
+                )
+    return layout
+
+
 def kv_bytes_per_sequence(layout: list[LayerCache], context: int, kv_heads: int, head_dim: int, dtype: str) -> dict[str, int]:
     """KV bytes one sequence holds at ``context`` tokens, per cache kind (keys and values)."""
     per_slot = 2 * kv_heads * head_dim * _ELEMENT_BYTES[dtype]

@@ -23,7 +23,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
-from moec.common.kv_cache import cache_layout
+from moec.common.kv_cache import graph_cache_layout
 from moec.common.onnx_files import missing_external_data, require_external_data
 from moec.common.sidecar import read_sidecar, validate_sidecar
 from moec.common.token_ids import bad_token_ids_message
@@ -75,7 +75,8 @@ class OrtBackend:
         self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
         self.dtype = _KV_DTYPE_NAMES[self._kv_type]
         self._input_names, self._output_names = contract.io_names(self.num_layers)
-        self.kv_cache = cache_layout(sidecar)
+        self.kv_cache = graph_cache_layout(
+            sidecar, [by_name[contract.past_key(i)].shape for i in range(self.num_layers)], onnx_path)
 
     @classmethod
     def from_onnx(
