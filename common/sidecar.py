@@ -14,6 +14,7 @@ from pathlib import Path
 from moec.common import contract
 from moec.common.confine import side_file
 from moec.common.errors import MoecError
+from moec.common.kv_cache import validate_kv_cache
 
 # Fields every reader needs, and fields checked when present (an export always writes them; graphs
 # that tests or other tools build may leave them out). bool is not an int here: JSON true is not 1.
@@ -51,6 +52,7 @@ def validate_sidecar(meta, source: str | os.PathLike) -> dict:
     if not isinstance(eos, list) or not all(_is_int(t) and 0 <= t < meta["vocab_size"] for t in eos):
         raise MoecError(f"the moec metadata {source}: generation.eos_token_ids must be token ids below vocab_size "
                         f"({meta['vocab_size']}), got {eos!r}; {redo}")
+    validate_kv_cache(meta, source)
     return meta
 
 

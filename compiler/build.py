@@ -51,6 +51,7 @@ from moec.runtime.trt_backend import (
     local_gpu_arch,
     manifest_problems,
     max_prompt_tokens,
+    ring_inputs as ring_inputs_of_engine,
     parse_arch,
     read_engine_header,
 )
@@ -391,13 +392,15 @@ def check_named_dims(model: onnx.ModelProto, profiles: list[Profile]) -> None:
                 )
 
 
-def limits_of(profiles: list[Profile], positions: int) -> Limits:
+def limits_of(profiles: list[Profile], positions: int, rings: frozenset[str] = frozenset()) -> Limits:
     """The limits the (possibly overridden) profiles really allow, as the runtime will read them;
-    each profile's corner must fit the model's positions."""
+    each profile's corner must fit the model's positions. ``rings``: the chunked layers' ring
+    inputs, whose slot axis is fixed whatever the past (``sidecar_ring_inputs``)."""
     batch = new = past = 0
     for p in profiles:
         ids = p.shapes[contract.INPUT_IDS][2]
-        pasts = [v[2][2] for k, v in p.shapes.items() if k.startswith("past_key.") or k.startswith("past_value.")]
+        pasts = [v[2][2] for k, v in p.shapes.items()
+                 if (k.startswith("past_key.") or k.startswith("past_value.")) and k not in rings]
         p_max = min(pasts) if pasts else 0
         if ids[1] + p_max > positions:
             raise MoecError(
@@ -406,6 +409,24 @@ def limits_of(profiles: list[Profile], positions: int) -> Limits:
             )
         batch, new, past = max(batch, ids[0]), max(new, ids[1]), max(past, p_max)
     return Limits(batch, new, past, positions)
+
+
+def sidecar_ring_inputs(sidecar: dict[str, Any]) -> frozenset[str]:
+    """The past inputs of chunked layers' ring caches (fixed slots; their profile range is that
+    size in every profile, so the decode past range applies to the full caches only)."""
+    from moec.common.kv_cache import cache_layout
+
+    return frozenset(name for c in cache_layout(sidecar) if c.ring
+                     for name in (contract.past_key(c.layer), contract.past_value(c.layer)))
+
+
+def kv_cache_summary(io_inputs: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
+    """KV bytes per sequence at the engine's max context (decode's past + its token), per cache
+    kind, from the network's input shapes."""
+    from moec.common.kv_cache import kv_bytes_from_io
+
+    context = min(limits.max_positions, limits.max_past + 1)
+    return {"context": context, "bytes_per_sequence": kv_bytes_from_io(io_inputs, context)}
 
 
 # --- Step 2: builder config ------------------------------------------------------------------------
@@ -805,7 +826,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     limits = profile_limits(sidecar, config)
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
-    limits = limits_of(profiles, limits.max_positions)
+    limits = limits_of(profiles, limits.max_positions, sidecar_ring_inputs(sidecar))
     try:
         memory, context_note = _engine_memory(sidecar, model, limits, config)
     except MoecError as e:  # a graph from another exporter: no Llama 4 config to plan from
@@ -849,6 +870,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "strongly_typed": True,
             "plugins": plugins,
             "io": network_io(network),
+            "kv_cache": kv_cache_summary(network_io(network)["inputs"], limits),
             "network_layers": network_layers(network),
             "build_options": {"opt_level": config.opt_level, "hardware_compat": config.hardware_compat,
                               "version_compatible": config.version_compatible, "workspace_mib": config.workspace_mib},
@@ -932,7 +954,8 @@ def inspect_engine_dir(engine_dir: str | Path, flavour: str | None = None) -> di
         else:
             item.update(_inspect_with_trt(trt_flavour, path))
         report["engines"].append(item)
-    report["max_prompt_tokens"] = max_prompt_tokens(engine_profiles(manifest), manifest["limits"]["max_positions"])
+    report["max_prompt_tokens"] = max_prompt_tokens(engine_profiles(manifest), manifest["limits"]["max_positions"],
+                                                    rings=ring_inputs_of_engine(manifest))
     return report
 
 

@@ -46,6 +46,7 @@ from moec.common.sidecar import check_tokenizer_slot
 from moec.common.errors import MoecError
 
 DTYPES = ("fp32", "fp16", "bf16")
+CHUNKED_CACHES = ("ring", "full")
 SIDECAR_FORMAT = "moec-onnx"
 SIDECAR_VERSION = 1
 
@@ -73,6 +74,10 @@ class ExportConfig:
     opset: int = 18
     # Run onnxscript's optimizer (constant folding of small subgraphs, dead code removal).
     optimize: bool = True
+    # The chunked-attention layers' KV cache: "ring" (attention_chunk_size slots, position p at
+    # slot p mod chunk: memory and attention cost of one chunk at any context) or "full" (grows
+    # with the context like the NoPE layers': the layout before rings, kept to compare against).
+    chunked_cache: str = "ring"
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -83,6 +88,8 @@ class ExportConfig:
             raise MoecError(f"max_seq must be >= 2, got {self.max_seq}")
         if self.external_data_threshold_bytes < 0:
             raise MoecError("external_data_threshold_bytes must be >= 0")
+        if self.chunked_cache not in CHUNKED_CACHES:
+            raise MoecError(f"unknown chunked_cache {self.chunked_cache!r}; choose one of {', '.join(CHUNKED_CACHES)}")
 
 
 @dataclass
@@ -148,6 +155,7 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
     L = llama_config.num_hidden_layers
     K, D = llama_config.num_key_value_heads, llama_config.head_dim
     dt = torch_dtype(config.dtype) if config.dtype else next(model.parameters()).dtype
+    kinds = model.cache_kinds()
     # Sample sizes: distinct and > 1, so torch.export neither specialises (0/1) nor unifies them.
     B, S, P = 2, 3, 5
     batch = Dim(contract.DIM_BATCH, min=1, max=config.max_batch)
@@ -156,12 +164,13 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
     args = (
         torch.zeros(B, S, dtype=torch.int64),
         (torch.arange(S, dtype=torch.int64) + P).expand(B, S).contiguous(),
-        tuple(torch.zeros(B, K, P, D, dtype=dt) for _ in range(2 * L)),
+        # A ring cache has a fixed number of slots (static dim); a full cache grows (past_len).
+        tuple(torch.zeros(B, K, slots or P, D, dtype=dt) for _, slots in kinds for _ in range(2)),
     )
     dynamic_shapes = (
         {0: batch, 1: new},
         {0: batch, 1: new},
-        tuple({0: batch, 2: past} for _ in range(2 * L)),
+        tuple({0: batch} if slots else {0: batch, 2: past} for _, slots in kinds for _ in range(2)),
     )
     input_names, output_names = contract.io_names(L)
     # The exporter prints progress lines and warns (through logging and warnings) about
@@ -270,6 +279,12 @@ def router_precisions(onnx_path: str | os.PathLike) -> list[tuple[str, str]]:
     return found
 
 
+def kv_cache_entries(model, max_positions: int) -> list[dict]:
+    """The sidecar's ``kv_cache``: per layer {"layer", "kind": "chunked" | "full", "slots"}; a
+    full cache's slots are the most it holds (max_positions)."""
+    return [{"layer": i, "kind": kind, "slots": slots or max_positions} for i, (kind, slots) in enumerate(model.cache_kinds())]
+
+
 def build_sidecar(llama_config, config: ExportConfig, max_positions: int, external_data: str | None, tokenizer: bool) -> dict:
     """The runtime's view of an export. Keys every reader may rely on:
 
@@ -277,7 +292,8 @@ def build_sidecar(llama_config, config: ExportConfig, max_positions: int, extern
     num_key_value_heads, head_dim, vocab_size, max_positions, max_batch, generation
     {eos_token_ids, bos_token_id, pad_token_id, max_positions}, io {inputs, outputs},
     dynamic_dims, external_data (file name or null), tokenizer (file name or null), exporter;
-    export_onnx adds tokenizer_sha256 (the checkpoint's tokenizer.json) when there is one.
+    export_onnx adds tokenizer_sha256 (the checkpoint's tokenizer.json) when there is one, and
+    kv_cache (``kv_cache_entries``).
     """
     import onnx
     import torch
@@ -366,6 +382,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype),
                                               allow_nonfinite=config.allow_nonfinite_weights)
         allow_nonfinite = config.allow_nonfinite_weights
+        from moec.models.llama4 import default_ring_slots
+
+        model.ring_slots = default_ring_slots(llama_config, max_positions) if config.chunked_cache == "ring" else None
+        kv_cache = kv_cache_entries(model, max_positions)
         t0 = time.perf_counter()
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
         attach_checkpoint_weights(onnx_model, model, sources, allow_nonfinite=allow_nonfinite)
@@ -409,6 +429,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         sidecar = build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer)
         if has_tokenizer:
             sidecar["tokenizer_sha256"] = sha256_file(tokenizer_src)
+        sidecar["kv_cache"] = kv_cache
         write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)

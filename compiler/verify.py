@@ -199,6 +199,8 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
         raise MoecError(
             f"prompt_len {prompt_len} + decode_steps {config.decode_steps} exceed the {max_pos} positions of the export"
         )
+    if hasattr(ort_backend, "kv_cache"):
+        torch_backend.follow_kv_cache(ort_backend.kv_cache)
     rng = np.random.default_rng(config.seed)
     ids_BS = rng.integers(0, vocab_size, size=(config.batch, prompt_len), dtype=np.int64)
     pos_BS = np.broadcast_to(np.arange(prompt_len, dtype=np.int64), ids_BS.shape).copy()

@@ -5,9 +5,17 @@ shaped for ``torch.onnx.export(dynamo=True)``:
 
 - RoPE is real arithmetic on (even, odd) pairs; transformers uses complex tensors, which the
   exporter cannot decompose.
-- The KV cache is plain tensors in and out: one ``(key_BKPD, value_BKPD)`` per layer. Cache slot j
-  holds the token at absolute position j, so masks come from the positions alone and one graph
-  serves prefill (P = 0), decode (S = 1) and chunked prefill continuing from a cache.
+- The KV cache is plain tensors in and out: one ``(key, value)`` pair per layer, of one of two
+  kinds (``cache_kinds``). A full cache (NoPE layers) is [B, K, P, D]: slot j holds position j.
+  A chunked layer's cache is a ring [B, K, R, D] of R = ``ring_slots`` slots (the attention chunk,
+  or the context when that is shorter): position p sits at slot p mod R, and slots holding no
+  position of the query's chunk are masked out, so the cache, the masks and the scores of 3 layers
+  in 4 stay the size of one chunk whatever the context. Masks come from the positions alone, so
+  one graph serves prefill (P = 0), decode (S = 1) and chunked prefill continuing from a cache.
+  ``ring_slots = None`` gives chunked layers a full cache too (the layout before rings; tests
+  compare the two).
+- Eager evaluation of a long prompt runs in query blocks (``query_block``), so no [B, N, S, T]
+  score tensor past a fixed budget exists; a traced graph (symbolic S) is one block.
 - No Python branch depends on tensor values; branches on the config are fixed at trace time.
 
 Parameter names match the Hugging Face checkpoint keys (``model.layers.N.feed_forward.experts.
@@ -28,6 +36,12 @@ from torch import nn
 from moec.models.config import Llama4Config, RopeParameters
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+CACHE_FULL = "full"
+CACHE_CHUNKED = "chunked"
+# Score elements (B x N x queries x keys) one eager attention block may hold: 2^26 fp32 scores are
+# 256 MiB, and softmax keeps about three such tensors alive at once.
+SCORE_BUDGET = 1 << 26
 
 
 def rope_inv_freq(rope: RopeParameters, head_dim: int) -> torch.Tensor:
@@ -166,7 +180,10 @@ class Attention(nn.Module):
         sin_BSF: torch.Tensor,
         mask_B1ST: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        ring_index_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``ring_index_R``: for a ring cache, which of the R + S keys (ring, then new) each of the
+        R slots keeps (``ring_update_index``); None for a full cache (present = past + new)."""
         B, S, _ = x_BSH.shape
         N, K, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSND = self.q_proj(x_BSH).view(B, S, N, D)
@@ -203,6 +220,8 @@ class Attention(nn.Module):
         probs_BNST = torch.softmax(scores_BNST.float(), dim=-1).to(v_BNTD.dtype)
         out_BSND = torch.matmul(probs_BNST, v_BNTD).transpose(1, 2)
         out_BSH = self.o_proj(out_BSND.reshape(B, S, N * D))
+        if ring_index_R is not None:
+            return out_BSH, (k_BKTD.index_select(2, ring_index_R), v_BKTD.index_select(2, ring_index_R))
         return out_BSH, (k_BKTD, v_BKTD)
 
 
@@ -217,10 +236,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x_BSH, position_ids_BS, cos_BSF, sin_BSF, masks, past):
+    def forward(self, x_BSH, position_ids_BS, cos_BSF, sin_BSF, masks, past, ring_index_R=None):
+        """``masks``: (causal, chunked) from ``attention_masks``; ``ring_index_R`` only on a
+        chunked layer with a ring cache (then ``masks[1]`` is the ring's mask)."""
         mask_B1ST = masks[1] if self.chunked else masks[0]
         attn_BSH, present = self.self_attn(
-            self.input_layernorm(x_BSH), position_ids_BS, cos_BSF, sin_BSF, mask_B1ST, past
+            self.input_layernorm(x_BSH), position_ids_BS, cos_BSF, sin_BSF, mask_B1ST, past, ring_index_R
         )
         h_BSH = x_BSH + attn_BSH
         return h_BSH + self.feed_forward(self.post_attention_layernorm(h_BSH)), present
@@ -254,12 +275,17 @@ class Llama4TextModel(nn.Module):
 
 
 def attention_masks(
-    position_ids_BS: torch.Tensor, past_len: torch.Tensor | int, chunk_size: int | None, dtype: torch.dtype
+    position_ids_BS: torch.Tensor,
+    past_len: torch.Tensor | int,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    chunked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive masks [B, 1, S, P + S]: (causal, chunked causal).
+    """Additive masks [B, 1, S, P + S] over a full cache: (causal, chunked causal).
 
     Key slot j is at absolute position j. Chunked attention (RoPE layers) lets a query at position
-    p see keys at positions in [chunk_start(p), p]; NoPE layers see all of [0, p].
+    p see keys at positions in [chunk_start(p), p]; NoPE layers see all of [0, p]. ``chunked``
+    False: the second mask is not needed (ring caches have their own) and is the causal one.
     """
     S = position_ids_BS.shape[1]
     key_pos_T = torch.arange(past_len + S, device=position_ids_BS.device)
@@ -269,7 +295,7 @@ def attention_masks(
     neg = torch.finfo(dtype).min
     zero = torch.zeros((), dtype=dtype, device=position_ids_BS.device)
     causal = torch.where(causal_BST, zero, neg)[:, None]
-    if chunk_size is None:
+    if chunk_size is None or not chunked:
         return causal, causal
     same_chunk_BST = torch.div(key_pos_T, chunk_size, rounding_mode="floor")[None, None, :] == torch.div(
         q_BS1, chunk_size, rounding_mode="floor"
@@ -278,36 +304,100 @@ def attention_masks(
     return causal, chunked
 
 
+def ring_slot_positions(start_B1: torch.Tensor, ring_slots: int) -> torch.Tensor:
+    """[B, R] absolute position held by each ring slot before a step that starts at ``start_B1``
+    (the step's first position = the number of past tokens): the latest p < start with
+    p mod R == slot; negative where no position has reached the slot yet."""
+    slots_R = torch.arange(ring_slots, device=start_B1.device)
+    last_B1 = start_B1 - 1
+    return last_B1 - torch.remainder(last_B1 - slots_R[None, :], ring_slots)
+
+
+def ring_attention_mask(
+    position_ids_BS: torch.Tensor, ring_slots: int, chunk_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [B, 1, S, R + S] of a chunked layer with a ring cache: keys are the R ring
+    slots, then the S new tokens. A query at position q sees a key at position k when k <= q, k is
+    in q's chunk and (for a slot) the slot holds a position at all."""
+    start_B1 = position_ids_BS[:, :1]
+    slot_pos_BR = ring_slot_positions(start_B1, ring_slots)
+    key_pos_BT = torch.cat((slot_pos_BR, position_ids_BS), dim=1)
+    q_BS1 = position_ids_BS[:, :, None]
+    key_B1T = key_pos_BT[:, None, :]
+    same_chunk_BST = torch.div(key_B1T, chunk_size, rounding_mode="floor") == torch.div(
+        q_BS1, chunk_size, rounding_mode="floor"
+    )
+    visible_BST = (key_B1T >= 0) & (key_B1T <= q_BS1) & same_chunk_BST
+    zero = torch.zeros((), dtype=dtype, device=position_ids_BS.device)
+    return torch.where(visible_BST, zero, torch.finfo(dtype).min)[:, None]
+
+
+def ring_update_index(position_ids_BS: torch.Tensor, ring_slots: int) -> torch.Tensor:
+    """int64 [R]: for each ring slot, its index in (ring, new keys) after a step: the newest
+    position p of this step with p mod R == slot (at R + p - start), else the slot itself.
+
+    Read from the first row's positions: rows of a batch share positions (the generation loop's
+    rectangular batches), as the full cache's slot = position rule already assumes."""
+    start = position_ids_BS[0, 0]
+    S = position_ids_BS.shape[1]
+    slots_R = torch.arange(ring_slots, device=position_ids_BS.device)
+    last = start + S - 1
+    newest_R = last - torch.remainder(last - slots_R, ring_slots)
+    return torch.where(newest_R >= start, ring_slots + newest_R - start, slots_R)
+
+
+def query_block(batch: int, heads: int, keys: int, new_tokens: int) -> int:
+    """Queries per eager attention block: as many as keep B x N x block x keys within
+    SCORE_BUDGET (at least 1, at most all of them)."""
+    return max(1, min(new_tokens, SCORE_BUDGET // max(1, batch * heads * keys)))
+
+
 class Llama4ForCausalLM(nn.Module):
     """``model(input_ids_BS, position_ids_BS=None, past_key_values=None) -> (logits_BSV, present)``.
 
-    ``past_key_values``: None (P = 0) or one ``(key_BKPD, value_BKPD)`` per layer. ``present``
-    is the same list extended by the S new tokens. ``position_ids_BS`` defaults to P .. P+S-1.
+    ``past_key_values``: None (P = 0) or one ``(key, value)`` pair per layer in the layout of
+    ``cache_kinds`` (a full cache [B, K, P, D], a ring [B, K, R, D]). ``present`` is the cache
+    after the S new tokens. ``position_ids_BS`` defaults to P .. P+S-1, which needs a full cache
+    layer to read P from; positions must run P .. P+S-1 in every row.
     """
 
-    def __init__(self, config: Llama4Config):
+    def __init__(self, config: Llama4Config, ring_slots: int | None = -1):
+        """``ring_slots``: slots of the chunked layers' ring caches; -1: ``default_ring_slots``
+        at the model's max positions; None: full caches on every layer."""
         super().__init__()
         self.config = config
         self.model = Llama4TextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.ring_slots = default_ring_slots(config, config.max_position_embeddings) if ring_slots == -1 else ring_slots
         self.tie_weights()
+
+    def cache_kinds(self) -> list[tuple[str, int | None]]:
+        """(kind, slots) per layer: ("chunked", R) for a ring, ("full", None) for a cache that
+        grows with the context."""
+        return [
+            (CACHE_CHUNKED, self.ring_slots) if layer.chunked and self.ring_slots is not None else (CACHE_FULL, None)
+            for layer in self.model.layers
+        ]
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def empty_cache(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        """A cache with P = 0: [B, K, 0, D] tensors per layer."""
+        """A cache with P = 0: [B, K, 0, D] per full layer, an all-masked ring [B, K, R, D] per
+        chunked layer (zeros: the masks keep them out, and zeros cannot turn into NaN)."""
         c = self.config
         ref = self.model.embed_tokens.weight
-        shape = (batch_size, c.num_key_value_heads, 0, c.head_dim)
-        return [
-            (
-                torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
-                torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
+        cache = []
+        for _, slots in self.cache_kinds():
+            shape = (batch_size, c.num_key_value_heads, slots or 0, c.head_dim)
+            cache.append(
+                (
+                    torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
+                    torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device),
+                )
             )
-            for _ in range(c.num_hidden_layers)
-        ]
+        return cache
 
     def forward(
         self,
@@ -316,16 +406,63 @@ class Llama4ForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         B, S = input_ids_BS.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        kinds = self.cache_kinds()
+        if past_key_values is None:
+            past_key_values = self.empty_cache(B)
+        full_layers = [i for i, (kind, _) in enumerate(kinds) if kind == CACHE_FULL]
+        if full_layers:
+            past_len = past_key_values[full_layers[0]][0].shape[2]
+        elif position_ids_BS is not None:
+            past_len = position_ids_BS[0, 0]
+            if not torch.compiler.is_compiling():
+                past_len = int(past_len)
+        else:
+            raise ValueError("every layer has a ring cache, so the past length is not in the cache: pass position_ids_BS")
         if position_ids_BS is None:
             position_ids_BS = (torch.arange(S, device=input_ids_BS.device) + past_len)[None].expand(B, S)
+        # Eager (S a Python int): a long prompt runs as consecutive query blocks over the cache,
+        # which is chunked prefill, so no score tensor outgrows SCORE_BUDGET. A traced graph has a
+        # symbolic S and is one block; the runtime bounds its S with the prefill chunk instead.
+        if isinstance(S, int) and isinstance(past_len, int) and not torch.compiler.is_compiling():
+            block = query_block(B, self.config.num_attention_heads, past_len + S, S)
+            if block < S:
+                pieces = []
+                for start in range(0, S, block):
+                    logits, past_key_values = self._forward_block(
+                        input_ids_BS[:, start : start + block], position_ids_BS[:, start : start + block],
+                        past_key_values, past_len + start,
+                    )
+                    pieces.append(logits)
+                return torch.cat(pieces, dim=1), past_key_values
+        return self._forward_block(input_ids_BS, position_ids_BS, past_key_values, past_len)
+
+    def _forward_block(self, input_ids_BS, position_ids_BS, past_key_values, past_len):
         h_BSH = self.model.embed_tokens(input_ids_BS)
         cos_BSF, sin_BSF = self.model.rotary_emb(position_ids_BS)
-        masks = attention_masks(position_ids_BS, past_len, self.config.attention_chunk_size, h_BSH.dtype)
+        chunk = self.config.attention_chunk_size
+        kinds = self.cache_kinds()
+        causal = chunked = ring_index_R = None
+        if any(kind == CACHE_FULL for kind, _ in kinds):
+            causal, chunked = attention_masks(
+                position_ids_BS, past_len, chunk, h_BSH.dtype, chunked=self.ring_slots is None
+            )
+        if self.ring_slots is not None and chunk is not None:
+            chunked = ring_attention_mask(position_ids_BS, self.ring_slots, chunk, h_BSH.dtype)
+            ring_index_R = ring_update_index(position_ids_BS, self.ring_slots)
         present: KVCache = []
-        for i, layer in enumerate(self.model.layers):
-            past = past_key_values[i] if past_key_values is not None else None
-            h_BSH, kv = layer(h_BSH, position_ids_BS, cos_BSF, sin_BSF, masks, past)
+        for (kind, _), layer, past in zip(kinds, self.model.layers, past_key_values):
+            index = ring_index_R if kind == CACHE_CHUNKED else None
+            h_BSH, kv = layer(h_BSH, position_ids_BS, cos_BSF, sin_BSF, (causal, chunked), past, index)
             present.append(kv)
         logits_BSV = self.lm_head(self.model.norm(h_BSH))
         return logits_BSV, present
+
+
+def default_ring_slots(config: Llama4Config, max_positions: int) -> int | None:
+    """Ring slots of the chunked layers for a context of ``max_positions``: the attention chunk,
+    or the whole context when that is shorter; None when the model has no chunked layer."""
+    if config.attention_chunk_size is None or not any(
+        config.uses_chunked_attention(i) for i in range(config.num_hidden_layers)
+    ):
+        return None
+    return min(config.attention_chunk_size, max_positions)

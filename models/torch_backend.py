@@ -23,23 +23,27 @@ from moec.models.llama4 import KVCache, Llama4ForCausalLM
 
 @dataclass(frozen=True)
 class TorchKVCache:
-    """Per layer ``(key_BKPD, value_BKPD)`` torch tensors; P = ``past_len``."""
+    """Per layer ``(key, value)`` torch tensors in the model's ``cache_kinds`` layout (a ring's
+    length is fixed, so P = ``past_len`` is counted, not read from a shape)."""
 
     layers: KVCache
     batch_size: int
-
-    @property
-    def past_len(self) -> int:
-        return int(self.layers[0][0].shape[2]) if self.layers else 0
+    past_len: int = 0
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Llama4ForCausalLM, config: Llama4Config | None = None):
+    def __init__(self, model: Llama4ForCausalLM, config: Llama4Config | None = None, max_positions: int | None = None):
+        """``max_positions``: the context to serve (default: the model's); the chunked layers'
+        rings are sized for it as an export of that context sizes them, so caches compare."""
+        from moec.models.llama4 import default_ring_slots
+
         self.model = model.eval()
         self.config = config or model.config
-        self.max_positions = self.config.max_position_embeddings
+        self.max_positions = max_positions or self.config.max_position_embeddings
+        if max_positions is not None and model.ring_slots is not None:
+            model.ring_slots = default_ring_slots(self.config, max_positions)
         self.eos_token_ids = tuple(self.config.eos_token_ids)
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
@@ -47,15 +51,23 @@ class TorchBackend:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
-        allow_nonfinite: bool = False,
+        allow_nonfinite: bool = False, max_positions: int | None = None,
     ) -> TorchBackend:
         model = load_pretrained(path, dtype=resolve_dtype(dtype), device=device, allow_nonfinite=allow_nonfinite)
-        return cls(model, model.config)
+        return cls(model, model.config, max_positions)
+
+    def follow_kv_cache(self, layout) -> None:
+        """Use the cache layout of an export (``moec.common.kv_cache.cache_layout``): the same
+        ring slots on chunked layers, or full caches, so both backends' caches compare."""
+        rings = {c.slots for c in layout if c.ring}
+        if len(rings) > 1:
+            raise MoecError(f"chunked layers with different ring sizes {sorted(rings)}; moec exports one size")
+        self.model.ring_slots = rings.pop() if rings else None
 
     def init_cache(self, batch_size: int) -> TorchKVCache:
         if batch_size < 1:
             raise MoecError(f"batch size must be at least 1, got {batch_size}")
-        return TorchKVCache(self.model.empty_cache(batch_size), batch_size)
+        return TorchKVCache(self.model.empty_cache(batch_size), batch_size, 0)
 
     def forward(
         self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TorchKVCache
@@ -80,7 +92,7 @@ class TorchBackend:
                 torch.from_numpy(pos.astype(np.int64)).to(self.device),
                 cache.layers,
             )
-        return logits_BSV.float().cpu().numpy(), TorchKVCache(present, cache.batch_size)
+        return logits_BSV.float().cpu().numpy(), TorchKVCache(present, cache.batch_size, end)
 
     def describe(self) -> dict[str, str]:
         return {

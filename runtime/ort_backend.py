@@ -23,6 +23,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.errors import MoecError
+from moec.common.kv_cache import graph_cache_layout
 from moec.common.onnx_files import missing_external_data, require_external_data
 from moec.common.sidecar import read_sidecar, validate_sidecar
 from moec.common.token_ids import bad_token_ids_message
@@ -39,7 +40,8 @@ _KV_DTYPE_NAMES = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(b
 
 @dataclass
 class OrtCache:
-    """Past keys/values as OrtValues, one pair per layer, [B, KVH, P, D]."""
+    """Past keys/values as OrtValues, one pair per layer: [B, KVH, P, D] for a full cache,
+    [B, KVH, slots, D] for a chunked layer's ring (``moec.common.kv_cache``)."""
 
     keys: list[Any]
     values: list[Any]
@@ -73,6 +75,8 @@ class OrtBackend:
         self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
         self.dtype = _KV_DTYPE_NAMES[self._kv_type]
         self._input_names, self._output_names = contract.io_names(self.num_layers)
+        self.kv_cache = graph_cache_layout(
+            sidecar, [by_name[contract.past_key(i)].shape for i in range(self.num_layers)], onnx_path)
 
     @classmethod
     def from_onnx(
@@ -160,15 +164,22 @@ class OrtBackend:
     def init_cache(self, batch_size: int) -> OrtCache:
         import onnxruntime as ort
 
-        shape = [batch_size, self._kv_heads, 0, self._head_dim]
         et = _KV_ELEMENT_TYPES[self._kv_type]
 
-        def empty():
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, et, self._device, 0)
+        def empty(layer):
+            shape = [batch_size, self._kv_heads, layer.slots if layer.ring else 0, self._head_dim]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, et, self._device, 0)
+            if layer.ring:
+                # A ring starts as zeros: every slot is masked out until written, but uninitialised
+                # memory could hold NaN, which a mask cannot remove. Zero bytes are zeros in every
+                # float type, so uint16/float32 words of the same size fill it (bf16 has no numpy type).
+                word = np.float32 if self._kv_type == "tensor(float)" else np.uint16
+                value.update_inplace(np.zeros(shape, dtype=word))
+            return value
 
         return OrtCache(
-            keys=[empty() for _ in range(self.num_layers)],
-            values=[empty() for _ in range(self.num_layers)],
+            keys=[empty(c) for c in self.kv_cache],
+            values=[empty(c) for c in self.kv_cache],
             batch_size=batch_size,
             past_len=0,
         )

@@ -325,7 +325,15 @@ def select_profile(profiles: list[EngineProfile], shapes: dict[str, tuple[int, .
     return fits[0]
 
 
-def max_prompt_tokens(profiles: list[EngineProfile], max_positions: int, batch: int = 1) -> int:
+def ring_inputs(manifest: dict[str, Any]) -> frozenset[str]:
+    """Past inputs of chunked layers' ring caches: a fixed slot axis in the engine's I/O shapes
+    (a full cache's is dynamic, -1). Their size does not follow the past length."""
+    return frozenset(t["name"] for t in manifest.get("io", {}).get("inputs", [])
+                     if t["name"].startswith(("past_key.", "past_value.")) and len(t["shape"]) == 4 and t["shape"][2] >= 0)
+
+
+def max_prompt_tokens(profiles: list[EngineProfile], max_positions: int, batch: int = 1,
+                      rings: frozenset[str] = frozenset()) -> int:
     """The longest prompt the generation loop can prefill on these profiles and still generate a
     token (so at most ``max_positions - 1``), feeding it in chunks of the largest new-token count
     any profile takes (``TrtBackend.max_new_tokens_per_step``): each chunk, at the past the
@@ -337,7 +345,8 @@ def max_prompt_tokens(profiles: list[EngineProfile], max_positions: int, batch: 
         room = 0
         for p in profiles:
             (b_lo, n_lo), (b_hi, n_hi) = p.ranges[contract.INPUT_IDS]
-            pasts = [(lo[2], hi[2]) for name, (lo, hi) in p.ranges.items() if name.startswith(("past_key.", "past_value."))]
+            pasts = [(lo[2], hi[2]) for name, (lo, hi) in p.ranges.items()
+                     if name.startswith(("past_key.", "past_value.")) and name not in rings]
             p_lo, p_hi = (max(lo for lo, _ in pasts), min(hi for _, hi in pasts)) if pasts else (0, max_positions)
             if b_lo <= batch <= b_hi and p_lo <= done <= p_hi:
                 n = min(chunk, n_hi, limit - done)
@@ -408,6 +417,7 @@ class TrtBackend:
         # The generation loop feeds a longer prompt in chunks of this many tokens (a default
         # prefill profile takes half the positions; the second chunk runs with the first as past).
         self.max_new_tokens_per_step = max(p.ranges[contract.INPUT_IDS][1][1] for p in self.profiles)
+        self._rings = ring_inputs(manifest)
         self.max_past = limits["max_past"]
         # The loop checks prompt + generated <= max_positions; a step's past is at most max_past
         # (the decode profile's).
@@ -465,7 +475,16 @@ class TrtBackend:
         for layer in range(self.num_layers):
             for past, present in ((contract.past_key(layer), contract.present_key(layer)),
                                   (contract.past_value(layer), contract.present_value(layer))):
-                _, kvh, _, d = manifest_io_shape(self.manifest, past)
+                _, kvh, slots, d = manifest_io_shape(self.manifest, past)
+                if past in self._rings:
+                    # A chunked layer's ring: fixed slots, zeros until written (the graph masks
+                    # unwritten slots, but NaN in uninitialised memory would survive a mask).
+                    n = self.max_batch * kvh * slots * d
+                    a = torch.zeros(n, dtype=self._dtypes[past], device=self.device)
+                    b = torch.empty(n, dtype=self._dtypes[past], device=self.device)
+                    buffers[past] = (a, b)
+                    views[past] = a[: batch_size * kvh * slots * d].view(batch_size, kvh, slots, d)
+                    continue
                 # Room for the longest present any profile allows (past + new tokens).
                 length = max(p.ranges[past][1][2] + p.ranges[contract.INPUT_IDS][1][1] for p in self.profiles)
                 n = self.max_batch * kvh * length * d
@@ -508,7 +527,8 @@ class TrtBackend:
                 # Present goes into whichever buffer the past does not occupy.
                 target = b if view.data_ptr() == a.data_ptr() else a
                 _, kvh, p, d = view.shape
-                out = target[: batch * kvh * (p + new) * d].view(batch, kvh, p + new, d)
+                slots = p if past in self._rings else p + new  # a ring keeps its size
+                out = target[: batch * kvh * slots * d].view(batch, kvh, slots, d)
                 self._set_input_shape(past, tuple(view.shape), profile)
                 ctx.set_tensor_address(past, view.data_ptr() if view.numel() else a.data_ptr())
                 ctx.set_tensor_address(present, out.data_ptr())

@@ -44,9 +44,10 @@ def decode_tokens(ckpt, ids, pos, steps: int) -> list[np.ndarray]:
     with torch.no_grad():
         for _ in range(steps):
             logits, past = model(x, p, past)
+            end = int(p[0, -1]) + 1  # a chunked layer's ring length is not the past length
             x = logits[:, -1:].argmax(-1)
             tokens.append(x.numpy())
-            p = torch.full_like(x, past[0][0].shape[2])
+            p = torch.full_like(x, end)
     return tokens
 
 
@@ -62,8 +63,9 @@ def torch_logits(ckpt, dtype, ids, pos, tokens) -> list[np.ndarray]:
             logits, past = model(x, p, past)
             out.append(logits.float().numpy())
             if step < len(tokens):
+                end = int(p[0, -1]) + 1  # a chunked layer's ring length is not the past length
                 x = torch.from_numpy(tokens[step])
-                p = torch.full_like(x, past[0][0].shape[2])
+                p = torch.full_like(x, end)
     return out
 
 

@@ -74,6 +74,8 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
         from moec.compiler.plan import format_engine_memory
 
         click.echo(f"  {format_engine_memory(m['memory'])}")
+    if "kv_cache" in m:
+        click.echo(f"  {_kv_line(m)}")
     for e in m["engines"]:
         click.echo(f"  {e['file']}: {e['bytes'] / 2**20:.2f} MiB, sha256 {e['sha256'][:16]}")
 
@@ -117,7 +119,9 @@ def _profile_summary(manifest) -> str:
     parts = []
     for p in manifest["profiles"]:
         ids = p["shapes"].get("input_ids", {})
-        past = next((r for n, r in p["shapes"].items() if n.startswith("past_key.")), None)
+        # The full caches' past range (a chunked layer's ring has a fixed size: see the KV line).
+        pasts = [r for n, r in p["shapes"].items() if n.startswith("past_key.")]
+        past = next((r for r in pasts if r["min"][2] != r["max"][2]), pasts[0] if pasts else None)
         text = f"{p['name']} (#{p['index']}) batch x new_tokens {ids.get('min')}..{ids.get('max')} opt {ids.get('opt')}"
         if past:
             text += f", past_len {past['min'][2]}..{past['max'][2]} opt {past['opt'][2]}"
@@ -125,12 +129,19 @@ def _profile_summary(manifest) -> str:
     return "; ".join(parts)
 
 
+def _kv_line(manifest) -> str:
+    from moec.common.kv_cache import format_kv_bytes
+
+    kv = manifest["kv_cache"]
+    return format_kv_bytes(kv["bytes_per_sequence"], kv["context"])
+
+
 def _max_prompt(manifest) -> str:
-    from moec.runtime.trt_backend import engine_profiles, max_prompt_tokens
+    from moec.runtime.trt_backend import engine_profiles, max_prompt_tokens, ring_inputs
 
     profiles = engine_profiles(manifest)
     chunk = max(p.ranges["input_ids"][1][1] for p in profiles)
-    n = max_prompt_tokens(profiles, manifest["limits"]["max_positions"])
+    n = max_prompt_tokens(profiles, manifest["limits"]["max_positions"], rings=ring_inputs(manifest))
     return f"{n} tokens (prefilled in chunks of up to {chunk})"
 
 
@@ -173,6 +184,8 @@ def _print_inspection(report) -> None:
             profiles.add_row(f"{p['name']} #{p['index']}" if i == 0 else "", name, *("x".join(map(str, r[k])) for k in ("min", "opt", "max")))
     console.print(profiles)
     console.print(f"max prompt: {_max_prompt(m)}")
+    if "kv_cache" in m:
+        console.print(_kv_line(m))
     # Every engine of a directory comes from one network: its I/O table is printed once, unless
     # deserialized engines report different I/O.
     printed_io = None

@@ -145,9 +145,12 @@ def _split_heads(graph: ir.Graph, attention, plan: PartitionPlan) -> int:
     for name in attention.cache_inputs:
         v = values[name]
         _divide_axis1(v, tp)
-        for out in graph.outputs:
-            if out.producer() is not None and any(i is v for i in out.producer().inputs):
-                _divide_axis1(out, tp)
+    # The layer's presents: Concat(past, new) for a full cache, a Gather of that Concat for a
+    # chunked layer's ring (not fed by the past directly), so found by name.
+    presents = {contract.present_key(attention.layer), contract.present_value(attention.layer)}
+    for out in graph.outputs:
+        if out.name in presents:
+            _divide_axis1(out, tp)
     for node in _head_region(graph, attention, values):
         if node.op_type in ("Reshape", "Expand") and node.domain in ("", "ai.onnx"):
             _rewrite_shape(graph, node, plan.head_dim, tp)

@@ -62,6 +62,10 @@ class OrtRankBackend:
         dims = k0.type.tensor_type.shape.dim
         self._kv_heads, self._head_dim = int(dims[1].dim_value), int(dims[3].dim_value)
         self._kv_dtype = _NUMPY_TYPES.get(k0.type.tensor_type.elem_type)
+        # Per layer, a chunked layer's ring size (its fixed slot axis), or 0 for a full cache that
+        # starts empty and grows.
+        inputs = {i.name: i for i in self.graph.model.graph.input}
+        self._ring_slots = [_fixed_slots(inputs[contract.past_key(i)]) for i in range(self.num_layers)]
         if self._kv_dtype is None:
             raise MoecError(f"{self.path}: its KV cache type is not one the ONNX Runtime CPU path runs (fp32, fp16)")
         self.collective_s = 0.0  # time spent inside collectives, for benchmarks
@@ -69,8 +73,9 @@ class OrtRankBackend:
 
     # --- Backend protocol ---------------------------------------------------------------------
     def init_cache(self, batch_size: int) -> RankCache:
-        empty = lambda: np.zeros((batch_size, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)
-        return RankCache([empty() for _ in range(self.num_layers)], [empty() for _ in range(self.num_layers)], batch_size, 0)
+        # A ring starts as zeros (its unwritten slots are masked out; zeros cannot turn into NaN).
+        empty = lambda slots: np.zeros((batch_size, self._kv_heads, slots, self._head_dim), dtype=self._kv_dtype)
+        return RankCache([empty(n) for n in self._ring_slots], [empty(n) for n in self._ring_slots], batch_size, 0)
 
     def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: RankCache):
         input_ids_BS = np.ascontiguousarray(input_ids_BS, dtype=np.int64)
@@ -124,6 +129,12 @@ class OrtRankBackend:
                            "so this rank stops too") from e
         self.collective_s += time.perf_counter() - t0
         self.collective_calls += 1
+
+
+def _fixed_slots(value_info) -> int:
+    """The slot axis of a past input when the graph fixes it (a ring cache), else 0."""
+    dim = value_info.type.tensor_type.shape.dim[2]
+    return int(dim.dim_value) if dim.HasField("dim_value") else 0
 
 
 def make_groups(manifest: dict) -> dict:

@@ -81,7 +81,10 @@ def test_graph_contract(demo_onnx, demo_ckpt):
     L, K, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     assert list(ins) == ["input_ids", "position_ids"] + [f"past_{kv}.{i}" for i in range(L) for kv in ("key", "value")]
     assert dims(ins["input_ids"]) == ["batch", "new_tokens"] == dims(ins["position_ids"])
-    assert dims(ins["past_key.0"]) == ["batch", K, "past_len", D]
+    # Layer 0 uses chunked attention: a ring of one chunk (static); layer 3 (NoPE) grows.
+    assert dims(ins["past_key.0"]) == ["batch", K, cfg.attention_chunk_size, D]
+    assert dims(outs["present_key.0"]) == ["batch", K, cfg.attention_chunk_size, D]
+    assert dims(ins[f"past_key.{L - 1}"]) == ["batch", K, "past_len", D]
     assert dims(outs["logits"]) == ["batch", "new_tokens", cfg.vocab_size]
     assert outs["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert dims(outs[f"present_value.{L - 1}"])[2] in ("past_len + new_tokens", "new_tokens + past_len")
@@ -205,8 +208,10 @@ def _bf16_reference_steps(model_proto, ids, pos, tokens, new_ops=None):
     from onnx.reference import ReferenceEvaluator
 
     ev = ReferenceEvaluator(model_proto, new_ops=new_ops)
+    # Layers 0-2 use chunked attention: rings of 8 (the chunk) zero slots; layer 3 a full cache.
     feeds = {
-        f"past_{kv}.{i}": np.zeros((ids.shape[0], 2, 0, 16), dtype=ml_dtypes.bfloat16) for i in range(4) for kv in ("key", "value")
+        f"past_{kv}.{i}": np.zeros((ids.shape[0], 2, 0 if i == 3 else 8, 16), dtype=ml_dtypes.bfloat16)
+        for i in range(4) for kv in ("key", "value")
     }
     out = []
     for step in range(len(tokens) + 1):
@@ -215,7 +220,7 @@ def _bf16_reference_steps(model_proto, ids, pos, tokens, new_ops=None):
         out.append(outs[0])
         feeds = {f"past_{kv}.{i}": outs[1 + 2 * i + (kv == "value")] for i in range(4) for kv in ("key", "value")}
         if step < len(tokens):
-            ids, pos = tokens[step], np.full((ids.shape[0], 1), outs[1].shape[2])
+            ids, pos = tokens[step], np.full((ids.shape[0], 1), outs[7].shape[2])  # present_key.3: full cache
     return out
 
 

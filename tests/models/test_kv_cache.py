@@ -36,7 +36,8 @@ def test_greedy_decode_equals_full_recomputation(demo_model):
             assert (logits[:, -1] - full[:, -1]).abs().max().item() <= TOL
             assert full[:, -2].argmax(-1).item() == token.item()
             seq = torch.cat((seq, token), dim=1)
-    assert past[0][0].shape[2] == seq.shape[1]
+    # Layer 0 uses chunked attention: a ring of one chunk; layer 3 (NoPE) keeps every position.
+    assert past[0][0].shape[2] == chunk and past[3][0].shape[2] == seq.shape[1]
     assert len(set(seq[0, 5:].tolist())) > 1, "degenerate generation proves little"
 
 

@@ -70,7 +70,8 @@ def test_logits_match_transformers(name, tmp_path):
     assert ref.abs().max() > 1.0, "logits too small for the comparison to mean anything"
     assert (out - ref).abs().max().item() <= TOL
     assert len(present) == hf.config.num_hidden_layers
-    assert present[0][0].shape == (2, hf.config.num_key_value_heads, SEQ, hf.config.head_dim)
+    for (k, _), (kind, slots) in zip(present, model.cache_kinds()):
+        assert k.shape == (2, hf.config.num_key_value_heads, slots if kind == "chunked" else SEQ, hf.config.head_dim)
 
 
 def test_routing_really_uses_several_experts(hf_ckpt):

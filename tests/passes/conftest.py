@@ -104,6 +104,7 @@ def demo_feeds(model: ir.Model | Path, past: int, new: int, batch: int = 2, seed
             feeds[v.name] = rng.integers(0, 250, (batch, new)).astype(np.int64)
         elif v.name == "position_ids":
             feeds[v.name] = np.tile(np.arange(past, past + new), (batch, 1)).astype(np.int64)
-        else:  # past_key.i / past_value.i [B, K, P, D]
-            feeds[v.name] = rng.standard_normal((batch, v.shape[1], past, v.shape[3])).astype(np.float32)
+        else:  # past_key.i / past_value.i [B, K, P, D]; a chunked layer's ring has a fixed slot count
+            slots = v.shape[2] if isinstance(v.shape[2], int) else past
+            feeds[v.name] = rng.standard_normal((batch, v.shape[1], slots, v.shape[3])).astype(np.float32)
     return feeds

@@ -35,8 +35,13 @@ def test_attention_refuses_a_second_consumer(demo_clean):
 def test_attention_refuses_tiled_kv_heads(demo_clean):
     # Unsqueeze at axis 1 repeats the kv heads as a tile (k0 k1 k0 k1): not ONNX Attention's GQA order.
     model = ir.load(demo_clean)
+    # Layer 0's keys (past + new): present_key.0 itself on a full cache; on a ring cache (layer 0 is
+    # chunked) present_key.0 is the slots it keeps, gathered from that Concat.
+    keys = model.graph.outputs[1].producer()
+    keys_0 = keys.outputs[0] if keys.op_type == "Concat" else keys.inputs[0]
+    assert model.graph.outputs[1].name == "present_key.0" and keys_0.producer().op_type == "Concat"
     unsq = next(n for n in model.graph if n.op_type == "Unsqueeze" and n.outputs[0].uses()
-                and next(iter(n.outputs[0].uses())).node.op_type == "Expand" and n.inputs[0].name == "present_key.0")
+                and next(iter(n.outputs[0].uses())).node.op_type == "Expand" and n.inputs[0] is keys_0)
     unsq.replace_input_with(1, ir.Value(name="axis1", const_value=ir.tensor(np.array([1], np.int64))))
     model.graph.initializers["axis1"] = unsq.inputs[1]
     log = FusionLog()

@@ -77,6 +77,19 @@ def lockstep(graphs, feeds_per_rank):
     return results
 
 
+def _empty_caches(graph_path, batch: int, kv_heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An empty cache per layer as the graph declares it: a full cache [B, K, 0, D], a chunked
+    layer's ring [B, K, R, D] of zeros (its slot axis R is fixed in the graph)."""
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(graph_path), load_external_data=False).graph.input}
+    out = []
+    for layer in range(len([n for n in inputs if n.startswith("past_key.")])):
+        dims = inputs[contract.past_key(layer)]
+        slots = dims[2].dim_value if dims[2].HasField("dim_value") else 0
+        empty = np.zeros((batch, kv_heads, slots, dims[3].dim_value), np.float32)
+        out.append((empty, empty.copy()))
+    return out
+
+
 def _feeds(ids, pos, caches):
     f = {contract.INPUT_IDS: ids, contract.POSITION_IDS: pos}
     for i, (k, v) in enumerate(caches):
@@ -101,9 +114,11 @@ def test_ranks_match_the_single_graph(name, target, parts, single):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (B, 11)).astype(np.int64)
     pos = np.tile(np.arange(11), (B, 1)).astype(np.int64)
-    empty = lambda k: np.zeros((B, k, 0, D), np.float32)
-    ref_cache = [(empty(K), empty(K)) for _ in range(L)]
-    rank_caches = [[(empty(K // tp), empty(K // tp)) for _ in range(L)] for _ in range(world)]
+    ref_cache = _empty_caches(single, B, K)
+    rank_caches = [_empty_caches(folder / contract.rank_onnx(r), B, K // tp) for r in range(world)]
+    # Layers 0-2 are chunked: a ring of one chunk (8 slots) on every rank; layer 3 grows.
+    assert [c[0].shape[2] for c in rank_caches[0]] == [8, 8, 8, 0]
+    mapping = Mapping(manifest["tp"], manifest["ep"])
     worst = 0.0
     for step in range(13):
         want = dict(zip(out_names, ref.run(None, _feeds(ids, pos, ref_cache))))
@@ -111,6 +126,11 @@ def test_ranks_match_the_single_graph(name, target, parts, single):
         for r in range(world):
             worst = max(worst, float(np.abs(got[r]["logits"] - want["logits"]).max()))
             assert got[r][contract.present_key(0)].shape[1] == K // tp
+            # Each rank's caches (the rings too) are its kv heads' slice of the unsplit graph's.
+            lo, hi = mapping.kv_heads(r, K)
+            for i in (0, L - 1):
+                np.testing.assert_allclose(got[r][contract.present_key(i)], want[contract.present_key(i)][:, lo:hi],
+                                           rtol=0, atol=1e-5)
             rank_caches[r] = [(got[r][contract.present_key(i)], got[r][contract.present_value(i)]) for i in range(L)]
             np.testing.assert_array_equal(got[r]["logits"][:, -1].argmax(-1), want["logits"][:, -1].argmax(-1))
         ref_cache = [(want[contract.present_key(i)], want[contract.present_value(i)]) for i in range(L)]
@@ -232,9 +252,8 @@ def test_external_data_rank_files(demo_onnx, single, tmp_path):
     graphs = [SegmentedGraph(out / contract.rank_onnx(r)) for r in range(2)]
     ids = np.array([[1, 2, 3, 4]], np.int64)
     pos = np.arange(4, dtype=np.int64)[None]
-    empty = lambda k: np.zeros((1, k, 0, 16), np.float32)
     want = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"]).run(
-        ["logits"], _feeds(ids, pos, [(empty(2), empty(2))] * 4))[0]
-    got = lockstep(graphs, [_feeds(ids, pos, [(empty(1), empty(1))] * 4)] * 2)
+        ["logits"], _feeds(ids, pos, _empty_caches(single, 1, 2)))[0]
+    got = lockstep(graphs, [_feeds(ids, pos, _empty_caches(out / contract.rank_onnx(0), 1, 1))] * 2)
     assert float(np.abs(got[0]["logits"] - want).max()) <= 1e-5
     assert sorted(p.name for p in out.iterdir()) == before

@@ -76,7 +76,8 @@ def test_kv_cache_stays_in_ort_values(ort_backend):
     _, cache = ort_backend.forward(np.array([[1, 2, 3]]), np.array([[0, 1, 2]]), cache)
     assert cache.past_len == 3
     assert all(isinstance(k, ort.OrtValue) for k in cache.keys + cache.values)
-    assert cache.keys[0].shape()[2] == 3
+    # Layer 0 (chunked attention) keeps a ring of one chunk, layer 3 (NoPE) every position.
+    assert cache.keys[0].shape()[2] == 8 and cache.keys[3].shape()[2] == 3
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3])
