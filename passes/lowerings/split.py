@@ -1,7 +1,8 @@
 """split: every expert as its own pair of weights, run by plain MatMuls (ONNX Runtime).
 
-ONNX Runtime's CPU com.microsoft.MoE runs a one-token step on one thread and is slow at prefill
-(benchmarks/results/ort_moe_phase.md); its MatMul uses every intra-op thread. Splitting the
+ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread, and at prefill was
+measured 2-4x slower than this form (benchmarks/results/ort_vs_llamacpp_*.md); ORT's MatMul uses
+every intra-op thread. Splitting the
 stacked [E, H, 2I] / [E, I, H] weights into E initializers lets each phase read only what it
 needs, once, with no gather copy of an expert matrix:
 - one token (decode at batch 1; T == 1): for each of the K choices, a binary tree of Ifs on the
