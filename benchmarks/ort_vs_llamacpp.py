@@ -19,7 +19,7 @@ llama.cpp needs llama-cpp-python (built from source here: see the results file) 
 made by llama.cpp's convert_hf_to_gguf.py (``--converter DIR``: a llama.cpp source tree with it,
 gguf-py and conversion/), with the vocabulary step skipped: the demo checkpoint's tokenizer is not
 one the converter knows, and token ids go in directly. Writes
-benchmarks/results/ort_vs_llamacpp_<config>.json and .md. Not a test.
+benchmarks/results/ort_vs_llamacpp_<config>[_t<threads> unless 2].json and .md. Not a test.
 """
 
 from __future__ import annotations
@@ -361,8 +361,9 @@ def main() -> None:
         "summary": summary,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"ort_vs_llamacpp_{args.config}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / f"ort_vs_llamacpp_{args.config}.md").write_text(markdown(args.config, out))
+    stem = f"ort_vs_llamacpp_{args.config}" + ("" if args.threads == 2 else f"_t{args.threads}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(args.config, out))
     print(markdown(args.config, out))
 
 

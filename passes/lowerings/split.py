@@ -1,16 +1,17 @@
 """split: every expert as its own pair of weights, run by plain MatMuls (ONNX Runtime).
 
-ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread, and at prefill was
-measured 2-4x slower than this form (benchmarks/results/ort_vs_llamacpp_*.md); ORT's MatMul uses
-every intra-op thread. Splitting the
-stacked [E, H, 2I] / [E, I, H] weights into E initializers lets each phase read only what it
-needs, once, with no gather copy of an expert matrix:
+ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread; ORT's MatMul uses
+every intra-op thread. Splitting the stacked [E, H, 2I] / [E, I, H] weights into E initializers
+lets each phase read only what it needs, once, with no gather copy of an expert matrix:
 - one token (decode at batch 1; T == 1): for each of the K choices, a binary tree of Ifs on the
   expert id (depth ceil(log2 E)) reaches the branch that multiplies by that expert's own weights;
 - more tokens (prefill, batched decode): for each expert, the tokens routed to it (NonZero of
   ids == e) are gathered, run through its MatMuls and scattered back with ScatterND(add).
 One If on T picks the phase. Both phases share the same E weight pairs, so the model holds each
 expert once (the stacked originals are dropped as dead).
+Measured on an overloaded shared host (benchmarks/results/ort_moe_layer_forms_*.md,
+ort_vs_llamacpp_h512*.md): prefill faster than com.microsoft.MoE (one layer 2-5x by the minima,
+the h512 model 1.5x at 1 thread), decode about equal; not yet the ``ort`` default (see there).
 """
 
 from __future__ import annotations
