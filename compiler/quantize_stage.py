@@ -20,7 +20,8 @@ FP8_ARCHS = frozenset({"sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm12
 # Lowerings that read the expert weights themselves and take full precision only.
 _FLOAT_ONLY_LOWERINGS = {"trt-native": "TensorRT's TRT_MoE (moec does not emit its quantization attributes)",
                          "trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
-                         "function": "moec's function bodies"}
+                         "function": "moec's function bodies",
+                         "split": "per-expert float initializers (ONNX Runtime MatMuls)"}
 
 
 def spec_of(config) -> QuantizeSpec | None:

@@ -25,7 +25,7 @@ import re
 from moec.common.errors import MoecError
 
 KINDS = ("ort", "trt", "trt-rtx")
-LOWERINGS = ("ort", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")
+LOWERINGS = ("ort", "split", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")
 # The GPU archs each TensorRT flavour can build for. TensorRT-RTX 1.7 offers exactly these compute
 # capabilities (FACTS.md: no SM90, no SM100). Full TensorRT 10/11: the real archs from Turing on
 # (sm87 Orin, sm90 Hopper, sm100/sm103 Blackwell datacenter, sm110 Thor, sm120/sm121 RTX Blackwell).
@@ -84,6 +84,8 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
         return f"unknown MoE lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}"
     if lowering == "ort" and target.kind != "ort":
         return "com.microsoft.MoE is an ONNX Runtime op; TensorRT's parser does not take it"
+    if lowering == "split" and target.kind != "ort":
+        return "split (If trees and NonZero/ScatterND groups over per-expert weights) is checked on ONNX Runtime only"
     if lowering == "trt-native":
         if target.kind == "trt-rtx":
             return "TensorRT-RTX has no IMoELayer build for any arch it targets"

@@ -21,6 +21,7 @@ _MODULES = {
     "gather": "moec.passes.lowerings.gather",
     "dense": "moec.passes.lowerings.dense",
     "hybrid": "moec.passes.lowerings.hybrid",
+    "split": "moec.passes.lowerings.split",
     "trt-native": "moec.passes.lowerings.trt_native",
     "trt-plugin": "moec.passes.lowerings.trt_plugin",
 }

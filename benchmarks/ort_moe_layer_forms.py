@@ -1,0 +1,108 @@
+"""One MoE layer alone on ONNX Runtime's CPU provider: four formulations of the same top-1 experts
+at decode (1 token) and prefill (64 tokens), in small hand-built graphs (no moec passes involved).
+
+- moe:    com.microsoft.MoE (the ``ort`` lowering's op; interleaved fc1 [E, 2I, H], fc2 [E, H, I])
+- gather: Gather of the chosen experts' stacked weights, then batched MatMul (the ``gather`` lowering)
+- tree:   per-expert weights, nested Ifs on the expert id (the ``split`` lowering's one-token branch)
+- sorted: per-expert weights, NonZero/GatherND/MatMul/ScatterND per expert (``split``'s many-token branch)
+
+    python benchmarks/ort_moe_layer_forms.py H I E THREADS REPEATS SPINNING(0|1) [TOKENS]
+    e.g. python benchmarks/ort_moe_layer_forms.py 1024 2048 16 2 100 0 1,64
+
+Sessions are interleaved per repeat; medians and minima. Writes
+benchmarks/results/ort_moe_layer_forms_H<H>_t<THREADS>.json and .md. Not a test.
+"""
+import json, os
+from pathlib import Path
+import sys, time, statistics, numpy as np, onnx, onnxruntime as ort
+from onnx import helper as h, TensorProto as TP, numpy_helper as nh
+H, I, E = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+w_gu = (rng.standard_normal((E, H, 2 * I)) * 0.02).astype(np.float32)
+w_d = (rng.standard_normal((E, I, H)) * 0.02).astype(np.float32)
+def ffn(nodes, inits, x, gu, d, p):
+    nodes += [h.make_node("MatMul", [x, gu], [p+"gu"]), h.make_node("Split", [p+"gu"], [p+"g", p+"u"], axis=-1, num_outputs=2),
+              h.make_node("Sigmoid", [p+"g"], [p+"sg"]), h.make_node("Mul", [p+"g", p+"sg"], [p+"a"]), h.make_node("Mul", [p+"a", p+"u"], [p+"m"]),
+              h.make_node("MatMul", [p+"m", d], [p+"y"])]
+    return p+"y"
+def model(nodes, inits, outs="y"):
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, ["T", H]), h.make_tensor_value_info("logits", TP.FLOAT, ["T", E])],
+                     [h.make_tensor_value_info(outs, TP.FLOAT, None)], initializer=inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
+def moe():
+    fc1 = np.stack([w_gu[:, :, :I].transpose(0, 2, 1), w_gu[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
+    fc2 = w_d.transpose(0, 2, 1)
+    return model([h.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=1, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)],
+                 [nh.from_array(np.ascontiguousarray(fc1), "fc1"), nh.from_array(np.ascontiguousarray(fc2), "fc2")])
+def gather():
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=1), h.make_node("Gather", ["wgu", "ids"], ["wgu_t"]), h.make_node("Gather", ["wd", "ids"], ["wd_t"]),
+         h.make_node("Constant", [], ["ax"], value=nh.from_array(np.array([1, 2], np.int64))), h.make_node("Unsqueeze", ["x", "ax"], ["x4"])]
+    y = ffn(n, None, "x4", "wgu_t", "wd_t", "f_")
+    n += [h.make_node("Constant", [], ["sh"], value=nh.from_array(np.array([-1, H], np.int64))), h.make_node("Reshape", [y, "sh"], ["y"])]
+    return model(n, [nh.from_array(w_gu, "wgu"), nh.from_array(w_d, "wd")])
+def per_expert_inits():
+    return [nh.from_array(np.ascontiguousarray(w_gu[e]), f"wgu{e}") for e in range(E)] + [nh.from_array(np.ascontiguousarray(w_d[e]), f"wd{e}") for e in range(E)]
+def tree():
+    # T == 1 only: nested Ifs on the scalar id
+    def sub(lo, hi, tag):
+        if hi - lo == 1:
+            n = []
+            y = ffn(n, None, "x", f"wgu{lo}", f"wd{lo}", f"e{lo}_")
+            n.append(h.make_node("Identity", [y], [f"o{tag}"]))
+            return h.make_graph(n, f"leaf{lo}", [], [h.make_tensor_value_info(f"o{tag}", TP.FLOAT, None)])
+        mid = (lo + hi) // 2
+        n = [h.make_node("Constant", [], [f"m{tag}"], value=nh.from_array(np.array(mid, np.int64))), h.make_node("Less", ["id", f"m{tag}"], [f"c{tag}"]),
+             h.make_node("If", [f"c{tag}"], [f"o{tag}"], then_branch=sub(lo, mid, tag + "l"), else_branch=sub(mid, hi, tag + "r"))]
+        return h.make_graph(n, f"n{tag}", [], [h.make_tensor_value_info(f"o{tag}", TP.FLOAT, None)])
+    g = sub(0, E, "t")
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Constant", [], ["z"], value=nh.from_array(np.array([0], np.int64))),
+         h.make_node("Squeeze", ["ids", "z"], ["id"])] + list(g.node) + [h.make_node("Identity", ["ot"], ["y"])]
+    return model(n, per_expert_inits())
+def sorted_():
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["shx"]), h.make_node("ConstantOfShape", ["shx"], ["acc-1"])]
+    for e in range(E):
+        p = f"s{e}_"
+        n += [h.make_node("Constant", [], [p+"e"], value=nh.from_array(np.array(e, np.int64))), h.make_node("Equal", ["ids", p+"e"], [p+"mask"]),
+              h.make_node("NonZero", [p+"mask"], [p+"nz"]), h.make_node("Transpose", [p+"nz"], [p+"idx"], perm=[1, 0]),
+              h.make_node("GatherND", ["x", p+"idx"], [p+"xe"])]
+        y = ffn(n, None, p+"xe", f"wgu{e}", f"wd{e}", p)
+        n.append(h.make_node("ScatterND", [f"acc{e-1}", p+"idx", y], [f"acc{e}"]))
+    n.append(h.make_node("Identity", [f"acc{E-1}"], ["y"]))
+    m = model(n, per_expert_inits())
+    m.graph.node[2].attribute.append(h.make_attribute("value", nh.from_array(np.zeros(1, np.float32))))
+    return m
+forms = {"moe": moe(), "gather": gather(), "tree": tree(), "sorted": sorted_()}
+threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+sess = {}
+for k, m in forms.items():
+    o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.add_session_config_entry("session.intra_op.allow_spinning", sys.argv[6] if len(sys.argv) > 6 else "1")
+    sess[k] = ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
+res = {}
+for T in [int(t) for t in (sys.argv[7] if len(sys.argv) > 7 else "1,64").split(",")]:
+    x = rng.standard_normal((T, H)).astype(np.float32); lg = rng.standard_normal((T, E)).astype(np.float32)
+    ref = None
+    times = {k: [] for k in sess}
+    for r in range(int(sys.argv[5]) if len(sys.argv) > 5 else 30):
+        for k, s in sess.items():
+            if T > 1 and k == "tree": continue
+            t = time.perf_counter(); y = s.run(None, {"x": x, "logits": lg})[0]; times[k].append(time.perf_counter() - t)
+            if r == 0:
+                ref = y if ref is None else ref
+                print(T, k, "maxdiff", float(np.abs(y.reshape(ref.shape) - ref).max()))
+    for k, v in times.items():
+        if v:
+            res[f"T={T} {k}"] = {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3}
+            print(f"T={T} {k:7s} median {statistics.median(v)*1e3:7.3f} ms  min {min(v)*1e3:7.3f}")
+out = {"H": H, "I": I, "E": E, "threads": threads, "repeats": len(times["moe"]), "spinning": sys.argv[6] if len(sys.argv) > 6 else "1",
+       "onnxruntime": ort.__version__, "loadavg_end": [round(x, 1) for x in os.getloadavg()],
+       "note": "2-core host shared with 7 other engineers' jobs: indicative; minima are the least disturbed runs.",
+       "results": res}
+results = Path(__file__).parent / "results"
+stem = f"ort_moe_layer_forms_H{H}_t{threads}"
+(results / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+lines = [f"# One MoE layer on ONNX Runtime CPU: H {H}, I {I}, E {E}, top-1, {threads} thread(s)", "",
+         f"onnxruntime {ort.__version__}, {out['repeats']} interleaved repeats, spinning {out['spinning']}. **Shared 2-core host, "
+         f"load average {out['loadavg_end']} at the end**: indicative only; the minima are the least disturbed runs.", "",
+         "| tokens / form | median ms | min ms |", "|---|---|---|"]
+lines += [f"| {k} | {v['median_ms']:.3f} | {v['min_ms']:.3f} |" for k, v in res.items()]
+(results / f"{stem}.md").write_text("\n".join(lines) + "\n")
