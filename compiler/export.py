@@ -83,6 +83,10 @@ class ExportConfig:
             raise MoecError(f"max_seq must be >= 2, got {self.max_seq}")
         if self.external_data_threshold_bytes < 0:
             raise MoecError("external_data_threshold_bytes must be >= 0")
+        from moec.compiler.dims import check_dim
+
+        check_dim("max_batch", self.max_batch)
+        check_dim("max_seq", self.max_seq)
 
 
 @dataclass
