@@ -103,6 +103,9 @@ class BuildConfig:
                               ("--max-past", self.max_past), ("--max-seq", self.max_seq)):
             if value is not None and value < 1:
                 raise MoecError(f"{option} {value}: give at least 1 (or leave it out for the export's default)")
+            from moec.compiler.dims import check_dim
+
+            check_dim(option, value)
 
 
 @dataclasses.dataclass

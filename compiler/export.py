@@ -90,6 +90,10 @@ class ExportConfig:
             raise MoecError("external_data_threshold_bytes must be >= 0")
         if self.chunked_cache not in CHUNKED_CACHES:
             raise MoecError(f"unknown chunked_cache {self.chunked_cache!r}; choose one of {', '.join(CHUNKED_CACHES)}")
+        from moec.compiler.dims import check_dim
+
+        check_dim("max_batch", self.max_batch)
+        check_dim("max_seq", self.max_seq)
 
 
 @dataclass

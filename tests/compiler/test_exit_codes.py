@@ -33,3 +33,21 @@ def test_compile_exits_1_on_a_verify_failure_and_2_on_bad_input(demo_ckpt, tmp_p
     assert "Traceback" not in err and err.startswith("error: ")
     assert ("verify failed" if kind == "verify" else "damaged") in err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command, option", [
+    (["build", "{src}", "-o", "{out}", "--no-progress"], "--max-batch"),
+    (["build", "{src}", "-o", "{out}", "--no-progress"], "--max-new-tokens"),
+    (["export", "{ck}", "-o", "{out}/m.onnx"], "--max-batch"),
+    (["compile", "{ck}", "-o", "{out}", "--target", "ort"], "--max-batch"),
+])
+def test_a_dimension_no_engine_can_have_is_named_before_any_work(demo_ckpt, tmp_path, capsys, command, option):
+    """Before: build ended in TensorRT's RuntimeError traceback (exit 1) for --max-batch 2**31."""
+    pytest.importorskip("tensorrt_rtx")
+    from test_build import write_moec_graph
+
+    src = write_moec_graph(tmp_path / "src")
+    args = [a.format(src=src, ck=demo_ckpt, out=tmp_path / "out") for a in command] + [option, str(1 << 31)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "Traceback" not in err and "2147483647" in err, err
+    assert not (tmp_path / "out").exists()
