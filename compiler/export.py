@@ -313,6 +313,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
     import onnx_ir as ir
 
+    from moec.common.progress import step
     from moec.models import Llama4Config
     from moec.models.checkpoint import checkpoint_folder
 
@@ -361,15 +362,18 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         from moec.compiler.export_weights import attach_checkpoint_weights
         from moec.models.checkpoint import load_pretrained_lazy
 
+        step("reading the checkpoint")
         model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype))
         allow_nonfinite = config.allow_nonfinite_weights
         t0 = time.perf_counter()
+        step("tracing the model (torch.export)")
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
         attach_checkpoint_weights(onnx_model, model, sources, allow_nonfinite=allow_nonfinite)
         _fold_weight_layout_ops(onnx_model)
         if config.optimize:
             import onnxscript.optimizer
 
+            step("folding constants (onnxscript optimizer)")
             onnxscript.optimizer.optimize_ir(onnx_model)
         export_s = time.perf_counter() - t0
         op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
@@ -379,6 +383,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         tmp_model = tmp_dir / out_path.name
         try:
             t0 = time.perf_counter()
+            step(f"writing {weight_bytes / 2**20:.0f} MiB of weights")
             if external:
                 # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
                 # evaluated there), so no second copy of the weights is built.
@@ -400,6 +405,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         del onnx_model, model  # the torch weights are no longer needed for the checks
 
         t0 = time.perf_counter()
+        step("checking the graph (onnx.checker)")
         _check_by_path(tmp_model)
         check_s = time.perf_counter() - t0
 

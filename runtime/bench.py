@@ -125,11 +125,11 @@ def check_result_path(out: str | Path, artifact: str | Path) -> None:
     out, artifact = Path(out), Path(artifact)
     target = out.resolve()
     if target == artifact.resolve():
-        raise MoecError(f"--json {out} is the benched artifact itself: write the result to another file, e.g. bench.json")
+        raise MoecError(f"--json-out {out} is the benched artifact itself: write the result to another file, e.g. bench.json")
     for f in artifact_files(artifact):
         same = f.resolve() == target or (out.exists() and f.exists() and os.path.samefile(f, out))
         if same:
-            raise MoecError(f"--json {out} is {f.name}, a file of the benched artifact {artifact}: "
+            raise MoecError(f"--json-out {out} is {f.name}, a file of the benched artifact {artifact}: "
                             "write the result to another file, e.g. bench.json")
 
 
