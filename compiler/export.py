@@ -313,6 +313,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
     import onnx_ir as ir
 
+    from moec.common import demo_note
+    from moec.common.demo_note import is_demo_checkpoint
     from moec.common.progress import step
     from moec.models import Llama4Config
     from moec.models.checkpoint import checkpoint_folder
@@ -412,6 +414,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         sidecar = build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer)
         if has_tokenizer:
             sidecar["tokenizer_sha256"] = sha256_file(tokenizer_src)
+        if is_demo_checkpoint(checkpoint_dir):  # `moec run` says its output is noise (common/demo_note.py)
+            sidecar[demo_note.SIDECAR_KEY] = True
         write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)

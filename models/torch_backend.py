@@ -7,6 +7,7 @@ upstream of runtime/ and must not import it.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,11 @@ class TorchKVCache:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Llama4ForCausalLM, config: Llama4Config | None = None):
+    def __init__(self, model: Llama4ForCausalLM | str | os.PathLike, config: Llama4Config | None = None, **options):
+        if isinstance(model, (str, os.PathLike)):
+            # TorchBackend("checkpoint_dir", dtype="bf16") is the call users try first: from_checkpoint's.
+            self.__dict__.update(type(self).from_checkpoint(model, **options).__dict__)
+            return
         self.model = model.eval()
         self.config = config or model.config
         self.max_positions = self.config.max_position_embeddings

@@ -105,3 +105,6 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
         _print_summary(console, report.stages)
         for key, path in report.artifacts.items():
             console.print(f"{key:<10} {path}")
+        if checkpoint is None:
+            console.print("the demo checkpoint has random weights: `moec run` on these artifacts prints noise by design "
+                          "(the demo shows the pipeline working); give a CHECKPOINT for a real model")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from moec.common import contract, progress
+from moec.common import contract, demo_note, progress
+from moec.common.demo_note import has_random_weights
 from moec.common.errors import MoecError
 from moec.common.sidecar import check_tokenizer_belongs
 from moec.compiler.commands.conventions import CheckpointPath, dtype_option
@@ -215,8 +216,12 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     if tokenizer_problem is not None:
         click.echo(f"note: printing token ids, not text: {tokenizer_problem}", err=True)
+    random_weights = has_random_weights(artifact, artifact_sidecar(artifact))
+    if random_weights:
+        click.echo(demo_note.NOTE, err=True)
     if as_json:
-        out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe()}
+        out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe(),
+               "random_weights": random_weights}
         click.echo(json.dumps(out))
         return
     # --json keeps the exact text; a terminal gets it escaped (a random or hostile model can emit
