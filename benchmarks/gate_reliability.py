@@ -105,7 +105,7 @@ def calibrate(base: Path, work: Path, threads: int) -> tuple[Path, int, float]:
 def comparison(new: Path, old: Path, out: Path, threads: int) -> dict:
     moec = [sys.executable, "-m", "moec.compiler"]
     t0 = time.perf_counter()
-    b = subprocess.run(moec + ["bench", str(new), "--against", str(old), "--json", str(out), "--threads", str(threads)],
+    b = subprocess.run(moec + ["bench", str(new), "--against", str(old), "--json-out", str(out), "--threads", str(threads)],
                        capture_output=True, text=True)
     g = subprocess.run(moec + ["gate", str(out)], capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"))
     wall = time.perf_counter() - t0

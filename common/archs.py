@@ -23,7 +23,7 @@ from moec.common.errors import MoecError
 # GPU names -> compute capability, as NVIDIA's CUDA GPU table lists them. Lower case, no spaces.
 GPU_ARCHS: dict[str, str] = {
     "t4": "sm75",
-    "a100": "sm80", "a30": "sm80",
+    "a100": "sm80", "a100-40": "sm80", "a100-80": "sm80", "a30": "sm80",
     "a10": "sm86", "a10g": "sm86", "a40": "sm86", "rtx3090": "sm86",
     "orin": "sm87",
     "l4": "sm89", "l40s": "sm89", "rtx4090": "sm89",
@@ -137,7 +137,7 @@ def check_archs(kind: str, texts) -> list[str]:
 def arch_help(kind: str) -> str:
     """The archs and GPU names ``kind`` can build, for a command's --help."""
     archs = buildable_archs(kind)
-    names = [g for a in archs for g in gpu_names(a)]
+    names = [g for a in archs for g in gpu_names(a) if not re.search(r"-\d", g)]  # a100, not a100-40 and a100-80
     return f"{FLAVOUR_NAMES[kind]} builds {', '.join(archs)}; GPU names: {', '.join(names)}"
 
 
