@@ -25,9 +25,10 @@ def stderr_is_terminal() -> bool:
 
 
 @contextlib.contextmanager
-def shown(title: str, enabled: bool = True, force: bool = False) -> Iterator[None]:
+def shown(title: str, enabled: bool = True, force: bool = False, live: bool = True) -> Iterator[None]:
     """Show ``title`` and the current step while the block runs: only when ``enabled`` and stderr
-    is a terminal (or ``force``), and not inside another display (rich draws one at a time)."""
+    is a terminal (or ``force``), and not inside another display (rich draws one at a time).
+    ``live=False`` redraws only at each step, with no refresh thread (a benchmark's timings)."""
     if not enabled or _active.get() is not None or not (force or stderr_is_terminal()):
         yield
         return
@@ -36,7 +37,7 @@ def shown(title: str, enabled: bool = True, force: bool = False) -> Iterator[Non
 
     console = Console(stderr=True, force_terminal=True if force else None)
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                   transient=True)
+                   transient=True, auto_refresh=live)
     with bar:
         task = bar.add_task(title, total=None)
         token = _active.set((bar, task, title))
@@ -51,4 +52,4 @@ def step(text: str) -> None:
     current = _active.get()
     if current is not None:
         bar, task, title = current
-        bar.update(task, description=f"{title}: {text}")
+        bar.update(task, description=f"{title}: {text}", refresh=not bar.live.auto_refresh)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.common import contract
+from moec.common import contract, progress
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
 from moec.runtime.backend import Backend
@@ -264,6 +264,8 @@ def run_bench(backend: Backend, config: BenchConfig) -> dict[str, dict[str, Any]
     gen = GenerationConfig(max_new_tokens=config.gen_len, stop_on_eos=False)
     prefill_ms, step_ms, step_median_ms = [], [], []
     for i in range(config.warmup + config.repeats):
+        progress.step(f"warm-up {i + 1} of {config.warmup}" if i < config.warmup
+                      else f"repeat {i - config.warmup + 1} of {config.repeats}")
         result = generate(backend, prompt, gen)
         if i < config.warmup:
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from moec.common import progress
 from moec.compiler.commands.conventions import arch_option, json_out_option, output_option
 
 
@@ -233,19 +234,21 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
         check_option_output(json_out, "--json-out", kind="moec bench result",
                             is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
     config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads)
-    if against is None:
-        from moec.runtime.bench import bench_artifact
+    # Redrawn only between measurements: no refresh thread runs while a step is timed.
+    with progress.shown(f"moec bench {artifact.name}", live=False):
+        if against is None:
+            from moec.runtime.bench import bench_artifact
 
-        result = bench_artifact(artifact, config, backend)
-    else:
-        from moec.compiler.gate import parse_percent
-        from moec.compiler.gate_paired import PAIRED_BETTER, all_decided
-        from moec.runtime.bench_paired import PairedConfig, bench_paired
+            result = bench_artifact(artifact, config, backend)
+        else:
+            from moec.compiler.gate import parse_percent
+            from moec.compiler.gate_paired import PAIRED_BETTER, all_decided
+            from moec.runtime.bench_paired import PairedConfig, bench_paired
 
-        threshold = parse_percent(max_regression, "--max-regression")
-        paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
-        result = bench_paired(artifact, against, paired, backend,
-                              decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold))
+            threshold = parse_percent(max_regression, "--max-regression")
+            paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
+            result = bench_paired(artifact, against, paired, backend,
+                                  decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold))
     # The result is on disk before anything is printed, so a closed stdout (`| head`) cannot lose it.
     if json_out is not None:
         _write_result(json_out, result)

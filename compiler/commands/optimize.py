@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from moec.common import progress
 from moec.common.errors import MoecError
 from moec.compiler.commands.conventions import (json_out_option, moe_lowering_option, output_option, precision_option,
                                                 target_option)
@@ -61,7 +62,7 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
         return
     if out_path.is_dir():
         raise MoecError(f"-o {out_path} is a folder; give the .onnx file to write (a folder is for --tp/--ep)")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), progress.shown(f"moec optimize {in_path.name}"):
         warnings.simplefilter("ignore")  # the report carries them; printed below
         report = optimize_onnx(in_path, out_path, config)
     console = Console()

@@ -30,3 +30,16 @@ def test_displays_do_not_nest(capfd):
             progress.step("work")
     err = capfd.readouterr().err
     assert "outer" in err and "inner" not in err
+
+
+def test_a_benchmark_display_redraws_at_each_step_only(capfd):
+    # live=False: no refresh thread competes with the timed steps; each step still shows.
+    import threading
+
+    before = threading.active_count()
+    with progress.shown("moec bench m.onnx", force=True, live=False):
+        assert threading.active_count() == before
+        progress.step("round 1")
+        progress.step("round 2")
+    err = capfd.readouterr().err
+    assert "moec bench m.onnx: round 1" in err and "moec bench m.onnx: round 2" in err
