@@ -43,7 +43,6 @@ from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
     TrtFlavour,
-    arch_name,
     engine_problems,
     engine_profiles,
     import_trt,

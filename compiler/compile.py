@@ -313,9 +313,8 @@ def stage_verify(s: _State) -> StageRecord:
 def stage_build(s: _State) -> StageRecord:
     if not _is_trt(s.config.target):
         return StageRecord("build", 0.0, "skipped", f"target {s.config.target} runs the ONNX graph")
-    from moec.compiler.build import BuildConfig, build_engine
-
     from moec.common.archs import split_archs
+    from moec.compiler.build import BuildConfig, build_engine
 
     kind, archs = s.config.target.split(":", 1)
     s.engine_dir = s.work / "engine"
@@ -364,9 +363,10 @@ def check_targets(config: CompileConfig) -> list:
     from moec.common.archs import check_archs, split_target
     from moec.passes.targets import lowerings_for, parse_target
 
-    targets = [parse_target(t) for t in split_target(config.target)]
-    if len(targets) > 1:
-        check_archs(targets[0].kind, [t.arch for t in targets])
+    texts = split_target(config.target)
+    targets = [parse_target(t) for t in texts]
+    if len(targets) > 1:  # the names as given, so "a100 and sm80" reads as the user wrote them
+        check_archs(targets[0].kind, [t.partition(":")[2] for t in texts])
     plans = {str(t): lowerings_for(t, config.moe_lowering) for t in targets}
     if len(set(plans.values())) > 1:
         listing = "; ".join(f"{t}: {', '.join(p)}" for t, p in plans.items())
@@ -393,7 +393,9 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     _check_trt_installed(target)
     from moec.compiler.quantize_stage import check_quantize_request, check_model_fits
 
-    quant = [check_quantize_request(config, t) for t in targets][0]
+    quant = check_quantize_request(config, target)
+    for other in targets[1:]:  # fp8 needs FP8 tensor cores on every arch
+        check_quantize_request(config, other)
     out_dir = Path(out_dir)
     if checkpoint is not None:
         from moec.models.checkpoint import checkpoint_folder

@@ -56,6 +56,12 @@ def check_graph_of(meta: dict, llama, onnx_path, checkpoint) -> None:
                         "engines; verify its export, or a graph optimized with the target's default lowering")
 
 
+def _ort_has_gpu() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def quantization_spec(meta: dict):
     """The QuantizeSpec the graph's weights were quantized with (None for a float graph)."""
     record = meta.get("quantization")
@@ -81,6 +87,9 @@ def verify_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike,
     if config.dtype != dtype:
         raise MoecError(f"{onnx_path} computes in {dtype}; --dtype {config.dtype} does not apply to it "
                         "(drop --dtype: the graph's dtype is the reference's)")
+    if dtype == "bf16" and not config.providers and not _ort_has_gpu():
+        raise MoecError(f"{onnx_path} computes in bf16, which ONNX Runtime's CPU provider has no kernels for; verify it "
+                        "on a GPU host, or verify the same pipeline in fp32 (moec compile does: its fp32 twin)")
     llama = Llama4Config.from_pretrained(checkpoint_folder(checkpoint))
     check_graph_of(meta, llama, onnx_path, checkpoint)
     spec = quantization_spec(meta)

@@ -82,7 +82,12 @@ def test_a_wrong_weight_fails(demo_ckpt, demo_onnx, tmp_path, capsys):
     assert code == 1 and "FAILED" in out
 
 
-def test_refusals_are_one_line(demo_ckpt, demo_onnx, tmp_path, capsys):
+def test_refusals_are_one_line(demo_ckpt, demo_onnx, tmp_path, capsys, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    bf16 = copy_graph(demo_onnx, tmp_path / "bf16")
+    edit_sidecar(bf16, precision="bf16")
     other = copy_graph(demo_onnx, tmp_path / "other")
     edit_sidecar(other, model_config={"rms_norm_eps": 0.5})
     trt_only = copy_graph(demo_onnx, tmp_path / "trt")
@@ -90,6 +95,7 @@ def test_refusals_are_one_line(demo_ckpt, demo_onnx, tmp_path, capsys):
     cases = [
         (other, [], "was not made from"),
         (trt_only, [], "runs only inside TensorRT"),
+        (bf16, [], "computes in bf16, which ONNX Runtime's CPU provider has no kernels for"),
         (demo_onnx, ["--dtype", "fp16"], "computes in fp32; --dtype fp16 does not apply"),
         (tmp_path / "missing.onnx", [], "does not exist"),
     ]
