@@ -217,7 +217,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     if tokenizer_problem is not None:
         click.echo(f"note: printing token ids, not text: {tokenizer_problem}", err=True)
     random_weights = has_random_weights(artifact, artifact_sidecar(artifact))
-    if random_weights:
+    if random_weights and not as_json:  # --json says it as "random_weights"
         click.echo(demo_note.NOTE, err=True)
     if as_json:
         out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe(),
