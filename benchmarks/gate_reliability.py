@@ -114,7 +114,7 @@ def calibrate(base: Path, work: Path, threads: int) -> tuple[Path, int, float]:
 def comparison(new: Path, old: Path, out: Path, threads: int) -> dict:
     moec = [sys.executable, "-m", "moec.compiler"]
     t0 = time.perf_counter()
-    b = subprocess.run(moec + ["bench", str(new), "--against", str(old), "--json", str(out), "--threads", str(threads)],
+    b = subprocess.run(moec + ["bench", str(new), "--against", str(old), "--json-out", str(out), "--threads", str(threads)],
                        capture_output=True, text=True)
     bench_s = time.perf_counter() - t0
     t1 = time.perf_counter()

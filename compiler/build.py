@@ -43,7 +43,6 @@ from moec.runtime.bench import source_hashes
 from moec.runtime.trt_backend import (
     MANIFEST_FORMAT,
     TrtFlavour,
-    arch_name,
     engine_problems,
     engine_profiles,
     import_trt,
@@ -472,23 +471,12 @@ def builder_config(flavour: TrtFlavour, builder, network, arch: str, profiles: l
 
 def check_archs(flavour: TrtFlavour, config: BuildConfig) -> list[str]:
     """Normalize the arch names and refuse the ones the flavour cannot target, saying what to do."""
-    from moec.passes.targets import ARCHS, arch_unsupported_reason
+    from moec.common.archs import check_archs as checked
 
-    archs = [arch_name(*parse_arch(a)) for a in config.archs]
-    if len(set(archs)) != len(archs):
-        raise MoecError(f"--arch lists an arch twice: {', '.join(config.archs)}")
-    known = set().union(*ARCHS.values())
-    for a in archs:
-        if a not in known:  # the same table `moec optimize` and `moec compile` check targets against
-            raise MoecError(f"arch {a}: {arch_unsupported_reason('trt', a)}")
+    # One table and one refusal text for --arch and --target (moec.common.archs): GPU names
+    # accepted, an arch listed twice refused, what the flavour offers asked of its module.
+    archs = checked("trt-rtx" if flavour.is_rtx else "trt", config.archs)
     if flavour.is_rtx:
-        offered = [n.lower() for n in flavour.trt.ComputeCapability.__members__ if n.startswith("SM")]
-        for a in archs:
-            if a not in offered:
-                raise MoecError(
-                    f"arch {a}: TensorRT-RTX {flavour.version} targets only {', '.join(offered)}; "
-                    f"build {a} with full TensorRT on a {a} GPU (--backend tensorrt) or pick a listed arch"
-                )
         return archs
     local = local_gpu_arch()
     if local is None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from moec.common import progress
 from moec.common.artifacts import atomic_dir, write_json_atomic
 from moec.common.errors import MoecError
 from moec.common.resources import as_resource_error
@@ -43,7 +44,7 @@ REPORT_FILE = "compile_report.json"
 class CompileConfig:
     """What ``moec compile`` does; the CLI fills it, defaults live here only."""
 
-    target: str = DEFAULT_TARGET  # "ort" | "trt:<arch>" | "trt-rtx:<arch>"
+    target: str = DEFAULT_TARGET  # "ort" | "trt:<arch>[,<arch>...]" | "trt-rtx:<arch>[,<arch>...]": an engine per arch
     dtype: str | None = None  # export dtype; None: resolve_dtype (the checkpoint's, where the target runs it)
     precision: str | None = None  # optimize-stage cast of an fp32 export (fp16/bf16); None keeps the export's
     moe_lowering: str | None = None  # None: the target's default lowering
@@ -166,6 +167,10 @@ def resolve_dtype(config: CompileConfig, checkpoint: Path) -> tuple[str, str]:
     """The export dtype and why. Given: as given. Default: the checkpoint's stored dtype, except
     bf16 for ``--target ort`` on a machine whose ONNX Runtime has no GPU provider: the CPU provider
     has no bf16 kernels (onnxruntime 1.32), so the graph that target deploys is fp32."""
+    if config.precision == "fp32":  # the graph stays fp32, so the export is fp32
+        if config.dtype not in (None, "fp32"):
+            raise MoecError(f"--precision fp32 keeps an fp32 graph; it cannot go with --dtype {config.dtype} (drop one)")
+        return "fp32", "fp32 (--precision fp32)"
     if config.dtype is not None:
         return config.dtype, config.dtype
     from moec.models.checkpoint import stored_dtype
@@ -206,7 +211,7 @@ def stage_optimize(s: _State) -> StageRecord:
     from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
 
     opt = OptimizeConfig(
-        target=s.config.target, moe_lowering=s.config.moe_lowering, precision=s.config.precision,
+        target=graph_target(s.config.target), moe_lowering=s.config.moe_lowering, precision=s.config.precision,
         require_fusion=True, quantize=s.config.quantize, quantize_group=s.config.quantize_group,
         quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric)
     if s.config.parallel:
@@ -272,7 +277,7 @@ def _fp32_twin(s: _State) -> Path:
         return export
     out = twin / "model.opt.onnx"
     optimize_onnx(export, out, OptimizeConfig(
-        target=s.config.target, moe_lowering=s.config.moe_lowering, require_fusion=True,
+        target=graph_target(s.config.target), moe_lowering=s.config.moe_lowering, require_fusion=True,
         quantize=s.config.quantize, quantize_group=s.config.quantize_group,
         quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric))
     return out
@@ -335,12 +340,13 @@ def stage_verify(s: _State) -> StageRecord:
 def stage_build(s: _State) -> StageRecord:
     if not _is_trt(s.config.target):
         return StageRecord("build", 0.0, "skipped", f"target {s.config.target} runs the ONNX graph")
+    from moec.common.archs import split_archs
     from moec.compiler.build import BuildConfig, build_engine
 
-    kind, arch = s.config.target.split(":", 1)
+    kind, archs = s.config.target.split(":", 1)
     s.engine_dir = s.work / "engine"
     bcfg = BuildConfig(
-        archs=(arch,), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
+        archs=tuple(split_archs(archs)), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
         max_seq=s.max_seq,
         timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress)
     if s.config.parallel:
@@ -348,7 +354,7 @@ def stage_build(s: _State) -> StageRecord:
 
         out = build_rank_engines(s.optimized_path, s.engine_dir, bcfg)
         layers = sum(r["dist_collective_layers"] for r in out["ranks"])
-        return StageRecord("build", 0.0, "ok", f"{out['world_size']} rank engines for {arch}, "
+        return StageRecord("build", 0.0, "ok", f"{out['world_size']} rank engines for {archs}, "
                            f"{layers} DistCollective layers in all", artifact_bytes=_files_bytes(s.engine_dir))
     res = build_engine(s.optimized_path, s.engine_dir, bcfg)
     m = res.manifest
@@ -435,6 +441,32 @@ def _check_parallel(config: CompileConfig, checkpoint) -> None:
     Mapping(config.tp, config.ep).check_divisible(llama.to_dict())
 
 
+def graph_target(target: str) -> str:
+    """The target the one optimized graph is lowered for: the first arch of ``trt-rtx:sm80,sm89``
+    (check_targets made sure every arch lowers the same way)."""
+    from moec.common.archs import split_target
+
+    return split_target(target)[0]
+
+
+def check_targets(config: CompileConfig) -> list:
+    """Every arch of ``config.target`` parsed and checked, each once, all lowering the MoE the same
+    way (one optimized graph serves every engine)."""
+    from moec.common.archs import check_archs, split_target
+    from moec.passes.targets import lowerings_for, parse_target
+
+    texts = split_target(config.target)
+    targets = [parse_target(t) for t in texts]
+    if len(targets) > 1:  # the names as given, so "a100 and sm80" reads as the user wrote them
+        check_archs(targets[0].kind, [t.partition(":")[2] for t in texts])
+    plans = {str(t): lowerings_for(t, config.moe_lowering) for t in targets}
+    if len(set(plans.values())) > 1:
+        listing = "; ".join(f"{t}: {', '.join(p)}" for t, p in plans.items())
+        raise MoecError(f"--target {config.target}: these archs lower the MoE layers differently ({listing}); "
+                        "one compile builds one graph: compile them separately or give --moe-lowering hybrid")
+    return targets
+
+
 class _StageFailed(Exception):
     def __init__(self, record: StageRecord, message: str):
         super().__init__(message)
@@ -446,16 +478,16 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
                        on_stage: Callable[[StageRecord], None] | None = None) -> CompileReport:
     """Run every stage; return the report. A stage failure raises MoecError after nothing was
     written to ``out_dir`` (the report of the stages so far is attached as ``.report``)."""
-    from moec.passes.targets import lowerings_for, parse_target
-
     # Everything the stages would refuse late (after an export that takes hours for Scout) is
     # refused here: the target and its arch, the lowering on that target, a missing TensorRT.
-    target = parse_target(config.target)
-    lowerings_for(target, config.moe_lowering)
+    targets = check_targets(config)
+    target = targets[0]
     _check_trt_installed(target)
     from moec.compiler.quantize_stage import check_quantize_request, check_model_fits
 
     quant = check_quantize_request(config, target)
+    for other in targets[1:]:  # fp8 needs FP8 tensor cores on every arch
+        check_quantize_request(config, other)
     out_dir = Path(out_dir)
     if config.parallel:
         _check_parallel(config, checkpoint)
@@ -484,7 +516,9 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
         for name, stage in STAGES:
             t0 = time.perf_counter()
             try:
-                rec = stage(state)
+                # The build stage draws its own bars (rich shows one live display at a time).
+                with progress.shown(f"moec compile: {name}", enabled=config.progress and name != "build"):
+                    rec = stage(state)
             except _StageFailed as e:
                 e.record.seconds = time.perf_counter() - t0
                 e.record.detail = final(e.record.detail)

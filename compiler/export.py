@@ -333,6 +333,9 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
     """Export ``checkpoint_dir`` to ``out_path`` (and the files beside it); see the module doc."""
     import onnx_ir as ir
 
+    from moec.common import demo_note
+    from moec.common.demo_note import is_demo_checkpoint
+    from moec.common.progress import step
     from moec.models import Llama4Config
     from moec.models.checkpoint import checkpoint_folder
 
@@ -383,6 +386,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         from moec.compiler.export_weights import attach_checkpoint_weights
         from moec.models.checkpoint import load_pretrained_lazy
 
+        step("reading the checkpoint")
         model, sources = load_pretrained_lazy(checkpoint_dir, dtype=torch_dtype(config.dtype),
                                               allow_nonfinite=config.allow_nonfinite_weights)
         allow_nonfinite = config.allow_nonfinite_weights
@@ -391,12 +395,14 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         model.ring_slots = default_ring_slots(llama_config, max_positions) if config.chunked_cache == "ring" else None
         kv_cache = kv_cache_entries(model, max_positions)
         t0 = time.perf_counter()
+        step("tracing the model (torch.export)")
         onnx_model = _trace_to_onnx(model, llama_config, config, max_positions)
         attach_checkpoint_weights(onnx_model, model, sources, allow_nonfinite=allow_nonfinite)
         _fold_weight_layout_ops(onnx_model)
         if config.optimize:
             import onnxscript.optimizer
 
+            step("folding constants (onnxscript optimizer)")
             onnxscript.optimizer.optimize_ir(onnx_model)
         export_s = time.perf_counter() - t0
         op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
@@ -406,6 +412,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         tmp_model = tmp_dir / out_path.name
         try:
             t0 = time.perf_counter()
+            step(f"writing {weight_bytes / 2**20:.0f} MiB of weights")
             if external:
                 # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
                 # evaluated there), so no second copy of the weights is built.
@@ -427,6 +434,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         del onnx_model, model  # the torch weights are no longer needed for the checks
 
         t0 = time.perf_counter()
+        step("checking the graph (onnx.checker)")
         _check_by_path(tmp_model)
         check_s = time.perf_counter() - t0
 
@@ -434,6 +442,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         if has_tokenizer:
             sidecar["tokenizer_sha256"] = sha256_file(tokenizer_src)
         sidecar["kv_cache"] = kv_cache
+        if is_demo_checkpoint(checkpoint_dir):  # `moec run` says its output is noise (common/demo_note.py)
+            sidecar[demo_note.SIDECAR_KEY] = True
         write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)

@@ -112,7 +112,7 @@ def parse_percent(text: str, option: str = "--max-regression") -> float:
 def load_result(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise MoecError(f"{path} does not exist: write it with `moec bench ARTIFACT --json {path}`")
+        raise MoecError(f"{path} does not exist: write it with `moec bench ARTIFACT --json-out {path}`")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
@@ -401,7 +401,7 @@ def gate(result_path: str | Path, baseline_path: str | Path | None = None, confi
     if baseline_path is None:
         if "paired" not in result:
             raise MoecError(f"{result_path} is a single bench, not a paired one: give --baseline BASE.json, or bench "
-                            "with `moec bench NEW --against OLD --json R.json` and gate that")
+                            "with `moec bench NEW --against OLD --json-out R.json` and gate that")
         return compare_paired(result, config, str(result_path))
     return compare(result, load_result(baseline_path), config, str(result_path), str(baseline_path))
 

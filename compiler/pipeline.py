@@ -32,7 +32,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from moec.common import contract
+from moec.common import contract, progress
 from moec.common.artifacts import atomic_file_set, write_json_atomic
 from moec.common.errors import MoecError
 from moec.common.outputs import check_output_folder_option, mark_output_folder
@@ -211,6 +211,7 @@ def run_passes(model: ir.Model, steps: list[Step], ctx: _Context, dump_dir: Path
     failed, and dump the graph after each phase when ``dump_dir`` is given."""
     records: list[PassRecord] = []
     for i, step in enumerate(steps):
+        progress.step(f"{step.phase}: {step.name} ({i + 1}/{len(steps)})")
         t0 = time.perf_counter()
         total = 0
         for _ in range(max(1, ctx.config.cleanup_iterations) if step.repeat else 1):

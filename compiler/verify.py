@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.common import contract
+from moec.common import contract, progress
 from moec.common.errors import MoecError
 
 # Per-dtype default tolerances (atol, rtol) of verify. fp32: the export's contract (1e-4 on
@@ -218,6 +218,7 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
     t_cache = torch_backend.init_cache(config.batch)
     o_cache = ort_backend.init_cache(config.batch)
     for step in range(config.decode_steps + 1):
+        progress.step("prefill" if step == 0 else f"decode step {step} of {config.decode_steps}")
         t_logits, t_cache = torch_backend.forward(ids_BS, pos_BS, t_cache)
         o_logits, o_cache = ort_backend.forward(ids_BS, pos_BS, o_cache)
         ref = _step_outputs(t_logits, _torch_kv(t_cache))
@@ -252,6 +253,7 @@ def verify(checkpoint: str | os.PathLike, config: VerifyConfig = VerifyConfig())
     with tempfile.TemporaryDirectory(prefix="moec-verify-") as tmp:
         out_dir = Path(config.export_dir) if config.export_dir else Path(tmp)
         onnx_path = out_dir / "model.onnx"
+        progress.step("exporting")
         export_onnx(checkpoint, onnx_path,
                     ExportConfig(dtype=config.dtype, allow_nonfinite_weights=config.allow_nonfinite_weights))
         ort_backend = OrtBackend.from_onnx(

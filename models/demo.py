@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from moec.common import demo_note
 from moec.common.artifacts import atomic_dir, check_output_dir
 from moec.common.contract import TOKENIZER_FILE
 from moec.common.errors import MoecError
@@ -27,7 +28,7 @@ MAX_DEMO_PARAMS = 500_000_000
 # Written into every demo checkpoint, for the person who finds the folder. What lets a new demo
 # replace the folder (and never a real checkpoint, which also has a config.json) is the marker
 # moec.common.artifacts writes, naming the command.
-DEMO_MARKER = "moec-demo-checkpoint.txt"
+DEMO_MARKER = demo_note.DEMO_MARKER
 
 # Byte-level tokenizer: ids 0..255 are the bytes themselves, then these special tokens.
 BOS = "<|begin_of_text|>"

@@ -7,6 +7,7 @@ upstream of runtime/ and must not import it.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,14 @@ class TorchKVCache:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Llama4ForCausalLM, config: Llama4Config | None = None, max_positions: int | None = None):
+    def __init__(self, model: Llama4ForCausalLM | str | os.PathLike, config: Llama4Config | None = None,
+                 max_positions: int | None = None, **options):
         """``max_positions``: the context to serve (default: the model's); the chunked layers'
         rings are sized for it as an export of that context sizes them, so caches compare."""
+        if isinstance(model, (str, os.PathLike)):
+            # TorchBackend("checkpoint_dir", dtype="bf16") is the call users try first: from_checkpoint's.
+            self.__dict__.update(type(self).from_checkpoint(model, max_positions=max_positions, **options).__dict__)
+            return
         from moec.models.llama4 import default_ring_slots
 
         self.model = model.eval()

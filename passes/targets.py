@@ -14,26 +14,22 @@ Defaults, fastest valid first (the lowering driver takes the first one a layer a
 TensorRT-RTX has no IMoELayer on any arch it targets (SM75-SM121, FACTS.md), so trt-rtx never
 takes ``trt-native``; nor ``trt-plugin`` (its ONNX parser aborts the process on a Python plugin).
 ``gather`` builds there with the export's RoPE ops (compiler/pipeline.py's fusion list says why).
-Each flavour's archs are one table (``ARCHS``); the build stage should check against the same one.
+Each flavour's archs, the GPU names and the refusal text are one table for every command (moec.common.archs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 
+from moec.common.archs import FLAVOUR_NAMES, STATIC_ARCHS, normalize_arch  # noqa: F401 - FLAVOUR_NAMES: re-export
+from moec.common.archs import arch_unsupported_reason as arch_unsupported_reason
 from moec.common.errors import MoecError
 
 KINDS = ("ort", "trt", "trt-rtx")
 LOWERINGS = ("ort", "split", "hybrid", "gather", "dense", "trt-native", "trt-plugin", "function")
-# The GPU archs each TensorRT flavour can build for. TensorRT-RTX 1.7 offers exactly these compute
-# capabilities (FACTS.md: no SM90, no SM100). Full TensorRT 10/11: the real archs from Turing on
-# (sm87 Orin, sm90 Hopper, sm100/sm103 Blackwell datacenter, sm110 Thor, sm120/sm121 RTX Blackwell).
-ARCHS = {
-    "trt-rtx": ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121"),
-    "trt": ("sm75", "sm80", "sm86", "sm87", "sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm121"),
-}
-FLAVOUR_NAMES = {"trt": "full TensorRT", "trt-rtx": "TensorRT-RTX"}
+# The GPU archs each TensorRT flavour can build for, the GPU names and the refusal text: one table
+# for every command (moec.common.archs).
+ARCHS = STATIC_ARCHS
 # IMoELayer runs on Blackwell datacenter and Thor only (public TensorRT docs; FACTS.md).
 TRT_NATIVE_MOE_ARCHS = frozenset({"sm100", "sm103", "sm110"})
 
@@ -59,23 +55,18 @@ def parse_target(text: str) -> Target:
         if arch:
             raise MoecError(f"target {text!r}: ort takes no arch")
         return Target("ort")
-    if not re.fullmatch(r"sm\d{2,3}", arch or ""):
-        raise MoecError(f"target {text!r} needs an arch like {kind}:sm89, {kind}:sm90 or {kind}:sm100")
+    if not arch:
+        raise MoecError(f"target {text!r} needs an arch like {kind}:sm89 or a GPU name like {kind}:l4")
+    if "," in arch:
+        raise MoecError(f"target {text!r}: one graph is optimized for one arch; give one (moec compile and moec build "
+                        "take several)")
+    try:
+        arch = normalize_arch(arch)
+    except MoecError as e:
+        raise MoecError(f"target {text!r}: {e}") from None
     if reason := arch_unsupported_reason(kind, arch):
         raise MoecError(f"target {text!r}: {reason}")
     return Target(kind, arch)
-
-
-def arch_unsupported_reason(kind: str, arch: str) -> str | None:
-    """Why TensorRT flavour ``kind`` ("trt" | "trt-rtx") cannot build for ``arch`` (None when it can)."""
-    if arch in ARCHS[kind]:
-        return None
-    known = sorted(set().union(*ARCHS.values()), key=lambda a: int(a[2:]))
-    if arch not in known:
-        return f"unknown arch {arch}; GPU archs are {', '.join(known)}"
-    others = [k for k in ARCHS if k != kind and arch in ARCHS[k]]
-    hint = f"; build {arch} with {FLAVOUR_NAMES[others[0]]} ({others[0]}:{arch})" if others else ""
-    return f"{FLAVOUR_NAMES[kind]} cannot target {arch}; it targets {', '.join(ARCHS[kind])}{hint}"
 
 
 def unsupported_reason(target: Target, lowering: str) -> str | None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from moec.common import contract
+from moec.common import contract, progress
 from moec.common.artifacts import sha256_file
 from moec.common.errors import MoecError
 from moec.runtime.backend import Backend
@@ -126,11 +126,11 @@ def check_result_path(out: str | Path, artifact: str | Path) -> None:
     out, artifact = Path(out), Path(artifact)
     target = out.resolve()
     if target == artifact.resolve():
-        raise MoecError(f"--json {out} is the benched artifact itself: write the result to another file, e.g. bench.json")
+        raise MoecError(f"--json-out {out} is the benched artifact itself: write the result to another file, e.g. bench.json")
     for f in artifact_files(artifact):
         same = f.resolve() == target or (out.exists() and f.exists() and os.path.samefile(f, out))
         if same:
-            raise MoecError(f"--json {out} is {f.name}, a file of the benched artifact {artifact}: "
+            raise MoecError(f"--json-out {out} is {f.name}, a file of the benched artifact {artifact}: "
                             "write the result to another file, e.g. bench.json")
 
 
@@ -265,6 +265,8 @@ def run_bench(backend: Backend, config: BenchConfig) -> dict[str, dict[str, Any]
     gen = GenerationConfig(max_new_tokens=config.gen_len, stop_on_eos=False)
     prefill_ms, step_ms, step_median_ms = [], [], []
     for i in range(config.warmup + config.repeats):
+        progress.step(f"warm-up {i + 1} of {config.warmup}" if i < config.warmup
+                      else f"repeat {i - config.warmup + 1} of {config.repeats}")
         result = generate(backend, prompt, gen)
         if i < config.warmup:
             continue

@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from moec.common import progress
 from moec.common.errors import MoecError
 from moec.runtime.backend import Backend
 from moec.runtime.bench import (BenchConfig, artifact_record, latency_metric, open_backend,
@@ -194,6 +195,7 @@ def run_paired(config: PairedConfig, measure: Measure,
     start = clock()
     rounds = 0
     for i in range(config.max_rounds):
+        progress.step(f"round {i + 1} (at most {config.max_rounds}, {config.max_time:.0f} s)")
         measured = measure()
         for who in ("new", "old"):
             prefill_ms, steps_ms = measured[who]

@@ -54,7 +54,12 @@ class OrtBackend:
 
     name = "ort"
 
-    def __init__(self, session, onnx_path: Path, sidecar: dict, graph_optimization: bool):
+    def __init__(self, session, onnx_path: Path | None = None, sidecar: dict | None = None,
+                 graph_optimization: bool = True, **from_onnx_options):
+        if isinstance(session, (str, os.PathLike)):
+            # OrtBackend("model.onnx", providers=...) is the call users try first: from_onnx's.
+            self.__dict__.update(type(self).from_onnx(session, **from_onnx_options).__dict__)
+            return
         self.session = session
         self.path = onnx_path
         self.sidecar = sidecar

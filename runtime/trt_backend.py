@@ -391,8 +391,12 @@ class TrtBackend:
 
     name = "trt"
 
-    def __init__(self, engine_dir: Path, manifest: dict[str, Any], engine, context, device, stream,
-                 flavour_name: str, flavour_version: str):
+    def __init__(self, engine_dir: Path, manifest: dict[str, Any] | None = None, engine=None, context=None, device=None,
+                 stream=None, flavour_name: str = "", flavour_version: str = "", **from_engine_dir_options):
+        if manifest is None:
+            # TrtBackend("engine_dir") is the call users try first: from_engine_dir's.
+            self.__dict__.update(type(self).from_engine_dir(engine_dir, **from_engine_dir_options).__dict__)
+            return
         import torch
 
         self.engine_dir = engine_dir

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import click
 
+from moec.common import progress
+from moec.compiler.commands.conventions import arch_option, json_out_option, output_option
+
 
 @click.command("build")
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
-@click.option("--arch", default="sm89", show_default=True, help="Target GPU archs, comma separated (sm75, sm80, sm86, sm89, sm90, sm100, sm120, ...).")
+@output_option("out_dir", "Engine directory to write.", old="--out", file_okay=False)
+@arch_option("sm89")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
 @click.option("--shapes", multiple=True,
               help="Profile override, trtexec-style (repeatable, or space separated): PROFILE:NAME:MIN,OPT,MAX with "
@@ -34,7 +37,7 @@ import click
 @click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions of the same major (full TensorRT only).")
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace memory pool limit in MiB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
+def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
     MODEL.onnx may be a partition folder (moec optimize --tp/--ep): one engine folder per rank.
@@ -47,7 +50,7 @@ def build(onnx_path, out_dir, arch, backend, shapes, max_batch, max_new_tokens, 
     from moec.compiler.build import BuildConfig, build_engine
 
     config = BuildConfig(
-        archs=tuple(a for a in arch.replace(" ", "").split(",") if a), backend=backend, shapes=tuple(shapes),
+        archs=archs, backend=backend, shapes=tuple(shapes),
         max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, max_seq=max_seq, timing_cache=timing_cache,
         opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
         workspace_mib=workspace_mib, progress=not no_progress,
@@ -224,7 +227,7 @@ def _print_inspection(report) -> None:
 
 @click.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the result JSON here.")
+@json_out_option("json_out", "Write the result JSON to this file.", old="--json")
 @click.option("--against", "against", type=click.Path(path_type=Path), default=None,
               help="A second artifact (OLD) to time in the same process, interleaved with ARTIFACT (NEW) round by "
                    "round; `moec gate` judges the result without --baseline.")
@@ -258,23 +261,25 @@ def bench(artifact, json_out, against, backend, prompt_len, gen_len, batch, repe
         check_result_path(json_out, artifact)
         if against is not None:
             check_result_path(json_out, against)
-        check_option_output(json_out, "--json", kind="moec bench result",
+        check_option_output(json_out, "--json-out", kind="moec bench result",
                             is_kind=json_object_with("metrics", format_prefix="moec.bench/"))
     config = BenchConfig(prompt_len, gen_len, batch, repeats, warmup, threads=threads, rank_timeout_s=rank_timeout)
-    if against is None:
-        from moec.runtime.bench import bench_artifact
+    # Redrawn only between measurements: no refresh thread runs while a step is timed.
+    with progress.shown(f"moec bench {artifact.name}", live=False):
+        if against is None:
+            from moec.runtime.bench import bench_artifact
 
-        result = bench_artifact(artifact, config, backend)
-    else:
-        from moec.compiler.gate import parse_percent
-        from moec.compiler.gate_paired import PAIRED_BETTER, all_decided, look_confidence
-        from moec.runtime.bench_paired import PairedConfig, bench_paired
+            result = bench_artifact(artifact, config, backend)
+        else:
+            from moec.compiler.gate import parse_percent
+            from moec.compiler.gate_paired import PAIRED_BETTER, all_decided, look_confidence
+            from moec.runtime.bench_paired import PairedConfig, bench_paired
 
-        threshold = parse_percent(max_regression, "--max-regression")
-        paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
-        confidence = look_confidence(paired.looks)
-        result = bench_paired(artifact, against, paired, backend,
-                              decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold, confidence))
+            threshold = parse_percent(max_regression, "--max-regression")
+            paired = PairedConfig(config, max_time=max_time, min_rounds=min_rounds)
+            confidence = look_confidence(paired.looks)
+            result = bench_paired(artifact, against, paired, backend,
+                                  decided=lambda ratios: all_decided(ratios, PAIRED_BETTER, threshold, confidence))
     # The result is on disk before anything is printed, so a closed stdout (`| head`) cannot lose it.
     if json_out is not None:
         _write_result(json_out, result)

@@ -6,10 +6,16 @@ from pathlib import Path
 
 import click
 
+# The presets of moec.models.PRESETS small enough for random weights (moec.models.demo.MAX_DEMO_PARAMS;
+# Scout and Maverick are refused), spelled here so `moec --help` does not import torch; a test
+# keeps the two in step.
+DEMO_PRESETS = ("llama4-tiny",)
+
 
 @click.command("demo-checkpoint")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", default="llama4-tiny", show_default=True, help="Model preset (moec.models.PRESETS).")
+@click.option("--preset", type=click.Choice(DEMO_PRESETS), default="llama4-tiny", show_default=True,
+              help="Model preset (the presets of moec.models.PRESETS small enough for random weights).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 @click.option("--shards", default=1, show_default=True, type=int, help="Number of safetensors shards.")
 @click.option(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from moec.compiler.commands.conventions import (CheckpointPath, dtype_option, moe_lowering_option, precision_option,
+                                                target_option)
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.compiler.commands.weights_options import allow_nonfinite_option
 from moec.compiler.compile import DEFAULT_TARGET, CompileConfig, StageRecord
@@ -22,7 +24,7 @@ def _size(n: int | None) -> str:
     return ""
 
 
-def _print_summary(console, stages: list[StageRecord]) -> None:
+def _print_summary(console, stages: list[StageRecord], error: str = "") -> None:
     """The summary as a narrow table (stage, status, time, size and the one number that matters:
     fused ops or max error) followed by one wrapped detail line per stage, so it reads the same in
     an 80-column terminal and in a CI log (a pipe, where rich assumes 80 columns)."""
@@ -40,22 +42,20 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
                   Text(s.fused_ops or s.max_error))
     console.print(t)
     for s in stages:
-        if s.detail:
+        # A failed stage's message is the `error:` line the CLI prints next: said once, there.
+        if s.detail and not (s.status == "FAILED" and s.detail in error):
             # Text, not markup: details quote shapes and messages with square brackets.
             console.print(Text(f"{s.stage}: {s.detail}"), overflow="fold")
 
 
 @click.command("compile")
-@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.argument("checkpoint", required=False, type=CheckpointPath())
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (replaced only when the whole job succeeds).")
-@click.option("--target", default=DEFAULT_TARGET, show_default=True,
-              help="ort, trt:<arch> (full TensorRT) or trt-rtx:<arch> (TensorRT for RTX; builds on a CPU).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Export dtype [default: the checkpoint's; fp32 for a bf16 checkpoint with --target ort on a CPU].")
-@click.option("--precision", type=click.Choice(["fp16", "bf16"]), default=None,
-              help="Cast an fp32 export in the optimize stage (router math stays fp32).")
-@click.option("--moe-lowering", default=None, help="Override the target's default MoE lowering.")
+@target_option(DEFAULT_TARGET, several=True, needs_installed=True)
+@dtype_option("Export dtype [default: the checkpoint's; fp32 for a bf16 checkpoint with --target ort on a CPU].")
+@precision_option("Cast an fp32 export in the optimize stage (router math stays fp32); fp32 keeps it.")
+@moe_lowering_option(needs_installed=True)
 @click.option("--max-batch", type=int, default=CompileConfig.max_batch, show_default=True)
 @click.option("--max-seq", type=click.IntRange(min=2), default=None,
               help="Longest prompt + generation, of the export and the engine [default: min(the model's, 8192)].")
@@ -107,7 +107,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
     except Exception as e:
         partial = getattr(e, "report", None)
         if partial is not None and not as_json:
-            _print_summary(console, partial.stages)
+            _print_summary(console, partial.stages, error=str(e))
         if getattr(e, "exit_code", None) == 1:  # the verify stage found the compiled graph wrong
             click.secho(f"error: {e}", fg="red", err=True)
             raise SystemExit(1) from None
@@ -118,3 +118,6 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
         _print_summary(console, report.stages)
         for key, path in report.artifacts.items():
             console.print(f"{key:<10} {path}")
+        if checkpoint is None:
+            console.print("the demo checkpoint has random weights: `moec run` on these artifacts prints noise by design "
+                          "(the demo shows the pipeline working); give a CHECKPOINT for a real model")

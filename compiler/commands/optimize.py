@@ -8,21 +8,22 @@ from pathlib import Path
 
 import click
 
+from moec.common import progress
 from moec.common.errors import MoecError
+from moec.compiler.commands.conventions import (json_out_option, moe_lowering_option, output_option, precision_option,
+                                                target_option)
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
-from moec.passes.targets import LOWERINGS
 
 
 @click.command("optimize")
 @click.argument("in_path", metavar="IN.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path),
-              help="Optimized ONNX file to write; with --tp/--ep a folder for rank{r}.onnx and parallel.json.")
-@click.option("--target", default="ort", show_default=True, help="ort | trt:<arch> | trt-rtx:<arch> (arch like sm80, sm89, sm90, sm100, sm120).")
-@click.option("--moe-lowering", type=click.Choice(["auto", *LOWERINGS]), default="auto", show_default=True,
-              help="How fused MoE layers run; auto: the target's fastest valid lowering.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Convert an fp32 export (routing stays fp32).")
+@output_option("out_path", "Optimized ONNX file to write; with --tp/--ep a folder for rank{r}.onnx and parallel.json.",
+               old="--out")
+@target_option("ort", several=False, needs_installed=False)
+@moe_lowering_option(needs_installed=False)
+@precision_option("Convert an fp32 export (routing stays fp32).")
 @click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write the graph after every phase here (graph only: weights become typed inputs).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the pass report as JSON.")
+@json_out_option("report_path", "Write the pass report as JSON to this file.", old="--report")
 @click.option("--require-fusion", is_flag=True, help="Fail when no MoE layer is fused.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel ranks (attention heads, MLPs).")
 @click.option("--ep", type=click.IntRange(min=1), default=1, show_default=True, help="Expert-parallel ranks (routed experts).")
@@ -40,11 +41,11 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
     if report_path is not None:
         # Checked before optimizing: a report that cannot be written must not fail the command
         # after OUT.onnx is already in place, nor replace one of the model's own files.
-        check_option_output(report_path, "--report", kind="moec optimize report",
+        check_option_output(report_path, "--json-out", kind="moec optimize report",
                             is_kind=json_object_with("in_path", "out_path", "passes"),
                             inputs=model_files(in_path) + model_files(out_path))
         check_writable(report_path)
-    config = OptimizeConfig(target=target, moe_lowering=None if moe_lowering == "auto" else moe_lowering,
+    config = OptimizeConfig(target=target, moe_lowering=moe_lowering,
                             precision=precision, dump_dir=dump_dir, require_fusion=require_fusion,
                             **quantize_fields(**quantize))
     if tp * ep > 1:
@@ -61,7 +62,7 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
         return
     if out_path.is_dir():
         raise MoecError(f"-o {out_path} is a folder; give the .onnx file to write (a folder is for --tp/--ep)")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), progress.shown(f"moec optimize {in_path.name}"):
         warnings.simplefilter("ignore")  # the report carries them; printed below
         report = optimize_onnx(in_path, out_path, config)
     console = Console()

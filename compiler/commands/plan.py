@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
+from moec.compiler.commands.conventions import CheckpointPath
 from moec.compiler.plan import GPUS, PlanConfig
 
 
 @click.command("plan")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=CheckpointPath())
 @click.option("--gpu", type=click.Choice(sorted([*GPUS, "a100"]), case_sensitive=False), default=PlanConfig.gpu,
               show_default=True, help="GPU to fit (a100 means a100-80).")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,

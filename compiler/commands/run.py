@@ -13,9 +13,11 @@ from pathlib import Path
 
 import click
 
-from moec.common import contract
+from moec.common import contract, demo_note, progress
+from moec.common.demo_note import has_random_weights
 from moec.common.errors import MoecError
 from moec.common.sidecar import check_tokenizer_belongs
+from moec.compiler.commands.conventions import CheckpointPath, dtype_option
 from moec.compiler.commands.weights_options import allow_nonfinite_option
 
 BACKENDS = ("torch", "ort", "trt")
@@ -138,18 +140,18 @@ def printable(text: str) -> str:
 
 
 @click.command("run")
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=CheckpointPath())
 @click.option("--prompt", help="Prompt text (needs tokenizer.json beside ARTIFACT or in --checkpoint).")
 @click.option("--prompt-ids", help='Prompt token ids, e.g. "1 2 3".')
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate [default: GenerationConfig's].")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Override the backend picked from ARTIFACT.")
 @click.option(
     "--checkpoint",
-    type=click.Path(path_type=Path),
+    type=CheckpointPath(),
     default=None,
     help="Checkpoint to take tokenizer.json (and, for an .onnx without its sidecar, the config) from.",
 )
-@click.option("--dtype", default=None, help="torch backend only: fp32|fp16|bf16 [default: the checkpoint's].")
+@dtype_option("torch backend only [default: the checkpoint's].")
 # Ranges checked here too, so click names the option in its message.
 @click.option("--temperature", type=click.FloatRange(min=0), default=None, help="0 = greedy; > 0 samples.")
 @click.option("--top-k", type=click.IntRange(min=0), default=None, help="Keep the k most likely tokens; 0 = all.")
@@ -223,8 +225,12 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     if tokenizer_problem is not None:
         click.echo(f"note: printing token ids, not text: {tokenizer_problem}", err=True)
+    random_weights = has_random_weights(artifact, artifact_sidecar(artifact))
+    if random_weights and not as_json:  # --json says it as "random_weights"
+        click.echo(demo_note.NOTE, err=True)
     if as_json:
-        out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe()}
+        out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe(),
+               "random_weights": random_weights}
         click.echo(json.dumps(out))
         return
     # --json keeps the exact text; a terminal gets it escaped (a random or hostile model can emit
@@ -260,10 +266,9 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
 
 
 @click.command("export")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=CheckpointPath())
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="OUT.onnx")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="[default: the dtype the checkpoint's weights are stored in]")
+@dtype_option("[default: the dtype the checkpoint's weights are stored in]")
 @click.option("--max-batch", type=int, default=None)
 @click.option("--max-seq", type=int, default=None, help="Longest sequence the export accepts [default: the model's].")
 @click.option(
@@ -280,7 +285,8 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
     options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
                    allow_nonfinite_weights=allow_nonfinite_weights or None)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
-    r = export_onnx(checkpoint, output, config)
+    with progress.shown(f"moec export {checkpoint.name}"):
+        r = export_onnx(checkpoint, output, config)
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]
     click.echo(
         f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "
@@ -289,8 +295,8 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
 
 
 @click.command("verify")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 [default: fp32].")
+@click.argument("checkpoint", type=CheckpointPath())
+@dtype_option("[default: fp32; with --onnx: the graph's]")
 @click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per dtype].")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per dtype].")
 @click.option("--decode-steps", type=int, default=None)
@@ -298,10 +304,14 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
               help="[default: crosses one or two attention chunks where that fits verify's memory budget, "
                    "else the longest prompt that fits; see moec.compiler.verify.default_prompt_len]")
 @click.option("--batch", type=int, default=None)
+@click.option("--onnx", "onnx_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Check this moec graph of CHECKPOINT (an export, optimized, fused or quantized: its sidecar says "
+                   "which) instead of a fresh export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @allow_nonfinite_option
-def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_json, allow_nonfinite_weights):
-    """Export CHECKPOINT and compare ONNX Runtime with PyTorch on prefill and decode steps.
+def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, onnx_path, as_json, allow_nonfinite_weights):
+    """Export CHECKPOINT (or take --onnx GRAPH.onnx) and compare ONNX Runtime with PyTorch on
+    prefill and decode steps.
 
     Exits 1 when any output of any step is out of tolerance (an element fails when it exceeds
     both atol and rtol, as in Polygraphy)."""
@@ -310,7 +320,14 @@ def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, as_js
 
     options = dict(dtype=dtype, atol=atol, rtol=rtol, decode_steps=decode_steps, prompt_len=prompt_len, batch=batch,
                    allow_nonfinite_weights=allow_nonfinite_weights or None)
-    report = run_verify(checkpoint, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
+    with progress.shown(f"moec verify {checkpoint.name}"):
+        if onnx_path is not None:
+            from moec.compiler.verify_graph import graph_dtype, verify_onnx
+
+            options["dtype"] = dtype or graph_dtype(onnx_path)
+            report = verify_onnx(checkpoint, onnx_path, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
+        else:
+            report = run_verify(checkpoint, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     if not report.passed:
         raise SystemExit(1)

@@ -123,7 +123,7 @@ def test_a_full_disk_is_named_by_every_writing_command(tmp_path, demo_onnx, monk
                        "no space left")
     with monkeypatch.context() as m:
         m.setattr(Path, "write_text", _full_disk)
-        one_error_line(*run_cli(["bench", demo_onnx, "--json", tmp_path / "r" / "b.json", "--repeats", "1",
+        one_error_line(*run_cli(["bench", demo_onnx, "--json-out", tmp_path / "r" / "b.json", "--repeats", "1",
                                  "--warmup", "0", "--prompt-len", "4", "--gen-len", "2"], capsys)[::2],
                        "no space left")
     from test_gate import result

@@ -46,11 +46,11 @@ def test_optimize_report_and_dump_dir_never_overwrite_inputs_or_user_files(tmp_p
     model = src / demo_onnx.name
     side = contract.sidecar_path(model)
     before = side.read_text()
-    code, _, err = run_cli(["optimize", model, "-o", tmp_path / "o" / "m.onnx", "--report", side], capsys)
+    code, _, err = run_cli(["optimize", model, "-o", tmp_path / "o" / "m.onnx", "--json-out", side], capsys)
     assert code == 2 and "an input of this command" in err and side.read_text() == before
     notes = tmp_path / "notes.json"
     notes.write_text("[1, 2]")
-    code, _, err = run_cli(["optimize", model, "-o", tmp_path / "o" / "m.onnx", "--report", notes], capsys)
+    code, _, err = run_cli(["optimize", model, "-o", tmp_path / "o" / "m.onnx", "--json-out", notes], capsys)
     assert code == 2 and "is not a moec optimize report" in err and notes.read_text() == "[1, 2]"
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -231,7 +231,7 @@ def test_cli_optimize_prints_table_and_writes_report(demo_onnx, tmp_path, capsys
     from moec.compiler.cli import main
 
     out, rep = tmp_path / "cli" / "model.onnx", tmp_path / "r.json"
-    main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt-rtx:sm89", "--report", str(rep)])
+    main(["optimize", str(demo_onnx), "-o", str(out), "--target", "trt-rtx:sm89", "--json-out", str(rep)])
     text = capsys.readouterr().out
     assert "fuse_grouped_experts" in text and "matches" in text
     report = json.loads(rep.read_text())
@@ -321,7 +321,7 @@ def test_unwritable_outputs_are_refused_before_work(demo_onnx, tmp_path, capsys,
     blocker.write_text("keep")
     out, rep, dump = tmp_path / "o" / "model.onnx", tmp_path / "r.json", tmp_path / "dump"
     bad = blocker / "sub" / "x.json"
-    argv = ["optimize", str(demo_onnx), "-o", str(bad if where == "out" else out), "--report",
+    argv = ["optimize", str(demo_onnx), "-o", str(bad if where == "out" else out), "--json-out",
             str(bad if where == "report" else rep), "--dump-dir", str(bad if where == "dump" else dump)]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and f"cannot write {bad}" in err and "Traceback" not in err
@@ -333,8 +333,8 @@ def test_report_may_not_overwrite_the_model(demo_onnx, tmp_path, capsys):
     out = tmp_path / "o" / "model.onnx"
     for victim in (src, src.with_name("model.onnx.data"), contract.sidecar_path(src), out, contract.sidecar_path(out)):
         before = victim.read_bytes() if victim.exists() else None
-        code, _, err = run_cli(["optimize", str(src), "-o", str(out), "--report", str(victim)], capsys)
-        assert code == 2 and "--report" in err, victim
+        code, _, err = run_cli(["optimize", str(src), "-o", str(out), "--json-out", str(victim)], capsys)
+        assert code == 2 and "--json-out" in err, victim
         assert (victim.read_bytes() if victim.exists() else None) == before
     assert not out.parent.exists()
 

@@ -93,7 +93,7 @@ def test_cli_bench_then_gate(demo_onnx, tmp_path, capsys):
     from moec.compiler.cli import main
 
     out = tmp_path / "r.json"
-    main(["bench", str(demo_onnx), "--json", str(out), "--prompt-len", "4", "--gen-len", "2", "--repeats", "2"])
+    main(["bench", str(demo_onnx), "--json-out", str(out), "--prompt-len", "4", "--gen-len", "2", "--repeats", "2"])
     res = json.loads(out.read_text())
     assert res["metrics"]["decode_ms_per_step"]["repeats"] and "wrote" in capsys.readouterr().out
     # A result gated against itself passes (two repeats on a shared CPU are noisy: widen the cap).
@@ -115,6 +115,6 @@ def test_cli_bench_refuses_to_write_over_the_artifact(demo_onnx, tmp_path, capsy
     before = {f.name: f.read_bytes() for f in work.iterdir()}
     for target in (model, contract.sidecar_path(model), work / contract.TOKENIZER_FILE, work / "." / model.name):
         with pytest.raises(SystemExit) as e:
-            main(["bench", str(model), "--json", str(target), "--prompt-len", "2", "--gen-len", "1", "--repeats", "1"])
+            main(["bench", str(model), "--json-out", str(target), "--prompt-len", "2", "--gen-len", "1", "--repeats", "1"])
         assert e.value.code == 2 and "benched artifact" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in work.iterdir()} == before

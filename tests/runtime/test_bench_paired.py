@@ -193,7 +193,7 @@ def test_bench_paired_refuses_another_model(demo_onnx, tmp_path):
 
 def test_cli_bench_against_then_gate(demo_onnx, tmp_path, capsys):
     out = tmp_path / "r.json"
-    code, stdout, err = run_cli(["bench", demo_onnx, "--against", demo_onnx, "--json", out, "--prompt-len", 4,
+    code, stdout, err = run_cli(["bench", demo_onnx, "--against", demo_onnx, "--json-out", out, "--prompt-len", 4,
                                  "--gen-len", 3, "--threads", 1, "--max-time", "0.5", "--rounds", 3], capsys)
     assert code == 0, err
     res = json.loads(out.read_text())
@@ -211,7 +211,7 @@ def test_cli_bench_refuses_to_write_over_the_against_artifact(demo_onnx, tmp_pat
     from moec.common import contract
 
     before = contract.sidecar_path(demo_onnx).read_bytes()
-    code, _, err = run_cli(["bench", tmp_path / "x.onnx", "--against", demo_onnx, "--json",
+    code, _, err = run_cli(["bench", tmp_path / "x.onnx", "--against", demo_onnx, "--json-out",
                             contract.sidecar_path(demo_onnx)], capsys)
     assert code == 2 and "benched artifact" in err and contract.sidecar_path(demo_onnx).read_bytes() == before
 
@@ -219,7 +219,7 @@ def test_cli_bench_refuses_to_write_over_the_against_artifact(demo_onnx, tmp_pat
 def test_a_closed_stdout_never_loses_the_json(demo_onnx, tmp_path):
     out = tmp_path / "r.json"
     # `moec bench ... --json X | head -c 1`: the reader goes away before the table is printed.
-    proc = subprocess.Popen([sys.executable, "-m", "moec.compiler", "bench", str(demo_onnx), "--json", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "moec.compiler", "bench", str(demo_onnx), "--json-out", str(out),
                              "--prompt-len", "4", "--gen-len", "3", "--repeats", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # closed before the bench prints anything
@@ -232,6 +232,6 @@ def test_a_closed_stdout_never_loses_the_json(demo_onnx, tmp_path):
 def test_a_json_that_cannot_be_written_is_an_error(demo_onnx, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run_cli(["bench", demo_onnx, "--json", blocker / "r.json", "--prompt-len", 4, "--gen-len", 3,
+    code, _, err = run_cli(["bench", demo_onnx, "--json-out", blocker / "r.json", "--prompt-len", 4, "--gen-len", 3,
                             "--repeats", 1], capsys)
     assert code == 2 and "r.json" in err and "Traceback" not in err

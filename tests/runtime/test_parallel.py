@@ -184,7 +184,7 @@ def test_bad_rank_sets_refused(part, tmp_path, capsys):
 
 def test_moec_bench_on_a_partition_folder(part, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code, stdout, err = run_cli(["bench", part(1, 2), "--json", out, "--prompt-len", 8, "--gen-len", 6,
+    code, stdout, err = run_cli(["bench", part(1, 2), "--json-out", out, "--prompt-len", 8, "--gen-len", 6,
                                  "--repeats", 2, "--warmup", 0], capsys)
     assert code in (0, None), err
     result = json.loads(out.read_text())
