@@ -102,10 +102,19 @@ def test_demo_optimized_graph_builds_prefill_and_decode_profiles(optimized_defau
     assert prefill["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 16], "max": [4, 16]}
     assert [prefill["shapes"]["past_key.3"][k][2] for k in ("min", "opt", "max")] == [0, 0, 48]
     assert decode["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
-    assert [decode["shapes"]["past_value.0"][k][2] for k in ("min", "opt", "max")] == [1, 24, 48]
+    assert [decode["shapes"]["past_value.3"][k][2] for k in ("min", "opt", "max")] == [1, 24, 48]
+    # Layers 0-2 are chunked: a ring of one chunk (8 slots), the same size in both profiles.
+    for p in (prefill, decode):
+        assert [p["shapes"]["past_value.0"][k][2] for k in ("min", "opt", "max")] == [8, 8, 8]
+    # KV bytes per sequence at the engine's context (48 past + 1): 3 rings of 8 slots, 1 full cache
+    # of 49, each 2 (k, v) x 2 kv heads x 16 dims x 4 bytes a slot.
+    assert m["kv_cache"] == {"context": 49, "bytes_per_sequence": {"chunked": 3 * 8 * 256, "full": 49 * 256}}
     assert set(prefill["shapes"]) == set(decode["shapes"]) == {t["name"] for t in m["io"]["inputs"]}
     assert m["limits"] == {"max_batch": 4, "max_new_tokens": 16, "max_past": 48, "max_positions": 512}
     assert json.loads((out / "manifest.json").read_text())["profiles"] == m["profiles"]
     main(["inspect", str(out)])
     text = capsys.readouterr().out
-    assert "prefill #0" in text and "decode #1" in text and "4x16" in text and "past K/V (8)" in text
+    assert "prefill #0" in text and "decode #1" in text and "4x16" in text
+    # The rings (6 inputs: one fixed range) and the NoPE layer's key and value (the past range).
+    assert "past K/V (6)" in text and "past K/V (2)" in text
+    assert "KV cache per sequence at 49 tokens: 0.02 MiB (chunked 0.01 MiB, full 0.01 MiB)" in text

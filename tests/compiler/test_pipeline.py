@@ -401,9 +401,10 @@ def _rtx_builds_sm89(onnx_path, max_batch, max_new_tokens):
         t = network.get_input(i)
         if t.name in (contract.INPUT_IDS, contract.POSITION_IDS):
             profile.set_shape(t.name, (1, 1), (1, 1), (max_batch, max_new_tokens))
-        else:  # past key/value [B, KVH, P, D]
-            _, kvh, _, d = t.shape
-            profile.set_shape(t.name, (1, kvh, 0, d), (1, kvh, 8, d), (max_batch, kvh, 24, d))
+        else:  # past key/value [B, KVH, P, D]; a chunked layer's ring has a fixed slot axis
+            _, kvh, slots, d = t.shape
+            lo, opt, hi = (0, 8, 24) if slots < 0 else (slots,) * 3
+            profile.set_shape(t.name, (1, kvh, lo, d), (1, kvh, opt, d), (max_batch, kvh, hi, d))
     cfg.add_optimization_profile(profile)
     return None if builder.build_serialized_network(network, cfg) is not None else logger.lines
 

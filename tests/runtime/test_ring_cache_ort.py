@@ -49,3 +49,20 @@ def test_ring_equals_full_cache_in_ort(demo_onnx, full_cache_onnx, pieces):
         assert np.abs(r - f).max() <= RING_RTOL * np.abs(f).max()
     assert all(np.array_equal(a, b) for a, b in zip(r_tokens, f_tokens))
     assert r_cache.keys[0].shape()[2] == 8 and f_cache.keys[0].shape()[2] == sum(pieces) + 20
+
+
+def test_graph_decides_the_cache_layout(demo_onnx):
+    """Metadata without kv_cache (rebuilt from a checkpoint) still gets the graph's rings; metadata
+    whose kv_cache contradicts the graph is refused, naming the layer."""
+    import json
+
+    from moec.common import contract
+    from moec.common.errors import MoecError
+
+    meta = json.loads(contract.sidecar_path(demo_onnx).read_text())
+    bare = {k: v for k, v in meta.items() if k != "kv_cache"}
+    layout = OrtBackend.from_onnx(demo_onnx, metadata=bare).kv_cache
+    assert [(c.kind, c.slots) for c in layout] == [("chunked", 8)] * 3 + [("full", meta["max_positions"])]
+    wrong = dict(meta, kv_cache=[dict(e, kind="full", slots=meta["max_positions"]) for e in meta["kv_cache"]])
+    with pytest.raises(MoecError, match=r"layer 0's KV cache is full .* past_key.0 is chunked with 8 slots.*re-export"):
+        OrtBackend.from_onnx(demo_onnx, metadata=wrong)
