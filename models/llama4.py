@@ -314,12 +314,15 @@ class Llama4ForCausalLM(nn.Module):
         input_ids_BS: torch.Tensor,
         position_ids_BS: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
+        inputs_embeds_BSH: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
+        """``inputs_embeds_BSH``: the prompt's embeddings with image features merged in (models/image_prompt.py),
+        used instead of looking ``input_ids_BS`` up."""
         B, S = input_ids_BS.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if position_ids_BS is None:
             position_ids_BS = (torch.arange(S, device=input_ids_BS.device) + past_len)[None].expand(B, S)
-        h_BSH = self.model.embed_tokens(input_ids_BS)
+        h_BSH = self.model.embed_tokens(input_ids_BS) if inputs_embeds_BSH is None else inputs_embeds_BSH
         cos_BSF, sin_BSF = self.model.rotary_emb(position_ids_BS)
         masks = attention_masks(position_ids_BS, past_len, self.config.attention_chunk_size, h_BSH.dtype)
         present: KVCache = []
