@@ -94,11 +94,20 @@ def merge_image_features(embeds_BSH: torch.Tensor, input_ids_BS: torch.Tensor, f
                          patch_id: int) -> torch.Tensor:
     """``embeds_BSH`` with row n of ``features_NH`` at the n-th ``<|patch|>`` position (row-major over B, S), as
     transformers' masked_scatter; MoecError when the counts differ (a prompt laid out for other images)."""
-    mask_BS = input_ids_BS == patch_id
-    count = int(mask_BS.sum())
+    count = int((input_ids_BS == patch_id).sum())
     if count != features_NH.shape[0]:
         raise MoecError(f"the prompt has {count} {PATCH} tokens but the images give {features_NH.shape[0]} "
                         "feature rows; lay the prompt out with expand_image_slots for the same images")
-    out_BSH = embeds_BSH.clone()
-    out_BSH[mask_BS] = features_NH.to(embeds_BSH.dtype)
-    return out_BSH
+    return place_image_features(embeds_BSH, input_ids_BS, features_NH, patch_id)
+
+
+def place_image_features(embeds_BSH: torch.Tensor, input_ids_BS: torch.Tensor, features_NH: torch.Tensor,
+                         patch_id: int) -> torch.Tensor:
+    """The merge without the count check, in ops whose shapes do not depend on the data (CumSum, Gather, Where),
+    so the exported text graph carries it; N may be 0 (decode steps, text-only prompts)."""
+    mask_BS = input_ids_BS == patch_id
+    rank_BS = torch.cumsum(mask_BS.reshape(-1).to(torch.int64), dim=0).reshape(mask_BS.shape) - 1
+    # Positions that are not <|patch|> (and any beyond N) read the zero row appended at index N.
+    padded_NH = torch.cat([features_NH.to(embeds_BSH.dtype), embeds_BSH.new_zeros(1, embeds_BSH.shape[-1])])
+    index_BS = torch.where(mask_BS, rank_BS.clamp(max=features_NH.shape[0]), features_NH.shape[0])
+    return torch.where(mask_BS[..., None], padded_NH[index_BS], embeds_BSH)
