@@ -94,3 +94,23 @@ def test_bad_image_input_is_one_named_error(exported, tmp_path, capsys):
         code, out, err = run_cli(["run", *args, "--max-new-tokens", 1], capsys)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, (args, err)
+
+
+def test_build_makes_text_and_vision_engines_for_sm89(exported, tmp_path, capsys):
+    """TensorRT-RTX builds both graphs on the CPU; one manifest lists the text engine and, under "vision", the
+    vision engine (a profile over the tile count) and its metadata."""
+    pytest.importorskip("tensorrt_rtx")
+    _, onnx, _ = exported
+    code, out, err = run_cli(["build", onnx, "-o", tmp_path / "eng", "--arch", "sm89", "--backend", "tensorrt-rtx",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["engines"]] == ["engine.sm89.plan"]
+    vision = manifest["vision"]
+    assert [e["file"] for e in vision["engines"]] == ["vision.sm89.plan"]
+    assert (tmp_path / "eng" / "vision.sm89.plan").stat().st_size == vision["engines"][0]["bytes"] > 0
+    assert vision["profile"]["pixel_values"] == [[1, 3, 56, 56], [5, 3, 56, 56], [64, 3, 56, 56]]
+    assert (tmp_path / "eng" / vision["sidecar"]).is_file()
+    # The text engine's prefill profile takes image rows; decode takes none.
+    rows = {p["name"]: p["shapes"]["image_features"] for p in manifest["profiles"]}
+    assert rows["prefill"]["max"][0] > 0 and rows["decode"]["max"][0] == 0
