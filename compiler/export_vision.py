@@ -67,8 +67,10 @@ def vision_metadata(checkpoint_dir: Path, config: VisionExportConfig) -> dict:
 
 
 def export_vision_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike,
-                       config: VisionExportConfig = VisionExportConfig()) -> Path:
-    """Export the vision tower of ``checkpoint_dir`` to ``out_path`` (+ its .moec.json); returns ``out_path``."""
+                       config: VisionExportConfig = VisionExportConfig(), tower=None) -> Path:
+    """Export the vision tower of ``checkpoint_dir`` to ``out_path`` (+ its .moec.json); returns ``out_path``.
+    ``tower``: the tower already loaded in ``config.dtype`` (the CLI loads it before the text export, so bad
+    vision weights fail before anything is written)."""
     import torch
 
     from moec.compiler.export import torch_dtype
@@ -77,7 +79,8 @@ def export_vision_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.Pat
     checkpoint_dir = checkpoint_folder(checkpoint_dir)
     out_path = Path(out_path)
     meta = vision_metadata(checkpoint_dir, config)
-    tower = load_vision_tower(checkpoint_dir, dtype=torch_dtype(config.dtype))
+    if tower is None:
+        tower = load_vision_tower(checkpoint_dir, dtype=torch_dtype(config.dtype))
     side = meta["tile_size"]
     tiles = torch.export.Dim(DIM_TILES, min=1, max=config.max_tiles)
     sample = torch.zeros(2, 3, side, side, dtype=torch_dtype(config.dtype))

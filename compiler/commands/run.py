@@ -290,19 +290,23 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
 
     options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
                    allow_nonfinite_weights=allow_nonfinite_weights or None)
-    vision_files = []
+    vision_files, tower = [], None
     if vision:
         from moec.compiler.export_vision import image_token_id_of
+        from moec.models.checkpoint import load_vision_tower
 
         options["image_token_id"] = image_token_id_of(checkpoint)
+        # The vision graph runs on the host's ONNX Runtime too, which has no bf16 kernels: fp16 or fp32.
+        vision_dtype = "fp16" if dtype == "fp16" else "fp32"
+        tower = load_vision_tower(checkpoint, dtype=vision_dtype)  # bad vision weights fail before any file is written
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     r = export_onnx(checkpoint, output, config)
     if vision:
         from moec.common import contract
         from moec.compiler.export_vision import VisionExportConfig, export_vision_onnx, vision_onnx_path
 
-        vision_dtype = r.dtype if r.dtype in ("fp32", "fp16") else "fp32"
-        v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(dtype=vision_dtype))
+        v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(dtype=vision_dtype),
+                               tower=tower)
         vision_files = [v, contract.sidecar_path(v)]
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path, *vision_files]
     click.echo(

@@ -114,3 +114,17 @@ def test_build_makes_text_and_vision_engines_for_sm89(exported, tmp_path, capsys
     # The text engine's prefill profile takes image rows; decode takes none.
     rows = {p["name"]: p["shapes"]["image_features"] for p in manifest["profiles"]}
     assert rows["prefill"]["max"][0] > 0 and rows["decode"]["max"][0] == 0
+
+
+def test_export_vision_refuses_text_only_and_wrong_shape_weights_before_writing(tmp_path, capsys):
+    text_only = write_demo_checkpoint(tmp_path / "text")
+    wrong = write_demo_checkpoint(tmp_path / "wrong", layout="conditional_generation", vision=True)
+    config = json.loads((wrong / "config.json").read_text())
+    config["vision_config"]["intermediate_size"] = 96  # the weights were drawn for 128
+    (wrong / "config.json").write_text(json.dumps(config))
+    for ckpt, message in ((text_only, "text-only"), (wrong, "has shape [128] but the vision config needs [96]")):
+        out_dir = tmp_path / f"out_{ckpt.name}"
+        code, _, err = run_cli(["export", ckpt, "-o", out_dir / "m.onnx", "--vision"], capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], err
+        assert not out_dir.exists() or not any(out_dir.iterdir())
