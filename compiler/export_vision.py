@@ -15,11 +15,8 @@ from pathlib import Path
 from moec.common import contract
 from moec.common.artifacts import atomic_path, write_json_atomic
 from moec.common.errors import MoecError
-
-PIXELS = "pixel_values"  # [tiles, 3, tile, tile], normalized (models/image_processing.py)
-FEATURES = "image_features"  # [tiles * patches_per_tile, text hidden]: one row per <|patch|> token
-DIM_TILES = "tiles"
-VISION_FORMAT = "moec-vision"
+from moec.runtime.vision import (DIM_TILES, FEATURES, PIXELS, VISION_FORMAT,  # noqa: F401 (names of one contract)
+                                 read_vision_metadata, vision_onnx_path)
 
 
 @dataclass(frozen=True)
@@ -27,12 +24,6 @@ class VisionExportConfig:
     dtype: str = "fp32"
     max_tiles: int = 64  # upper bound of the dynamic tile dimension (images x (tiles + the global tile))
     opset: int = 18
-
-
-def vision_onnx_path(text_onnx: str | os.PathLike) -> Path:
-    """OUT.vision.onnx beside OUT.onnx: the name says which graph is the vision one."""
-    p = Path(text_onnx)
-    return p.with_name(p.stem + ".vision.onnx")
 
 
 def image_token_id_of(checkpoint_dir: str | os.PathLike) -> int:
@@ -94,16 +85,3 @@ def export_vision_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.Pat
         program.save(str(tmp))
     write_json_atomic(contract.sidecar_path(out_path), meta)
     return out_path
-
-
-def read_vision_metadata(vision_onnx: Path) -> dict:
-    side = contract.sidecar_path(vision_onnx)
-    try:
-        meta = json.loads(side.read_text())
-    except FileNotFoundError:
-        raise MoecError(f"{side} is missing (the vision graph's metadata); re-export with `moec export --vision`") from None
-    except (OSError, ValueError) as e:
-        raise MoecError(f"{side} is not readable moec metadata ({e}); re-export with `moec export --vision`") from None
-    if not isinstance(meta, dict) or meta.get("format") != VISION_FORMAT:
-        raise MoecError(f"{side} is not the metadata of a moec vision graph; re-export with `moec export --vision`")
-    return meta

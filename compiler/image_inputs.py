@@ -33,8 +33,8 @@ class VisionEncoder:
 
 def open_vision_encoder(artifact: Path, backend: str) -> VisionEncoder:
     """The vision tower that belongs to ``artifact``; MoecError for a text-only one."""
-    from moec.compiler.export_vision import (VisionExportConfig, read_vision_metadata, vision_metadata,
-                                             vision_onnx_path)
+    from moec.compiler.export_vision import VisionExportConfig, vision_metadata
+    from moec.runtime.vision import OrtVisionEncoder, vision_onnx_path
 
     if backend == "torch":
         import torch
@@ -55,16 +55,8 @@ def open_vision_encoder(artifact: Path, backend: str) -> VisionEncoder:
         if not vision.is_file():
             raise MoecError(f"--image needs the vision graph {vision.name} beside {artifact}, which was exported for "
                             "text only; export the checkpoint with `moec export --vision`")
-        meta = read_vision_metadata(vision)
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(vision), providers=["CPUExecutionProvider"])
-        dtype = np.float16 if meta.get("dtype") == "fp16" else np.float32
-
-        def encode(pixels: np.ndarray) -> np.ndarray:
-            return session.run(None, {session.get_inputs()[0].name: pixels.astype(dtype)})[0].astype(np.float32)
-
-        return VisionEncoder(meta, encode, str(vision))
+        encoder = OrtVisionEncoder(vision)
+        return VisionEncoder(encoder.metadata, encoder.encode, str(vision))
     raise MoecError(f"--image runs on the torch and ort backends; the {backend} backend has no vision engine yet")
 
 

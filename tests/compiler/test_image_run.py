@@ -128,3 +128,12 @@ def test_export_vision_refuses_text_only_and_wrong_shape_weights_before_writing(
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], err
         assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_bench_times_the_vision_encoder_apart(exported, tmp_path, capsys):
+    _, onnx, _ = exported
+    code, _, err = run_cli(["bench", onnx, "--json", tmp_path / "b.json", "--repeats", 2, "--warmup", 0,
+                            "--prompt-len", 4, "--gen-len", 2], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "b.json").read_text())["metrics"]
+    assert metrics["vision_encoder_ms"]["p50"] > 0 and "prefill_ms" in metrics
