@@ -26,6 +26,19 @@ class VisionExportConfig:
     opset: int = 18
 
 
+def has_vision_tower(checkpoint_dir: str | os.PathLike) -> bool:
+    """Whether ``moec compile`` should compile a vision graph too: a ConditionalGeneration config.json with a
+    vision_config and an image_token_index, and vision_model.* tensors in the weights (a checkpoint whose vision
+    weights were dropped, or a test config without them, compiles text only)."""
+    from moec.models.checkpoint import inspect_checkpoint, vision_tensor_names
+
+    ckpt = inspect_checkpoint(checkpoint_dir)
+    hf = json.loads((ckpt.directory / "config.json").read_text())
+    if ckpt.layout != "conditional_generation" or not isinstance(hf.get("vision_config"), dict):
+        return False
+    return "image_token_index" in hf and any(n.startswith("vision_model.") for n in vision_tensor_names(ckpt))
+
+
 def image_token_id_of(checkpoint_dir: str | os.PathLike) -> int:
     """The <|patch|> token id of a multimodal checkpoint (its vision config checked too); MoecError for text-only."""
     from moec.models.checkpoint import checkpoint_folder

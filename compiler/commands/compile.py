@@ -69,9 +69,10 @@ def _print_summary(console, stages: list[StageRecord]) -> None:
 @click.option("--seed", "demo_seed", type=int, default=0, show_default=True,
               help="Seed of the embedded demo checkpoint (used when no CHECKPOINT is given).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--text-only", is_flag=True, help="A multimodal checkpoint: skip its vision graph and engines.")
 @quantize_options
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,
-             opt_level, timing_cache, workspace_mib, demo_seed, as_json, **quantize):
+             opt_level, timing_cache, workspace_mib, demo_seed, as_json, text_only=False, **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
     With no arguments but -o, compiles the demo checkpoint to an sm89 engine with TensorRT for RTX,
@@ -85,7 +86,8 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
                            max_batch=max_batch, max_seq=max_seq, verify=not no_verify, prompt_len=prompt_len,
                            atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
-                           progress=not as_json, demo_seed=demo_seed, **quantize_fields(**quantize))
+                           progress=not as_json, demo_seed=demo_seed, text_only=text_only,
+                           **quantize_fields(**quantize))
     console = Console(stderr=as_json)
 
     def on_stage(rec: StageRecord) -> None:

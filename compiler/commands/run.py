@@ -224,7 +224,10 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
         bos = tokenizer.token_to_id("<|begin_of_text|>") if tokenizer is not None else None
         image_prompt = prepare_image_prompt(images, ids, tokenizer, encoder, bos, be.image_token_id)
         ids = image_prompt.ids
-    result = generate(be, ids, gen_config, image_features_NH=image_prompt.features_NH if image_prompt else None)
+    if image_prompt is None:
+        result = generate(be, ids, gen_config)
+    else:
+        result = generate(be, ids, gen_config, image_features_NH=image_prompt.features_NH)
     new_ids = result.new_tokens[0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     if tokenizer_problem is not None:

@@ -137,3 +137,19 @@ def test_bench_times_the_vision_encoder_apart(exported, tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((tmp_path / "b.json").read_text())["metrics"]
     assert metrics["vision_encoder_ms"]["p50"] > 0 and "prefill_ms" in metrics
+
+
+def test_compile_makes_both_graphs_by_default_and_text_only_skips_vision(exported, tmp_path, capsys):
+    ckpt, _, image = exported
+    code, out, err = run_cli(["compile", ckpt, "-o", tmp_path / "text", "--target", "ort", "--no-verify",
+                              "--text-only", "--json"], capsys)
+    assert code == 0, err
+    assert not list((tmp_path / "text" / "onnx").glob("*vision*"))
+    pytest.importorskip("tensorrt_rtx")
+    code, out, err = run_cli(["compile", ckpt, "-o", tmp_path / "both", "--no-verify", "--json"], capsys)
+    assert code == 0, err
+    onnx_dir, engine_dir = tmp_path / "both" / "onnx", tmp_path / "both" / "engine"
+    assert (onnx_dir / "model.vision.onnx").is_file() and (onnx_dir / "model.opt.vision.onnx").is_file()
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert manifest["vision"]["engines"][0]["file"] == "vision.sm89.plan"
+    assert (engine_dir / "vision.sm89.plan").is_file() and (engine_dir / "engine.sm89.plan").is_file()
