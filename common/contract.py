@@ -31,9 +31,15 @@ def present_value(layer: int) -> str:  # [B, KVH, P + S, D]
     return f"present_value.{layer}"
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+# Optional input of a text graph exported for image prompts: [rows, hidden], one row per <|patch|> token of the
+# new tokens (0 rows in decode steps), placed over those tokens' embeddings.
+IMAGE_FEATURES = "image_features"
+DIM_IMAGE_ROWS = "image_rows"
+
+
+def io_names(num_layers: int, image_features: bool = False) -> tuple[list[str], list[str]]:
     """Graph input and output names, in order, of a moec export with ``num_layers`` layers."""
-    inputs, outputs = [INPUT_IDS, POSITION_IDS], [LOGITS]
+    inputs, outputs = [INPUT_IDS, POSITION_IDS] + ([IMAGE_FEATURES] if image_features else []), [LOGITS]
     for i in range(num_layers):
         inputs += [past_key(i), past_value(i)]
         outputs += [present_key(i), present_value(i)]

@@ -101,13 +101,13 @@ def all_tensors(graph):
                 yield from all_tensors(g)
 
 
-def require_moec_io(onnx_path: str | os.PathLike, model, num_layers: int) -> None:
+def require_moec_io(onnx_path: str | os.PathLike, model, num_layers: int, image_features: bool = False) -> None:
     """MoecError unless the graph has a moec export's inputs and outputs for ``num_layers`` layers
     (``moec.common.contract``): a graph from elsewhere, given with a moec sidecar, is named as such
     before TensorRT or a profile lookup meets tensors it does not know."""
     from moec.common import contract
 
-    want_in, want_out = contract.io_names(num_layers)
+    want_in, want_out = contract.io_names(num_layers, image_features)
     have_in = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     have_out = {o.name for o in model.graph.output}
     missing = [n for n in want_in if n not in have_in] + [n for n in want_out if n not in have_out]

@@ -263,15 +263,19 @@ def phase_ranges(limits: Limits, config: BuildConfig) -> dict[str, dict[str, tup
     return {
         "prefill": {"batch": (1, 1, limits.max_batch),
                     "new": (1, min(config.prefill_opt_tokens, limits.max_new_tokens), limits.max_new_tokens),
-                    "past": (0, 0, prefill_past)},
+                    "past": (0, 0, prefill_past),
+                    # Image prompts (a graph with image_features): up to every new token an image token.
+                    "image_rows": (0, 0, limits.max_new_tokens)},
         "decode": {"batch": (1, min(decode_batch, limits.max_batch), limits.max_batch),
                    "new": (1, 1, 1),
-                   "past": (1, max(1, limits.max_past // 2), limits.max_past)},
+                   "past": (1, max(1, limits.max_past // 2), limits.max_past),
+                   "image_rows": (0, 0, 0)},
         # One profile for both phases, tuned for decode (what a single-profile engine spends most
         # steps on); the base of unprefixed --shapes.
         CUSTOM_PROFILE: {"batch": (1, 1, limits.max_batch),
                          "new": (1, 1, limits.max_new_tokens),
-                         "past": (0, max(1, prefill_past // 2) if prefill_past else 0, prefill_past)},
+                         "past": (0, max(1, prefill_past // 2) if prefill_past else 0, prefill_past),
+                         "image_rows": (0, 0, limits.max_new_tokens)},
     }
 
 
@@ -281,6 +285,8 @@ def axis_roles(name: str, rank: int) -> tuple[str | None, ...]:
         return ("batch", None, "past", None)
     if name in (contract.INPUT_IDS, contract.POSITION_IDS):
         return ("batch", "new")
+    if name == contract.IMAGE_FEATURES:
+        return ("image_rows", None)
     return (None,) * rank
 
 
@@ -349,7 +355,7 @@ def apply_overrides(network, ranges: Ranges, overrides: Ranges, profile: str) ->
                 raise MoecError(f"{where}{name}: axis {axis} needs 0 <= min <= opt <= max, got {lo[axis]}, {opt[axis]}, {hi[axis]}")
             # Only a cache may be empty (a prompt's first step has no past); a step has at least
             # one sequence and one token.
-            if dim < 0 and lo[axis] < 1 and (roles[axis] if axis < len(roles) else None) != "past":
+            if dim < 0 and lo[axis] < 1 and (roles[axis] if axis < len(roles) else None) not in ("past", "image_rows"):
                 what = {"batch": "batch", "new": "new tokens"}.get(roles[axis] if axis < len(roles) else None, "size")
                 raise MoecError(f"{where}{name}: axis {axis} ({what}) has min {lo[axis]}; a step needs at least 1: give min >= 1")
             if dim >= 0 and not lo[axis] == opt[axis] == hi[axis] == dim:
@@ -806,7 +812,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     check_engine_archs(sidecar, archs, onnx_path)
     check_external_data(onnx_path)
     model = load_graph_structure(onnx_path)
-    require_moec_io(onnx_path, model, sidecar["num_layers"])
+    require_moec_io(onnx_path, model, sidecar["num_layers"], "image_token_id" in sidecar)
     source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:
@@ -839,6 +845,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                 entries.append({"file": name, "archs": group, "sha256": sha, "bytes": size})
                 for a in group:
                     engines[a] = out_dir / name
+        from moec.compiler.build_vision import build_vision_engines
+
+        with display:
+            vision = build_vision_engines(flavour, onnx_path, tmp, archs, logger, display, config)
         sidecar_file = contract.sidecar_path(onnx_path)
         shutil.copy2(sidecar_file, tmp / sidecar_file.name)
         if tokenizer is not None:
@@ -869,6 +879,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "tokenizer": contract.TOKENIZER_FILE if tokenizer is not None else None,
             "notes": notes,
         }
+        if vision is not None:
+            manifest["vision"] = vision  # the vision graph's engines (compiler/build_vision.py)
         (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         # Inside the folder's transaction: a cache that cannot be written fails the build before
         # the engine folder appears, not after.

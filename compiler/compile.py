@@ -66,6 +66,9 @@ class CompileConfig:
     quantize_scope: str = "experts"
     quantize_symmetric: bool = True
     allow_nonfinite_weights: bool = False  # export and verify load NaN/Inf weights (refused by default)
+    # A multimodal checkpoint (compiler/export_vision.has_vision_tower) also compiles its vision graph
+    # (model.opt.vision.onnx, vision.<arch>.plan) unless this is set.
+    text_only: bool = False
     # Multi-GPU: tp x ep ranks (moec.compiler.partition); 1 x 1 is one graph and one engine.
     tp: int = 1
     ep: int = 1
@@ -200,10 +203,21 @@ def stage_export(s: _State) -> StageRecord:
     s.export_dtype, dtype_note = resolve_dtype(s.config, s.checkpoint)
     s.max_seq, context_note = context_of(s.config, s.checkpoint)
     s.export_path = s.work / "onnx" / "model.onnx"
+    from moec.compiler.export_vision import has_vision_tower, image_token_id_of
+
+    vision = not s.config.text_only and has_vision_tower(s.checkpoint)
     export_onnx(s.checkpoint, s.export_path,
                 ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
-                             allow_nonfinite_weights=s.config.allow_nonfinite_weights))
-    return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}",
+                             allow_nonfinite_weights=s.config.allow_nonfinite_weights,
+                             image_token_id=image_token_id_of(s.checkpoint) if vision else None))
+    vision_note = ""
+    if vision:
+        from moec.compiler.export_vision import VisionExportConfig, export_vision_onnx, vision_onnx_path
+
+        v = export_vision_onnx(s.checkpoint, vision_onnx_path(s.export_path),
+                               VisionExportConfig(dtype="fp16" if s.export_dtype == "fp16" else "fp32"))
+        vision_note = f", vision graph {v.name}"
+    return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}{vision_note}",
                        artifact_bytes=_onnx_bytes(s.export_path))
 
 
@@ -227,6 +241,17 @@ def stage_optimize(s: _State) -> StageRecord:
     s.optimized_path = s.export_path.with_name("model.opt.onnx")
     rep = optimize_onnx(s.export_path, s.optimized_path, opt)
     s.optimize_report = rep
+    from moec.common.contract import sidecar_path
+    from moec.compiler.export_vision import vision_onnx_path
+
+    vision = vision_onnx_path(s.export_path)
+    if vision.is_file():
+        # The vision graph is plain attention and MLPs (no MoE): it goes beside the optimized text graph as
+        # exported, where build and run look for it; the MoE pass pipeline does not apply to it.
+        import shutil
+
+        shutil.copyfile(vision, vision_onnx_path(s.optimized_path))
+        shutil.copyfile(sidecar_path(vision), sidecar_path(vision_onnx_path(s.optimized_path)))
     lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
     fused = f"{rep.fused_gating} gating + {rep.fused_experts} experts / {rep.moe_layers} MoE layers"
     status = "ok"

@@ -78,6 +78,9 @@ class ExportConfig:
     # slot p mod chunk: memory and attention cost of one chunk at any context) or "full" (grows
     # with the context like the NoPE layers': the layout before rings, kept to compare against).
     chunked_cache: str = "ring"
+    # The <|patch|> token id of a multimodal checkpoint: the graph gains an image_features input whose rows
+    # replace the embeddings at that token's positions (contract.IMAGE_FEATURES). None: text only.
+    image_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -132,7 +135,7 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _export_module(model):
+def _export_module(model, image_token_id: int | None = None):
     """The model with the contract's flat signature: (input_ids, position_ids, past...) ->
     (logits fp32, present...). Logits leave in fp32 whatever the dtype, because numpy (and so
     every backend's host side) has no bfloat16 and the loop samples in fp32 anyway."""
@@ -148,7 +151,18 @@ def _export_module(model):
             logits, present = self.inner(input_ids, position_ids_BS=position_ids, past_key_values=past_kv)
             return (logits.float(), *[t for kv in present for t in kv])
 
-    return ExportModule(model).eval()
+    class ImageExportModule(ExportModule):
+        def forward(self, input_ids, position_ids, image_features, past):
+            from moec.models.image_prompt import place_image_features
+
+            past_kv = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            embeds = place_image_features(self.inner.model.embed_tokens(input_ids), input_ids, image_features,
+                                          image_token_id)
+            logits, present = self.inner(input_ids, position_ids_BS=position_ids, past_key_values=past_kv,
+                                         inputs_embeds_BSH=embeds)
+            return (logits.float(), *[t for kv in present for t in kv])
+
+    return (ExportModule(model) if image_token_id is None else ImageExportModule(model)).eval()
 
 
 def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int):
@@ -176,14 +190,18 @@ def _trace_to_onnx(model, llama_config, config: ExportConfig, max_positions: int
         {0: batch, 1: new},
         tuple({0: batch} if slots else {0: batch, 2: past} for _, slots in kinds for _ in range(2)),
     )
-    input_names, output_names = contract.io_names(L)
+    if config.image_token_id is not None:
+        rows = Dim(contract.DIM_IMAGE_ROWS, min=0, max=config.max_batch * max_positions)
+        args = (*args[:2], torch.zeros(4, llama_config.hidden_size, dtype=dt), args[2])
+        dynamic_shapes = (*dynamic_shapes[:2], {0: rows}, dynamic_shapes[2])
+    input_names, output_names = contract.io_names(L, image_features=config.image_token_id is not None)
     # The exporter prints progress lines and warns (through logging and warnings) about
     # torchvision ops that a language model never uses.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _export_module(model),
+            _export_module(model, config.image_token_id),
             args,
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
@@ -302,8 +320,9 @@ def build_sidecar(llama_config, config: ExportConfig, max_positions: int, extern
     import onnx
     import torch
 
-    inputs, outputs = contract.io_names(llama_config.num_hidden_layers)
-    return {
+    inputs, outputs = contract.io_names(llama_config.num_hidden_layers, config.image_token_id is not None)
+    image = {} if config.image_token_id is None else {"image_token_id": config.image_token_id}
+    return image | {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
         "model_config": llama_config.to_dict(),

@@ -384,6 +384,17 @@ def _check_finite(file: Path, key: str, tensor: torch.Tensor) -> None:
             f"in a wider dtype, or pass --allow-nonfinite-weights if you know why they are there")
 
 
+def vision_tensor_names(ckpt: CheckpointFiles) -> list[str]:
+    """The vision_model.* / multi_modal_projector.* tensor names of a checkpoint (read from its headers only)."""
+    names = []
+    for file, listed in ckpt.shards.items():
+        if listed is None:
+            with _open(file) as f:
+                listed = f.keys()
+        names += [k for k in listed if k.startswith(_SKIPPED_PREFIXES)]
+    return sorted(names)
+
+
 def load_vision_tower(path: str | Path, dtype: torch.dtype | str | None = None):
     """The vision tower + projector (`vision_model.*`, `multi_modal_projector.*`) of a ConditionalGeneration
     checkpoint, as ``moec.models.vision.VisionTower``. ``load_pretrained`` still skips these tensors with its

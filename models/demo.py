@@ -60,8 +60,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (no merges): every byte is one token, BOS prepended."""
+def build_tokenizer(image_tokens: bool = False):
+    """A byte-level BPE tokenizer (no merges): every byte is one token, BOS prepended. ``image_tokens``: the six
+    Llama 4 image tokens follow the special tokens (ids 264-269), for a demo with a vision tower."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
@@ -73,6 +74,10 @@ def build_tokenizer():
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, DEMO_BOS_ID)]
     )
     assert tok.token_to_id(BOS) == DEMO_BOS_ID and tok.get_vocab_size() == DEMO_TOKENIZER_VOCAB
+    if image_tokens:
+        from moec.models.image_prompt import IMAGE_TOKENS
+
+        tok.add_special_tokens(list(IMAGE_TOKENS))
     return tok
 
 
@@ -128,8 +133,12 @@ def write_demo_checkpoint(
     seed: int = 0,
     shards: int = 1,
     layout: str = "causal_lm",
+    vision: bool = False,
 ) -> Path:
     """Write config.json, model.safetensors (or ``shards`` files + index) and tokenizer.json.
+
+    ``vision`` (conditional_generation only): also a tiny random vision tower (models/demo_vision.py), the image
+    tokens in the tokenizer (the vocabulary grows to hold them) and preprocessor_config.json.
 
     The folder appears complete or not at all; an existing checkpoint folder is replaced.
     """
@@ -138,19 +147,38 @@ def write_demo_checkpoint(
     out = Path(out_dir)
     if layout not in LAYOUTS:
         raise MoecError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    if vision and layout != "conditional_generation":
+        raise MoecError("a demo vision tower needs --layout conditional_generation (Llama4ForConditionalGeneration)")
     check_output_dir(out, command="demo-checkpoint")
     config = demo_config(preset)
+    tokenizer = build_tokenizer(image_tokens=vision)
+    if vision and config.vocab_size < tokenizer.get_vocab_size():
+        config = config.replace(vocab_size=tokenizer.get_vocab_size())
     state = random_state_dict(config, seed)
     if not 1 <= shards <= len(state):
         raise MoecError(f"shards must be between 1 and {len(state)} (the number of tensors), got {shards}")
     prefix = TEXT_PREFIX[layout]
     state = {prefix + k: v for k, v in state.items()}
+    hf_config = config.to_hf_config(LAYOUTS[layout])
+    if vision:
+        from moec.models.demo_vision import DEMO_VISION_CONFIG, random_vision_state
+        from moec.models.image_prompt import IMAGE_END, IMAGE_START, PATCH
+
+        state |= random_vision_state(config.hidden_size, seed)
+        hf_config |= {"vision_config": DEMO_VISION_CONFIG, "image_token_index": tokenizer.token_to_id(PATCH),
+                      "boi_token_index": tokenizer.token_to_id(IMAGE_START),
+                      "eoi_token_index": tokenizer.token_to_id(IMAGE_END)}
 
     with atomic_dir(out, command="demo-checkpoint") as tmp:
         (tmp / DEMO_MARKER).write_text(f"random weights written by `moec demo-checkpoint` (seed {seed}); "
                                        "moec may replace this folder with a new demo checkpoint\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_config(LAYOUTS[layout]), indent=2) + "\n")
-        build_tokenizer().save(str(tmp / TOKENIZER_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        if vision:
+            from moec.models.demo_vision import demo_preprocessor_config
+            from moec.models.image_processing import PREPROCESSOR_FILE
+
+            (tmp / PREPROCESSOR_FILE).write_text(json.dumps(demo_preprocessor_config(), indent=2) + "\n")
         if shards == 1:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         else:

@@ -404,7 +404,10 @@ class Llama4ForCausalLM(nn.Module):
         input_ids_BS: torch.Tensor,
         position_ids_BS: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
+        inputs_embeds_BSH: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
+        """``inputs_embeds_BSH``: the prompt's embeddings with image features merged in (models/image_prompt.py),
+        used instead of looking ``input_ids_BS`` up."""
         B, S = input_ids_BS.shape
         kinds = self.cache_kinds()
         if past_key_values is None:
@@ -428,16 +431,17 @@ class Llama4ForCausalLM(nn.Module):
             if block < S:
                 pieces = []
                 for start in range(0, S, block):
+                    embeds = None if inputs_embeds_BSH is None else inputs_embeds_BSH[:, start : start + block]
                     logits, past_key_values = self._forward_block(
                         input_ids_BS[:, start : start + block], position_ids_BS[:, start : start + block],
-                        past_key_values, past_len + start,
+                        past_key_values, past_len + start, embeds,
                     )
                     pieces.append(logits)
                 return torch.cat(pieces, dim=1), past_key_values
-        return self._forward_block(input_ids_BS, position_ids_BS, past_key_values, past_len)
+        return self._forward_block(input_ids_BS, position_ids_BS, past_key_values, past_len, inputs_embeds_BSH)
 
-    def _forward_block(self, input_ids_BS, position_ids_BS, past_key_values, past_len):
-        h_BSH = self.model.embed_tokens(input_ids_BS)
+    def _forward_block(self, input_ids_BS, position_ids_BS, past_key_values, past_len, inputs_embeds_BSH=None):
+        h_BSH = self.model.embed_tokens(input_ids_BS) if inputs_embeds_BSH is None else inputs_embeds_BSH
         cos_BSF, sin_BSF = self.model.rotary_emb(position_ids_BS)
         chunk = self.config.attention_chunk_size
         kinds = self.cache_kinds()

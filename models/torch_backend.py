@@ -53,6 +53,7 @@ class TorchBackend:
         self.eos_token_ids = tuple(self.config.eos_token_ids)
         weight = model.model.embed_tokens.weight
         self.dtype, self.device = weight.dtype, weight.device
+        self.image_token_id: int | None = None  # set by from_checkpoint for a multimodal checkpoint
 
     @classmethod
     def from_checkpoint(
@@ -60,7 +61,11 @@ class TorchBackend:
         allow_nonfinite: bool = False, max_positions: int | None = None,
     ) -> TorchBackend:
         model = load_pretrained(path, dtype=resolve_dtype(dtype), device=device, allow_nonfinite=allow_nonfinite)
-        return cls(model, model.config, max_positions)
+        backend = cls(model, model.config, max_positions)
+        import json
+
+        backend.image_token_id = json.loads((Path(path) / "config.json").read_text()).get("image_token_index")
+        return backend
 
     def follow_kv_cache(self, layout) -> None:
         """Use the cache layout of an export (``moec.common.kv_cache.cache_layout``): the same
@@ -76,7 +81,8 @@ class TorchBackend:
         return TorchKVCache(self.model.empty_cache(batch_size), batch_size, 0)
 
     def forward(
-        self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TorchKVCache
+        self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TorchKVCache,
+        image_features_NH: np.ndarray | None = None,
     ) -> tuple[np.ndarray, TorchKVCache]:
         ids = np.asarray(input_ids_BS)
         pos = np.asarray(position_ids_BS)
@@ -93,10 +99,21 @@ class TorchBackend:
         if end > self.max_positions:
             raise MoecError(f"sequence of {end} tokens exceeds the model's {self.max_positions} positions")
         with torch.inference_mode():
+            ids_BS = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+            embeds_BSH = None
+            if image_features_NH is not None:
+                from moec.models.image_prompt import merge_image_features
+
+                if self.image_token_id is None:
+                    raise MoecError("this checkpoint's config.json has no image_token_index: it takes no images")
+                embeds_BSH = merge_image_features(self.model.model.embed_tokens(ids_BS), ids_BS,
+                                                  torch.from_numpy(np.asarray(image_features_NH)).to(self.device),
+                                                  self.image_token_id)
             logits_BSV, present = self.model(
-                torch.from_numpy(ids.astype(np.int64)).to(self.device),
+                ids_BS,
                 torch.from_numpy(pos.astype(np.int64)).to(self.device),
                 cache.layers,
+                inputs_embeds_BSH=embeds_BSH,
             )
         return logits_BSV.float().cpu().numpy(), TorchKVCache(present, cache.batch_size, end)
 

@@ -227,6 +227,13 @@ def load_vision_state(tower: VisionTower, tensors: dict[str, torch.Tensor], sour
         raise MoecError(f"{source}: no vision_model.* tensors: the checkpoint has no vision tower (text-only)")
     # transformers keeps the rotary table as a non-persistent buffer; a checkpoint that has it anyway is fine.
     wanted = {k: v for k, v in wanted.items() if "rotary_embedding" not in k}
+    expected = tower.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in sorted(wanted.items())
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        name, got, want = wrong[0]
+        raise MoecError(f"{source}: vision tensor {name} has shape {list(got)} but the vision config needs {list(want)} "
+                        f"({len(wrong)} tensor(s) differ); check that config.json belongs to these weights")
     missing, unexpected = tower.load_state_dict(wanted, strict=False)
     if missing or unexpected:
         raise MoecError(

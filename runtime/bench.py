@@ -293,6 +293,13 @@ def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backen
         return _bench_ranks(path, config, backend)
     be = open_backend(path, backend, config.threads)
     metrics = run_bench(be, config)
+    if path.is_file():
+        from moec.runtime.vision import time_vision_encoder
+
+        vision_ms = time_vision_encoder(path, config.repeats, config.warmup, config.threads)
+        if vision_ms is not None:  # an export with --vision: the encoder runs once per image, before prefill
+            metrics["vision_encoder_ms"] = latency_metric(vision_ms, vision_ms, f"one encode of one image at the "
+                                                          f"largest tile grid per repeat ({len(vision_ms)})")
     return result_header(path, be, config) | {"metrics": metrics}
 
 

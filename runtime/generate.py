@@ -170,6 +170,7 @@ def generate(
     backend: Backend,
     prompt_ids: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
     config: GenerationConfig = GenerationConfig(),
+    image_features_NH: np.ndarray | None = None,
 ) -> GenerationResult:
     """Generate up to ``config.max_new_tokens`` tokens after each prompt.
 
@@ -177,6 +178,9 @@ def generate(
     longer than that is an error, a generation that would pass it stops early with finish
     reason "max_positions". A prompt longer than the backend's ``max_new_tokens_per_step`` (when
     it has one) is prefilled in chunks of that size; ``prefill_s`` covers all of them.
+
+    ``image_features_NH``: one row per image-token position of the prompt (``backend.image_token_id``), in order
+    (runtime/image_inputs.py); each prefill chunk gets the rows of its own image tokens.
     """
     prompt_BS = as_prompt_batch(prompt_ids)
     B, S = prompt_BS.shape
@@ -186,6 +190,8 @@ def generate(
             f"the prompt has {S} tokens but this {backend.name} artifact accepts at most {max_pos} positions; "
             "shorten the prompt or export with a larger --max-seq"
         )
+    if image_features_NH is not None and B != 1:
+        raise MoecError(f"image prompts run one sequence at a time; got a batch of {B}")
     budget = min(config.max_new_tokens, max_pos - S)
     eos = set(int(t) for t in backend.eos_token_ids) if config.stop_on_eos else set()
     rng = np.random.default_rng(config.seed)
@@ -203,9 +209,17 @@ def generate(
         t0 = time.perf_counter()
         # A prompt longer than the backend takes in one step goes in as consecutive chunks, each
         # with the earlier ones as its past: the same cache, and the same last-position logits.
+        row = 0
         for start in range(0, S, chunk):
             end = min(start + chunk, S)
-            logits_BSV, cache = backend.forward(prompt_BS[:, start:end], positions_BS[:, start:end], cache)
+            if image_features_NH is None:
+                logits_BSV, cache = backend.forward(prompt_BS[:, start:end], positions_BS[:, start:end], cache)
+                continue
+            # Rows are in row-major (batch, position) order over the whole prompt: one prompt, or chunks of one.
+            count = int((prompt_BS[:, start:end] == backend.image_token_id).sum())
+            logits_BSV, cache = backend.forward(prompt_BS[:, start:end], positions_BS[:, start:end], cache,
+                                                image_features_NH=image_features_NH[row:row + count])
+            row += count
         next_B = _shared(backend, sample_next(logits_BSV[:, -1, :], config, rng))
         prefill_s = time.perf_counter() - t0
         pos = S

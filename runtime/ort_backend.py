@@ -79,7 +79,11 @@ class OrtBackend:
         # [B, KVH, P, D]: KVH and D are static in a moec export.
         self._kv_heads, self._head_dim = (int(k0.shape[1]), int(k0.shape[3])) if k0 is not None else (0, 0)
         self.dtype = _KV_DTYPE_NAMES[self._kv_type]
-        self._input_names, self._output_names = contract.io_names(self.num_layers)
+        # A graph exported for image prompts: image features replace the embeddings of this token's positions.
+        self.image_token_id = sidecar.get("image_token_id")
+        features = by_name.get(contract.IMAGE_FEATURES)
+        self._feature_width = int(features.shape[1]) if features is not None else 0
+        self._input_names, self._output_names = contract.io_names(self.num_layers, self.image_token_id is not None)
         self.kv_cache = graph_cache_layout(
             sidecar, [by_name[contract.past_key(i)].shape for i in range(self.num_layers)], onnx_path)
 
@@ -145,7 +149,7 @@ class OrtBackend:
                 ) from e
             raise MoecError(f"ONNX Runtime cannot load {path}: {msg}") from e
 
-        want_in, want_out = contract.io_names(int(sidecar["num_layers"]))
+        want_in, want_out = contract.io_names(int(sidecar["num_layers"]), sidecar.get("image_token_id") is not None)
         have_in = [i.name for i in session.get_inputs()]
         have_out = [o.name for o in session.get_outputs()]
         missing_in = [n for n in want_in if n not in have_in]
@@ -189,7 +193,10 @@ class OrtBackend:
             past_len=0,
         )
 
-    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: OrtCache):
+    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: OrtCache,
+                image_features_NH: np.ndarray | None = None):
+        """``image_features_NH``: one row per image-token position of these new tokens (runtime/image_inputs.py);
+        only for a graph exported for image prompts."""
         input_ids_BS = np.ascontiguousarray(input_ids_BS, dtype=np.int64)
         position_ids_BS = np.ascontiguousarray(position_ids_BS, dtype=np.int64)
         if input_ids_BS.ndim != 2 or input_ids_BS.shape != position_ids_BS.shape or input_ids_BS.shape[1] == 0:
@@ -211,6 +218,14 @@ class OrtBackend:
         binding = self.session.io_binding()
         binding.bind_cpu_input(contract.INPUT_IDS, input_ids_BS)
         binding.bind_cpu_input(contract.POSITION_IDS, position_ids_BS)
+        if self.image_token_id is not None:
+            rows = image_features_NH if image_features_NH is not None else np.zeros((0, self._feature_width))
+            dtype = _KV_ELEMENT_TYPES[self._kv_type]
+            if dtype == 16:
+                raise MoecError(f"{self.path}: image features for a bf16 graph cannot come from numpy; export fp32/fp16")
+            binding.bind_cpu_input(contract.IMAGE_FEATURES, np.ascontiguousarray(rows, dtype=dtype))
+        elif image_features_NH is not None:
+            raise MoecError(f"{self.path} was exported for text only; export with --vision for image prompts")
         for i in range(self.num_layers):
             binding.bind_ortvalue_input(contract.past_key(i), cache.keys[i])
             binding.bind_ortvalue_input(contract.past_value(i), cache.values[i])

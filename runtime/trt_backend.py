@@ -430,6 +430,7 @@ class TrtBackend:
             raise MoecError(f"{engine_dir}: its manifest names no moec metadata file; rebuild with `moec build`")
         sidecar = read_sidecar_file(engine_dir / manifest["sidecar"])
         self.eos_token_ids = _eos_ids(sidecar)
+        self.image_token_id = sidecar.get("image_token_id")  # an engine of a graph exported with --vision
         self.num_layers = int(sidecar.get("num_layers") or _count_layers(manifest))
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
@@ -498,7 +499,9 @@ class TrtBackend:
                 views[past] = a[:0].view(batch_size, kvh, 0, d)
         return TrtKVCache(buffers, views, batch_size, 0)
 
-    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TrtKVCache):
+    def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: TrtKVCache,
+                image_features_NH: np.ndarray | None = None):
+        """``image_features_NH``: as OrtBackend.forward's (an engine built from a graph exported with --vision)."""
         import torch
 
         batch, new = input_ids_BS.shape
@@ -509,6 +512,13 @@ class TrtBackend:
                             f"{list(input_ids_BS.shape)}: give one position per token")
         shapes = {contract.INPUT_IDS: (batch, new), contract.POSITION_IDS: (batch, new)}
         shapes.update((past, tuple(view.shape)) for past, view in cache.views.items())
+        takes_images = contract.IMAGE_FEATURES in self._dtypes
+        if image_features_NH is not None and not takes_images:
+            raise MoecError(f"{self.engine_dir} was built from a text-only export; export with --vision for images")
+        if takes_images:
+            width = manifest_io_shape(self.manifest, contract.IMAGE_FEATURES)[-1]
+            rows_NH = np.zeros((0, width)) if image_features_NH is None else np.asarray(image_features_NH)
+            shapes[contract.IMAGE_FEATURES] = tuple(rows_NH.shape)
         profile = select_profile(self.profiles, shapes, str(self.engine_dir))
         self._use_profile(profile)
         ctx = self.context
@@ -520,6 +530,14 @@ class TrtBackend:
         for name, t in ((contract.INPUT_IDS, ids), (contract.POSITION_IDS, pos)):
             self._set_input_shape(name, tuple(t.shape), profile)
             ctx.set_tensor_address(name, t.data_ptr())
+        if takes_images:
+            dtype = self._dtypes[contract.IMAGE_FEATURES]
+            with on_stream:
+                # An empty tensor still needs a valid address: one element backs it.
+                rows = torch.from_numpy(np.ascontiguousarray(rows_NH)).to(self.device, dtype) if rows_NH.size else \
+                    torch.zeros(1, dtype=dtype, device=self.device)
+            self._set_input_shape(contract.IMAGE_FEATURES, tuple(rows_NH.shape), profile)
+            ctx.set_tensor_address(contract.IMAGE_FEATURES, rows.data_ptr())
         logits = self._logits[: batch * new * self._vocab].view(batch, new, self._vocab)
         ctx.set_tensor_address(contract.LOGITS, logits.data_ptr())
         new_views = {}

@@ -25,10 +25,12 @@ DEMO_PRESETS = ("llama4-tiny",)
     show_default=True,
     help="Hugging Face key layout: Llama4ForCausalLM or Llama4ForConditionalGeneration.",
 )
-def demo_checkpoint(out_dir: Path, preset: str, seed: int, shards: int, layout: str) -> None:
+@click.option("--vision", is_flag=True,
+              help="conditional_generation only: add a tiny vision tower and the image tokens (for image prompts).")
+def demo_checkpoint(out_dir: Path, preset: str, seed: int, shards: int, layout: str, vision: bool) -> None:
     """Write a random Llama 4 checkpoint with a byte-level tokenizer.json to OUT_DIR."""
     from moec.models.demo import write_demo_checkpoint
 
-    path = write_demo_checkpoint(out_dir, preset=preset, seed=seed, shards=shards, layout=layout)
+    path = write_demo_checkpoint(out_dir, preset=preset, seed=seed, shards=shards, layout=layout, vision=vision)
     files = sorted(p.name for p in path.iterdir())
     click.echo(f"wrote {preset} checkpoint (seed {seed}, {layout}) to {path}: {', '.join(files)}")

@@ -162,9 +162,11 @@ def printable(text: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print generated ids and timings as JSON.")
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
               help="Partition folders: seconds a rank waits for a silent peer before all stop [default: 120].")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="An image for the prompt (repeatable); goes at the prompt's n-th <|image|>, else before the text.")
 @allow_nonfinite_option
 def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype, temperature, top_k, top_p, seed, as_json,
-        rank_timeout, allow_nonfinite_weights):
+        rank_timeout, allow_nonfinite_weights, images=()):
     """Generate from ARTIFACT: a checkpoint directory, an .onnx export or an engine directory."""
     from moec.runtime.generate import GenerationConfig, generate
 
@@ -219,8 +221,23 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     if backend == "ort" and artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
         _run_ranks(artifact, ids, gen_config, tokenizer, as_json, rank_timeout)
         return
+    if images and backend == "ort" and artifact.is_dir():
+        raise MoecError(f"--image is not supported for the partition folder {artifact}; run an .onnx export")
     be = open_backend(artifact, backend, dtype, checkpoint, allow_nonfinite=allow_nonfinite_weights)
-    result = generate(be, ids, gen_config)
+    image_prompt = None
+    if images:
+        from moec.compiler.image_inputs import open_vision_encoder, prepare_image_prompt
+
+        encoder = open_vision_encoder(artifact, backend)
+        if getattr(be, "image_token_id", None) is None:
+            raise MoecError(f"{artifact} takes no image features (a text-only export); export with --vision")
+        bos = tokenizer.token_to_id("<|begin_of_text|>") if tokenizer is not None else None
+        image_prompt = prepare_image_prompt(images, ids, tokenizer, encoder, bos, be.image_token_id)
+        ids = image_prompt.ids
+    if image_prompt is None:
+        result = generate(be, ids, gen_config)
+    else:
+        result = generate(be, ids, gen_config, image_features_NH=image_prompt.features_NH)
     new_ids = result.new_tokens[0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
     if tokenizer_problem is not None:
@@ -231,6 +248,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     if as_json:
         out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe(),
                "random_weights": random_weights}
+        if image_prompt is not None:
+            out["vision"] = {"encoder_s": image_prompt.vision_s, "tiles_hw": image_prompt.tiles_hw,
+                             "image_rows": int(image_prompt.features_NH.shape[0])}
         click.echo(json.dumps(out))
         return
     # --json keeps the exact text; a terminal gets it escaped (a random or hostile model can emit
@@ -238,7 +258,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     click.echo(printable(text) if text is not None else " ".join(map(str, new_ids)))
     click.echo(
         f"[{be.name}] {len(ids)} prompt + {len(new_ids)} new tokens ({result.finish_reasons[0]}): "
-        f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s",
+        f"prefill {result.prefill_s * 1e3:.1f} ms, decode {result.decode_tokens_per_s:.1f} tok/s"
+        + (f", vision encoder {image_prompt.vision_s * 1e3:.1f} ms ({len(images)} image(s))" if image_prompt else ""),
         err=True,
     )
 
@@ -278,16 +299,35 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
 )
 @allow_nonfinite_option
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights):
+@click.option("--vision", is_flag=True,
+              help="Multimodal checkpoint: also OUT.vision.onnx (vision tower + projector), and an image_features "
+                   "input on the text graph.")
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights, vision=False):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
 
     options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
                    allow_nonfinite_weights=allow_nonfinite_weights or None)
+    vision_files, tower = [], None
+    if vision:
+        from moec.compiler.export_vision import image_token_id_of
+        from moec.models.checkpoint import load_vision_tower
+
+        options["image_token_id"] = image_token_id_of(checkpoint)
+        # The vision graph runs on the host's ONNX Runtime too, which has no bf16 kernels: fp16 or fp32.
+        vision_dtype = "fp16" if dtype == "fp16" else "fp32"
+        tower = load_vision_tower(checkpoint, dtype=vision_dtype)  # bad vision weights fail before any file is written
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     with progress.shown(f"moec export {checkpoint.name}"):
         r = export_onnx(checkpoint, output, config)
-    files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]
+        if vision:
+            from moec.common import contract
+            from moec.compiler.export_vision import VisionExportConfig, export_vision_onnx, vision_onnx_path
+
+            v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(dtype=vision_dtype),
+                                   tower=tower)
+            vision_files = [v, contract.sidecar_path(v)]
+    files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path, *vision_files]
     click.echo(
         f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "
         f"in {r.total_s:.1f} s: {', '.join(str(f) for f in files if f is not None)}"

@@ -134,3 +134,15 @@ def test_vision_tower_exports_to_onnx_with_dynamic_tiles(tmp_path):
         got = torch.from_numpy(session.run(None, {"pixels": pixels.numpy()})[0])
         with torch.no_grad():
             torch.testing.assert_close(got, tower(pixels), atol=1e-5, rtol=0)
+
+
+def test_wrong_shape_vision_weights_are_named():
+    """Same names, other sizes (a config.json of another model): one line naming the tensor, not torch's
+    multi-line size-mismatch RuntimeError."""
+    tower = VisionTower(VisionConfig.from_hf_dict(_hf_config(28, 1)))
+    wider = _hf_config(28, 1)
+    wider["vision_config"]["hidden_size"] = 64
+    vision, projector = _reference(wider)
+    with pytest.raises(MoecError, match=r"vision tensor vision_model\.\S+ has shape \[") as e:
+        load_vision_state(tower, _checkpoint_tensors(vision, projector), "ckpt")
+    assert "\n" not in str(e.value)
