@@ -33,12 +33,13 @@ HERE = Path(__file__).parent
 TEXT = HERE / "data" / "ppl_text.txt"
 RESULTS = HERE / "results"
 FORMATS = {"fp32": {}, "int8": dict(quantize="int8"), "fp8": dict(quantize="fp8"),
+           # SmolLM2's hidden size 576 = 4 x 128 + 64: group 128 leaves a shorter last block of 64.
            "int4-g128": dict(quantize="int4", quantize_group=128),
-           # SmolLM2's hidden size 576 = 9 x 64: group 128 does not divide it, 64 is the largest that does.
+           "int4-g128-asym": dict(quantize="int4", quantize_group=128, quantize_symmetric=False),
            "int4-g64": dict(quantize="int4", quantize_group=64), "int4-g32": dict(quantize="int4", quantize_group=32),
            "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False)}
 # Expected increase over fp32 before measuring (the issue's targets): int8 <= 1 %, fp8 <= 3 %, int4-g128 <= 10 %.
-TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g64": 0.10}
+TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g128-asym": 0.10}
 NUM_EXPERTS = 4
 NOTES = """Notes (written after measuring):
 - int4-g128 cannot be measured on this model: its hidden size 576 = 9 x 64, so group 128 does not divide the K of

@@ -48,7 +48,8 @@ def check_quantize_request(config, target) -> QuantizeSpec | None:
 
 def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
     """Before an export, from the checkpoint's config ``c`` alone: the scope names some weight and
-    the group divides every reduction dimension in it (the pass checks the graph itself again)."""
+    the group is no longer than any reduction dimension in it (one that does not divide K leaves a
+    shorter last block) (the pass checks the graph itself again)."""
     if spec is None:
         return
     moe, dense = bool(c.moe_layer_indices()), len(c.moe_layer_indices()) < c.num_hidden_layers
@@ -70,9 +71,9 @@ def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
         ks.setdefault(c.num_attention_heads * c.head_dim, "self_attn.o_proj")
     for k, weight in sorted(ks.items()):
         block = spec.block_for(k)
-        if k % block:
-            raise MoecError(f"--quantize-group {block} does not divide {weight}'s reduction dimension {k} in {source}; "
-                            f"choose a group that divides every K of the scope ({', '.join(map(str, sorted(ks)))})")
+        if block > k:
+            raise MoecError(f"--quantize-group {block} is longer than {weight}'s reduction dimension {k} in {source}; "
+                            f"choose a group of at most the smallest K of the scope ({', '.join(map(str, sorted(ks)))})")
 
 
 def quantize_steps(config, target) -> list:
