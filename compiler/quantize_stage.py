@@ -38,6 +38,11 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
     return None
 
 
+def whole_blocks(target) -> bool:
+    """TensorRT's ONNX parser takes blocked DequantizeLinear only where the block divides K."""
+    return target.is_trt
+
+
 def check_quantize_request(config, target) -> QuantizeSpec | None:
     """The validated spec, or a named MoecError for a request the target cannot build."""
     spec = spec_of(config)
@@ -46,7 +51,7 @@ def check_quantize_request(config, target) -> QuantizeSpec | None:
     return spec
 
 
-def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
+def check_model_fits(spec: QuantizeSpec | None, c, source: str, whole_blocks: bool = False) -> None:
     """Before an export, from the checkpoint's config ``c`` alone: the scope names some weight and
     the group is no longer than any reduction dimension in it (one that does not divide K leaves a
     shorter last block) (the pass checks the graph itself again)."""
@@ -74,6 +79,10 @@ def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
         if block > k:
             raise MoecError(f"--quantize-group {block} is longer than {weight}'s reduction dimension {k} in {source}; "
                             f"choose a group of at most the smallest K of the scope ({', '.join(map(str, sorted(ks)))})")
+        if whole_blocks and k % block:
+            from moec.passes.quantize.apply import group_does_not_divide
+
+            raise MoecError(f"{source}: " + group_does_not_divide(spec, weight, k, list(ks)))
 
 
 def quantize_steps(config, target) -> list:
@@ -89,7 +98,7 @@ def quantize_steps(config, target) -> list:
     def run(model, ctx):
         from moec.passes.quantize.apply import quantize_weights
 
-        n = quantize_weights(model, spec, ctx.log)
+        n = quantize_weights(model, spec, ctx.log, whole_blocks=whole_blocks(target))
         ctx.counts["quantized"] = ctx.counts.get("quantized", 0) + n
         return n
 

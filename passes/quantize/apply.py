@@ -82,9 +82,10 @@ def find_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = No
 _FLOAT_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str) -> None:
-    """Named errors, before any weight is read: nothing in scope, a group longer than a K (a group
-    that does not divide K is fine: the last block is shorter)."""
+def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str, whole_blocks: bool = False) -> None:
+    """Named errors, before any weight is read: nothing in scope, a group longer than a K, and,
+    with ``whole_blocks`` (TensorRT's parser), a group that does not divide a K (elsewhere the
+    last block is shorter)."""
     if not sites:
         others = [s for s in SCOPES if s != spec.scope]
         raise MoecError(f"--quantize-scope {spec.scope} names no weight in {what} (it quantizes "
@@ -96,6 +97,18 @@ def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str) -> None:
             raise MoecError(f"--quantize-group {spec.group} is longer than {site.value.name}'s reduction dimension "
                             f"({k}, axis {site.axis} of {list(site.value.shape)}); choose a group of at most the "
                             "smallest K of the scope")
+        if whole_blocks and k % spec.block_for(k):
+            raise MoecError(group_does_not_divide(spec, site.value.name, k, [int(t.value.shape[t.axis]) for t in sites]))
+
+
+def group_does_not_divide(spec: QuantizeSpec, weight: str, k: int, ks) -> str:
+    from moec.passes.quantize.int4 import GROUPS
+
+    fits = [g for g in GROUPS if all(x % g == 0 for x in ks)]
+    choice = (f"use --quantize-group {max(fits)} (it divides every K of the scope), or" if fits else
+              f"no group of {', '.join(map(str, GROUPS))} divides every K of the scope ({', '.join(map(str, sorted(set(ks))))}):")
+    return (f"--quantize-group {spec.group} does not divide {weight}'s reduction dimension {k}, and TensorRT's "
+            f"DequantizeLinear takes whole blocks only: {choice} target ort (which takes a shorter last block)")
 
 
 class _Quantized:
@@ -183,11 +196,12 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     return len(graph)
 
 
-def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = None, what: str = "the model") -> int:
+def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = None, what: str = "the model",
+                     whole_blocks: bool = False) -> int:
     """Quantize every weight ``spec`` names; returns how many. Unused originals are removed by the
-    clean-up that follows (they are no longer read)."""
+    clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites."""
     sites = find_weights(model, spec, log)
-    check_sites(sites, spec, what)
+    check_sites(sites, spec, what, whole_blocks)
     ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
     for site in sites:
         quantize_site(model.graph, site, spec)
