@@ -46,6 +46,7 @@ from moec.common.sidecar import check_tokenizer_slot
 from moec.common.errors import MoecError
 
 DTYPES = ("fp32", "fp16", "bf16")
+FP8_WEIGHTS = ("keep", "dequantize")
 SIDECAR_FORMAT = "moec-onnx"
 SIDECAR_VERSION = 1
 
@@ -73,6 +74,9 @@ class ExportConfig:
     opset: int = 18
     # Run onnxscript's optimizer (constant folding of small subgraphs, dead code removal).
     optimize: bool = True
+    # A pre-quantized (fbgemm_fp8) checkpoint: "keep" writes its FP8 weights and scales as they
+    # are (DequantizeLinear; compiler/export_fp8.py), "dequantize" writes q * scale in ``dtype``.
+    fp8_weights: str = "keep"
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -83,6 +87,8 @@ class ExportConfig:
             raise MoecError(f"max_seq must be >= 2, got {self.max_seq}")
         if self.external_data_threshold_bytes < 0:
             raise MoecError("external_data_threshold_bytes must be >= 0")
+        if self.fp8_weights not in FP8_WEIGHTS:
+            raise MoecError(f"fp8_weights {self.fp8_weights!r}: choose one of {', '.join(FP8_WEIGHTS)}")
 
 
 @dataclass
@@ -371,6 +377,11 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             import onnxscript.optimizer
 
             onnxscript.optimizer.optimize_ir(onnx_model)
+        kept_fp8 = 0
+        if config.fp8_weights == "keep":
+            from moec.compiler.export_fp8 import keep_fp8_weights
+
+            kept_fp8 = keep_fp8_weights(onnx_model, sources)
         export_s = time.perf_counter() - t0
         op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
         weight_bytes = _weight_bytes(onnx_model)
@@ -406,6 +417,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         sidecar = build_sidecar(llama_config, config, max_positions, data_name if external else None, has_tokenizer)
         if has_tokenizer:
             sidecar["tokenizer_sha256"] = sha256_file(tokenizer_src)
+        if kept_fp8:
+            from moec.compiler.export_fp8 import sidecar_record
+
+            sidecar["quantization"] = sidecar_record(checkpoint_dir, kept_fp8)
         write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)

@@ -110,6 +110,32 @@ def quantize_steps(config, target) -> list:
     return steps
 
 
+def checkpoint_fp8_steps() -> tuple:
+    """The fold before the fusions and the restore after the quantize phase of a pre-quantized
+    checkpoint's FP8 weights (passes/quantize/checkpoint_fp8.py); both find nothing elsewhere."""
+    from moec.compiler.pipeline import Step
+    from moec.passes.quantize.checkpoint_fp8 import fold_checkpoint_fp8, restore_checkpoint_fp8
+
+    def restore(model, ctx):
+        n = restore_checkpoint_fp8(model)
+        # With those --quantize fp8 took as they were: every checkpoint FP8 weight the graph holds.
+        ctx.counts["checkpoint_fp8"] = sum(node.name.endswith("/checkpoint_fp8") for node in model.graph)
+        return n
+
+    return (Step("cleanup", "fold_checkpoint_fp8", lambda m, c: fold_checkpoint_fp8(m)),
+            Step("quantize", "restore_checkpoint_fp8", restore))
+
+
+def check_checkpoint_fp8(sidecar: dict | None, spec: QuantizeSpec | None, target, in_path) -> None:
+    """An export that kept its checkpoint's FP8 weights, for a TensorRT arch without FP8 tensor
+    cores: named before any work."""
+    quant = (sidecar or {}).get("quantization") or {}
+    if quant.get("source") != "checkpoint" or not target.is_trt or target.arch in FP8_ARCHS:
+        return
+    raise MoecError(f"{in_path} holds its checkpoint's FP8 weights (export --fp8-weights keep); target {target} has "
+                    "no FP8 tensor cores: optimize for sm89 or newer, or re-export with --fp8-weights dequantize")
+
+
 def dequantize_module_weights(model, spec: QuantizeSpec) -> int:
     """Replace, in a torch ``Llama4ForCausalLM``, every weight ``spec`` quantizes by its
     dequantized value: the reference the verify stage compares a quantized graph with (the same

@@ -262,12 +262,15 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
 )
 @click.option("--allow-nonfinite-weights", is_flag=True, help="Export weights that hold NaN or Inf (refused by default).")
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights):
+@click.option("--fp8-weights", type=click.Choice(["keep", "dequantize"]), default=None,
+              help="An FP8 (fbgemm_fp8) checkpoint: keep its FP8 weights and scales, or write q * scale in --dtype "
+                   "[default: keep].")
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights, fp8_weights):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
 
     options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
-                   allow_nonfinite_weights=allow_nonfinite_weights or None)
+                   allow_nonfinite_weights=allow_nonfinite_weights or None, fp8_weights=fp8_weights)
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     r = export_onnx(checkpoint, output, config)
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path]

@@ -203,8 +203,13 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
     sites = find_weights(model, spec, log)
     check_sites(sites, spec, what, whole_blocks)
     ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
+    from moec.passes.quantize.checkpoint_fp8 import held, restore
+
     for site in sites:
-        quantize_site(model.graph, site, spec)
+        if spec.format == "fp8" and held(site.value) is not None:
+            restore(model.graph, site.value)  # the checkpoint's own FP8 values and scales, as they came
+        else:
+            quantize_site(model.graph, site, spec)
     for site in sites:
         if not site.value.uses():
             model.graph.initializers.pop(site.value.name, None)
