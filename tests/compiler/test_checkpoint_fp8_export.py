@@ -20,6 +20,8 @@ from moec.compiler.export import ExportConfig, export_onnx
 from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from moec_cli import run_cli  # noqa: E402
 from test_fp8_checkpoint import _write_fp8  # noqa: E402
 
 
@@ -92,6 +94,15 @@ def test_optimize_keeps_them_and_the_numbers(fp8, tmp_path, target, quantize):
         for g, w in zip(ort_run(out, feeds), want):
             assert rel_err(g, w) < 1e-5, rel_err(g, w)
         assert rel_err(ort_run(fp8 / "keep" / "model.onnx", feeds)[0], want[0]) < 1e-6
+
+
+def test_export_cli_fp8_weights_option(fp8, tmp_path, capsys):
+    code, _, err = run_cli(["export", fp8 / "ckpt", "-o", tmp_path / "d" / "model.onnx", "--dtype", "fp32",
+                            "--fp8-weights", "dequantize"], capsys)
+    assert code == 0, err
+    assert _fp8_weights(tmp_path / "d" / "model.onnx") == {}
+    code, _, err = run_cli(["export", fp8 / "ckpt", "-o", tmp_path / "x" / "model.onnx", "--fp8-weights", "drop"], capsys)
+    assert code == 2 and "Invalid value for '--fp8-weights'" in err and not (tmp_path / "x").exists()
 
 
 def test_an_arch_without_fp8_is_named_before_work(fp8, tmp_path):
