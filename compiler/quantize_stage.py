@@ -123,7 +123,9 @@ def checkpoint_fp8_steps() -> tuple:
         return n
 
     return (Step("cleanup", "fold_checkpoint_fp8", lambda m, c: fold_checkpoint_fp8(m)),
-            Step("quantize", "restore_checkpoint_fp8", restore))
+            # The lowering phase's first step (it is there for the lowerings), so a graph without
+            # --quantize dumps no quantize phase.
+            Step("lowering", "restore_checkpoint_fp8", restore))
 
 
 def check_checkpoint_fp8(sidecar: dict | None, spec: QuantizeSpec | None, target, in_path) -> None:
