@@ -33,27 +33,37 @@ HERE = Path(__file__).parent
 TEXT = HERE / "data" / "ppl_text.txt"
 RESULTS = HERE / "results"
 FORMATS = {"fp32": {}, "int8": dict(quantize="int8"), "fp8": dict(quantize="fp8"),
+           # SmolLM2's hidden size 576 = 4 x 128 + 64: group 128 leaves a shorter last block of 64.
            "int4-g128": dict(quantize="int4", quantize_group=128),
-           # SmolLM2's hidden size 576 = 9 x 64: group 128 does not divide it, 64 is the largest that does.
+           "int4-g128-asym": dict(quantize="int4", quantize_group=128, quantize_symmetric=False),
            "int4-g64": dict(quantize="int4", quantize_group=64), "int4-g32": dict(quantize="int4", quantize_group=32),
            "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False)}
 # Expected increase over fp32 before measuring (the issue's targets): int8 <= 1 %, fp8 <= 3 %, int4-g128 <= 10 %.
-TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g64": 0.10}
+TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g128-asym": 0.10}
 NUM_EXPERTS = 4
 NOTES = """Notes (written after measuring):
-- int4-g128 cannot be measured on this model: its hidden size 576 = 9 x 64, so group 128 does not divide the K of
-  gate/up (moec refuses it by name); int4-g64 stands in for the issue's int4-g128 target (<= 10 %) and misses it
-  by far (+40 %). Round-to-nearest int4 on a 135M model is known to be harsh; two further reasons here: (1) the
-  "fp32" weights are SmolLM2's Q4_1 GGUF weights dequantized, i.e. already on an asymmetric 4-bit grid with
-  blocks of 32, and re-rounding them onto a different (symmetric, 64-wide) grid adds a second full rounding error;
-  (2) symmetric int4 uses 15 of 16 levels around 0 while Q4_1's blocks are not centred. The asymmetric g32 variant,
-  closest to Q4_1's own grid, is +10.6 %; symmetric g32 +21 %. No AWQ-like scaling was tried (not built).
+- int4-g128 runs on this model since the int4 quantizer takes a shorter last block (hidden size 576 = 4 x 128 + 64,
+  as ONNX DequantizeLinear defines blocks; QMoE and MatMulNBits take it). No figure was written down before this
+  run. It misses the issue's target (<= 10 %) by far: +34.8 % dense, +45.5 % moe symmetric; +17.7 % / +19.9 %
+  asymmetric. (Symmetric g128 came out below symmetric g64's +40 % on the dense variant: one short text, a second
+  rounding onto another grid; the ordering between the two is within what this benchmark can resolve.)
+- Why int4 misses here: (1) the "fp32" weights are SmolLM2's Q4_1 GGUF weights dequantized, i.e. already on an
+  asymmetric 4-bit grid with blocks of 32, and re-rounding them onto a different grid adds a second full rounding
+  error; (2) symmetric int4 uses 15 of 16 levels around 0 while Q4_1's blocks are not centred (asymmetric halves
+  the loss); (3) a 135M model is known to be harsh on round-to-nearest int4. No clipping search or AWQ-like scaling
+  was tried (not built); that is the next step for the int4 target.
+- ONNX Runtime 1.32 warns that QMoE "cannot use the MLAS QNBit GEMM kernels because the input feature size is not
+  a multiple of block_size; falling back to dequantize + SGEMM" for K = 576 in groups of 128: the numbers are right
+  (tests/passes/test_quantize_partial_group.py), the int4 speed-up is lost for such a K. TensorRT's parser refuses a
+  shorter last block ("The quantization axis must divide into whole blocks"): moec names it before any work.
 - int8 (+0.5 % dense, +0.5 % moe) and fp8 (+1.7 %, +1.3 %) meet their targets on both variants.
 - The MoE variant's fp32 perplexity is its own baseline (the upcycled routed experts change the function); its
   int4 rows are worse than the dense ones because it quantizes more weights (routed experts, shared expert and the
   dense MLPs of the even layers). Its experts ran as com.microsoft.QMoE (int4, int8) and as hybrid over
   DequantizeLinear (fp8).
-- Machine: shared 2-core host under heavy load; perplexity does not depend on timing."""
+- The int4-g128 rows were measured on 2026-12-02 (fp32 re-measured in the same run: the same 26.4455 / 27.0721);
+  the other rows come from the earlier run. Machine: shared 2-core host under heavy load (load average 12-15);
+  perplexity does not depend on timing, the seconds column does."""
 
 
 def gguf_path() -> Path:

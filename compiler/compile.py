@@ -508,7 +508,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     targets = check_targets(config)
     target = targets[0]
     _check_trt_installed(target)
-    from moec.compiler.quantize_stage import check_quantize_request, check_model_fits
+    from moec.compiler.quantize_stage import check_model_fits, check_quantize_request, whole_blocks
 
     quant = check_quantize_request(config, target)
     for other in targets[1:]:  # fp8 needs FP8 tensor cores on every arch
@@ -525,7 +525,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
 
         source = f"{checkpoint}/config.json" if checkpoint is not None else f"the demo model {DEMO_PRESET}"
         check_model_fits(quant, Llama4Config.from_pretrained(checkpoint) if checkpoint is not None
-                         else Llama4Config.preset(DEMO_PRESET), source)
+                         else Llama4Config.preset(DEMO_PRESET), source, whole_blocks(target))
     # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
     # one must be an earlier compile output (or empty).
     protected = [checkpoint] if checkpoint is not None else []

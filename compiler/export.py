@@ -47,6 +47,7 @@ from moec.common.errors import MoecError
 
 DTYPES = ("fp32", "fp16", "bf16")
 CHUNKED_CACHES = ("ring", "full")
+FP8_WEIGHTS = ("keep", "dequantize")
 SIDECAR_FORMAT = "moec-onnx"
 SIDECAR_VERSION = 1
 
@@ -81,6 +82,9 @@ class ExportConfig:
     # The <|patch|> token id of a multimodal checkpoint: the graph gains an image_features input whose rows
     # replace the embeddings at that token's positions (contract.IMAGE_FEATURES). None: text only.
     image_token_id: int | None = None
+    # A pre-quantized (fbgemm_fp8) checkpoint: "keep" writes its FP8 weights and scales as they
+    # are (DequantizeLinear; compiler/export_fp8.py), "dequantize" writes q * scale in ``dtype``.
+    fp8_weights: str = "keep"
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -93,6 +97,8 @@ class ExportConfig:
             raise MoecError("external_data_threshold_bytes must be >= 0")
         if self.chunked_cache not in CHUNKED_CACHES:
             raise MoecError(f"unknown chunked_cache {self.chunked_cache!r}; choose one of {', '.join(CHUNKED_CACHES)}")
+        if self.fp8_weights not in FP8_WEIGHTS:
+            raise MoecError(f"fp8_weights {self.fp8_weights!r}: choose one of {', '.join(FP8_WEIGHTS)}")
         from moec.compiler.dims import check_dim
 
         check_dim("max_batch", self.max_batch)
@@ -423,6 +429,11 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
 
             step("folding constants (onnxscript optimizer)")
             onnxscript.optimizer.optimize_ir(onnx_model)
+        kept_fp8 = 0
+        if config.fp8_weights == "keep":
+            from moec.compiler.export_fp8 import keep_fp8_weights
+
+            kept_fp8 = keep_fp8_weights(onnx_model, sources)
         export_s = time.perf_counter() - t0
         op_counts = dict(Counter(n.op_type for n in onnx_model.graph.all_nodes()))
         weight_bytes = _weight_bytes(onnx_model)
@@ -463,6 +474,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
         sidecar["kv_cache"] = kv_cache
         if is_demo_checkpoint(checkpoint_dir):  # `moec run` says its output is noise (common/demo_note.py)
             sidecar[demo_note.SIDECAR_KEY] = True
+        if kept_fp8:
+            from moec.compiler.export_fp8 import sidecar_record
+
+            sidecar["quantization"] = sidecar_record(checkpoint_dir, kept_fp8)
         write_json_atomic(contract.sidecar_path(tmp_model), sidecar)
         if has_tokenizer:
             shutil.copyfile(tokenizer_src, tmp_dir / contract.TOKENIZER_FILE)

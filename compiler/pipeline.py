@@ -194,12 +194,17 @@ def _typing_step() -> Step:
 
 def build_pipeline(config: OptimizeConfig, target, partition: Step | None = None) -> list[Step]:
     """The flat pass list, phase by phase (see the module docstring)."""
+    from moec.compiler.quantize_stage import checkpoint_fp8_steps
+
+    fold_fp8, restore_fp8 = checkpoint_fp8_steps()
     return [
+        fold_fp8,
         *_cleanup_steps(),
         *_fusion_steps(config, target),
         *_precision_steps(config),
         *([partition] if partition is not None else []),
         *_quantize_steps(config, target),
+        restore_fp8,
         *_lowering_steps(config, target),
         *_cleanup_steps(),
         _typing_step(),
@@ -402,6 +407,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
 
     quant = check_quantize_request(config, target)  # before any work
     sidecar = read_sidecar(in_path, required=False)
+    from moec.compiler.quantize_stage import check_checkpoint_fp8
+
+    check_checkpoint_fp8(sidecar, quant, target, in_path)
     # Copied into the output: only the model's own tokenizer, from inside its folder.
     tok_src = model_tokenizer(in_path.parent, sidecar, in_path)
     if tok_src is not None:
@@ -456,6 +464,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
             sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
             if quant is not None:
                 sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
+            if ctx.counts.get("checkpoint_fp8"):
+                sidecar.setdefault("quantization", {})["checkpoint_fp8_weights"] = ctx.counts["checkpoint_fp8"]
             write_json_atomic(contract.sidecar_path(tmp / out_path.name), sidecar)
         if tok_src is not None and tok_src.resolve() != tok_dst.resolve():
             shutil.copyfile(tok_src, tmp / contract.TOKENIZER_FILE)

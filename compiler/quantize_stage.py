@@ -39,6 +39,11 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
     return None
 
 
+def whole_blocks(target) -> bool:
+    """TensorRT's ONNX parser takes blocked DequantizeLinear only where the block divides K."""
+    return target.is_trt
+
+
 def check_quantize_request(config, target) -> QuantizeSpec | None:
     """The validated spec, or a named MoecError for a request the target cannot build."""
     spec = spec_of(config)
@@ -47,9 +52,10 @@ def check_quantize_request(config, target) -> QuantizeSpec | None:
     return spec
 
 
-def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
+def check_model_fits(spec: QuantizeSpec | None, c, source: str, whole_blocks: bool = False) -> None:
     """Before an export, from the checkpoint's config ``c`` alone: the scope names some weight and
-    the group divides every reduction dimension in it (the pass checks the graph itself again)."""
+    the group is no longer than any reduction dimension in it (one that does not divide K leaves a
+    shorter last block) (the pass checks the graph itself again)."""
     if spec is None:
         return
     moe, dense = bool(c.moe_layer_indices()), len(c.moe_layer_indices()) < c.num_hidden_layers
@@ -71,9 +77,13 @@ def check_model_fits(spec: QuantizeSpec | None, c, source: str) -> None:
         ks.setdefault(c.num_attention_heads * c.head_dim, "self_attn.o_proj")
     for k, weight in sorted(ks.items()):
         block = spec.block_for(k)
-        if k % block:
-            raise MoecError(f"--quantize-group {block} does not divide {weight}'s reduction dimension {k} in {source}; "
-                            f"choose a group that divides every K of the scope ({', '.join(map(str, sorted(ks)))})")
+        if block > k:
+            raise MoecError(f"--quantize-group {block} is longer than {weight}'s reduction dimension {k} in {source}; "
+                            f"choose a group of at most the smallest K of the scope ({', '.join(map(str, sorted(ks)))})")
+        if whole_blocks and k % block:
+            from moec.passes.quantize.apply import group_does_not_divide
+
+            raise MoecError(f"{source}: " + group_does_not_divide(spec, weight, k, list(ks)))
 
 
 def quantize_steps(config, target) -> list:
@@ -89,7 +99,7 @@ def quantize_steps(config, target) -> list:
     def run(model, ctx):
         from moec.passes.quantize.apply import quantize_weights
 
-        n = quantize_weights(model, spec, ctx.log)
+        n = quantize_weights(model, spec, ctx.log, whole_blocks=whole_blocks(target))
         ctx.counts["quantized"] = ctx.counts.get("quantized", 0) + n
         return n
 
@@ -99,6 +109,34 @@ def quantize_steps(config, target) -> list:
 
         steps.append(Step("quantize", "lower_matmul_nbits", lambda m, c: lower_dense_int4(m)))
     return steps
+
+
+def checkpoint_fp8_steps() -> tuple:
+    """The fold before the fusions and the restore after the quantize phase of a pre-quantized
+    checkpoint's FP8 weights (passes/quantize/checkpoint_fp8.py); both find nothing elsewhere."""
+    from moec.compiler.pipeline import Step
+    from moec.passes.quantize.checkpoint_fp8 import fold_checkpoint_fp8, restore_checkpoint_fp8
+
+    def restore(model, ctx):
+        n = restore_checkpoint_fp8(model)
+        # With those --quantize fp8 took as they were: every checkpoint FP8 weight the graph holds.
+        ctx.counts["checkpoint_fp8"] = sum(node.name.endswith("/checkpoint_fp8") for node in model.graph)
+        return n
+
+    return (Step("cleanup", "fold_checkpoint_fp8", lambda m, c: fold_checkpoint_fp8(m)),
+            # The lowering phase's first step (it is there for the lowerings), so a graph without
+            # --quantize dumps no quantize phase.
+            Step("lowering", "restore_checkpoint_fp8", restore))
+
+
+def check_checkpoint_fp8(sidecar: dict | None, spec: QuantizeSpec | None, target, in_path) -> None:
+    """An export that kept its checkpoint's FP8 weights, for a TensorRT arch without FP8 tensor
+    cores: named before any work."""
+    quant = (sidecar or {}).get("quantization") or {}
+    if quant.get("source") != "checkpoint" or not target.is_trt or target.arch in FP8_ARCHS:
+        return
+    raise MoecError(f"{in_path} holds its checkpoint's FP8 weights (export --fp8-weights keep); target {target} has "
+                    "no FP8 tensor cores: optimize for sm89 or newer, or re-export with --fp8-weights dequantize")
 
 
 def dequantize_module_weights(model, spec: QuantizeSpec) -> int:

@@ -22,7 +22,8 @@ import torch
 
 from moec.common.errors import MoecError
 from moec.models.config import CONDITIONAL_GENERATION, Llama4Config, architecture_of
-from moec.models.fp8_checkpoint import FP8_FILE_DTYPES, QuantizationConfig, assemble, is_fp8_part, read_quantization_config
+from moec.models.fp8_checkpoint import (FP8_FILE_DTYPES, Fp8Weight, QuantizationConfig, assemble, is_fp8_part,
+                                        read_quantization_config)
 from moec.models.llama4 import Llama4ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -273,20 +274,22 @@ def _read_text_tensors(
                     _check_finite(file, key, state[name])
 
     if fp8_parts:
-        for name, tensor in assemble(fp8_parts, expected, ckpt.quantization, fp8_file, dtype or torch.bfloat16).items():
+        for name, weight in assemble(fp8_parts, expected, ckpt.quantization, fp8_file).items():
             if name not in expected:
                 raise MoecError(f"{ckpt.directory}: unexpected FP8 tensor {prefix + name!r}; it is not part of the Llama 4 "
                                 f"text model that {CONFIG_FILE} describes")
             if name in state:
                 raise MoecError(f"{ckpt.directory}: {prefix + name!r} is stored both in FP8 and unquantized")
-            if tuple(tensor.shape) != expected[name]:
-                raise MoecError(f"{ckpt.directory}: FP8 tensor {prefix + name!r} assembles to shape {list(tensor.shape)}, "
+            if weight.shape != expected[name]:
+                raise MoecError(f"{ckpt.directory}: FP8 tensor {prefix + name!r} assembles to shape {list(weight.shape)}, "
                                 f"expected {list(expected[name])} from {CONFIG_FILE}")
-            state[name] = tensor.to(device=device)
+            # Lazy: the FP8 weight itself (the export keeps it FP8; read_tensor dequantizes it).
+            state[name] = weight if lazy else weight.dequantized(dtype or torch.bfloat16).to(device=device)
             if not allow_nonfinite:
-                # q * scale: a NaN code in the FP8 weight or an Inf scale (read in full here even
-                # when ``lazy``: the parts are already in memory).
-                _check_finite(ckpt.directory, f"{prefix}{name} (FP8 weight x scale)", state[name])
+                # q * scale: a NaN code in the FP8 weight or an Inf scale (dequantized here for the check
+                # even when ``lazy``: the parts are already in memory).
+                _check_finite(ckpt.directory, f"{prefix}{name} (FP8 weight x scale)",
+                              weight.dequantized(torch.float32) if lazy else state[name])
     return state, skipped
 
 
@@ -355,6 +358,8 @@ def read_tensor(source: tuple[Path, str] | torch.Tensor, dtype: torch.dtype | No
     several stored tensors (weights and scales) while the headers are read, so they are held."""
     from safetensors import SafetensorError
 
+    if isinstance(source, Fp8Weight):
+        return source.dequantized(dtype or torch.bfloat16)
     if isinstance(source, torch.Tensor):
         return source if dtype is None or source.dtype == dtype else source.to(dtype)
     file, key = source

@@ -13,10 +13,11 @@ weights with a float32 scale per output row, in either layout
 contradiction and refused. Any other ``quant_method`` (or a config without one) is refused by name:
 moec would otherwise read the weights as if they were not quantized.
 
-moec's torch model holds float weights, so the FP8 values are dequantized exactly (q * scale, in
-fp32) as they are read. ``moec optimize --quantize fp8`` then stores them as FP8 again: the
-per-output-channel scale it computes is the checkpoint's (fbgemm scales a row by max|w| / 448),
-so the FP8 values come back the same (tests/models/test_fp8_checkpoint.py checks it).
+Each FP8 weight is assembled into an ``Fp8Weight``: the checkpoint's FP8 values laid out as the
+model's parameter (a stack / transpose of the stored bytes, no arithmetic) and its scales. moec's
+torch model holds float weights, so where it needs values they are dequantized exactly (q * scale,
+in fp32) as they are read; the export instead writes the FP8 values and scales themselves as a
+DequantizeLinear (compiler/export_fp8.py), so the artifact never holds them in a wider dtype.
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ class QuantizationConfig:
 
     def record(self) -> dict:
         return {"quant_method": self.method, "modules_to_not_convert": list(self.modules_to_not_convert)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+    """One FP8 weight in the layout of the model's parameter: ``q`` [E, K, N] (experts) or [N, K]
+    (a Linear), float8_e4m3fn; ``scale`` float32 with K shortened to 1 ([E, 1, N], [N, 1]): one
+    scale per output channel, w = q * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q.float() * self.scale).to(dtype)
 
 
 def read_quantization_config(raw: dict, source: str) -> QuantizationConfig | None:
@@ -76,10 +94,10 @@ def _not_converted(name: str, qc: QuantizationConfig) -> str | None:
 
 
 def assemble(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], qc: QuantizationConfig,
-             file_of: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's float tensors from the FP8 parts in ``raw`` (weights and scales by checkpoint
+             file_of: dict[str, str]) -> dict[str, Fp8Weight]:
+    """The model's FP8 weights from the FP8 parts in ``raw`` (weights and scales by checkpoint
     name, prefix removed). Named errors for a missing, orphaned or mismatched scale."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Fp8Weight] = {}
     used: set[str] = set()
 
     def scale_for(weight: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -93,12 +111,17 @@ def assemble(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
         used.add(key)
         return s.float()
 
+    def per_expert_parts(by_e: dict[int, tuple[torch.Tensor, torch.Tensor]], E: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # [out, in] per expert -> the stacked [E, in, out] layout; the scales [out, 1] -> [E, 1, out].
+        q = torch.stack([by_e[e][0].view(torch.uint8).t() for e in range(E)]).view(torch.float8_e4m3fn)
+        return q, torch.stack([by_e[e][1].t() for e in range(E)])
+
     def check_convertible(name: str) -> None:
         if (module := _not_converted(name, qc)) is not None:
             raise MoecError(f"{file_of[name]}: {name!r} is FP8 but quantization_config.modules_to_not_convert lists "
                             f"{module!r}; the checkpoint contradicts its config")
 
-    per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    per_expert: dict[tuple[str, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, t in raw.items():
         if name.endswith(("weight_scale", "_proj_scale")):
             continue
@@ -108,20 +131,20 @@ def assemble(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
         used.add(name)
         if m := _PER_EXPERT.match(name):
             s = scale_for(name, name + "_scale", (t.shape[0], 1))
-            per_expert.setdefault((m["base"], m["proj"]), {})[int(m["e"])] = t.float() * s  # [out, in]
+            per_expert.setdefault((m["base"], m["proj"]), {})[int(m["e"])] = (t, s)  # [out, in], [out, 1]
         elif m := _STACKED.match(name):
             E, K, N = t.shape
             if m["proj"] == "gate_up":
                 s = scale_for(name, name + "_scale", (E, 1, N))
             else:
-                s = scale_for(name, name + "_scale", (E, N, 1)).transpose(1, 2)
-            out[name] = (t.float() * s).to(dtype)
+                s = scale_for(name, name + "_scale", (E, N, 1)).transpose(1, 2).contiguous()
+            out[name] = Fp8Weight(t, s)
         elif name.endswith(".weight") and t.dim() == 2:
-            out[name] = (t.float() * scale_for(name, name + "_scale", (t.shape[0], 1))).to(dtype)
+            out[name] = Fp8Weight(t, scale_for(name, name + "_scale", (t.shape[0], 1)))
         else:
             raise MoecError(f"{file_of[name]}: FP8 tensor {name!r} is not a Linear weight or a stacked expert weight "
                             "moec knows how to dequantize")
-    stacked: dict[str, dict[str, torch.Tensor]] = {}
+    stacked: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (base, proj), by_e in per_expert.items():
         stacked_name = f"{base}.{'down' if proj == 'down' else 'gate_up'}_proj"
         if stacked_name not in expected:
@@ -131,16 +154,17 @@ def assemble(raw: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
         if missing:
             raise MoecError(f"FP8 checkpoint: {base}.{missing[0]}.{proj}_proj.weight is missing "
                             f"({len(missing)} of {E} experts lack {proj}_proj)")
-        # [out, in] per expert -> the stacked [E, in, out] layout.
-        stacked.setdefault(base, {})[proj] = torch.stack([by_e[e].t() for e in range(E)])
+        stacked.setdefault(base, {})[proj] = per_expert_parts(by_e, E)
     for base, parts in stacked.items():
         if ("gate" in parts) != ("up" in parts):
             have, lack = ("gate", "up") if "gate" in parts else ("up", "gate")
             raise MoecError(f"FP8 checkpoint: {base} has {have}_proj but no {lack}_proj weights")
         if "down" in parts:
-            out[f"{base}.down_proj"] = parts["down"].to(dtype)
+            out[f"{base}.down_proj"] = Fp8Weight(*parts["down"])
         if "gate" in parts:
-            out[f"{base}.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=-1).to(dtype)
+            (qg, sg), (qu, su) = parts["gate"], parts["up"]
+            q = torch.cat([qg.view(torch.uint8), qu.view(torch.uint8)], dim=-1).view(torch.float8_e4m3fn)
+            out[f"{base}.gate_up_proj"] = Fp8Weight(q, torch.cat([sg, su], dim=-1))
     orphans = sorted(k for k in raw if k not in used)
     if orphans:
         raise MoecError(f"{file_of[orphans[0]]}: scale {orphans[0]!r} belongs to no FP8 weight; the checkpoint's tensors "

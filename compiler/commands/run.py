@@ -302,12 +302,16 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
 @click.option("--vision", is_flag=True,
               help="Multimodal checkpoint: also OUT.vision.onnx (vision tower + projector), and an image_features "
                    "input on the text graph.")
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights, vision=False):
+@click.option("--fp8-weights", type=click.Choice(["keep", "dequantize"]), default=None,
+              help="An FP8 (fbgemm_fp8) checkpoint: keep its FP8 weights and scales, or write q * scale in --dtype "
+                   "[default: keep].")
+def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights, vision=False,
+           fp8_weights=None):
     """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
     from moec.compiler.export import ExportConfig, export_onnx
 
     options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
-                   allow_nonfinite_weights=allow_nonfinite_weights or None)
+                   allow_nonfinite_weights=allow_nonfinite_weights or None, fp8_weights=fp8_weights)
     vision_files, tower = [], None
     if vision:
         from moec.compiler.export_vision import image_token_id_of

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from moec.passes.fusions._graph import Refuse, is_initializer
 from moec.passes.lowerings._weights import derived
+from moec.passes.quantize._base import num_blocks
 
 ORT_DOMAIN = "com.microsoft"
 _INT_STORAGE = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False), ir.DataType.INT8: (8, True),
@@ -94,7 +95,7 @@ def _expert_weight(graph, d: Dequantized, name: str, interleave: bool):
 
     w = derived(graph, d.q, f"qmoe_{name}", (E, N, K * bits // 8),
                 lambda q: _pack(rows(_unsigned(q, bits, signed)), bits), dtype=ir.DataType.UINT8)
-    kb = K // block
+    kb = num_blocks(K, block)  # QMoE takes a shorter last block: K need not be a multiple of it
     scale_shape = (E, N) if per_channel else (E, N, kb)
     s = derived(graph, d.scale, f"qmoe_{name}", scale_shape,
                 lambda a: rows(a).reshape(scale_shape))
@@ -165,14 +166,19 @@ def matmul_nbits(graph: ir.Graph, node: ir.Node) -> tuple[list, dict] | None:
     block = d.block_size
     if block < 16 or block & (block - 1):
         return None
-    kb = K // block
+    kb = num_blocks(K, block)
 
     def to_NK(a):
         return a if trans else a.T
 
-    b = derived(graph, d.q, "matmulnbits", (N, kb, block * bits // 8),
-                lambda q: _pack(to_NK(_unsigned(q, bits, signed)), bits).reshape(N, kb, block * bits // 8),
-                dtype=ir.DataType.UINT8)
+    def packed_b(q):
+        # MatMulNBits stores whole blocks: a shorter last block is padded (with the value 0; the
+        # kernel reads K elements of it).
+        q_NK = to_NK(_unsigned(q, bits, signed))
+        q_NK = np.pad(q_NK, ((0, 0), (0, kb * block - K)), constant_values=1 << (bits - 1))
+        return _pack(q_NK, bits).reshape(N, kb, block * bits // 8)
+
+    b = derived(graph, d.q, "matmulnbits", (N, kb, block * bits // 8), packed_b, dtype=ir.DataType.UINT8)
     scales = derived(graph, d.scale, "matmulnbits", (N, kb), lambda s: np.ascontiguousarray(to_NK(s)))
     inputs = [node.inputs[0], b, scales]
     if d.zero_point is not None:

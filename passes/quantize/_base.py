@@ -3,7 +3,10 @@ format record each format file fills in.
 
 A weight is quantized along its reduction axis (the K of ``x @ w``): a block of ``block``
 consecutive elements on that axis shares one scale (and one zero point), every other index has its
-own. Per output channel is the block that spans the whole axis. That one description is what ONNX
+own. Per output channel is the block that spans the whole axis. Where ``block`` does not divide K
+the last block is shorter (K = 576 in groups of 128: four of 128 and one of 64), as ONNX
+DequantizeLinear defines it (scales along the axis: ceil(K / block)); the quantizers compute it as
+a block padded with zeros, which changes neither its max|w| nor its [min, 0] .. [0, max] range. That one description is what ONNX
 DequantizeLinear (opset 21, ``axis`` + ``block_size``) and the fused ops (QMoE, MatMulNBits) take,
 so every lowering reads the same ``QTensor``.
 """
@@ -29,21 +32,34 @@ class QTensor:
     block: int
 
 
-def expand(per_block: np.ndarray, axis: int, block: int) -> np.ndarray:
-    """Repeat each block's value over its ``block`` elements on ``axis``."""
-    return np.repeat(per_block, block, axis=axis)
+def expand(per_block: np.ndarray, axis: int, block: int, length: int | None = None) -> np.ndarray:
+    """Repeat each block's value over its ``block`` elements on ``axis``, cut to ``length`` (the
+    weight's K, when the last block is shorter)."""
+    out = np.repeat(per_block, block, axis=axis)
+    if length is not None and out.shape[axis] != length:
+        out = np.take(out, np.arange(length), axis=axis)
+    return out
+
+
+def num_blocks(k: int, block: int) -> int:
+    return -(-k // block)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
     """(q - zero_point) * scale in fp32: exactly what DequantizeLinear computes (one rounding)."""
-    q = qt.q.astype(np.float32)
+    q, k = qt.q.astype(np.float32), qt.q.shape[qt.axis]
     if qt.zero_point is not None:
-        q = q - expand(qt.zero_point, qt.axis, qt.block).astype(np.float32)
-    return q * expand(qt.scale, qt.axis, qt.block)
+        q = q - expand(qt.zero_point, qt.axis, qt.block, k).astype(np.float32)
+    return q * expand(qt.scale, qt.axis, qt.block, k)
 
 
 def block_view(w: np.ndarray, axis: int, block: int) -> np.ndarray:
-    """``w`` with ``axis`` split into (blocks, block): reductions over axis + 1 are per block."""
+    """``w`` with ``axis`` split into (blocks, block), a shorter last block padded with zeros:
+    reductions over axis + 1 are per block."""
+    if w.shape[axis] % block:
+        pad = [(0, 0)] * w.ndim
+        pad[axis] = (0, num_blocks(w.shape[axis], block) * block - w.shape[axis])
+        w = np.pad(w, pad)
     shape = list(w.shape)
     shape[axis : axis + 1] = [shape[axis] // block, block]
     return w.reshape(shape)

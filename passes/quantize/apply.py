@@ -9,7 +9,7 @@ moec.GroupedExperts, MatMul or Gemm:
 
 The quantized tensors are computed lazily, once per weight, while the output is written (like the
 lowerings' relaid weights), so a large model is never held twice in memory. Every check that can
-refuse (a group size that does not divide K, a scope that names nothing) runs before any weight is
+refuse (a group longer than K, a scope that names nothing) runs before any weight is
 read.
 """
 
@@ -24,7 +24,7 @@ from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS
 from moec.common.errors import MoecError
 from moec.passes.fusions._graph import FusionLog, ensure_opset, is_initializer
 from moec.passes.quantize import SCOPES, WEIGHT_KINDS, QuantizeSpec
-from moec.passes.quantize._base import QTensor
+from moec.passes.quantize._base import QTensor, num_blocks
 
 NAME = "quantize_weights"
 DQ_OPSET = 21  # DequantizeLinear with block_size, int4/uint4 and float8 zero points
@@ -82,8 +82,10 @@ def find_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = No
 _FLOAT_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str) -> None:
-    """Named errors, before any weight is read: nothing in scope, a group that does not divide K."""
+def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str, whole_blocks: bool = False) -> None:
+    """Named errors, before any weight is read: nothing in scope, a group longer than a K, and,
+    with ``whole_blocks`` (TensorRT's parser), a group that does not divide a K (elsewhere the
+    last block is shorter)."""
     if not sites:
         others = [s for s in SCOPES if s != spec.scope]
         raise MoecError(f"--quantize-scope {spec.scope} names no weight in {what} (it quantizes "
@@ -91,10 +93,22 @@ def check_sites(sites: list[WeightSite], spec: QuantizeSpec, what: str) -> None:
                         f"experts); use --quantize-scope {' or '.join(others)}")
     for site in sites:
         k = int(site.value.shape[site.axis])
-        if k % spec.block_for(k):
-            raise MoecError(f"--quantize-group {spec.group} does not divide {site.value.name}'s reduction dimension "
-                            f"({k}, axis {site.axis} of {list(site.value.shape)}); choose a group that divides "
-                            f"every K of the scope (32 divides the most)")
+        if spec.block_for(k) > k:
+            raise MoecError(f"--quantize-group {spec.group} is longer than {site.value.name}'s reduction dimension "
+                            f"({k}, axis {site.axis} of {list(site.value.shape)}); choose a group of at most the "
+                            "smallest K of the scope")
+        if whole_blocks and k % spec.block_for(k):
+            raise MoecError(group_does_not_divide(spec, site.value.name, k, [int(t.value.shape[t.axis]) for t in sites]))
+
+
+def group_does_not_divide(spec: QuantizeSpec, weight: str, k: int, ks) -> str:
+    from moec.passes.quantize.int4 import GROUPS
+
+    fits = [g for g in GROUPS if all(x % g == 0 for x in ks)]
+    choice = (f"use --quantize-group {max(fits)} (it divides every K of the scope), or" if fits else
+              f"no group of {', '.join(map(str, GROUPS))} divides every K of the scope ({', '.join(map(str, sorted(set(ks))))}):")
+    return (f"--quantize-group {spec.group} does not divide {weight}'s reduction dimension {k}, and TensorRT's "
+            f"DequantizeLinear takes whole blocks only: {choice} target ort (which takes a shorter last block)")
 
 
 class _Quantized:
@@ -142,7 +156,7 @@ def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec) -> ir.V
     storage = spec.fmt.storage(spec.symmetric)
     has_zp = not spec.symmetric
     cache = _Quantized(w.const_value, spec, site.axis, 3 if has_zp else 2)
-    blocked_shape = tuple(d // block if i == site.axis else d for i, d in enumerate(shape))
+    blocked_shape = tuple(num_blocks(d, block) if i == site.axis else d for i, d in enumerate(shape))
     # A 2D weight with one scale per output channel is DequantizeLinear's per-axis form (1D scales
     # on the output axis), which every runtime and parser takes; everything else is blocked on K.
     per_axis = len(shape) == 2 and spec.fmt.granularity == "channel"
@@ -182,14 +196,20 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     return len(graph)
 
 
-def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = None, what: str = "the model") -> int:
+def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = None, what: str = "the model",
+                     whole_blocks: bool = False) -> int:
     """Quantize every weight ``spec`` names; returns how many. Unused originals are removed by the
-    clean-up that follows (they are no longer read)."""
+    clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites."""
     sites = find_weights(model, spec, log)
-    check_sites(sites, spec, what)
+    check_sites(sites, spec, what, whole_blocks)
     ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
+    from moec.passes.quantize.checkpoint_fp8 import held, restore
+
     for site in sites:
-        quantize_site(model.graph, site, spec)
+        if spec.format == "fp8" and held(site.value) is not None:
+            restore(model.graph, site.value)  # the checkpoint's own FP8 values and scales, as they came
+        else:
+            quantize_site(model.graph, site, spec)
     for site in sites:
         if not site.value.uses():
             model.graph.initializers.pop(site.value.name, None)

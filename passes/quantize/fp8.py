@@ -22,12 +22,12 @@ def _quantize(w: np.ndarray, axis: int, block: int, symmetric: bool) -> QTensor:
     w = w.astype(np.float32)
     amax = np.abs(block_view(w, axis, block)).max(axis=axis + 1)
     scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
-    x = np.clip(w / expand(scale, axis, block), -E4M3_MAX, E4M3_MAX)
+    x = np.clip(w / expand(scale, axis, block, w.shape[axis]), -E4M3_MAX, E4M3_MAX)
     return QTensor(x.astype(ml_dtypes.float8_e4m3fn), scale, None, axis, block)
 
 
 def _error_bound(w: np.ndarray, qt: QTensor) -> np.ndarray:
-    scale = expand(qt.scale, qt.axis, qt.block)
+    scale = expand(qt.scale, qt.axis, qt.block, w.shape[qt.axis])
     x = np.abs(w.astype(np.float32)) / scale
     return scale * np.maximum(x * 2.0**-4, 2.0**-10)
 

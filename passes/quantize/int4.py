@@ -25,18 +25,19 @@ def _quantize(w: np.ndarray, axis: int, block: int, symmetric: bool) -> QTensor:
     if symmetric:
         amax = np.abs(wb).max(axis=axis + 1)
         scale = np.where(amax > 0, amax / 7, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / expand(scale, axis, block)), -7, 7).astype(np.int8)
+        q = np.clip(np.rint(w / expand(scale, axis, block, w.shape[axis])), -7, 7).astype(np.int8)
         return QTensor(q, scale, None, axis, block)
     lo = np.minimum(wb.min(axis=axis + 1), 0)
     hi = np.maximum(wb.max(axis=axis + 1), 0)
     scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
     zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.int8)
-    q = np.clip(np.rint(w / expand(scale, axis, block)) + expand(zp, axis, block), 0, 15).astype(np.int8)
+    k = w.shape[axis]
+    q = np.clip(np.rint(w / expand(scale, axis, block, k)) + expand(zp, axis, block, k), 0, 15).astype(np.int8)
     return QTensor(q, scale, zp, axis, block)
 
 
 def _error_bound(w: np.ndarray, qt: QTensor) -> np.ndarray:
-    return np.broadcast_to(expand(qt.scale, qt.axis, qt.block) / 2, w.shape)
+    return np.broadcast_to(expand(qt.scale, qt.axis, qt.block, w.shape[qt.axis]) / 2, w.shape)
 
 
 INT4 = Format(

@@ -17,12 +17,12 @@ def _quantize(w: np.ndarray, axis: int, block: int, symmetric: bool) -> QTensor:
     w = w.astype(np.float32)
     amax = np.abs(block_view(w, axis, block)).max(axis=axis + 1)
     scale = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / expand(scale, axis, block)), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(w / expand(scale, axis, block, w.shape[axis])), -127, 127).astype(np.int8)
     return QTensor(q, scale, None, axis, block)
 
 
 def _error_bound(w: np.ndarray, qt: QTensor) -> np.ndarray:
-    return np.broadcast_to(expand(qt.scale, qt.axis, qt.block) / 2, w.shape)
+    return np.broadcast_to(expand(qt.scale, qt.axis, qt.block, w.shape[qt.axis]) / 2, w.shape)
 
 
 INT8 = Format(
