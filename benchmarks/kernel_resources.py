@@ -14,7 +14,6 @@ Exit status 1 if any kernel does not fit its target.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -14,7 +14,7 @@ benchmarks/results/ort_moe_layer_forms_H<H>_t<THREADS>.json and .md. Not a test.
 """
 import json, os
 from pathlib import Path
-import sys, time, statistics, numpy as np, onnx, onnxruntime as ort
+import sys, time, statistics, numpy as np, onnxruntime as ort
 from onnx import helper as h, TensorProto as TP, numpy_helper as nh
 H, I, E = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)

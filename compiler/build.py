@@ -34,7 +34,7 @@ from typing import Any, Callable
 import onnx
 
 from moec.common import contract
-from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir, sha256_file
+from moec.common.artifacts import atomic_dir, atomic_path, check_output_dir
 from moec.common.errors import MoecError
 from moec.common.onnx_files import load_graph_structure, require_external_data, require_moec_io
 from moec.common.outputs import check_option_output

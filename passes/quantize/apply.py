@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS
 from moec.common.errors import MoecError
-from moec.passes.fusions._graph import FusionLog, ensure_opset, is_initializer
+from moec.passes.fusions._graph import FusionLog, ensure_opset
 from moec.passes.quantize import SCOPES, WEIGHT_KINDS, QuantizeSpec
 from moec.passes.quantize._base import QTensor, num_blocks
 

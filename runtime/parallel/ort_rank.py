@@ -14,7 +14,6 @@ the collective and the rank, instead of hanging.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import parallel_workers  # noqa: E402
 from moec_cli import run_cli  # noqa: E402
 
-from moec.common import contract
 from moec.common.errors import MoecError
 from moec.compiler.partition import ParallelConfig, optimize_partitioned
 from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
