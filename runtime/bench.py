@@ -326,7 +326,10 @@ def _header(artifact: dict[str, Any], backend: dict[str, Any], config: BenchConf
         "artifact": artifact,
         "backend": {k: str(v) for k, v in backend.items()},
         "host": host_identity(),
-        "config": dataclasses.asdict(config) | {"threads": resolved_threads(config.threads)},
+        # rank_timeout_s is how long ranks wait for a silent peer, not a setting of the measurement:
+        # left out, so it never makes two results incomparable.
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "rank_timeout_s"}
+        | {"threads": resolved_threads(config.threads)},
     }
 
 
