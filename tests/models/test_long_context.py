@@ -153,3 +153,30 @@ def test_ring_mask_and_index_follow_the_definition():
             for j in range(R):
                 newest = max((p for p in range(start, start + S) if p % R == j), default=None)
                 assert index[j].item() == (R + newest - start if newest is not None else j)
+
+
+def test_eager_attention_stays_within_the_score_budget(demo_ckpt, monkeypatch):
+    """A prompt whose [B, N, S, T] scores exceed SCORE_BUDGET runs in query blocks: no softmax
+    input past the budget, the same logits as one unblocked pass (a budget that fits it all)."""
+    from moec.models import llama4
+
+    model = load_pretrained(demo_ckpt)
+    prompt = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(7))
+    largest = [0]
+    softmax = torch.softmax
+
+    def recording_softmax(x, *args, **kwargs):
+        largest[0] = max(largest[0], x.numel())
+        return softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "softmax", recording_softmax)
+    with torch.no_grad():
+        whole, _ = model(prompt)
+        unbounded = largest[0]
+        budget = 2 * 4 * 10 * 100  # B x N x 10 queries x 100 keys
+        monkeypatch.setattr(llama4, "SCORE_BUDGET", budget)
+        largest[0] = 0
+        blocked, present = model(prompt)
+    assert unbounded > budget >= largest[0] > 0
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6 * whole.abs().max().item())
+    assert present[3][0].shape[2] == 100 and present[0][0].shape[2] == 8
