@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import moec.compiler.build as build
-    from moec.compiler import build_stream
+    from moec.compiler.build import stream as build_stream
 
     if args.no_pager:
         build_stream.PAGE_RELEASE_S = 1e9

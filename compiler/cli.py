@@ -21,9 +21,14 @@ from moec.common.resources import as_resource_error
 # `moec --help` stays fast and works without optional backends.
 COMMAND_MODULES: list[tuple[str, tuple[str, ...]]] = [
     ("moec.compiler.commands.checkpoint", ("demo_checkpoint",)),
-    ("moec.compiler.commands.run", ("run", "export", "verify")),
+    ("moec.compiler.commands.run", ("run",)),
+    ("moec.compiler.commands.export", ("export",)),
+    ("moec.compiler.commands.verify", ("verify",)),
     ("moec.compiler.commands.optimize", ("optimize",)),
-    ("moec.compiler.commands.build", ("build", "inspect", "bench", "gate")),
+    ("moec.compiler.commands.build", ("build",)),
+    ("moec.compiler.commands.inspect", ("inspect",)),
+    ("moec.compiler.commands.bench", ("bench",)),
+    ("moec.compiler.commands.gate", ("gate",)),
     ("moec.compiler.commands.compile", ("compile_",)),
     ("moec.compiler.commands.plan", ("plan",)),
 ]

@@ -375,7 +375,7 @@ def stage_build(s: _State) -> StageRecord:
         max_seq=s.max_seq,
         timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress)
     if s.config.parallel:
-        from moec.compiler.build_parallel import build_rank_engines
+        from moec.compiler.build.parallel import build_rank_engines
 
         out = build_rank_engines(s.optimized_path, s.engine_dir, bcfg)
         layers = sum(r["dist_collective_layers"] for r in out["ranks"])

@@ -104,7 +104,7 @@ def register_plugin(trt_module, *, force: bool = False) -> Any:
     return creator
 
 
-register = register_plugin  # the name compiler/build.py looks up
+register = register_plugin  # the name compiler/build/network.py looks up
 
 
 def _register_with_imported_flavours() -> None:

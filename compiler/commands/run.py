@@ -1,5 +1,5 @@
-"""``moec run``, ``moec export`` and ``moec verify``: thin layers over
-``moec.runtime.generate``, ``moec.compiler.export`` and ``moec.compiler.verify``.
+"""``moec run``: generate from a checkpoint (torch), a graph (ONNX Runtime) or an engine folder
+(TensorRT), and the artifact helpers the other commands share.
 
 ``moec run ARTIFACT`` picks the backend from what ARTIFACT is (``--backend`` overrides):
 a directory with config.json -> torch; an .onnx file -> ort; a directory with manifest.json -> trt.
@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 
 import click
-
-from moec.common import contract, demo_note, progress
+from moec.common import contract, demo_note
 from moec.common.demo_note import has_random_weights
 from moec.common.errors import MoecError
 from moec.common.sidecar import check_tokenizer_belongs
@@ -284,94 +283,3 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     click.echo(f"[{kind} x{out['describe']['world_size']} ranks] {len(ids)} prompt + {len(new_ids)} new tokens "
                f"({out['finish_reasons'][0]}): prefill {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s",
                err=True)
-
-
-@click.command("export")
-@click.argument("checkpoint", type=CheckpointPath())
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="OUT.onnx")
-@dtype_option("[default: the dtype the checkpoint's weights are stored in]")
-@click.option("--max-batch", type=int, default=None)
-@click.option("--max-seq", type=int, default=None, help="Longest sequence the export accepts [default: the model's].")
-@click.option(
-    "--external-data-threshold",
-    type=int,
-    default=None,
-    help="Weights above this many bytes go to OUT.onnx.data [default: 1 GiB].",
-)
-@allow_nonfinite_option
-@click.option("--vision", is_flag=True,
-              help="Multimodal checkpoint: also OUT.vision.onnx (vision tower + projector), and an image_features "
-                   "input on the text graph.")
-@click.option("--fp8-weights", type=click.Choice(["keep", "dequantize"]), default=None,
-              help="An FP8 (fbgemm_fp8) checkpoint: keep its FP8 weights and scales, or write q * scale in --dtype "
-                   "[default: keep].")
-def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshold, allow_nonfinite_weights, vision=False,
-           fp8_weights=None):
-    """Export CHECKPOINT (a Hugging Face Llama 4 directory) to one ONNX graph for prefill and decode."""
-    from moec.compiler.export import ExportConfig, export_onnx
-
-    options = dict(dtype=dtype, max_batch=max_batch, max_seq=max_seq, external_data_threshold_bytes=external_data_threshold,
-                   allow_nonfinite_weights=allow_nonfinite_weights or None, fp8_weights=fp8_weights)
-    vision_files, tower = [], None
-    if vision:
-        from moec.compiler.export_vision import image_token_id_of
-        from moec.models.checkpoint import load_vision_tower
-
-        options["image_token_id"] = image_token_id_of(checkpoint)
-        # The vision graph runs on the host's ONNX Runtime too, which has no bf16 kernels: fp16 or fp32.
-        vision_dtype = "fp16" if dtype == "fp16" else "fp32"
-        tower = load_vision_tower(checkpoint, dtype=vision_dtype)  # bad vision weights fail before any file is written
-    config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
-    with progress.shown(f"moec export {checkpoint.name}"):
-        r = export_onnx(checkpoint, output, config)
-        if vision:
-            from moec.common import contract
-            from moec.compiler.export_vision import VisionExportConfig, export_vision_onnx, vision_onnx_path
-
-            v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(dtype=vision_dtype),
-                                   tower=tower)
-            vision_files = [v, contract.sidecar_path(v)]
-    files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path, *vision_files]
-    click.echo(
-        f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "
-        f"in {r.total_s:.1f} s: {', '.join(str(f) for f in files if f is not None)}"
-    )
-
-
-@click.command("verify")
-@click.argument("checkpoint", type=CheckpointPath())
-@dtype_option("[default: fp32; with --onnx: the graph's]")
-@click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per dtype].")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per dtype].")
-@click.option("--decode-steps", type=int, default=None)
-@click.option("--prompt-len", type=int, default=None,
-              help="[default: crosses one or two attention chunks where that fits verify's memory budget, "
-                   "else the longest prompt that fits; see moec.compiler.verify.default_prompt_len]")
-@click.option("--batch", type=int, default=None)
-@click.option("--onnx", "onnx_path", metavar="GRAPH.onnx", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Check this moec graph of CHECKPOINT (an export, optimized, fused or quantized: its sidecar says "
-                   "which) instead of a fresh export.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@allow_nonfinite_option
-def verify(checkpoint, dtype, atol, rtol, decode_steps, prompt_len, batch, onnx_path, as_json, allow_nonfinite_weights):
-    """Export CHECKPOINT (or take --onnx GRAPH.onnx) and compare ONNX Runtime with PyTorch on
-    prefill and decode steps.
-
-    Exits 1 when any output of any step is out of tolerance (an element fails when it exceeds
-    both atol and rtol, as in Polygraphy)."""
-    from moec.compiler.verify import VerifyConfig, format_report
-    from moec.compiler.verify import verify as run_verify
-
-    options = dict(dtype=dtype, atol=atol, rtol=rtol, decode_steps=decode_steps, prompt_len=prompt_len, batch=batch,
-                   allow_nonfinite_weights=allow_nonfinite_weights or None)
-    with progress.shown(f"moec verify {checkpoint.name}"):
-        if onnx_path is not None:
-            from moec.compiler.verify_graph import graph_dtype, verify_onnx
-
-            options["dtype"] = dtype or graph_dtype(onnx_path)
-            report = verify_onnx(checkpoint, onnx_path, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
-        else:
-            report = run_verify(checkpoint, VerifyConfig(**{k: v for k, v in options.items() if v is not None}))
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
-    if not report.passed:
-        raise SystemExit(1)

@@ -58,7 +58,7 @@ def _check_set(folder: Path, world_size: int | None, hash_files: bool) -> dict:
     from moec.runtime.parallel.rankset import check_rank_set
 
     if is_engine_set(folder):
-        from moec.compiler.build_parallel import load_rank_engines
+        from moec.compiler.build.parallel import load_rank_engines
         from moec.runtime.parallel.trt_rank import check_nccl_host
 
         check_nccl_host(folder)

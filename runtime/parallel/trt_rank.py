@@ -55,7 +55,7 @@ class TrtRankBackend:
     def open(cls, eng_dir, rank: int, world_size: int) -> TrtRankBackend:
         from pathlib import Path
 
-        from moec.compiler.build_parallel import load_rank_engines, rank_dir
+        from moec.compiler.build.parallel import load_rank_engines, rank_dir
         from moec.runtime.trt_backend import TrtBackend
 
         load_rank_engines(eng_dir, world_size)  # incomplete or mixed sets: named errors

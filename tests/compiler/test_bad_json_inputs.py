@@ -94,7 +94,7 @@ def test_run_names_a_partition_manifest_nested_too_deep(tmp_path, capsys):
     ({"archs": ["sm89"], "ranks": []}, "lacks or mistypes a field"),
 ])
 def test_a_multi_rank_engine_manifest_is_named_not_a_traceback(tmp_path, content, needle):
-    from moec.compiler.build_parallel import ENGINES_FORMAT, load_rank_engines
+    from moec.compiler.build.parallel import ENGINES_FORMAT, load_rank_engines
 
     folder = tmp_path / "engines"
     folder.mkdir()

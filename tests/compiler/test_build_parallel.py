@@ -14,7 +14,7 @@ from moec_cli import run_cli  # noqa: E402
 
 from moec.common import contract
 from moec.common.errors import MoecError
-from moec.compiler.build_parallel import load_rank_engines
+from moec.compiler.build.parallel import load_rank_engines
 from moec.compiler.partition import ParallelConfig, optimize_partitioned
 from moec.compiler.pipeline import OptimizeConfig
 

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from moec.compiler import build_stream
-from moec.compiler.build_stream import MappedWeights
+from moec.compiler.build import stream as build_stream
+from moec.compiler.build.stream import MappedWeights
 
 SIZE = 32 << 20
 
