@@ -42,8 +42,8 @@ def is_engine_set(folder: Path) -> bool:
     path = Path(folder) / "parallel.json"
     try:
         return json.loads(path.read_text()).get("format") == _engines_format()
-    except (OSError, ValueError, AttributeError):
-        return False
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False  # not an engine set; the partition reader names what is wrong with the file
 
 
 def _engines_format() -> str:

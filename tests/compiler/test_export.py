@@ -354,7 +354,7 @@ def test_failure_during_check_leaves_nothing(demo_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "sub" / "model.onnx"
     with pytest.raises(RuntimeError, match="checker failed"):
         export_onnx(demo_ckpt, out, ExportConfig(external_data_threshold_bytes=0))
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # the folder the export made for it is gone too
 
 
 def test_bad_destinations(demo_ckpt, tmp_path):
@@ -395,7 +395,7 @@ def test_full_disk_while_saving(demo_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "o" / "m.onnx"
     with pytest.raises(MoecError, match=r"cannot write .*m\.onnx: No space left on device; free some space"):
         export_onnx(demo_ckpt, out)
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # the folder the export made for it is gone too
 
 
 def test_variant_config_matches_torch(tmp_path):

@@ -87,7 +87,7 @@ def test_a_failed_partition_leaves_no_folder(demo_onnx, tmp_path, capsys, monkey
 
 def test_a_failed_build_leaves_no_folder(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorrt_rtx")
-    import moec.compiler.build as build
+    import moec.compiler.build.engine as build  # where build_engine looks build_serialized up
     from test_build import write_moec_graph
 
     src = write_moec_graph(tmp_path / "src")
