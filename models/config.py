@@ -1,5 +1,5 @@
 """Llama 4 text-model configuration: every field of transformers' Llama4TextConfig that changes
-inference, read from a checkpoint's config.json, plus the named presets.
+inference, read from a checkpoint's config.json (the named presets: moec.models.presets).
 
 Both checkpoint flavours are accepted: ``Llama4ForCausalLM`` (the text config is the file itself)
 and ``Llama4ForConditionalGeneration`` (the text config is its ``text_config``). Older config.json
@@ -13,6 +13,7 @@ same answer.
 
 from __future__ import annotations
 
+
 import dataclasses
 import json
 import math
@@ -23,14 +24,27 @@ from typing import Any
 from moec.common.errors import MoecError
 from moec.models.config_bounds import check_config_bounds, check_layer_count
 
+
 CAUSAL_LM = "Llama4ForCausalLM"
+
+
 CONDITIONAL_GENERATION = "Llama4ForConditionalGeneration"
+
+
 SUPPORTED_ARCHITECTURES = (CAUSAL_LM, CONDITIONAL_GENERATION)
+
+
 TEXT_MODEL_TYPE = "llama4_text"
+
+
 MULTIMODAL_MODEL_TYPE = "llama4"
 
+
 CHUNKED_ATTENTION = "chunked_attention"
+
+
 FULL_ATTENTION = "full_attention"
+
 
 # Defaults of transformers' Llama4TextConfig, used when a config.json leaves a field out (so a
 # file that relies on them means what it means to transformers).
@@ -55,6 +69,8 @@ _HF_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "rope_theta": 500000.0,
 }
+
+
 # Shape-defining fields: a config.json without them is not a Llama 4 text config we can trust.
 _REQUIRED = (
     "vocab_size",
@@ -222,9 +238,6 @@ class Llama4Config:
                 "dtype": dtype,
             }
         raise MoecError(f"unknown architecture {architecture!r}; choose one of: {', '.join(SUPPORTED_ARCHITECTURES)}")
-
-
-# --- parsing ----------------------------------------------------------------------------------
 
 
 def architecture_of(d: dict[str, Any], source: str = "config.json") -> str:
@@ -449,118 +462,5 @@ def _parse_text_config(d: dict[str, Any], source: str) -> Llama4Config:
     return config
 
 
-# --- presets ----------------------------------------------------------------------------------
-
-
-def _preset(**fields: Any) -> dict[str, Any]:
-    return {"model_type": TEXT_MODEL_TYPE, **fields}
-
-
-# Byte-level demo tokenizer: 256 byte tokens, then the special tokens (see models/demo.py).
-TINY_VOCAB_SIZE = 264
-
-# The presets as transformers-style config dicts (what a config.json of that model says).
-PRESET_SOURCES: dict[str, dict[str, Any]] = {
-    # Small enough to run in milliseconds on a CPU, but with every feature switched on: a NoPE
-    # layer (index 3) with temperature tuning that kicks in at position 7, chunked attention with
-    # chunks of 8 (tests cross them), dense (0, 2) and MoE (1, 3) layers, GQA, llama3 RoPE.
-    "llama4-tiny": _preset(
-        vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=32,
-        intermediate_size_mlp=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=1,
-        interleave_moe_layer_step=2,
-        no_rope_layer_interval=4,
-        attention_chunk_size=8,
-        use_qk_norm=True,
-        attn_temperature_tuning=True,
-        floor_scale=8,
-        attn_scale=0.1,
-        rms_norm_eps=1e-5,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=[257, 258],
-        pad_token_id=259,
-    ),
-    # meta-llama/Llama-4-Scout-17B-16E(-Instruct) text_config.
-    "llama4-scout": _preset(
-        vocab_size=202048,
-        hidden_size=5120,
-        intermediate_size=8192,
-        intermediate_size_mlp=16384,
-        num_hidden_layers=48,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        head_dim=128,
-        num_local_experts=16,
-        num_experts_per_tok=1,
-        interleave_moe_layer_step=1,
-        no_rope_layer_interval=4,
-        attention_chunk_size=8192,
-        use_qk_norm=True,
-        attn_temperature_tuning=True,
-        floor_scale=8192,
-        attn_scale=0.1,
-        rms_norm_eps=1e-5,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 16.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
-        max_position_embeddings=10485760,
-        tie_word_embeddings=False,
-        bos_token_id=200000,
-        eos_token_id=[200001, 200007, 200008],
-        pad_token_id=200018,
-    ),
-    # meta-llama/Llama-4-Maverick-17B-128E(-Instruct) text_config: MoE every other layer, no QK norm.
-    "llama4-maverick": _preset(
-        vocab_size=202048,
-        hidden_size=5120,
-        intermediate_size=8192,
-        intermediate_size_mlp=16384,
-        num_hidden_layers=48,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        head_dim=128,
-        num_local_experts=128,
-        num_experts_per_tok=1,
-        interleave_moe_layer_step=2,
-        no_rope_layer_interval=4,
-        attention_chunk_size=8192,
-        use_qk_norm=False,
-        attn_temperature_tuning=True,
-        floor_scale=8192,
-        attn_scale=0.1,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        max_position_embeddings=1048576,
-        tie_word_embeddings=False,
-        bos_token_id=200000,
-        eos_token_id=[200001, 200007, 200008],
-        pad_token_id=200018,
-    ),
-}
-
-# Presets go through the same parser as config.json, so they get the same derivations.
-PRESETS: dict[str, Llama4Config] = {
-    name: Llama4Config.from_hf_dict(src, source=f"preset {name}") for name, src in PRESET_SOURCES.items()
-}
+# Presets are built by this module's parser, so they are imported once Llama4Config exists.
+from moec.models.presets import PRESET_SOURCES, PRESETS, TINY_VOCAB_SIZE  # noqa: E402, F401
