@@ -88,3 +88,9 @@ DIST_COLLECTIVE = "DistCollective"  # TensorRT's collective op (default domain),
 
 def rank_onnx(rank: int) -> str:
     return f"rank{rank}.onnx"
+
+# --- Weight quantization names (moec.passes.quantize defines the formats; the CLI offers these
+# names without importing the passes, which pull in onnx-ir: `moec --help` stays fast) --------
+QUANT_FORMATS = ("int4", "int8", "fp8")
+QUANT_SCOPES = ("experts", "mlp", "all")
+INT4_GROUPS = (32, 64, 128)

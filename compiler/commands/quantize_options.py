@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import click
 
-from moec.passes.quantize import FORMATS, SCOPES
-from moec.passes.quantize.int4 import GROUPS
+from moec.common.contract import INT4_GROUPS as GROUPS
+from moec.common.contract import QUANT_FORMATS as FORMATS
+from moec.common.contract import QUANT_SCOPES as SCOPES
 
 
 def quantize_options(fn):

@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from moec.common import contract
 from moec.passes.quantize._base import Format, QTensor, block_view, expand
 
-GROUPS = (32, 64, 128)
+GROUPS = contract.INT4_GROUPS  # the names the CLI offers (common/contract.py)
 DEFAULT_GROUP = 128
 
 

@@ -81,3 +81,15 @@ def test_labels():
     assert make_spec("int4").label() == "int4-g128"
     assert make_spec("int4", 32, symmetric=False).label() == "int4-g32-asym"
     assert make_spec("fp8").label() == "fp8" and make_spec("int8").record()["granularity"] == "per_output_channel"
+
+
+def test_the_cli_offers_exactly_the_formats_scopes_and_groups_the_passes_define():
+    """The CLI takes its choices from common/contract.py (so `moec` starts without onnx-ir); they
+    must be the passes' own."""
+    from moec.common import contract
+    from moec.passes.quantize import FORMATS, SCOPES
+    from moec.passes.quantize.int4 import GROUPS
+
+    assert tuple(FORMATS) == contract.QUANT_FORMATS
+    assert tuple(SCOPES) == contract.QUANT_SCOPES
+    assert tuple(GROUPS) == contract.INT4_GROUPS
