@@ -321,7 +321,7 @@ def _verify_ranks(s: _State, vcfg) -> StageRecord:
     if vcfg.dtype == "bf16" and not _ort_has_cuda():
         return StageRecord("verify", 0.0, "skipped", "bf16 rank graphs do not run on ONNX Runtime's CPU provider (no bf16 "
                            "kernels); compile with --dtype fp32 to verify the partition here")
-    launch = LaunchConfig() if s.config.rank_timeout_s is None else LaunchConfig(timeout_s=s.config.rank_timeout_s)
+    launch = LaunchConfig.with_timeout(s.config.rank_timeout_s)
     dequantize = None
     if (quant := quantize_spec_of(s.config)) is not None:
         from moec.compiler.quantize_stage import dequantize_module_weights

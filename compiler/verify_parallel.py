@@ -19,7 +19,7 @@ import numpy as np
 
 from moec.common import contract
 from moec.common.sidecar import read_sidecar
-from moec.compiler.verify import CompareRow, VerifyConfig, VerifyReport, default_prompt_len
+from moec.compiler.verify import CompareRow, VerifyConfig, VerifyReport, _compare, default_prompt_len
 
 LOGITS_FILE = "rank0_logits_TV.npy"
 
@@ -97,11 +97,12 @@ def verify_rank_set(folder: Path, checkpoint: Path, config: VerifyConfig, launch
         logits, cache = torch_backend.forward(ids_BS, pos_BS, cache)
         pos += len(ids)
         ref_V, got_V = np.asarray(logits[0, -1], dtype=np.float32), got_TV[step]
+        # The check verify_backends makes; a non-finite logit on either side is a failure, never "equal".
+        r = _compare({contract.LOGITS: got_V}, {contract.LOGITS: ref_V}, atol, rtol)[contract.LOGITS]
         finite = bool(np.isfinite(ref_V).all() and np.isfinite(got_V).all())
-        diff = np.abs(got_V.astype(np.float64) - ref_V)
-        max_abs = float(diff.max()) if finite else float("nan")
-        max_rel = float((diff / np.maximum(np.abs(ref_V), 1e-12)).max()) if finite else float("nan")
-        ok = finite and bool(np.all(diff <= atol + rtol * np.abs(ref_V)))
+        max_abs = float(r.max_absdiff) if finite else float("nan")
+        max_rel = float(r.max_reldiff)
+        ok = bool(r) and finite and bool(np.isfinite(max_abs))
         name = "prefill" if step == 0 else f"decode {step}"
         report.rows.append(CompareRow(name, contract.LOGITS, max_abs, max_rel, ok))
         report.greedy_match.append(finite and int(ref_V.argmax()) == int(tokens[step]))

@@ -339,7 +339,7 @@ def _bench_ranks(path: Path, config: BenchConfig, backend: str | None) -> dict[s
 
     if backend not in (None, "ort"):
         raise MoecError(f"{path} is a partition folder; its ranks run on ONNX Runtime (--backend ort)")
-    launch = LaunchConfig() if config.rank_timeout_s is None else LaunchConfig(timeout_s=config.rank_timeout_s)
+    launch = LaunchConfig.with_timeout(config.rank_timeout_s)
     out = bench_parallel(path, config, launch)
     artifact = {"path": str(path), "kind": "ort-parallel", "sha256": sha256_file(path / contract.PARALLEL_MANIFEST),
                 "identity": artifact_identity(path / contract.rank_onnx(0))}

@@ -268,18 +268,17 @@ def _run_ranks(folder: Path, ids: list[int], gen_config, tokenizer, as_json: boo
     rank 0 prints."""
     from moec.runtime.parallel.launch import LaunchConfig, run_parallel
 
-    out = run_parallel(folder, ids, gen_config, LaunchConfig() if timeout_s is None else LaunchConfig(timeout_s=timeout_s))
+    out = run_parallel(folder, ids, gen_config, LaunchConfig.with_timeout(timeout_s))
     if out is None:  # a torchrun rank other than 0
         return
     new_ids = out["new_tokens"][0]
     text = tokenizer.decode(new_ids) if tokenizer is not None else None
+    kind = "trt" if out["describe"].get("backend") == "trt-parallel" else "ort"
     if as_json:
-        kind = "trt" if out["describe"].get("backend") == "trt-parallel" else "ort"
         click.echo(json.dumps({"backend": kind, "prompt_ids": ids, "ids": new_ids, "text": text, **out}))
         return
     click.echo(printable(text) if text is not None else " ".join(map(str, new_ids)))
     t = out["timings"]
-    kind = "trt" if out["describe"].get("backend") == "trt-parallel" else "ort"
     click.echo(f"[{kind} x{out['describe']['world_size']} ranks] {len(ids)} prompt + {len(new_ids)} new tokens "
                f"({out['finish_reasons'][0]}): prefill {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tokens_per_s']:.1f} tok/s",
                err=True)

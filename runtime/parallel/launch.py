@@ -36,6 +36,11 @@ class LaunchConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S  # process-group timeout: a silent peer fails a collective after this
     intra_op_threads: int | None = 1  # ORT threads per rank (1: ranks do not compete for cores)
 
+    @classmethod
+    def with_timeout(cls, timeout_s: float | None) -> LaunchConfig:
+        """The defaults, with ``timeout_s`` when given (``--rank-timeout``; None keeps the default)."""
+        return cls() if timeout_s is None else cls(timeout_s=timeout_s)
+
 
 def is_engine_set(folder: Path) -> bool:
     """A folder of per-rank TensorRT engines (``moec build`` of a partition folder), not rank graphs."""
