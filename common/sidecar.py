@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moec.common import contract
 from moec.common.confine import side_file
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 from moec.common.kv_cache import validate_kv_cache
 
 # Fields every reader needs, and fields checked when present (an export always writes them; graphs
@@ -83,7 +83,7 @@ def read_sidecar_file(side: str | os.PathLike) -> dict:
         raise MoecError(f"the moec metadata {side} is missing; rebuild the artifact with moec")
     try:
         meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, *BAD_JSON) as e:
         raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from None
     return validate_sidecar(meta, side)
 

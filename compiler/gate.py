@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moec.common.artifacts import atomic_path
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 from moec.runtime.bench import BENCH_FORMAT
 
 
@@ -115,7 +115,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
         raise MoecError(f"{path} does not exist: write it with `moec bench ARTIFACT --json-out {path}`")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+    except BAD_JSON as e:
         raise MoecError(f"{path} is not valid JSON ({e}): regenerate it with `moec bench`") from e
     if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
         found = data.get("format") if isinstance(data, dict) else None

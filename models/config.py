@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 from moec.models.config_bounds import check_config_bounds, check_layer_count
 
 
@@ -177,7 +177,7 @@ class Llama4Config:
             file = checkpoint_folder(path) / CONFIG_FILE
         try:
             d = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        except BAD_JSON as e:
             raise MoecError(f"{file}: not valid JSON ({e})") from None
         except OSError as e:
             raise MoecError(f"{file}: cannot read it ({e.strerror or e}); check its permissions") from None

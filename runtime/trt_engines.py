@@ -13,7 +13,7 @@ from typing import Any
 
 from moec.common import contract
 from moec.common.artifacts import sha256_file
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 from moec.runtime.manifest_schema import validate_manifest
 
 # 2: "profiles" became a list of named profiles ({"name", "index", "shapes"}), prefill and decode.
@@ -145,7 +145,7 @@ def load_manifest(engine_dir: str | Path) -> dict[str, Any]:
         raise MoecError(f"{engine_dir} is not a moec engine directory (no {contract.ENGINE_MANIFEST}): build one with `moec build`")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except BAD_JSON as e:
         raise MoecError(f"{path} is not valid JSON ({e}): rebuild the engine directory with `moec build`") from None
     except OSError as e:
         raise MoecError(f"cannot read {path}: {e.strerror or e}; rebuild the engine directory with `moec build`") from None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 
 ENGINES_FORMAT = contract.PARALLEL_ENGINES_FORMAT
 
@@ -72,7 +72,7 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise MoecError(f"{eng_dir} has no {contract.PARALLEL_MANIFEST}; build a partition folder with `moec build`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, *BAD_JSON) as e:
         raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ENGINES_FORMAT:
         raise MoecError(f"{path} is not a moec multi-rank engine manifest; rebuild with `moec build OUT_DIR`")

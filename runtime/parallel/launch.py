@@ -24,7 +24,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -47,7 +47,7 @@ def is_engine_set(folder: Path) -> bool:
     path = Path(folder) / "parallel.json"
     try:
         return json.loads(path.read_text()).get("format") == _engines_format()
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except (OSError, AttributeError, *BAD_JSON):
         return False  # not an engine set; the partition reader names what is wrong with the file
 
 

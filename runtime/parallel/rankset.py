@@ -13,7 +13,7 @@ from pathlib import Path
 
 from moec.common import contract
 from moec.common.artifacts import sha256_file
-from moec.common.errors import MoecError
+from moec.common.errors import BAD_JSON, MoecError
 
 
 
@@ -29,7 +29,7 @@ def read_parallel_manifest(folder: Path) -> dict:
         raise MoecError(f"{folder} has no {contract.PARALLEL_MANIFEST}; give the folder `moec optimize --tp/--ep` wrote")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, *BAD_JSON) as e:
         raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from None
     if isinstance(manifest, dict) and manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
         raise MoecError(f"{folder} holds per-rank TensorRT engines (`moec build` of a partition folder); `moec run` "
