@@ -123,9 +123,10 @@ def inspect_rank_engines(eng_dir: str | Path) -> dict:
     from moec.compiler.build import inspect_engine_dir
 
     eng_dir = Path(eng_dir)
-    manifest = json.loads((eng_dir / contract.PARALLEL_MANIFEST).read_text()) if (eng_dir / contract.PARALLEL_MANIFEST).is_file() else {}
-    for arch in manifest.get("archs") or [None]:
-        load_rank_engines(eng_dir, arch=arch)  # incomplete, mixed or foreign sets: named errors
+    load_rank_engines(eng_dir)  # a missing, incomplete, mixed or foreign set: named errors, first arch
+    manifest = json.loads((eng_dir / contract.PARALLEL_MANIFEST).read_text())
+    for arch in manifest["archs"][1:]:
+        load_rank_engines(eng_dir, arch=arch)
     ranks = [inspect_engine_dir(eng_dir / r["dir"]) for r in sorted(manifest["ranks"], key=lambda r: r["rank"])]
     return {"path": str(eng_dir), "parallel": {k: manifest[k] for k in ("world_size", "tp", "ep", "partition_id", "archs")},
             "ranks": ranks, "problems": [f"rank {i}: {p}" for i, r in enumerate(ranks) for p in r["problems"]]}
