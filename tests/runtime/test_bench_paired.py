@@ -235,3 +235,21 @@ def test_a_json_that_cannot_be_written_is_an_error(demo_onnx, tmp_path, capsys):
     code, _, err = run_cli(["bench", demo_onnx, "--json-out", blocker / "r.json", "--prompt-len", 4, "--gen-len", 3,
                             "--repeats", 1], capsys)
     assert code == 2 and "r.json" in err and "Traceback" not in err
+
+
+def test_no_output_buffer_of_either_artifact_outlives_its_step():
+    # The loop keeps the logits it gets until the next step; handing it NEW's own buffer gave NEW a
+    # step with its previous output still alive and OLD a free one: a bias in self-comparisons.
+    kept = {}
+
+    class Keeping(Fake):
+        def forward(self, ids, pos, cache):
+            logits, cache = super().forward(ids, pos, cache)
+            kept[self.name] = logits
+            return logits, cache
+
+    clock, log = Clock(), []
+    p = PairedBackend(Keeping("new", 1.0, clock, log), Keeping("old", 1.0, clock, log), 4, clock=clock)
+    logits, _ = p.forward(np.zeros((1, 4), np.int64), np.arange(4)[None], p.init_cache(1))
+    assert not np.shares_memory(logits, kept["new"]) and not np.shares_memory(logits, kept["old"])
+    assert np.array_equal(logits, kept["new"])  # NEW's logits still drive the loop
