@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,68 @@ def build_layer_chain(onnx_path: str | Path, out_dir: str | Path, config, layers
                "outputs": [o.name for o in model.graph.output], "ranges": entries}
         write_json_atomic(tmp / CHAIN_MANIFEST, out)
     return out
+
+
+def host_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def suggest_layers_per_engine(weight_bytes: int, num_layers: int, host: int) -> int | None:
+    """The most layers per engine whose build fits ``host`` bytes at BUILD_RSS_RATIO, when one
+    engine does not (None when it does, or when not even one layer would)."""
+    if build_host_bytes(weight_bytes) <= host:
+        return None
+    per_layer = weight_bytes / max(1, num_layers)
+    n = int((host - BUILD_RSS_BASE) / (BUILD_RSS_RATIO * per_layer))
+    return n if n >= 1 else None
+
+
+def host_memory_warning(onnx_path: str | Path, host: int | None = None) -> str | None:
+    """A line for ``moec build`` when building ``onnx_path`` as one engine would need more host
+    memory than this machine has (estimated), naming the --layers-per-engine that fits."""
+    from moec.common.onnx_files import load_graph_structure
+    from moec.common.sidecar import read_sidecar
+    from moec.compiler.plan import onnx_weight_bytes
+
+    try:
+        weights = onnx_weight_bytes(load_graph_structure(onnx_path))
+        num_layers = int(read_sidecar(Path(onnx_path))["num_layers"])
+    except (MoecError, OSError, KeyError, ValueError):
+        return None  # the build itself names what is wrong with the graph
+    host = host_bytes() if host is None else host
+    need = build_host_bytes(weights)
+    if need <= host:
+        return None
+    n = suggest_layers_per_engine(weights, num_layers, host)
+    fix = f"pass --layers-per-engine {n} to build it as a chain of engines" if n else \
+        "not even one layer per engine fits: build on a larger host"
+    return (f"building {weights / 1e9:.1f} GB of weights as one engine needs about {need / 1e9:.1f} GB of host memory "
+            f"({BUILD_RSS_RATIO}x the weights, measured) and this host has {host / 1e9:.1f} GB: {fix}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def format_chain(chain: dict, out_dir: Path) -> str:
+    """``moec build --layers-per-engine``'s and ``moec inspect``'s lines for a chain."""
+    from moec.compiler.plan import format_engine_memory
+
+    lines = [f"built {len(chain['ranges'])} layer-range engines ({chain['layers_per_engine']} layers each) for "
+             f"{', '.join(chain['archs'])} with {chain['trt']['flavour']} {chain['trt']['version']} -> {out_dir}",
+             f"  weights {_size(chain['weight_bytes'])}; build host memory, estimated: "
+             f"{_size(chain['build_host_bytes_estimate'])} (one range at a time)",
+             f"  context: {chain['limits']['max_positions']} positions{chain.get('context_note', '')}"]
+    if chain.get("memory"):
+        lines.append(f"  {format_engine_memory(chain['memory'])} (all ranges on one GPU)")
+    for r in chain["ranges"]:
+        first, end = r["layers"]
+        boundary = [n for n in r["inputs"] + r["outputs"] if n.startswith("hidden.") or n == contract.LOGITS
+                    or n == contract.INPUT_IDS and first == 0]
+        lines.append(f"  {r['dir']}/: layers {first}-{end - 1}, weights {_size(r['weight_bytes'])}, "
+                     f"{' -> '.join(boundary)}; " + ", ".join(f"{e['file']} {e['bytes'] / 2**20:.2f} MiB sha256 "
+                                                              f"{e['sha256'][:16]}" for e in r["engines"]))
+    return "\n".join(lines)
 
 
 def is_layer_chain(eng_dir: str | Path) -> bool:

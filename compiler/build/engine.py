@@ -237,7 +237,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     limits = profile_limits(sidecar, config)
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
+    planned = limits
     limits = limits_of(profiles, limits.max_positions, sidecar_ring_inputs(sidecar))
+    if layer_range is not None and limits.max_past == 0:
+        # A range of chunked layers reads rings only (fixed slots): its past limit is the model's.
+        limits = dataclasses.replace(limits, max_past=planned.max_past)
     try:
         if layer_range is not None:  # the chain's plan covers every range (compiler/build/chain.py)
             memory, context_note = None, ""
