@@ -86,7 +86,14 @@ class TrtChainBackend:
         from moec.runtime.trt_backend import import_trt, local_gpu_arch
 
         path = Path(path)
-        chain, engines = load_layer_chain(path, arch or local_gpu_arch())
+        local = local_gpu_arch()
+        chain, engines = load_layer_chain(path, arch or local)  # integrity first, with or without a GPU
+        if local is None:
+            raise MoecError(f"{path}: no CUDA GPU is visible here, and TensorRT engines run on one; run the chain on a "
+                            f"GPU of {', '.join(chain['archs'])}, or its graph on the CPU with `moec run MODEL.onnx`")
+        if (arch or local) not in chain["archs"]:
+            raise MoecError(f"{path}: this GPU is {local}; the chain was built for {', '.join(chain['archs'])}: "
+                            f"rebuild with `moec build --arch {local} --layers-per-engine {chain['layers_per_engine']}`")
         manifests = [load_manifest(path / r["dir"]) for r in chain["ranges"]]
         flavour = import_trt(chain["trt"]["flavour"])
         trt = flavour.trt

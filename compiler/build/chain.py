@@ -31,21 +31,14 @@ from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
 from moec.common.errors import BAD_JSON, MoecError
 
-CHAIN_MANIFEST = "chain.json"
+from moec.compiler.plan import BUILD_RSS_BASE, BUILD_RSS_RATIO, build_host_bytes  # noqa: F401 - one estimate
+
+CHAIN_MANIFEST = contract.LAYER_CHAIN_MANIFEST
 CHAIN_FORMAT = "moec-layer-chain"
-# Peak RSS of a build over the weights it compiles, measured with the weight pager at Scout's layer
-# size (benchmarks/results/memory_scale_paged.md: 9.15 GB for 5.08 GB), and the libraries' share.
-BUILD_RSS_RATIO = 1.8
-BUILD_RSS_BASE = 300 << 20
 
 
 def range_dir(first: int, end: int) -> str:
     return f"layers{first}-{end - 1}"
-
-
-def build_host_bytes(weight_bytes: int) -> int:
-    """The estimated peak host memory of building ``weight_bytes`` of weights as one engine."""
-    return int(BUILD_RSS_RATIO * weight_bytes) + BUILD_RSS_BASE
 
 
 def build_layer_chain(onnx_path: str | Path, out_dir: str | Path, config, layers_per_engine: int, display=None) -> dict:
@@ -203,6 +196,8 @@ def _chain_engines(chain: dict, eng_dir: Path, path: Path, arch: str | None) -> 
     from moec.common.confine import plain_file_name
 
     arch = arch or chain["archs"][0]
+    if chain.get("sidecar"):
+        plain_file_name(eng_dir, chain["sidecar"], f"{path} sidecar", "rebuild with `moec build`")
     expect, engines = 0, []
     available = {contract.INPUT_IDS, contract.POSITION_IDS} | {
         n for i in range(int(chain["num_layers"])) for n in (contract.past_key(i), contract.past_value(i))}

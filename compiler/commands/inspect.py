@@ -32,7 +32,7 @@ def inspect(engine_dir, as_json) -> None:
             for rank, r in enumerate(report["ranks"]):
                 click.echo(f"\n--- rank {rank} ---")
                 _print_inspection(r)
-    elif (engine_dir / "chain.json").is_file():
+    elif (engine_dir / contract.LAYER_CHAIN_MANIFEST).is_file():
         from moec.compiler.build.chain import format_chain, inspect_layer_chain, load_layer_chain
 
         report = inspect_layer_chain(engine_dir)

@@ -181,3 +181,19 @@ def test_host_memory_warning_names_the_layers_per_engine_that_fits(opt_onnx):
     host = BUILD_RSS_BASE + int(1.8 * weights / LAYERS * 2) + 1
     assert "--layers-per-engine 2" in host_memory_warning(opt_onnx, host=host)
     assert "larger host" in host_memory_warning(opt_onnx, host=BUILD_RSS_BASE)
+
+
+def test_plan_estimates_the_build_host_memory_one_engine_and_per_layer():
+    from types import SimpleNamespace
+
+    from moec.compiler.plan import BUILD_RSS_BASE, build_host_estimate
+
+    cfg = SimpleNamespace(vocab_size=10, hidden_size=4, num_hidden_layers=2)
+    # Embedding and lm_head 10 x 4 x 2 bytes each; the 840 other bytes are 420 a layer, + one edge.
+    assert build_host_estimate(cfg, 1000) == {"one_engine": 1800 + BUILD_RSS_BASE, "layers_per_engine_1": 900 + BUILD_RSS_BASE}
+
+
+@pytest.mark.trt
+def test_run_on_a_chain_without_a_gpu_is_one_named_line(chain_dir, capsys):
+    code, out, err = run_cli(["run", chain_dir, "--prompt-ids", "1 2 3", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "no CUDA GPU" in err and "Traceback" not in err
