@@ -17,6 +17,13 @@ streamed from one 64 MB block of random bf16 values (randn * 0.02), repeated. Fi
 them. Results: benchmarks/results/memory_scale.json and memory_scale.md.
 
     python benchmarks/memory_scale.py [--layers 1 2 4] [--build-layers 1] [--vocab 32768] [--workdir DIR]
+                                      [--layers-per-engine N]
+
+With --layers-per-engine N the build is `moec build --layers-per-engine N` (a chain of engines of
+N layers each, built one after another in the one build process): expected peak about
+BUILD_RSS_RATIO (1.8) x the largest range's weights + 0.3 GB, whatever the layer count: with N = 1,
+one layer plus the embedding or the lm_head (4.83 GB at vocab 32768), so ~9.0 GB for 2 and 4
+layers (0.92x and 0.48x the model's weights; 1 layer is one engine, 9.15 GB, 1.80x, as before).
 """
 
 from __future__ import annotations
@@ -118,7 +125,7 @@ def _sample_rss(peaks: dict, stop) -> None:
             peaks[field] = max(peaks.get(field, 0), _status(field))
 
 
-def run_stage(stage: str, src: Path, dst: Path) -> dict:
+def run_stage(stage: str, src: Path, dst: Path, layers_per_engine: int | None = None) -> dict:
     """In the measuring child: one stage, its wall time and peak RSS."""
     import threading
 
@@ -134,6 +141,11 @@ def run_stage(stage: str, src: Path, dst: Path) -> dict:
         from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
 
         optimize_onnx(src, dst, OptimizeConfig(target="trt-rtx:sm89"))
+    elif stage == "build" and layers_per_engine:
+        from moec.compiler.build import BuildConfig
+        from moec.compiler.build.chain import build_layer_chain
+
+        build_layer_chain(src, dst, BuildConfig(archs=("sm89",), backend="tensorrt-rtx", progress=False), layers_per_engine)
     elif stage == "build":
         from moec.compiler.build import BuildConfig, build_engine
 
@@ -148,16 +160,17 @@ def _files_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
-def _child(stage: str, src: Path, dst: Path) -> dict:
+def _child(stage: str, src: Path, dst: Path, layers_per_engine: int | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--src", str(src), "--dst", str(dst)],
+    chain = ["--layers-per-engine", str(layers_per_engine)] if layers_per_engine else []
+    proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--src", str(src), "--dst", str(dst), *chain],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1], "returncode": proc.returncode}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(layers: int, vocab: int, build: bool, work: Path) -> dict:
+def measure(layers: int, vocab: int, build: bool, work: Path, layers_per_engine: int | None = None) -> dict:
     row: dict = {"layers": layers}
     ckpt, onnx_dir = work / f"ckpt{layers}", work / f"onnx{layers}"
     try:
@@ -172,9 +185,15 @@ def measure(layers: int, vocab: int, build: bool, work: Path) -> dict:
         row["optimize"] = _child("optimize", onnx_dir / "model.onnx", onnx_dir / "model.opt.onnx")
         (onnx_dir / "model.onnx.data").unlink(missing_ok=True)
         if build and "error" not in row["optimize"]:
-            row["build"] = _child("build", onnx_dir / "model.opt.onnx", work / f"engine{layers}")
+            row["build"] = _child("build", onnx_dir / "model.opt.onnx", work / f"engine{layers}", layers_per_engine)
             if "error" not in row["build"]:
                 row["build"]["artifact_bytes"] = _files_bytes(work / f"engine{layers}")
+                chain = work / f"engine{layers}" / "chain.json"
+                if chain.is_file():
+                    c = json.loads(chain.read_text())
+                    row["build"]["engine_weight_bytes"] = c["weight_bytes"]
+                    row["build"]["ranges"] = [{"layers": r["layers"], "weight_bytes": r["weight_bytes"],
+                                               "engine_bytes": sum(e["bytes"] for e in r["engines"])} for r in c["ranges"]]
     finally:
         for p in (ckpt, onnx_dir, work / f"engine{layers}"):
             shutil.rmtree(p, ignore_errors=True)
@@ -200,19 +219,22 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--name", default="memory_scale", help="results file name (benchmarks/results/NAME.json/.md)")
     ap.add_argument("--note", default="", help="a line for the table's header (what this run measures)")
+    ap.add_argument("--layers-per-engine", type=int, default=None,
+                    help="build a chain of engines of N layers each (moec build --layers-per-engine)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.src, args.dst)))
+        print(json.dumps(run_stage(args.stage, args.src, args.dst, args.layers_per_engine)))
         return
 
+    load_start = os.getloadavg()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="moec-memory-scale-"))
     rows = []
     try:
         for n in args.layers:
-            row = measure(n, args.vocab, n in args.build_layers, work)
+            row = measure(n, args.vocab, n in args.build_layers, work, args.layers_per_engine)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -225,7 +247,11 @@ def main() -> None:
         "config": {"base": "llama4-scout", "hidden_size": 5120, "intermediate_size": 8192, "num_local_experts": 16,
                    "heads": "40/8", "vocab_size": args.vocab, "dtype": "bf16"},
         "expected": {"export": "flat, about 2x the largest tensor (2.68 GB) + libraries: ~6 GB",
-                     "optimize": "flat, ~120 MB", "build": "unchanged, ~2.9x the weights (1 layer only)"},
+                     "optimize": "flat, ~120 MB",
+                     "build": ("--layers-per-engine N: ~1.8 x the largest range's weights + 0.3 GB (N = 1: ~9.0 GB "
+                               "for 2 and 4 layers)" if args.layers_per_engine else
+                               "unchanged, ~2.9x the weights (1 layer only)")},
+        "layers_per_engine": args.layers_per_engine,
         "rows": rows,
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                  "torch": torch.__version__, "shared": "24 GB / 2 cores shared with 6 other jobs: wall times are noisy"},
@@ -233,6 +259,8 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["note"] = args.note
+    result["load_average_start"] = load_start
+    result["load_average_end"] = os.getloadavg()
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Host memory at Scout's layer size (bf16, 4.49 GB of weights per layer)",
@@ -248,6 +276,17 @@ def main() -> None:
         w = r["weight_bytes"]
         lines.append(f"| {r['layers']} | {w / 1e9:.2f} GB | {_cell(r.get('export'), w)} | {_cell(r.get('optimize'), w)} | "
                      f"{_cell(r.get('build'), w)} |")
+    for r in rows:
+        b = r.get("build") or {}
+        if b.get("ranges"):
+            lines.append(f"\n{r['layers']} layers, --layers-per-engine {args.layers_per_engine}: build peak "
+                         f"{b['peak_rss_bytes'] / 1e9:.2f} GB over {len(b['ranges'])} engines = "
+                         f"{b['peak_rss_bytes'] / b['engine_weight_bytes']:.2f}x the engines' weights "
+                         f"({b['engine_weight_bytes'] / 1e9:.2f} GB; ranges: "
+                         + ", ".join(f"layers {x['layers'][0]}-{x['layers'][1] - 1} {x['weight_bytes'] / 1e9:.2f} GB"
+                                     for x in b["ranges"]) + ")")
+    lines.append(f"\nLoad average (1/5/15 min) at start {tuple(round(x, 1) for x in load_start)}, at end "
+                 f"{tuple(round(x, 1) for x in result['load_average_end'])}.")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -79,6 +79,7 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "moec"
 
 # --- Multi-rank artifacts (moec optimize --tp/--ep, moec build of their folder) ------------------
+LAYER_CHAIN_MANIFEST = "chain.json"  # `moec build --layers-per-engine`: the chain of layer-range engines
 PARALLEL_MANIFEST = "parallel.json"  # world size, mapping, source and per-rank file hashes
 PARALLEL_FORMAT = "moec-parallel"  # parallel.json's "format"
 PARALLEL_ENGINES_FORMAT = "moec-parallel-engines"  # parallel.json of `moec build` over a partition folder

@@ -85,6 +85,7 @@ class CompileConfig:
     timing_cache: Path | None = None
     workspace_mib: int | None = None
     progress: bool = True
+    layers_per_engine: int | None = None  # build a chain of engines of N layers (compiler/build/chain.py)
     demo_seed: int = 0  # seed of the embedded demo checkpoint when no checkpoint is given
     # Weight quantization in the optimize stage (OptimizeConfig's fields, same meaning).
     quantize: str | None = None
@@ -152,6 +153,9 @@ def _check_parallel(config: CompileConfig, checkpoint) -> None:
 
     if config.tp < 1 or config.ep < 1:
         raise MoecError(f"--tp {config.tp} --ep {config.ep}: both must be >= 1")
+    if config.layers_per_engine is not None:
+        raise MoecError("--layers-per-engine builds one graph as a chain; with --tp/--ep each rank is built whole: "
+                        "drop one of them")
     llama = Llama4Config.from_pretrained(checkpoint) if checkpoint is not None else Llama4Config.preset(DEMO_PRESET)
     Mapping(config.tp, config.ep).check_divisible(llama.to_dict())
 

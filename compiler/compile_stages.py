@@ -296,7 +296,14 @@ def stage_build(s: _State) -> StageRecord:
     bcfg = BuildConfig(
         archs=tuple(split_archs(archs)), backend="tensorrt" if kind == "trt" else "tensorrt-rtx", opt_level=s.config.opt_level,
         max_seq=s.max_seq,
-        timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress)
+        timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress,
+        layers_per_engine=s.config.layers_per_engine)
+    if s.config.layers_per_engine is not None:
+        from moec.compiler.build.chain import build_layer_chain
+
+        out = build_layer_chain(s.optimized_path, s.engine_dir, bcfg, s.config.layers_per_engine)
+        return StageRecord("build", 0.0, "ok", f"{len(out['ranges'])} layer-range engines for {archs} "
+                           f"({s.config.layers_per_engine} layers each)", artifact_bytes=_files_bytes(s.engine_dir))
     if s.config.parallel:
         from moec.compiler.build.parallel import build_rank_engines
 

@@ -391,7 +391,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             if external:
                 # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
                 # evaluated there), so no second copy of the weights is built.
-                ir.save(onnx_model, tmp_model, external_data=data_name)
+                # Tensors under 1 MiB stay in the graph: the ring caches' slot constants (int64,
+                # 8 bytes a slot) feed shape inference's data propagation, which cannot read
+                # external data (the check below failed on any ring over 32 slots); weights are larger.
+                ir.save(onnx_model, tmp_model, external_data=data_name, size_threshold_bytes=1 << 20)
             else:
                 ir.save(onnx_model, tmp_model)
             save_s = time.perf_counter() - t0

@@ -42,6 +42,10 @@ GIB = 1 << 30
 RESERVE_BYTES = 2 * GIB
 ACT_BYTES = 2  # bf16/fp16 activations and KV cache
 INT4_GROUP = 128
+# Host memory of a TensorRT-RTX build: peak RSS over the weights it compiles, measured with the
+# weight pager at Scout's layer size (benchmarks/results/memory_scale_paged.md), plus the libraries.
+BUILD_RSS_RATIO = 1.8
+BUILD_RSS_BASE = 300 << 20
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,9 @@ class Plan:
     batch: int
     prefill_tokens: int
     rows: list[RankMemory] = field(default_factory=list)
+    # Host memory to build the recommended engine: as one engine, and one layer per engine
+    # (moec build --layers-per-engine 1: the largest range is a layer plus the embedding or lm_head).
+    build_host_bytes: dict[str, int] = field(default_factory=dict)
 
     def recommended(self) -> RankMemory | None:
         """Fewest GPUs first (what a deployment pays for), then the most precise weights, then the
@@ -162,7 +169,7 @@ class Plan:
         rec = self.recommended()
         return {"gpu": self.gpu.name, "gpu_memory_gib": self.gpu.memory_gib, "context": self.context,
                 "batch": self.batch, "prefill_tokens": self.prefill_tokens,
-                "rows": [r.to_dict() for r in self.rows],
+                "rows": [r.to_dict() for r in self.rows], "build_host_bytes": self.build_host_bytes,
                 "recommended": None if rec is None else {"tp": rec.layout.tp, "ep": rec.layout.ep,
                                                          "precision": rec.precision}}
 
@@ -293,7 +300,24 @@ def plan(cfg, config: PlanConfig = PlanConfig()) -> Plan:
     if not result.rows:
         problem = layout_problem(cfg, Layout(1, config.gpus or 1)) or layout_problem(cfg, Layout(config.gpus or 1, 1))
         raise MoecError(f"no tp x ep layout splits this model over {config.gpus} GPUs ({problem}); choose another --gpus")
+    rec = result.recommended()
+    if rec is not None:
+        result.build_host_bytes = build_host_estimate(cfg, rec.weight_bytes)
     return result
+
+
+def build_host_bytes(weight_bytes: int) -> int:
+    """Estimated peak host memory of building ``weight_bytes`` of weights as one engine."""
+    return int(BUILD_RSS_RATIO * weight_bytes) + BUILD_RSS_BASE
+
+
+def build_host_estimate(cfg, weight_bytes: int) -> dict[str, int]:
+    """An engine of ``weight_bytes`` built whole and one layer per engine: the embedding (or the
+    lm_head) joins the first (last) layer's range."""
+    edge = cfg.vocab_size * cfg.hidden_size * ACT_BYTES
+    per_layer = max(0, weight_bytes - 2 * edge) // max(1, cfg.num_hidden_layers) + edge
+    return {"one_engine": build_host_bytes(weight_bytes),
+            "layers_per_engine_1": build_host_bytes(min(weight_bytes, per_layer))}
 
 
 def engine_memory(cfg, weight_bytes: int, dtype: str, max_batch: int, max_new_tokens: int, max_positions: int,
@@ -354,4 +378,9 @@ def format_plan(p: Plan, title: str = "") -> str:
     else:
         lines.append(f"recommended: {rec.precision} experts on {rec.layout.ranks} x {p.gpu.name} ({rec.layout}): "
                      f"{gib(rec.total_bytes)} of {p.gpu.memory_gib:g} GiB per rank")
+        if p.build_host_bytes:
+            b = p.build_host_bytes
+            lines.append(f"build host memory per rank (TensorRT-RTX, ~{BUILD_RSS_RATIO}x the weights it compiles): "
+                         f"{gib(b['one_engine'])} GiB as one engine, {gib(b['layers_per_engine_1'])} GiB with "
+                         "--layers-per-engine 1")
     return "\n".join(lines)

@@ -186,8 +186,10 @@ def engine_file_name(arch: str) -> str:
 
 # --- The whole stage -------------------------------------------------------------------------------
 def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig = BuildConfig(),
-                 display: ProgressDisplay | None = None) -> BuildResult:
-    """Build one engine per arch in ``config.archs`` from ``onnx_path`` into ``out_dir`` (atomically)."""
+                 display: ProgressDisplay | None = None, layer_range=None) -> BuildResult:
+    """Build one engine per arch in ``config.archs`` from ``onnx_path`` into ``out_dir`` (atomically).
+    ``layer_range``: build only that range of the graph (moec.runtime.layer_chain.LayerRange, cut
+    from ``onnx_path`` by moec.compiler.build.chain, which checks the whole graph's I/O)."""
     t0 = time.perf_counter()
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
@@ -221,21 +223,30 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
 
     check_engine_archs(sidecar, archs, onnx_path)
     check_external_data(onnx_path)
-    model = load_graph_structure(onnx_path)
-    require_moec_io(onnx_path, model, sidecar["num_layers"], "image_token_id" in sidecar)
+    model = load_graph_structure(onnx_path) if layer_range is None else layer_range.model
+    if layer_range is None:
+        require_moec_io(onnx_path, model, sidecar["num_layers"], "image_token_id" in sidecar)
     source = source_hashes(onnx_path)
     plugins = plugins_needed(model)
     if plugins:
         _register_moec_plugin(flavour, notes)
 
     logger = make_logger(trt)
-    builder, network, _parser = network_from_onnx(flavour, onnx_path, logger)
+    builder, network, _parser = network_from_onnx(flavour, onnx_path, logger,
+                                                  None if layer_range is None else layer_range.model)
     limits = profile_limits(sidecar, config)
     profiles = build_profiles(network, limits, config)
     check_named_dims(model, profiles)
+    planned = limits
     limits = limits_of(profiles, limits.max_positions, sidecar_ring_inputs(sidecar))
+    if layer_range is not None and limits.max_past == 0:
+        # A range of chunked layers reads rings only (fixed slots): its past limit is the model's.
+        limits = dataclasses.replace(limits, max_past=planned.max_past)
     try:
-        memory, context_note = _engine_memory(sidecar, model, limits, config)
+        if layer_range is not None:  # the chain's plan covers every range (compiler/build/chain.py)
+            memory, context_note = None, ""
+        else:
+            memory, context_note = _engine_memory(sidecar, model, limits, config)
     except MoecError as e:  # a graph from another exporter: no Llama 4 config to plan from
         memory, context_note = None, ""
         notes.append(f"no memory plan: {e}")
@@ -289,6 +300,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
             "tokenizer": contract.TOKENIZER_FILE if tokenizer is not None else None,
             "notes": notes,
         }
+        if layer_range is not None:
+            manifest["layer_range"] = {"index": layer_range.index, "layers": layer_range.layers,
+                                       "inputs": list(layer_range.inputs), "outputs": list(layer_range.outputs)}
         if vision is not None:
             manifest["vision"] = vision  # the vision graph's engines (compiler/build/vision.py)
         (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -47,8 +47,9 @@ def _errors(logger, mark: int, trt) -> str:
 
 
 # --- Step 1: network from ONNX --------------------------------------------------------------------
-def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
-    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes).
+def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger, proto=None):
+    """Parse ``onnx_path`` into a strongly typed network (precision is the graph's own dtypes);
+    ``proto``: a graph cut from it (a layer range), whose external weights stay in its .data file.
     Returns (builder, network, keep): ``keep`` holds the parser and the memory-mapped weights
     (moec.compiler.build.stream), which the network points into until the build is done."""
     trt = flavour.trt
@@ -60,11 +61,14 @@ def network_from_onnx(flavour: TrtFlavour, onnx_path: Path, logger):
     if hasattr(parser, "load_model_proto"):
         from moec.compiler.build.stream import load_external_initializers
 
-        proto = onnx.load(str(onnx_path), load_external_data=False)
+        proto = proto if proto is not None else onnx.load(str(onnx_path), load_external_data=False)
         ok = parser.load_model_proto(proto.SerializeToString(), str(onnx_path))
         if ok:
             weights = load_external_initializers(parser, proto, onnx_path)
             ok = parser.parse_model_proto()
+    elif proto is not None:
+        raise MoecError(f"{flavour.name} {flavour.version} has no OnnxParser.load_model_proto, which layer-range "
+                        "engines need: upgrade it, or build without --layers-per-engine")
     else:
         ok = parser.parse_from_file(str(onnx_path))
     if not ok:

@@ -116,6 +116,8 @@ def axis_roles(name: str, rank: int) -> tuple[str | None, ...]:
         return ("batch", None, "past", None)
     if name in (contract.INPUT_IDS, contract.POSITION_IDS):
         return ("batch", "new")
+    if name.startswith("hidden."):  # a layer range's residual stream in (moec.runtime.layer_chain)
+        return ("batch", "new", None)
     if name == contract.IMAGE_FEATURES:
         return ("image_rows", None)
     return (None,) * rank

@@ -37,8 +37,11 @@ from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summa
 @click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions of the same major (full TensorRT only).")
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace memory pool limit in MiB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--layers-per-engine", type=click.IntRange(min=1), default=None,
+              help="Build a chain of engines of N layers each, one after another, so the build's host memory is about "
+                   "1.8x one engine's weights instead of the model's [default: one engine].")
 def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
-          hardware_compat, version_compatible, workspace_mib, no_progress) -> None:
+          hardware_compat, version_compatible, workspace_mib, no_progress, layers_per_engine) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
     MODEL.onnx may be a partition folder (moec optimize --tp/--ep): one engine folder per rank.
 
@@ -53,9 +56,14 @@ def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens,
         archs=archs, backend=backend, shapes=tuple(shapes),
         max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, max_seq=max_seq, timing_cache=timing_cache,
         opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
-        workspace_mib=workspace_mib, progress=not no_progress,
+        workspace_mib=workspace_mib, progress=not no_progress, layers_per_engine=layers_per_engine,
     )
     if onnx_path.is_dir():  # a partition folder (moec optimize --tp/--ep): one engine folder per rank
+        if layers_per_engine is not None:
+            from moec.common.errors import MoecError
+
+            raise MoecError("--layers-per-engine builds one graph as a chain; a partition folder's ranks are built whole: "
+                            "drop --layers-per-engine, or optimize without --tp/--ep")
         from moec.compiler.build.parallel import build_rank_engines
 
         m = build_rank_engines(onnx_path, out_dir, config)
@@ -64,6 +72,16 @@ def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens,
             click.echo(f"  rank {r['rank']}: {r['dist_collective_layers']} DistCollective layers; "
                        + ", ".join(f"{e['file']} sha256 {e['sha256'][:16]}" for e in r["engines"]))
         return
+    if layers_per_engine is not None and not onnx_path.is_dir():
+        from moec.compiler.build.chain import build_layer_chain, format_chain
+
+        click.echo(format_chain(build_layer_chain(onnx_path, out_dir, config, layers_per_engine), out_dir))
+        return
+    from moec.compiler.build.chain import host_memory_warning
+
+    warning = host_memory_warning(onnx_path)
+    if warning:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     result = build_engine(onnx_path, out_dir, config)
     for note in result.warnings:
         click.secho(f"warning: {note}", fg="yellow", err=True)

@@ -76,11 +76,13 @@ def _print_summary(console, stages: list[StageRecord], error: str = "") -> None:
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
               help="With --tp/--ep: seconds verify's ranks wait for a silent peer [default: 120].")
 @click.option("--text-only", is_flag=True, help="A multimodal checkpoint: skip its vision graph and engines.")
+@click.option("--layers-per-engine", type=click.IntRange(min=1), default=None,
+              help="Build a chain of engines of N layers each (host memory of one engine's build) [default: one engine].")
 @quantize_options
 @allow_nonfinite_option
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,
              opt_level, timing_cache, workspace_mib, demo_seed, as_json, tp, ep, rank_timeout, allow_nonfinite_weights,
-             text_only=False, **quantize):
+             text_only=False, layers_per_engine=None, **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
     With no arguments but -o, compiles the demo checkpoint to an sm89 engine with TensorRT for RTX,
@@ -96,6 +98,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
                            progress=not as_json, demo_seed=demo_seed, tp=tp, ep=ep, rank_timeout_s=rank_timeout,
                            allow_nonfinite_weights=allow_nonfinite_weights, text_only=text_only,
+                           layers_per_engine=layers_per_engine,
                            **quantize_fields(**quantize))
     console = Console(stderr=as_json)
 

@@ -32,6 +32,17 @@ def inspect(engine_dir, as_json) -> None:
             for rank, r in enumerate(report["ranks"]):
                 click.echo(f"\n--- rank {rank} ---")
                 _print_inspection(r)
+    elif (engine_dir / contract.LAYER_CHAIN_MANIFEST).is_file():
+        from moec.compiler.build.chain import format_chain, inspect_layer_chain, load_layer_chain
+
+        report = inspect_layer_chain(engine_dir)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            click.echo(format_chain(load_layer_chain(engine_dir)[0], engine_dir).replace("built ", "", 1))
+            for r, sub in zip(report["ranges"], report["range_reports"]):
+                click.echo(f"\n--- layers {r['layers'][0]}-{r['layers'][1] - 1} ({r['dir']}/) ---")
+                _print_inspection(sub)
     else:
         report = inspect_engine_dir(engine_dir)
         if as_json:

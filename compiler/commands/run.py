@@ -25,6 +25,8 @@ BACKENDS = ("torch", "ort", "trt")
 def detect_backend(artifact: Path) -> str:
     if artifact.is_dir() and (artifact / contract.ENGINE_MANIFEST).is_file():
         return "trt"
+    if artifact.is_dir() and (artifact / contract.LAYER_CHAIN_MANIFEST).is_file():
+        return "trt"  # a chain of layer-range engines (runtime/trt_chain.py)
     if artifact.is_dir() and (artifact / contract.PARALLEL_MANIFEST).is_file():
         return "ort"  # a partition folder: its ranks run on ONNX Runtime (runtime/parallel)
     if artifact.is_dir() and (artifact / "config.json").is_file():
@@ -72,6 +74,10 @@ def open_backend(artifact: Path, backend: str, dtype: str | None, checkpoint: Pa
     if backend == "trt":
         from moec.runtime.trt_backend import TrtBackend
 
+        if (artifact / contract.LAYER_CHAIN_MANIFEST).is_file():
+            from moec.runtime.trt_chain import TrtChainBackend
+
+            return TrtChainBackend.from_engine_dir(artifact)
         return TrtBackend.from_engine_dir(artifact)
     raise MoecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -86,6 +92,11 @@ def artifact_sidecar(artifact: Path) -> dict | None:
     if (artifact / contract.PARALLEL_MANIFEST).is_file():
         rank0 = contract.sidecar_path(artifact / contract.rank_onnx(0))
         return read_sidecar_file(rank0) if rank0.is_file() else None
+    if (artifact / contract.LAYER_CHAIN_MANIFEST).is_file():
+        from moec.compiler.build.chain import load_layer_chain
+
+        name = load_layer_chain(artifact)[0].get("sidecar")
+        return read_sidecar_file(artifact / name) if name else None
     if (artifact / contract.ENGINE_MANIFEST).is_file():
         from moec.runtime.trt_backend import load_manifest
 
