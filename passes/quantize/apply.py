@@ -124,7 +124,7 @@ class _Quantized:
         if self._qt is None:
             w = self._source.numpy().astype(np.float32)
             k = w.shape[self._axis]
-            self._qt = self._spec.fmt.quantize(w, self._axis, self._spec.block_for(k), self._spec.symmetric)
+            self._qt = self._spec.quantize(w, self._axis, self._spec.block_for(k))
         out = getattr(self._qt, name)
         self._reads += 1
         if self._reads >= self._parts:
@@ -197,12 +197,24 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
 
 
 def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None = None, what: str = "the model",
-                     whole_blocks: bool = False) -> int:
+                     whole_blocks: bool = False, calibration=None) -> int:
     """Quantize every weight ``spec`` names; returns how many. Unused originals are removed by the
-    clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites."""
+    clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites.
+    ``calibration`` (calibrate.Calibration): what awq and FP8 activations read."""
     sites = find_weights(model, spec, log)
     check_sites(sites, spec, what, whole_blocks)
+    if spec.calibrated and calibration is None:
+        raise MoecError(f"--quantize {spec.label()} calibrates on the export, and this pipeline has none to run "
+                        "(moec optimize of a single graph calibrates; --tp/--ep partitions do not yet)")
     ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
+    if spec.method == "awq":
+        from moec.passes.quantize.awq import apply_awq
+
+        apply_awq(model, sites, spec, calibration, log)
+    if spec.activations == "static":
+        from moec.passes.quantize.fp8_act import add_fp8_activations
+
+        add_fp8_activations(model, sites, calibration, log)
     from moec.passes.quantize.checkpoint_fp8 import held, restore
 
     for site in sites:
