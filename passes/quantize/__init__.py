@@ -64,12 +64,13 @@ class QuantizeSpec:
     def calibrated(self) -> bool:
         return self.method in CALIBRATED_METHODS or self.activations != "none"
 
-    def quantize(self, w, axis: int, block: int) -> QTensor:
-        """The format's quantizer, or the clipping search where the method asks for it."""
+    def quantize(self, w, axis: int, block: int, importance=None) -> QTensor:
+        """The format's quantizer, or the clipping search where the method asks for it
+        (``importance``: awq's per-channel weights of the clipping error, clip.py)."""
         if self.method in ("clip", "awq"):
             from moec.passes.quantize.clip import quantize_int4_clip
 
-            return quantize_int4_clip(w, axis, block, self.symmetric)
+            return quantize_int4_clip(w, axis, block, self.symmetric, importance=importance)
         return self.fmt.quantize(w, axis, block, self.symmetric)
 
     def block_for(self, k: int) -> int:

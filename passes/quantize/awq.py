@@ -7,7 +7,9 @@ input is divided by s, so x @ w = (x / s) @ (s * w) before rounding. alpha is se
 ``AWQ_ALPHAS`` per weight, minimising || x @ w - (x / s) @ dq(q(s * w)) ||^2 on the calibration
 rows (calibrate.py); alpha = 0 (s = 1, no scaling) is in the grid, so the chosen scales never do
 worse than none on those rows. The search rounds to nearest (AWQ's choice); the weights are then
-quantized with the clipping search (clip.py).
+quantized with the clipping search (clip.py) weighted by mean (x_k / s_k)^2, the input channel's
+calibrated energy after scaling (an unweighted search minimises the weight's error, which here
+often made the output's error larger than round-to-nearest's).
 
 Where x / s goes:
 - MatMul / Gemm weights (dense MLPs, shared expert, attention): a Mul by 1 / s on that node's
@@ -96,12 +98,13 @@ def _insert_input_mul(graph: ir.Graph, node: ir.Node, inv_s: np.ndarray, np_dtyp
     node.replace_input_with(0, mul.outputs[0])
 
 
-def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, float]:
+def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, np.ndarray]:
     """Scale the weights of ``sites`` in place (float, before quantization) and insert the
-    compensating Muls; returns {weight name: chosen alpha}. A weight calibration did not see
-    (renamed by a rewrite) stays unscaled, and the log says so."""
+    compensating Muls; returns {weight name: importance broadcast on the weight} for the clipping
+    search. A weight calibration did not see (renamed by a rewrite) stays unscaled, and the log
+    says so."""
     graph = model.graph
-    chosen: dict[str, float] = {}
+    importance: dict[str, np.ndarray] = {}
     by_name = {s.value.name: s for s in sites}
     stats = calibration.inputs
     experts_nodes = {n for s in sites if s.kind == "experts" for n, _ in s.uses
@@ -114,24 +117,26 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
         if down.name in by_name and down.name in stats:
             w_d = down.const_value.numpy().astype(np.float32)  # [E, I, H]
             rows = _routed_rows(stats[down.name])
+            h_EI1 = np.ones((len(rows), inter, 1), np.float32)
             for e, x in enumerate(rows):
                 if not len(x):
                     continue  # no calibration token reached expert e: left unscaled
-                s, alpha, _, _ = search_alpha(w_d[e], x, np.abs(x).mean(0), spec.block_for(inter), spec.symmetric)
+                s, _, _, _ = search_alpha(w_d[e], x, np.abs(x).mean(0), spec.block_for(inter), spec.symmetric)
                 w_d[e] *= s[:, None]
                 w_gu[e, :, inter:] /= s[None, :]
-                chosen[f"{down.name}[{e}]"] = alpha
+                h_EI1[e, :, 0] = np.square(x / s).mean(0)
             _set_weight(down, w_d)
+            importance[down.name] = h_EI1
             done.add(down.name)
         if gate_up.name in by_name and gate_up.name in stats:
             rows = _routed_rows(stats[gate_up.name])
             pooled = np.concatenate([x for x in rows if len(x)], axis=0)
             k = w_gu.shape[1]
-            s, alpha, _, _ = search_alpha(w_gu, pooled, np.abs(pooled).mean(0), spec.block_for(k), spec.symmetric,
-                                          x_rows=[x if len(x) else np.zeros((1, k), np.float32) for x in rows])
+            s, _, _, _ = search_alpha(w_gu, pooled, np.abs(pooled).mean(0), spec.block_for(k), spec.symmetric,
+                                      x_rows=[x if len(x) else np.zeros((1, k), np.float32) for x in rows])
             w_gu *= s[None, :, None]
             _insert_input_mul(graph, node, 1 / s, gate_up.const_value.numpy().dtype, gate_up.name)
-            chosen[gate_up.name] = alpha
+            importance[gate_up.name] = np.square(pooled / s).mean(0)[None, :, None]
             done.add(gate_up.name)
         _set_weight(gate_up, w_gu)
     for site in sites:
@@ -146,10 +151,11 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
         w = site.value.const_value.numpy().astype(np.float32)
         w_KN = w if site.axis == 0 else w.T
         x = _sample(stats[key])
-        s, alpha, _, _ = search_alpha(w_KN, x, np.abs(stats[key]).mean(0), spec.block_for(w_KN.shape[0]),
-                                      spec.symmetric)
+        s, _, _, _ = search_alpha(w_KN, x, np.abs(stats[key]).mean(0), spec.block_for(w_KN.shape[0]),
+                                  spec.symmetric)
         _set_weight(site.value, w * (s[:, None] if site.axis == 0 else s[None, :]))
         for use, _ in site.uses:
             _insert_input_mul(graph, use, 1 / s, site.value.const_value.numpy().dtype, name)
-        chosen[name] = alpha
-    return chosen
+        h = np.square(stats[key] / s).mean(0)
+        importance[name] = h[:, None] if site.axis == 0 else h[None, :]
+    return importance

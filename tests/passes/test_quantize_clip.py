@@ -28,6 +28,10 @@ def test_clip_error_is_never_worse_than_round_to_nearest(w, block, symmetric):
     clip = quantize_int4_clip(w, 0, block, symmetric)
     assert clip.q.min() >= (-7 if symmetric else 0) and clip.q.max() <= (7 if symmetric else 15)
     assert np.all(block_sq_error(w, clip) <= block_sq_error(w, rtn))
+    # awq's form: the error weighted by each input channel's calibrated energy.
+    h = np.random.default_rng(len(w)).exponential(1.0, (w.shape[0], 1)).astype(np.float32)
+    weighted = quantize_int4_clip(w, 0, block, symmetric, importance=h)
+    assert np.all(block_sq_error(w, weighted, h) <= block_sq_error(w, rtn, h))
 
 
 def test_fires_on_gaussian_blocks():
