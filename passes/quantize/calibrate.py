@@ -18,9 +18,7 @@ most ``MAX_TOKENS`` tokens in all: a few hundred tokens fix a per-channel mean o
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,30 +95,29 @@ def calibrate(export_path: Path, tokenizer_path: Path | None, text_path: Path) -
     del model.graph.output[1:]  # logits alone; the caches are not needed
     for name in dict.fromkeys(captures.values()):
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    external = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
     collected: dict[str, list[np.ndarray]] = {}
-    with tempfile.TemporaryDirectory(prefix="moec-calib-") as tmp:
-        for location in external:  # the copy reads the export's own data files, not a copy of them
-            os.symlink(export_path.resolve().parent / location, Path(tmp) / location)
-        onnx.save(model, str(Path(tmp) / "calib.onnx"))
-        del model
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        try:
-            session = ort.InferenceSession(str(Path(tmp) / "calib.onnx"), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own exception types)
-            raise MoecError(f"{export_path}: calibration cannot run the export on ONNX Runtime ({e}); export with "
-                            "--dtype fp32") from e
-        names = [o.name for o in session.get_outputs()][1:]
-        for start in range(0, len(ids), CHUNK):
-            piece = np.asarray(ids[start : start + CHUNK], np.int64)[None]
-            feeds = {contract.INPUT_IDS: piece, contract.POSITION_IDS: np.arange(piece.shape[1], dtype=np.int64)[None]}
-            for inp in session.get_inputs():
-                if inp.name not in feeds:
-                    shape = [1 if d == contract.DIM_BATCH else d if isinstance(d, int) else 0 for d in inp.shape]
-                    feeds[inp.name] = np.zeros(shape, np.float16 if "float16" in inp.type else np.float32)
-            for name, value in zip(names, session.run(names, feeds)):
-                collected.setdefault(name, []).append(np.asarray(value, np.float32))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    # The graph goes as bytes (only its structure: the weights stay in the export's data files,
+    # which ONNX Runtime reads from the export's own folder).
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                  str(Path(export_path).resolve().parent))
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own exception types)
+        raise MoecError(f"{export_path}: calibration cannot run the export on ONNX Runtime ({e}); export with "
+                        "--dtype fp32") from e
+    del model
+    names = [o.name for o in session.get_outputs()][1:]
+    for start in range(0, len(ids), CHUNK):
+        piece = np.asarray(ids[start : start + CHUNK], np.int64)[None]
+        feeds = {contract.INPUT_IDS: piece, contract.POSITION_IDS: np.arange(piece.shape[1], dtype=np.int64)[None]}
+        for inp in session.get_inputs():
+            if inp.name not in feeds:
+                shape = [1 if d == contract.DIM_BATCH else d if isinstance(d, int) else 0 for d in inp.shape]
+                feeds[inp.name] = np.zeros(shape, np.float16 if "float16" in inp.type else np.float32)
+        for name, value in zip(names, session.run(names, feeds)):
+            collected.setdefault(name, []).append(np.asarray(value, np.float32))
     inputs = {}
     for key, name in captures.items():
         parts = collected[name]
