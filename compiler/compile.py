@@ -92,6 +92,9 @@ class CompileConfig:
     quantize_group: int | None = None
     quantize_scope: str = "experts"
     quantize_symmetric: bool = True
+    quantize_method: str = "rtn"  # as OptimizeConfig's quantize_* fields
+    quantize_activations: str = "none"
+    quantize_calibration: str | None = None
     allow_nonfinite_weights: bool = False  # export and verify load NaN/Inf weights (refused by default)
     # A multimodal checkpoint (compiler/export_vision.has_vision_tower) also compiles its vision graph
     # (model.opt.vision.onnx, vision.<arch>.plan) unless this is set.
@@ -193,6 +196,11 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     quant = check_quantize_request(config, target)
     for other in targets[1:]:  # fp8 needs FP8 tensor cores on every arch
         check_quantize_request(config, other)
+    if quant is not None and quant.calibrated and (config.verify or config.parallel):
+        # verify's torch reference dequantizes the weights from the spec alone; calibrated scales
+        # (awq's Muls, FP8 activation scales) are the graph's own and it cannot rebuild them.
+        raise MoecError(f"--quantize {quant.label()} calibrates on the export: compile cannot verify it against torch "
+                        "(or partition it) yet; add --no-verify (without --tp/--ep), or run moec export + moec optimize")
     out_dir = Path(out_dir)
     if config.parallel:
         _check_parallel(config, checkpoint)

@@ -150,7 +150,8 @@ def stage_optimize(s: _State) -> StageRecord:
     opt = OptimizeConfig(
         target=graph_target(s.config.target), moe_lowering=s.config.moe_lowering, precision=s.config.precision,
         require_fusion=True, quantize=s.config.quantize, quantize_group=s.config.quantize_group,
-        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric)
+        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric,
+        **quantize_extra(s.config))
     if s.config.parallel:
         from moec.compiler.partition import ParallelConfig, optimize_partitioned
 
@@ -202,6 +203,12 @@ def verify_skip_reason(config: CompileConfig) -> str | None:
     return None
 
 
+def quantize_extra(config) -> dict:
+    """The quantize fields optimize takes beyond format, group, scope and symmetry."""
+    return dict(quantize_method=config.quantize_method, quantize_activations=config.quantize_activations,
+                quantize_calibration=config.quantize_calibration)
+
+
 def quantize_spec_of(config):
     from moec.compiler.quantize_stage import spec_of
 
@@ -227,7 +234,8 @@ def _fp32_twin(s: _State) -> Path:
     optimize_onnx(export, out, OptimizeConfig(
         target=graph_target(s.config.target), moe_lowering=s.config.moe_lowering, require_fusion=True,
         quantize=s.config.quantize, quantize_group=s.config.quantize_group,
-        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric))
+        quantize_scope=s.config.quantize_scope, quantize_symmetric=s.config.quantize_symmetric,
+        **quantize_extra(s.config)))
     return out
 
 
@@ -345,7 +353,7 @@ def _verify_ranks(s: _State, vcfg) -> StageRecord:
         optimize_partitioned(s.export_path, folder, OptimizeConfig(
             target="ort", precision=s.config.precision, require_fusion=True, quantize=s.config.quantize,
             quantize_group=s.config.quantize_group, quantize_scope=s.config.quantize_scope,
-            quantize_symmetric=s.config.quantize_symmetric), ParallelConfig(s.config.tp, s.config.ep))
+            quantize_symmetric=s.config.quantize_symmetric, **quantize_extra(s.config)), ParallelConfig(s.config.tp, s.config.ep))
         twin_note = ("; the rank graphs hold TensorRT-only MoE nodes, so the same partition lowered for ONNX Runtime "
                      "was verified")
     try:

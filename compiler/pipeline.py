@@ -67,6 +67,9 @@ class OptimizeConfig:
     quantize_group: int | None = None  # int4's block along K: 32 | 64 | 128; None: 128
     quantize_scope: str = "experts"  # "experts" | "mlp" (+ shared expert, dense MLPs) | "all" (+ attention)
     quantize_symmetric: bool = True  # int4 only: False stores a zero point per block
+    quantize_method: str = "rtn"  # int4: "rtn" | "clip" (per-block clipping search) | "awq" (calibrated scales + clip)
+    quantize_activations: str = "none"  # fp8: "none" (weight-only) | "static" (calibrated per-tensor E4M3, W8A8)
+    quantize_calibration: str | None = None  # prompt text for awq / static; None: passes/quantize/calibration.txt
 
 
 @dataclasses.dataclass
@@ -111,6 +114,7 @@ class _Context:
     log: object
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     lowered: dict[str, int] = dataclasses.field(default_factory=dict)
+    calibration: object = None  # passes/quantize/calibrate.Calibration where the quantization calibrates
 
 
 def _cleanup_steps() -> list[Step]:
@@ -428,6 +432,9 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     external = _has_external_data(model) or _weight_bytes(model) > INLINE_WEIGHT_LIMIT_BYTES
 
     ctx = _Context(config, target, FusionLog())
+    from moec.compiler.quantize_stage import calibrate_request
+
+    ctx.calibration = calibrate_request(quant, in_path, tok_src)
     steps = build_pipeline(config, target)
     dump_dir = Path(config.dump_dir) if config.dump_dir is not None else None
     if dump_dir is not None:
@@ -464,6 +471,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
             sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
             if quant is not None:
                 sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
+                if ctx.calibration is not None:
+                    sidecar["quantization"]["calibration"] = ctx.calibration.record()
             if ctx.counts.get("checkpoint_fp8"):
                 sidecar.setdefault("quantization", {})["checkpoint_fp8_weights"] = ctx.counts["checkpoint_fp8"]
             write_json_atomic(contract.sidecar_path(tmp / out_path.name), sidecar)

@@ -25,7 +25,8 @@ _FLOAT_ONLY_LOWERINGS = {"trt-native": "TensorRT's TRT_MoE (moec does not emit i
 
 
 def spec_of(config) -> QuantizeSpec | None:
-    return make_spec(config.quantize, config.quantize_group, config.quantize_scope, config.quantize_symmetric)
+    return make_spec(config.quantize, config.quantize_group, config.quantize_scope, config.quantize_symmetric,
+                     config.quantize_method, config.quantize_activations, config.quantize_calibration)
 
 
 def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> str | None:
@@ -99,7 +100,8 @@ def quantize_steps(config, target) -> list:
     def run(model, ctx):
         from moec.passes.quantize.apply import quantize_weights
 
-        n = quantize_weights(model, spec, ctx.log, whole_blocks=whole_blocks(target))
+        n = quantize_weights(model, spec, ctx.log, whole_blocks=whole_blocks(target),
+                             calibration=getattr(ctx, "calibration", None))
         ctx.counts["quantized"] = ctx.counts.get("quantized", 0) + n
         return n
 
@@ -127,6 +129,17 @@ def checkpoint_fp8_steps() -> tuple:
             # The lowering phase's first step (it is there for the lowerings), so a graph without
             # --quantize dumps no quantize phase.
             Step("lowering", "restore_checkpoint_fp8", restore))
+
+
+def calibrate_request(spec: QuantizeSpec | None, in_path, tokenizer):
+    """The calibration a request needs (awq, FP8 activations), from the export at ``in_path``
+    (passes/quantize/calibrate.py); None when it needs none."""
+    if spec is None or not spec.calibrated:
+        return None
+    from moec.passes.quantize import calibration_file
+    from moec.passes.quantize.calibrate import calibrate
+
+    return calibrate(in_path, tokenizer, calibration_file(spec))
 
 
 def check_checkpoint_fp8(sidecar: dict | None, spec: QuantizeSpec | None, target, in_path) -> None:
@@ -160,7 +173,7 @@ def dequantize_module_weights(model, spec: QuantizeSpec) -> int:
         if kind is None or kind not in kinds:
             continue
         w = param.detach().float().numpy()
-        qt = spec.fmt.quantize(w, axis, spec.block_for(w.shape[axis]), spec.symmetric)
+        qt = spec.quantize(w, axis, spec.block_for(w.shape[axis]))
         with torch.no_grad():
             param.copy_(torch.from_numpy(np.ascontiguousarray(dequantize(qt))).to(param.dtype))
         count += 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import click
 
 from moec.common.contract import INT4_GROUPS as GROUPS
+from moec.common.contract import QUANT_ACTIVATIONS as ACTIVATIONS
+from moec.common.contract import QUANT_METHODS as METHODS
 from moec.common.contract import QUANT_FORMATS as FORMATS
 from moec.common.contract import QUANT_SCOPES as SCOPES
 
@@ -22,12 +24,23 @@ def quantize_options(fn):
                      help="experts: routed experts; mlp: + shared expert and dense MLPs; all: + attention."),
         click.option("--quantize-asymmetric", "quantize_asymmetric", is_flag=True,
                      help="int4 with a zero point per group (default symmetric)."),
+        click.option("--quantize-method", type=click.Choice(list(METHODS)), default="rtn", show_default=True,
+                     help="int4 rounding: rtn round-to-nearest; clip + per-group clipping search (no data); awq + "
+                          "activation-aware scales calibrated on a prompt text."),
+        click.option("--quantize-activations", type=click.Choice(list(ACTIVATIONS)), default="none",
+                     show_default=True,
+                     help="fp8: static adds FP8 E4M3 activations with per-tensor scales calibrated on a prompt "
+                          "text (W8A8)."),
+        click.option("--quantize-calibration", type=click.Path(dir_okay=False), default=None,
+                     help="Prompt text (UTF-8) for awq / static activations (default: the one moec ships)."),
     ]):
         fn = option(fn)
     return fn
 
 
 def quantize_fields(quantize: str | None, quantize_group: int | None, quantize_scope: str,
-                    quantize_asymmetric: bool) -> dict:
+                    quantize_asymmetric: bool, quantize_method: str = "rtn", quantize_activations: str = "none",
+                    quantize_calibration: str | None = None) -> dict:
     return dict(quantize=quantize, quantize_group=quantize_group, quantize_scope=quantize_scope,
-                quantize_symmetric=not quantize_asymmetric)
+                quantize_symmetric=not quantize_asymmetric, quantize_method=quantize_method,
+                quantize_activations=quantize_activations, quantize_calibration=quantize_calibration)

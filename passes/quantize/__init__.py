@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from moec.common import contract
 from moec.common.errors import MoecError
 from moec.passes.quantize._base import Format, QTensor, dequantize
 from moec.passes.quantize.fp8 import FP8
@@ -35,6 +36,12 @@ WEIGHT_KINDS: dict[str, re.Pattern] = {
 }
 # What the sidecar records as the calibration: round-to-nearest weights need none.
 CALIBRATION_NONE = "none (round-to-nearest, weight-only)"
+# How int4 weights are rounded: rtn round-to-nearest; clip + a per-block clipping search (clip.py,
+# no data); awq + activation-aware per-input-channel scales (awq.py, calibrated) then clip.
+METHODS = contract.QUANT_METHODS
+# FP8 activations: none (weight-only) | static (per-tensor E4M3 scales calibrated, fp8_act.py).
+ACTIVATIONS = contract.QUANT_ACTIVATIONS
+CALIBRATED_METHODS = ("awq",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +52,26 @@ class QuantizeSpec:
     group: int = DEFAULT_GROUP
     scope: str = "experts"
     symmetric: bool = True
+    method: str = "rtn"  # int4: rtn | clip | awq
+    activations: str = "none"  # fp8: none | static
+    calibration: str | None = None  # prompt text for awq / static activations; None: the shipped one
 
     @property
     def fmt(self) -> Format:
         return FORMATS[self.format]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method in CALIBRATED_METHODS or self.activations != "none"
+
+    def quantize(self, w, axis: int, block: int, importance=None) -> QTensor:
+        """The format's quantizer, or the clipping search where the method asks for it
+        (``importance``: awq's per-channel weights of the clipping error, clip.py)."""
+        if self.method in ("clip", "awq"):
+            from moec.passes.quantize.clip import quantize_int4_clip
+
+            return quantize_int4_clip(w, axis, block, self.symmetric, importance=importance)
+        return self.fmt.quantize(w, axis, block, self.symmetric)
 
     def block_for(self, k: int) -> int:
         """Elements per scale along a reduction axis of length ``k``."""
@@ -57,8 +80,9 @@ class QuantizeSpec:
     def label(self) -> str:
         """fp32-style names the benchmarks and sidecar use: int4-g128, int4-g32-asym, int8, fp8."""
         if self.fmt.granularity != "block":
-            return self.format
-        return f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
+            return self.format + ("-w8a8" if self.activations == "static" else "")
+        return (f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
+                + ("" if self.method == "rtn" else f"-{self.method}"))
 
     def record(self) -> dict:
         """What the sidecar and the manifest say about the quantization."""
@@ -69,18 +93,47 @@ class QuantizeSpec:
             "symmetric": self.symmetric,
             "scope": self.scope,
             "kinds": list(SCOPES[self.scope]),
-            "calibration": CALIBRATION_NONE,
+            "method": self.method,
+            "activations": ("fp8 e4m3 static per-tensor" if self.activations == "static" else "none (weight-only)"),
+            "calibration": (calibration_file(self).name if self.calibrated else CALIBRATION_NONE if self.method == "rtn"
+                            else "none (per-block clipping search on the weights alone)"),
             "routing": "full precision",
         }
 
 
+def calibration_file(spec: QuantizeSpec):
+    """The prompt text calibration reads: the user's, or the one shipped beside this file."""
+    from pathlib import Path
+
+    return Path(spec.calibration) if spec.calibration is not None else Path(__file__).with_name("calibration.txt")
+
+
 def make_spec(format: str | None, group: int | None = None, scope: str | None = None,
-              symmetric: bool = True) -> QuantizeSpec | None:
+              symmetric: bool = True, method: str = "rtn", activations: str = "none",
+              calibration: str | None = None) -> QuantizeSpec | None:
     """The spec for the optimize stage's fields (None: no quantization); named errors for a bad one."""
     if format is None:
-        if group is not None or (scope is not None and scope != "experts") or not symmetric:
-            raise MoecError("--quantize-group / --quantize-scope / --quantize-asymmetric need --quantize int4|int8|fp8")
+        if (group is not None or (scope is not None and scope != "experts") or not symmetric or method != "rtn"
+                or activations != "none" or calibration is not None):
+            raise MoecError("--quantize-group / --quantize-scope / --quantize-asymmetric / --quantize-method / "
+                            "--quantize-activations / --quantize-calibration need --quantize int4|int8|fp8")
         return None
+    if method not in METHODS:
+        raise MoecError(f"--quantize-method {method!r}: choose one of {', '.join(METHODS)}")
+    if method != "rtn" and format != "int4":
+        raise MoecError(f"--quantize-method {method}: applies to int4; {format} rounds to nearest (drop it)")
+    if activations not in ACTIVATIONS:
+        raise MoecError(f"--quantize-activations {activations!r}: choose one of {', '.join(ACTIVATIONS)}")
+    if activations != "none" and format != "fp8":
+        raise MoecError(f"--quantize-activations {activations}: FP8 activations go with --quantize fp8, not {format}")
+    if calibration is not None and method not in CALIBRATED_METHODS and activations == "none":
+        raise MoecError("--quantize-calibration: nothing calibrates (use it with --quantize-method awq or "
+                        "--quantize-activations static)")
+    if calibration is not None:
+        from pathlib import Path
+
+        if not Path(calibration).is_file():
+            raise MoecError(f"--quantize-calibration {calibration}: no such file (a UTF-8 text of prompts)")
     if format not in FORMATS:
         raise MoecError(f"--quantize {format!r}: choose one of {', '.join(FORMATS)}")
     fmt = FORMATS[format]
@@ -98,7 +151,8 @@ def make_spec(format: str | None, group: int | None = None, scope: str | None = 
         raise MoecError(f"--quantize-group {group}: choose one of {', '.join(map(str, GROUPS))}")
     if not symmetric and not fmt.asymmetric:
         raise MoecError(f"--quantize-asymmetric: {format} is symmetric only (int4 has an asymmetric variant)")
-    return QuantizeSpec(format, group, scope, symmetric)
+    return QuantizeSpec(format, group, scope, symmetric, method, activations,
+                        None if calibration is None else str(calibration))
 
 
-__all__ = ["FORMATS", "SCOPES", "WEIGHT_KINDS", "Format", "QTensor", "QuantizeSpec", "dequantize", "make_spec"]
+__all__ = ["ACTIVATIONS", "FORMATS", "METHODS", "calibration_file", "SCOPES", "WEIGHT_KINDS", "Format", "QTensor", "QuantizeSpec", "dequantize", "make_spec"]

@@ -21,18 +21,28 @@ DEFAULT_GROUP = 128
 
 
 def _quantize(w: np.ndarray, axis: int, block: int, symmetric: bool) -> QTensor:
+    return quantize_clipped(w, axis, block, symmetric, None)
+
+
+def quantize_clipped(w: np.ndarray, axis: int, block: int, symmetric: bool, ratio: np.ndarray | None) -> QTensor:
+    """Round-to-nearest onto each block's range shrunk by ``ratio`` (one per block, scale's shape;
+    None: 1, the full range). Values beyond a shrunk range saturate at the end levels
+    (passes/quantize/clip.py chooses the ratios)."""
     w = w.astype(np.float32)
     wb = block_view(w, axis, block)
+    k = w.shape[axis]
     if symmetric:
         amax = np.abs(wb).max(axis=axis + 1)
+        amax = amax if ratio is None else amax * ratio
         scale = np.where(amax > 0, amax / 7, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / expand(scale, axis, block, w.shape[axis])), -7, 7).astype(np.int8)
+        q = np.clip(np.rint(w / expand(scale, axis, block, k)), -7, 7).astype(np.int8)
         return QTensor(q, scale, None, axis, block)
     lo = np.minimum(wb.min(axis=axis + 1), 0)
     hi = np.maximum(wb.max(axis=axis + 1), 0)
+    if ratio is not None:
+        lo, hi = lo * ratio, hi * ratio
     scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
     zp = np.clip(np.rint(-lo / scale), 0, 15).astype(np.int8)
-    k = w.shape[axis]
     q = np.clip(np.rint(w / expand(scale, axis, block, k)) + expand(zp, axis, block, k), 0, 15).astype(np.int8)
     return QTensor(q, scale, zp, axis, block)
 

@@ -32,12 +32,24 @@ def test_optimize_quantize_int4_writes_qmoe_and_records_it(demo_onnx, tmp_path, 
     (["--quantize-scope", "all"], "need --quantize"),
     (["--quantize", "fp8", "--target", "trt-rtx:sm86"], "FP8 needs FP8 tensor cores"),
     (["--quantize", "fp8", "--quantize-asymmetric"], "fp8 is symmetric only"),
+    (["--quantize", "int8", "--quantize-method", "awq"], "--quantize-method awq: applies to int4"),
+    (["--quantize", "int4", "--quantize-activations", "static"], "FP8 activations go with --quantize fp8"),
+    (["--quantize", "fp8", "--quantize-activations", "static", "--quantize-calibration", "/nonexistent/p.txt"],
+     "--quantize-calibration /nonexistent/p.txt: no such file"),
+    (["--quantize", "int4", "--quantize-group", "32", "--quantize-method", "clip", "--quantize-calibration",
+      __file__], "nothing calibrates"),
 ])
 def test_optimize_bad_quantize_requests(demo_onnx, tmp_path, capsys, args, message):
     out = tmp_path / "q" / "model.onnx"
     code, _, err = run_cli(["optimize", demo_onnx, "-o", out, *args], capsys)
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_compile_refuses_a_calibrated_quantization_it_cannot_verify(tmp_path, capsys):
+    code, _, err = run_cli(["compile", "-o", tmp_path / "out", "--quantize", "int4", "--quantize-group", "32",
+                            "--quantize-method", "awq"], capsys)
+    assert code == 2 and "compile cannot verify it against torch" in err and not (tmp_path / "out").exists()
 
 
 def test_compile_refuses_a_group_that_does_not_fit_the_demo_before_exporting(tmp_path, capsys):

@@ -29,13 +29,20 @@ def _optimize_and_build(export: Path, out: Path, arch: str, **quantize) -> int:
 
 @pytest.mark.parametrize("arch,quantize", [("sm89", dict(quantize="int4", quantize_group=32)),
                                            ("sm89", dict(quantize="fp8")), ("sm120", dict(quantize="fp8")),
-                                           ("sm80", dict(quantize="int8"))])
+                                           ("sm80", dict(quantize="int8")),
+                                           ("sm89", dict(quantize="int4", quantize_group=32, quantize_method="awq")),
+                                           ("sm89", dict(quantize="fp8", quantize_activations="static")),
+                                           ("sm120", dict(quantize="fp8", quantize_activations="static"))])
 def test_quantized_demo_engines_build(demo_onnx, tmp_path, arch, quantize):
     import json
 
     size = _optimize_and_build(demo_onnx, tmp_path, arch, quantize_scope="all", **quantize)
     manifest = json.loads((tmp_path / "engine" / "manifest.json").read_text())
     assert size > 0 and manifest["quantization"]["format"] == quantize["quantize"]
+    assert manifest["quantization"]["method"] == quantize.get("quantize_method", "rtn")
+    if quantize.get("quantize_activations") == "static":  # W8A8: the activation scheme and its calibration
+        assert manifest["quantization"]["activations"] == "fp8 e4m3 static per-tensor"
+        assert manifest["quantization"]["calibration"].startswith("calibration.txt (")
 
 
 def test_fp8_engine_for_an_arch_without_fp8_is_refused_before_building(demo_onnx, tmp_path):
