@@ -18,6 +18,9 @@ DEMO_MARKER = "moec-demo-checkpoint.txt"
 SIDECAR_KEY = "random_weights"
 NOTE = ("note: this model has random weights (moec's demo checkpoint), so the text below is noise by design; "
         "the demo shows the pipeline working. Give a real checkpoint for real text")
+# Said as well when the prompt has images: the vision tower is random too, so no answer describes the picture.
+IMAGE_NOTE = ("note: the vision tower's weights are random too, so the image description is noise as well; the "
+              "image went through preprocessing, the vision encoder and the image tokens all the same")
 
 
 def is_demo_checkpoint(folder: str | os.PathLike) -> bool:

@@ -165,21 +165,12 @@ def stage_optimize(s: _State) -> StageRecord:
     s.optimized_path = s.export_path.with_name("model.opt.onnx")
     rep = optimize_onnx(s.export_path, s.optimized_path, opt)
     s.optimize_report = rep
-    from moec.common.contract import sidecar_path
-    from moec.compiler.export_vision import vision_onnx_path
-
-    vision = vision_onnx_path(s.export_path)
-    if vision.is_file():
-        # The vision graph is plain attention and MLPs (no MoE): it goes beside the optimized text graph as
-        # exported, where build and run look for it; the MoE pass pipeline does not apply to it.
-        import shutil
-
-        shutil.copyfile(vision, vision_onnx_path(s.optimized_path))
-        shutil.copyfile(sidecar_path(vision), sidecar_path(vision_onnx_path(s.optimized_path)))
     lowered = ", ".join(f"{k} x{v}" for k, v in rep.moe_lowering.items()) or "none"
     fused = f"{rep.fused_gating} gating + {rep.fused_experts} experts / {rep.moe_layers} MoE layers"
     status = "ok"
     detail = f"lowering {lowered}"
+    if rep.vision is not None:  # optimize_onnx optimized the vision graph beside the export too
+        detail += f"; vision graph {rep.vision['out_name']} ({rep.vision['precision']})"
     if rep.warnings:
         detail += "; " + "; ".join(rep.warnings)
     return StageRecord("optimize", 0.0, status, detail, fused_ops=fused, artifact_bytes=_onnx_bytes(s.optimized_path))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moec.common import contract
-from moec.common.artifacts import atomic_path, write_json_atomic
+from moec.common.artifacts import atomic_file_set, write_json_atomic
 from moec.common.errors import MoecError
 from moec.runtime.vision import (DIM_TILES, FEATURES, PIXELS, VISION_FORMAT,  # noqa: F401 (names of one contract)
                                  read_vision_metadata, vision_onnx_path)
@@ -24,6 +24,9 @@ class VisionExportConfig:
     dtype: str = "fp32"
     max_tiles: int = 64  # upper bound of the dynamic tile dimension (images x (tiles + the global tile))
     opset: int = 18
+    # Weights above this many bytes go to one external-data file OUT.vision.onnx.data (protobuf's limit is 2 GiB;
+    # Scout's and Maverick's towers are 3.5 GB in fp32): the text export's threshold.
+    external_data_threshold_bytes: int = 1 << 30
 
 
 def has_vision_tower(checkpoint_dir: str | os.PathLike) -> bool:
@@ -94,7 +97,31 @@ def export_vision_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.Pat
         program = torch.onnx.export(tower, (sample,), dynamo=True, dynamic_shapes=({0: tiles},),
                                     input_names=[PIXELS], output_names=[FEATURES], opset_version=config.opset,
                                     verbose=False)
-    with atomic_path(out_path) as tmp:
-        program.save(str(tmp))
-    write_json_atomic(contract.sidecar_path(out_path), meta)
+    import onnx_ir as ir
+
+    weight_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                       if v.const_value is not None)
+    external = weight_bytes > config.external_data_threshold_bytes
+    data_name = out_path.name + ".data"
+    # Saved here, not with program.save: over its own 1.5 GiB threshold that names the data file after the
+    # temporary graph file, which would leave the weights under a temporary name beside the export.
+    with atomic_file_set(out_path) as tmp:
+        ir.save(program.model, tmp / out_path.name, external_data=data_name if external else None)
+        write_json_atomic(contract.sidecar_path(tmp / out_path.name), meta)
+    if not external:
+        (out_path.parent / data_name).unlink(missing_ok=True)  # of an earlier external export of this name
     return out_path
+
+
+def vision_weight_bytes(hf_config: dict, dtype: str) -> int:
+    """The vision graph's weight bytes (the tower's parameters and buffers in ``dtype``) from config.json alone:
+    the tower is built on the meta device, so nothing is read or allocated."""
+    import torch
+
+    from moec.compiler.export import torch_dtype
+    from moec.models.vision import VisionConfig, VisionTower
+
+    with torch.device("meta"):
+        tower = VisionTower(VisionConfig.from_hf_dict(hf_config))
+    itemsize = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    return sum(t.numel() for t in (*tower.parameters(), *tower.buffers())) * itemsize

@@ -1,7 +1,8 @@
 """``moec run --image``: image files -> the prompt's image tokens and the features that replace them.
 
 The vision encoder runs once, before the generation loop: on torch from the checkpoint's own vision tower, on
-ONNX Runtime from OUT.vision.onnx beside the text graph (``moec export --vision``). Its time is reported apart
+ONNX Runtime from OUT.vision.onnx beside the text graph (``moec export --vision``), on TensorRT from the engine
+folder's vision engine (runtime/trt_vision.py; the same encode as ONNX Runtime's). Its time is reported apart
 from prefill and decode."""
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def open_vision_encoder(artifact: Path, backend: str) -> VisionEncoder:
                             "text only; export the checkpoint with `moec export --vision`")
         encoder = OrtVisionEncoder(vision)
         return VisionEncoder(encoder.metadata, encoder.encode, str(vision))
-    raise MoecError(f"--image runs on the torch and ort backends; the {backend} backend has no vision engine yet")
+    if backend == "trt":
+        from moec.runtime.trt_vision import TrtVisionEncoder
+
+        encoder = TrtVisionEncoder.from_engine_dir(artifact)  # MoecError for a folder built text-only
+        return VisionEncoder(encoder.metadata, encoder.encode, str(encoder.path))
+    raise MoecError(f"--image runs on the torch, ort and trt backends, not {backend}")
 
 
 def prepare_image_prompt(image_paths: Sequence[Path], prompt_ids: Sequence[int], tokenizer, encoder: VisionEncoder,

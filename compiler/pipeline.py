@@ -94,6 +94,7 @@ class OptimizeReport:
     moe_layers: int | None
     warnings: list[str]
     total_ms: float
+    vision: dict | None = None  # the vision graph's passes, when one was optimized too (compiler/vision_optimize.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -402,6 +403,10 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         raise MoecError(f"precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not in_path.is_file():
         raise MoecError(f"{in_path}: no such ONNX file; export one with `moec export`")
+    from moec.compiler import vision_optimize
+
+    if vision_optimize.is_vision_graph(in_path):
+        return vision_optimize.optimize_vision_onnx(in_path, out_path, config)
     _check_external_data(in_path)
     check_writable(out_path)
     if config.dump_dir is not None:
@@ -429,6 +434,12 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     except Exception as e:
         raise MoecError(f"{in_path}: not a readable ONNX model ({e})") from e
     already = _check_not_optimized_for_another_target(in_path, model, sidecar, target)
+    from moec.runtime.vision import vision_onnx_path
+
+    # A vision graph beside the text graph is optimized with it, into the same file set (checked before any work).
+    vision_in = vision_onnx_path(in_path)
+    vision_plan = vision_optimize.check_vision_graph(vision_in, config, target, (sidecar or {}).get("dtype")) \
+        if vision_in.is_file() else None
     external = _has_external_data(model) or _weight_bytes(model) > INLINE_WEIGHT_LIMIT_BYTES
 
     ctx = _Context(config, target, FusionLog())
@@ -465,8 +476,12 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
     # The graph, its data, its sidecar and the tokenizer appear together or not at all: a sidecar or
     # tokenizer that cannot be written must not leave the new graph beside an old (or no) sidecar.
     tok_dst = out_path.parent / contract.TOKENIZER_FILE
+    vision = None
     with atomic_file_set(out_path) as tmp:
         _save(model, tmp / out_path.name, external)
+        if vision_plan is not None:
+            vision = vision_optimize.write_optimized_vision(vision_in, tmp / vision_onnx_path(out_path).name, config,
+                                                            target, *vision_plan)
         if sidecar is not None:
             sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
             if quant is not None:
@@ -480,9 +495,11 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
             shutil.copyfile(tok_src, tmp / contract.TOKENIZER_FILE)
     if not external:
         (out_path.parent / f"{out_path.name}.data").unlink(missing_ok=True)  # of an earlier external write
+    if vision is not None and not vision["external_data"]:
+        (out_path.parent / f"{vision['out_name']}.data").unlink(missing_ok=True)
     return OptimizeReport(
         in_path=str(in_path), out_path=str(out_path), target=str(target), moe_lowering=dict(ctx.lowered),
         precision=config.precision or (sidecar or {}).get("dtype", "fp32"), passes=records,
         refusals=[str(r) for r in ctx.log.refusals], fused_gating=gating, fused_experts=experts,
-        moe_layers=moe_layers, warnings=notes, total_ms=(time.perf_counter() - t_start) * 1e3,
+        moe_layers=moe_layers, warnings=notes, total_ms=(time.perf_counter() - t_start) * 1e3, vision=vision,
     )

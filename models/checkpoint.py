@@ -3,7 +3,7 @@
 Accepted: config.json plus model.safetensors, or shards listed by model.safetensors.index.json;
 key layouts of Llama4ForCausalLM (``model.layers.N...``, ``lm_head.weight``) and
 Llama4ForConditionalGeneration (``language_model.model...``, ``language_model.lm_head.weight``;
-the vision tower and projector are skipped).
+the vision tower and projector are left out here and loaded apart by ``load_vision_tower``).
 
 Memory: the module is built on the meta device (no storage), each tensor is read from the
 memory-mapped file, cast/moved on its own, and assigned into the module, so the weights are never
@@ -190,8 +190,9 @@ def _check_all_read(ckpt: CheckpointFiles, expected: dict[str, tuple[int, ...]],
         # A warning, not info: the CLI shows warnings of the "moec" loggers on stderr as notes,
         # and a user who hands over a multimodal checkpoint should hear that part of it is unused.
         log.warning(
-            "%s: skipped %d vision/projector tensor(s) of the Llama4ForConditionalGeneration checkpoint "
-            "(moec compiles the text model only)",
+            "%s: the text model leaves out %d vision/projector tensor(s) of the Llama4ForConditionalGeneration "
+            "checkpoint (moec loads the vision tower apart: `moec export --vision`, `moec compile` without "
+            "--text-only, `moec run --image`)",
             ckpt.directory,
             skipped,
         )

@@ -138,7 +138,8 @@ def write_demo_checkpoint(
     """Write config.json, model.safetensors (or ``shards`` files + index) and tokenizer.json.
 
     ``vision`` (conditional_generation only): also a tiny random vision tower (models/demo_vision.py), the image
-    tokens in the tokenizer (the vocabulary grows to hold them) and preprocessor_config.json.
+    tokens in the tokenizer (the vocabulary grows to hold them), preprocessor_config.json and a picture to prompt
+    with (demo-image.png).
 
     The folder appears complete or not at all; an existing checkpoint folder is replaced.
     """
@@ -179,6 +180,9 @@ def write_demo_checkpoint(
             from moec.models.image_processing import PREPROCESSOR_FILE
 
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(demo_preprocessor_config(), indent=2) + "\n")
+            from moec.models.demo_vision import DEMO_IMAGE_FILE, write_demo_image
+
+            write_demo_image(tmp / DEMO_IMAGE_FILE)  # for `moec run ... --image DIR/demo-image.png`
         if shards == 1:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         else:

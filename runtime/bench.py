@@ -297,9 +297,17 @@ def bench_artifact(path: str | Path, config: BenchConfig = BenchConfig(), backen
         from moec.runtime.vision import time_vision_encoder
 
         vision_ms = time_vision_encoder(path, config.repeats, config.warmup, config.threads)
-        if vision_ms is not None:  # an export with --vision: the encoder runs once per image, before prefill
-            metrics["vision_encoder_ms"] = latency_metric(vision_ms, vision_ms, f"one encode of one image at the "
-                                                          f"largest tile grid per repeat ({len(vision_ms)})")
+    elif isinstance(getattr(be, "manifest", None), dict) and be.manifest.get("vision") is not None:
+        from moec.runtime.trt_vision import TrtVisionEncoder
+        from moec.runtime.vision import time_encoder
+
+        # An engine folder built with a vision graph: its vision engine, through the same encode as ort's.
+        vision_ms = time_encoder(TrtVisionEncoder.from_engine_dir(path), config.repeats, config.warmup)
+    else:
+        vision_ms = None
+    if vision_ms is not None:  # an export with --vision: the encoder runs once per image, before prefill
+        metrics["vision_encoder_ms"] = latency_metric(vision_ms, vision_ms, f"one encode of one image at the "
+                                                      f"largest tile grid per repeat ({len(vision_ms)})")
     return result_header(path, be, config) | {"metrics": metrics}
 
 

@@ -27,7 +27,11 @@ def vision_onnx_path(text_onnx: str | os.PathLike) -> Path:
 
 
 def read_vision_metadata(vision_onnx: Path) -> dict:
-    side = contract.sidecar_path(vision_onnx)
+    return read_vision_sidecar(contract.sidecar_path(vision_onnx))
+
+
+def read_vision_sidecar(side: Path) -> dict:
+    """The vision graph's metadata in the file ``side`` itself (an engine folder names it in its manifest)."""
     try:
         meta = json.loads(side.read_text())
     except FileNotFoundError:
@@ -39,8 +43,27 @@ def read_vision_metadata(vision_onnx: Path) -> dict:
     return meta
 
 
-class OrtVisionEncoder:
-    """pixels [T, 3, tile, tile] (float32) -> features [T * patches_per_tile, hidden] (float32)."""
+class VisionRunner:
+    """pixels [T, 3, tile, tile] (float32) -> features [T * patches_per_tile, hidden] (float32): the checks and
+    conversions every backend shares; a backend implements ``_execute`` (run the graph or engine on named inputs)
+    and sets ``path``, ``metadata`` and ``_dtype`` (the input's numpy dtype)."""
+
+    path: Path
+    metadata: dict
+    _dtype: type
+
+    def encode(self, pixels_TCHW: np.ndarray) -> np.ndarray:
+        if pixels_TCHW.shape[0] > self.metadata["max_tiles"]:
+            raise MoecError(f"{pixels_TCHW.shape[0]} tiles but {self.path} takes at most {self.metadata['max_tiles']}; "
+                            "give fewer or smaller images")
+        return self._execute({PIXELS: pixels_TCHW.astype(self._dtype)})[FEATURES].astype(np.float32)
+
+    def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class OrtVisionEncoder(VisionRunner):
+    """The vision graph on ONNX Runtime's CPU provider."""
 
     def __init__(self, vision_onnx: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -53,11 +76,8 @@ class OrtVisionEncoder:
         self.session = ort.InferenceSession(str(vision_onnx), sess_options=opts, providers=["CPUExecutionProvider"])
         self._dtype = np.float16 if self.metadata.get("dtype") == "fp16" else np.float32
 
-    def encode(self, pixels_TCHW: np.ndarray) -> np.ndarray:
-        if pixels_TCHW.shape[0] > self.metadata["max_tiles"]:
-            raise MoecError(f"{pixels_TCHW.shape[0]} tiles but {self.path} takes at most {self.metadata['max_tiles']}; "
-                            "give fewer or smaller images")
-        return self.session.run(None, {PIXELS: pixels_TCHW.astype(self._dtype)})[0].astype(np.float32)
+    def _execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {FEATURES: self.session.run([FEATURES], inputs)[0]}
 
 
 def time_vision_encoder(text_onnx: Path, repeats: int, warmup: int, threads: int | None = None) -> list[float] | None:
@@ -66,7 +86,11 @@ def time_vision_encoder(text_onnx: Path, repeats: int, warmup: int, threads: int
     vision = vision_onnx_path(text_onnx)
     if not vision.is_file():
         return None
-    encoder = OrtVisionEncoder(vision, threads)
+    return time_encoder(OrtVisionEncoder(vision, threads), repeats, warmup)
+
+
+def time_encoder(encoder: VisionRunner, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds per ``encoder.encode`` of one image at the processor's largest grid (+ the global tile)."""
     meta = encoder.metadata
     tiles = min(meta["max_tiles_per_image"] + (meta["max_tiles_per_image"] > 1), meta["max_tiles"])
     pixels = np.random.default_rng(0).uniform(-1, 1, (tiles, 3, meta["tile_size"], meta["tile_size"]))

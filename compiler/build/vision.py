@@ -25,6 +25,7 @@ def build_vision_engines(flavour, text_onnx: Path, out_dir: Path, archs: list[st
     """Build the vision engines into ``out_dir`` (the build's temporary folder); their manifest entry, or None
     when no vision graph lies beside ``text_onnx``."""
     from moec.compiler.build import Profile, build_serialized, builder_config, network_from_onnx
+    from moec.compiler.build.network import network_io
     from moec.compiler.export_vision import PIXELS, read_vision_metadata, vision_onnx_path
 
     vision = vision_onnx_path(text_onnx)
@@ -41,4 +42,7 @@ def build_vision_engines(flavour, text_onnx: Path, out_dir: Path, archs: list[st
         entries.append({"file": name, "archs": [arch], "sha256": sha, "bytes": size})
     side = contract.sidecar_path(vision)
     shutil.copy2(side, out_dir / side.name)
-    return {"engines": entries, "sidecar": side.name, "profile": {PIXELS: [list(s) for s in vision_profile(meta)]}}
+    # io: what the runtime binds (runtime/trt_vision.py checks its inputs against it); precision: the graph's
+    # (moec optimize's, else the export's dtype).
+    return {"engines": entries, "sidecar": side.name, "profile": {PIXELS: [list(s) for s in vision_profile(meta)]},
+            "io": network_io(network), "precision": meta.get("precision") or meta.get("dtype", "fp32")}

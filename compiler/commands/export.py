@@ -56,9 +56,10 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
                 vision_onnx_path,
             )
 
-            v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(dtype=vision_dtype),
-                                   tower=tower)
-            vision_files = [v, contract.sidecar_path(v)]
+            v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(
+                dtype=vision_dtype, external_data_threshold_bytes=config.external_data_threshold_bytes), tower=tower)
+            data = v.with_name(v.name + ".data")
+            vision_files = [v, data if data.is_file() else None, contract.sidecar_path(v)]
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path, *vision_files]
     click.echo(
         f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "

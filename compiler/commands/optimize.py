@@ -78,6 +78,10 @@ def optimize(in_path, out_path, target, moe_lowering, precision, dump_dir, repor
     lowered = ", ".join(f"{k} x{v}" for k, v in report.moe_lowering.items()) or "none"
     console.print(f"fused {report.fused_gating} gating / {report.fused_experts} expert ops for {layers} MoE layers; "
                   f"lowered: {lowered}; precision {report.precision}; {report.total_ms:.0f} ms")
+    if report.vision is not None:
+        v = report.vision
+        ran = ", ".join(f"{r['name']} {r['matches']}" for r in v["passes"] if r["matches"]) or "no pass changed it"
+        console.print(f"vision graph -> {v['out_name']}: precision {v['precision']}; {ran}; {v['total_ms']:.0f} ms")
     for r in report.refusals:
         console.print(f"[yellow]refused[/yellow] {r}")
     for w in report.warnings:

@@ -255,6 +255,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, backend, checkpoint, dtype
     random_weights = has_random_weights(artifact, artifact_sidecar(artifact))
     if random_weights and not as_json:  # --json says it as "random_weights"
         click.echo(demo_note.NOTE, err=True)
+        if image_prompt is not None:
+            click.echo(demo_note.IMAGE_NOTE, err=True)
     if as_json:
         out = {"backend": be.name, "prompt_ids": ids, "ids": new_ids, "text": text, **result.to_dict(), "describe": be.describe(),
                "random_weights": random_weights}

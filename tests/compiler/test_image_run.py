@@ -150,6 +150,31 @@ def test_compile_makes_both_graphs_by_default_and_text_only_skips_vision(exporte
     assert code == 0, err
     onnx_dir, engine_dir = tmp_path / "both" / "onnx", tmp_path / "both" / "engine"
     assert (onnx_dir / "model.vision.onnx").is_file() and (onnx_dir / "model.opt.vision.onnx").is_file()
+    # The vision graph went through the optimize stage for the target (not copied as exported).
+    assert json.loads((onnx_dir / "model.opt.vision.moec.json").read_text())["target"] == "trt-rtx:sm89"
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     assert manifest["vision"]["engines"][0]["file"] == "vision.sm89.plan"
     assert (engine_dir / "vision.sm89.plan").is_file() and (engine_dir / "engine.sm89.plan").is_file()
+
+
+def test_optimize_writes_both_graphs_and_build_makes_the_vision_engine_from_the_optimized_one(exported, tmp_path,
+                                                                                              capsys):
+    """`moec optimize` of a text graph with its vision graph beside it optimizes both (one file set), and
+    TensorRT-RTX builds the sm89 vision engine from the optimized (fp16) vision graph."""
+    pytest.importorskip("tensorrt_rtx")
+    _, onnx, _ = exported
+    opt = tmp_path / "opt" / "m.opt.onnx"
+    code, out, err = run_cli(["optimize", onnx, "-o", opt, "--target", "trt-rtx:sm89", "--precision", "fp16"], capsys)
+    assert code == 0, err
+    assert "vision graph -> m.opt.vision.onnx: precision fp16" in " ".join(out.split())
+    vision_meta = json.loads((tmp_path / "opt" / "m.opt.vision.moec.json").read_text())
+    assert vision_meta["precision"] == "fp16" and vision_meta["target"] == "trt-rtx:sm89"
+    code, out, err = run_cli(["build", opt, "-o", tmp_path / "eng", "--arch", "sm89", "--backend", "tensorrt-rtx",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    vision = json.loads((tmp_path / "eng" / "manifest.json").read_text())["vision"]
+    assert vision["precision"] == "fp16" and (tmp_path / "eng" / "vision.sm89.plan").stat().st_size > 0
+    # The engine's I/O as TensorRT's network has it: fp32 pixels in (the casts are inside), fp32 features out.
+    assert [(t["name"], t["dtype"], t["shape"]) for t in vision["io"]["inputs"]] == [
+        ("pixel_values", "float", [-1, 3, 56, 56])]
+    assert [(t["name"], t["dtype"]) for t in vision["io"]["outputs"]] == [("image_features", "float")]

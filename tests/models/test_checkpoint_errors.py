@@ -239,8 +239,9 @@ def test_vision_weights_skipped_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="moec"):
         load_pretrained(ckpt)
     notes = [r.getMessage() for r in caplog.records if r.name.startswith("moec")]
-    assert notes == [f"{ckpt}: skipped 3 vision/projector tensor(s) of the Llama4ForConditionalGeneration "
-                     "checkpoint (moec compiles the text model only)"]
+    assert notes == [f"{ckpt}: the text model leaves out 3 vision/projector tensor(s) of the "
+                     "Llama4ForConditionalGeneration checkpoint (moec loads the vision tower apart: `moec export "
+                     "--vision`, `moec compile` without --text-only, `moec run --image`)"]
 
 
 def test_cli_notes_skipped_vision_weights_once(tmp_path, capsys):
@@ -258,7 +259,7 @@ def test_cli_notes_skipped_vision_weights_once(tmp_path, capsys):
             assert e.code in (0, None)
         out = capsys.readouterr()
         json.loads(out.out)
-        assert out.err.count("note: ") == 1 and "skipped 3 vision/projector tensor(s)" in out.err, (args, out.err)
+        assert out.err.count("note: ") == 1 and "leaves out 3 vision/projector tensor(s)" in out.err, (args, out.err)
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
