@@ -87,8 +87,9 @@ def test_moe_lowering_offers_only_lowerings_some_reachable_target_runs():
 
 
 def test_presets_and_plan_gpus_come_from_their_tables():
-    from moec.compiler.commands.checkpoint import DEMO_PRESETS
+    from moec.compiler.commands.checkpoint import DEMO_PRESETS, RANDOM_PRESETS, SMOLLM2_PRESET
     from moec.compiler.plan import GPUS
+    from moec.models.smollm2 import PRESET
     from moec.models import PRESETS
 
     import math
@@ -104,7 +105,8 @@ def test_presets_and_plan_gpus_come_from_their_tables():
 
     preset = next(o for o in visible_options(COMMANDS["demo-checkpoint"]) if o.name == "preset")
     reachable = tuple(name for name, config in PRESETS.items() if params(config) <= MAX_DEMO_PARAMS)
-    assert tuple(preset.type.choices) == DEMO_PRESETS == reachable == ("llama4-tiny",)
+    assert RANDOM_PRESETS == reachable == ("llama4-tiny",) and SMOLLM2_PRESET == PRESET
+    assert tuple(preset.type.choices) == DEMO_PRESETS == (*RANDOM_PRESETS, SMOLLM2_PRESET)
     for gpu in GPUS.values():  # plan's memory table and the arch table name each GPU's arch alike
         assert archs.normalize_arch(gpu.name) == f"sm{gpu.sm}", gpu.name
 
