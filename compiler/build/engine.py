@@ -119,7 +119,7 @@ def check_archs(flavour: TrtFlavour, config: BuildConfig) -> list[str]:
     local = local_gpu_arch()
     if local is None:
         raise MoecError("full TensorRT builds on the GPU it targets and no CUDA GPU is visible here: "
-                        "build on a GPU host, or use --backend tensorrt-rtx for sm75/sm80/sm86/sm89/sm120/sm121")
+                        "build on a GPU host, or use --builder trt-rtx for sm75/sm80/sm86/sm89/sm120/sm121")
     for a in archs:
         if config.hardware_compat == "ampere+":
             if parse_arch(a) < (8, 0):
@@ -211,12 +211,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
     if flavour.is_rtx:
         if config.version_compatible:
             raise MoecError("--version-compatible does not apply to TensorRT-RTX (it cannot build lean-runtime engines): "
-                            "drop the flag, or build with --backend tensorrt")
+                            "drop the flag, or build with --builder trt")
         if config.hardware_compat != "none":
             # Like --version-compatible: an option with no effect is refused, never recorded as if it applied.
             raise MoecError(f"--hardware-compat {config.hardware_compat} does not apply to TensorRT-RTX: each engine runs "
                             "on the compute capability it was built for; list the archs with --arch instead, or build "
-                            "with --backend tensorrt")
+                            "with --builder trt")
     sidecar = read_sidecar(onnx_path)
     tokenizer = model_tokenizer(onnx_path.parent, sidecar, onnx_path)  # shipped in the engine folder
     from moec.compiler.quantize_stage import check_engine_archs

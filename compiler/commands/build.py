@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 from moec.compiler.commands.conventions import (
+    BUILDER_FLAVOURS,
     arch_option,
+    builder_option,
     output_option,
 )
 from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summary
@@ -17,7 +19,7 @@ from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summa
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @output_option("out_dir", "Engine directory to write.", old="--out", file_okay=False)
 @arch_option("sm89")
-@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None, help="TensorRT flavour (default: whichever imports, full TensorRT first).")
+@builder_option()
 @click.option("--shapes", multiple=True,
               help="Profile override, trtexec-style (repeatable, or space separated): PROFILE:NAME:MIN,OPT,MAX with "
                    "PROFILE prefill or decode changes that tensor in that default profile only, e.g. "
@@ -40,7 +42,7 @@ from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summa
 @click.option("--layers-per-engine", type=click.IntRange(min=1), default=None,
               help="Build a chain of engines of N layers each, one after another, so the build's host memory is about "
                    "1.8x one engine's weights instead of the model's [default: one engine].")
-def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
+def build(onnx_path, out_dir, archs, builder, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress, layers_per_engine) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
     MODEL.onnx may be a partition folder (moec optimize --tp/--ep): one engine folder per rank.
@@ -53,7 +55,7 @@ def build(onnx_path, out_dir, archs, backend, shapes, max_batch, max_new_tokens,
     from moec.compiler.build import BuildConfig, build_engine
 
     config = BuildConfig(
-        archs=archs, backend=backend, shapes=tuple(shapes),
+        archs=archs, backend=BUILDER_FLAVOURS.get(builder), shapes=tuple(shapes),
         max_batch=max_batch, max_new_tokens=max_new_tokens, max_past=max_past, max_seq=max_seq, timing_cache=timing_cache,
         opt_level=opt_level, hardware_compat=hardware_compat, version_compatible=version_compatible,
         workspace_mib=workspace_mib, progress=not no_progress, layers_per_engine=layers_per_engine,

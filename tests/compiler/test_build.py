@@ -233,7 +233,7 @@ def test_long_prompt_window_leaves_prefill_less_past(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("arch, message", [("sm90", "TensorRT-RTX cannot target sm90; it targets sm75, "),
-                                           ("sm100", "--backend tensorrt"), ("h100", "cannot target sm90"),
+                                           ("sm100", "--builder trt"), ("h100", "cannot target sm90"),
                                            ("gpu9", "unknown arch gpu9"), ("sm42", "unknown arch sm42")])
 def test_unsupported_arch(tiny, tmp_path, arch, message):
     with pytest.raises(MoecError, match=message) as e:
@@ -347,7 +347,7 @@ def test_cli_build_and_inspect(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", str(tiny), "-o", str(out), "--arch", "sm90", "--no-progress"])
     assert e.value.code == 2 and "TensorRT-RTX cannot target sm90" in capsys.readouterr().err
-    main(["build", str(tiny), "-o", str(out), "--arch", "sm89,sm120", "--no-progress", "--backend", "tensorrt-rtx"])
+    main(["build", str(tiny), "-o", str(out), "--arch", "sm89,sm120", "--no-progress", "--builder", "trt-rtx"])
     out_text = capsys.readouterr().out
     assert "built 2 engine(s) for sm89, sm120 with tensorrt-rtx" in out_text
     assert "profiles: prefill (#0) batch x new_tokens [1, 1]..[2, 32] opt [1, 32], past_len 0..32 opt 0; " \

@@ -36,7 +36,7 @@ def built(demo_onnx, tmp_path_factory, request):
 @pytest.mark.parametrize("name,layers", [("tp2", 8), ("ep2", 2)])
 def test_moec_build_one_engine_per_rank(built, name, layers, capsys):
     part, eng = built[name]
-    code, out, err = run_cli(["build", part, "-o", eng, "--arch", "sm89", "--backend", "tensorrt-rtx", "--no-progress"], capsys)
+    code, out, err = run_cli(["build", part, "-o", eng, "--arch", "sm89", "--builder", "trt-rtx", "--no-progress"], capsys)
     assert code in (0, None), err
     manifest = json.loads((eng / contract.PARALLEL_MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["archs"] == ["sm89"]

@@ -87,8 +87,9 @@ def test_moe_lowering_offers_only_lowerings_some_reachable_target_runs():
 
 
 def test_presets_and_plan_gpus_come_from_their_tables():
-    from moec.compiler.commands.checkpoint import DEMO_PRESETS
+    from moec.compiler.commands.checkpoint import DEMO_PRESETS, RANDOM_PRESETS, SMOLLM2_PRESET
     from moec.compiler.plan import GPUS
+    from moec.models.smollm2 import PRESET
     from moec.models import PRESETS
 
     import math
@@ -104,7 +105,8 @@ def test_presets_and_plan_gpus_come_from_their_tables():
 
     preset = next(o for o in visible_options(COMMANDS["demo-checkpoint"]) if o.name == "preset")
     reachable = tuple(name for name, config in PRESETS.items() if params(config) <= MAX_DEMO_PARAMS)
-    assert tuple(preset.type.choices) == DEMO_PRESETS == reachable == ("llama4-tiny",)
+    assert RANDOM_PRESETS == reachable == ("llama4-tiny",) and SMOLLM2_PRESET == PRESET
+    assert tuple(preset.type.choices) == DEMO_PRESETS == (*RANDOM_PRESETS, SMOLLM2_PRESET)
     for gpu in GPUS.values():  # plan's memory table and the arch table name each GPU's arch alike
         assert archs.normalize_arch(gpu.name) == f"sm{gpu.sm}", gpu.name
 
@@ -150,7 +152,7 @@ def test_the_same_refusal_text_in_every_command(tmp_path, capsys, demo_onnx):
     runs = {
         "optimize": ["optimize", demo_onnx, "-o", tmp_path / "o.onnx", "--target", "trt-rtx:h100"],
         "compile": ["compile", "-o", tmp_path / "c", "--target", "trt-rtx:h100"],
-        "build": ["build", demo_onnx, "-o", tmp_path / "b", "--arch", "h100", "--backend", "tensorrt-rtx"],
+        "build": ["build", demo_onnx, "-o", tmp_path / "b", "--arch", "h100", "--builder", "trt-rtx"],
     }
     for name, argv in runs.items():
         code, _, err = run_cli(argv, capsys)
@@ -205,6 +207,9 @@ def test_compile_builds_every_arch_of_one_target(monkeypatch, tmp_path):
     ("bench", ["m.onnx", "--json", "r.json"], ["m.onnx", "--json-out", "r.json"], "json_out", Path("r.json")),
     ("run", ["ckpt", "--prompt-ids", "1", "--dtype", "float16"], ["ckpt", "--prompt-ids", "1", "--dtype", "fp16"],
      "dtype", "fp16"),
+    ("build", ["m.onnx", "-o", "e", "--backend", "tensorrt-rtx"], ["m.onnx", "-o", "e", "--builder", "trt-rtx"],
+     "builder", "trt-rtx"),
+    ("build", ["m.onnx", "-o", "e", "--backend", "tensorrt"], ["m.onnx", "-o", "e", "--builder", "trt"], "builder", "trt"),
 ])
 def test_old_spellings_still_work_with_one_note(capsys, command, old, new, dest, value):
     assert parse(command, new)[dest] == value
@@ -212,6 +217,39 @@ def test_old_spellings_still_work_with_one_note(capsys, command, old, new, dest,
     assert parse(command, old)[dest] == value
     err = capsys.readouterr().err
     assert err.count("deprecated") == 1 and err.startswith("note: ") and len(err.strip().splitlines()) == 1
+
+
+def test_builder_and_backend_are_two_concepts():
+    """--builder (which TensorRT builds engines) takes --target's kind names; --backend (what runs an
+    artifact) the runtimes; no visible option names a TensorRT flavour the old way."""
+    from moec.compiler.build import BuildConfig  # noqa: F401 - the config whose flavour names build maps to
+    from moec.compiler.commands.conventions import BUILDER_FLAVOURS, BUILDERS
+    from moec.compiler.commands.run import BACKENDS
+    from moec.passes.targets import KINDS
+    from moec.runtime.trt_engines import FLAVOUR_MODULES
+
+    assert set(BUILDERS) == set(archs.STATIC_ARCHS) == set(KINDS) - {"ort"}
+    assert set(BUILDER_FLAVOURS.values()) == set(FLAVOUR_MODULES)
+    seen = {}
+    for name, command in COMMANDS.items():
+        for option in visible_options(command):
+            names = long_names(option)
+            if "--builder" in names or "--backend" in names:
+                seen.setdefault(names[0], []).append(name)
+                choices = tuple(option.type.choices)
+                assert not set(choices) & set(FLAVOUR_MODULES), (name, choices)
+                assert set(choices) <= (set(BUILDERS) if "--builder" in names else set(BACKENDS)), (name, choices)
+    assert {k: sorted(v) for k, v in seen.items()} == {"--builder": ["build"], "--backend": ["bench", "run"]}
+    assert parse("build", ["m.onnx", "-o", "e"])["builder"] is None  # whichever imports
+
+
+@pytest.mark.parametrize("kind, arch", [("trt-rtx", "sm100"), ("trt-rtx", "sm90")])
+def test_messages_spell_the_builder_as_build_takes_it(kind, arch):
+    reason = archs.arch_unsupported_reason(kind, arch)
+    if reason is None or "--builder" not in reason:
+        pytest.skip(f"{kind} builds {arch} here")
+    value = re.search(r"--builder (\S+?)\)", reason).group(1)
+    assert parse("build", ["m.onnx", "-o", "e", "--builder", value])["builder"] == value
 
 
 def test_old_and_new_spelling_together_or_neither_is_refused():

@@ -101,7 +101,7 @@ def test_build_makes_text_and_vision_engines_for_sm89(exported, tmp_path, capsys
     vision engine (a profile over the tile count) and its metadata."""
     pytest.importorskip("tensorrt_rtx")
     _, onnx, _ = exported
-    code, out, err = run_cli(["build", onnx, "-o", tmp_path / "eng", "--arch", "sm89", "--backend", "tensorrt-rtx",
+    code, out, err = run_cli(["build", onnx, "-o", tmp_path / "eng", "--arch", "sm89", "--builder", "trt-rtx",
                               "--no-progress"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())

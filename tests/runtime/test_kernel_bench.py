@@ -251,7 +251,9 @@ def test_the_longest_matching_device_key_wins(monkeypatch):
         "default": mt.load_config_table()["default"],
         "tuned": {"L4": {key: {"split_k_down": 2}}, "L40S": {key: {"split_k_down": 8}}},
     }
-    monkeypatch.setattr(mt, "load_config_table", lambda: table)
+    from moec.runtime.kernels import moe_configs
+
+    monkeypatch.setattr(moe_configs, "load_config_table", lambda: table)  # where select_config reads it
     assert mt.select_config(16, 5120, 8192, 1, 1, "NVIDIA L40S").split_k_down == 8
     assert mt.select_config(16, 5120, 8192, 1, 1, "NVIDIA L4").split_k_down == 2
 

@@ -377,7 +377,9 @@ def test_tuned_entry_is_used_for_its_device_and_bucket(mt, monkeypatch):
         "default": mt.load_config_table()["default"],
         "tuned": {"H100": {"E=16,H=5120,I=8192,T=128": {"path": "prefill", "block_m": 32, "num_warps": 8}}},
     }
-    monkeypatch.setattr(mt, "load_config_table", lambda: table)
+    from moec.runtime.kernels import moe_configs
+
+    monkeypatch.setattr(moe_configs, "load_config_table", lambda: table)  # where select_config reads it
     cfg = mt.select_config(16, 5120, 8192, 100, 1, "NVIDIA H100 80GB HBM3")
     assert cfg.tuned and cfg.block_m == 32 and cfg.num_warps == 8
     assert not mt.select_config(16, 5120, 8192, 100, 1, "NVIDIA L4").tuned

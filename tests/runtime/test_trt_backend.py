@@ -76,7 +76,7 @@ def test_tampered_engine_is_a_hash_mismatch(engine_dir, host, tmp_path):
 
 
 def test_other_arch_says_which_and_how_to_rebuild(engine_dir, host):
-    with pytest.raises(MoecError, match=r"built for sm89, sm120, this GPU is sm86; .*--arch sm86 --backend tensorrt-rtx"):
+    with pytest.raises(MoecError, match=r"built for sm89, sm120, this GPU is sm86; .*--arch sm86 --builder trt-rtx"):
         select_engine(load_manifest(engine_dir), engine_dir, dataclasses.replace(host, arch="sm86"))
 
 
