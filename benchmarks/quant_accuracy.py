@@ -38,9 +38,18 @@ FORMATS = {"fp32": {}, "int8": dict(quantize="int8"), "fp8": dict(quantize="fp8"
            "int4-g128": dict(quantize="int4", quantize_group=128),
            "int4-g128-asym": dict(quantize="int4", quantize_group=128, quantize_symmetric=False),
            "int4-g64": dict(quantize="int4", quantize_group=64), "int4-g32": dict(quantize="int4", quantize_group=32),
-           "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False)}
+           "int4-g32-asym": dict(quantize="int4", quantize_group=32, quantize_symmetric=False),
+           # Issue 15's second round: clipping search (no data), AWQ-like scales (+ clip), FP8 W8A8.
+           "int4-g128-clip": dict(quantize="int4", quantize_group=128, quantize_method="clip"),
+           "int4-g128-awq": dict(quantize="int4", quantize_group=128, quantize_method="awq"),
+           "int4-g128-asym-clip": dict(quantize="int4", quantize_group=128, quantize_symmetric=False,
+                                       quantize_method="clip"),
+           "int4-g128-asym-awq": dict(quantize="int4", quantize_group=128, quantize_symmetric=False,
+                                      quantize_method="awq"),
+           "fp8-w8a8": dict(quantize="fp8", quantize_activations="static")}
 # Expected increase over fp32 before measuring (the issue's targets): int8 <= 1 %, fp8 <= 3 %, int4-g128 <= 10 %.
-TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g128-asym": 0.10}
+TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g128-asym": 0.10, "int4-g128-clip": 0.10,
+           "int4-g128-awq": 0.10, "int4-g128-asym-clip": 0.10, "int4-g128-asym-awq": 0.10, "fp8-w8a8": 0.03}
 NOTES = """Notes (written after measuring):
 - int4-g128 runs on this model since the int4 quantizer takes a shorter last block (hidden size 576 = 4 x 128 + 64,
   as ONNX DequantizeLinear defines blocks; QMoE and MatMulNBits take it). No figure was written down before this
@@ -63,7 +72,53 @@ NOTES = """Notes (written after measuring):
   DequantizeLinear (fp8).
 - The int4-g128 rows were measured on 2026-12-02 (fp32 re-measured in the same run: the same 26.4455 / 27.0721);
   the other rows come from the earlier run. Machine: shared 2-core host under heavy load (load average 12-15);
-  perplexity does not depend on timing, the seconds column does."""
+  perplexity does not depend on timing, the seconds column does.
+
+Second round (2026-12-02, issue 15: clipping search, AWQ-like scales, FP8 W8A8; written after measuring):
+- Expected before measuring: clip a few points below round-to-nearest (+34.8 % dense), awq well below it; the
+  <= 10 % target for int4-g128 was not expected from either on these weights (the double rounding of the Q4_1
+  source, the notes above). fp8-w8a8 expected about +2 to +3 %.
+- int4-g128-clip (per-block clipping search over ratios 1.0 .. 0.75, minimising the block's squared weight error, no
+  data): +30.9 % dense (34.624), +37.9 % moe (37.321), against +34.8 % / +45.5 %. Minimising the weight error is not minimising the output error: on
+  SmolLM2's layers, measured on the calibration rows, it lowered ||x (w - dq)||^2 on some layers and raised it on
+  others (layer 0 gate_proj 1031 vs 1041 for round-to-nearest, layer 0 down_proj 4017 vs 4010).
+- int4-g128-awq (per input channel s = mean|x|^alpha, alpha searched on 0, 0.1 .. 1 per weight, x / s as a Mul on the
+  weight's input; the experts' down scales folded into the up columns; then the clipping search weighted by each
+  channel's calibrated energy mean (x / s)^2): +15.3 % dense (30.497), +14.3 % moe (30.936), against +34.8 % / +45.5 %;
+  asymmetric g128 with awq +11.1 % dense (29.394; +17.7 % without). On the calibration rows the output
+  error fell about a third below round-to-nearest's (layer 0 gate_proj 653 vs 1041, layer 25 down_proj 29 482 vs
+  45 046); most of that is the weighted clip (the scales alone: 828, 35 547). A first version clipped without the
+  weights: dense +25.5 % (33.196), replaced.
+- Calibration: the fp32 export on ONNX Runtime CPU over `passes/quantize/calibration.txt` (written for the repo, 512
+  tokens used, 4 independent prompts of 128). Experts: the statistics of the shared gate_up scale pool the router's
+  chosen tokens of every expert (the score-scaled rows the experts receive; one s because all experts read the same
+  input and the fused op takes one Mul), the loss sums over experts on each one's own tokens; the down scales are
+  per expert, from the tokens the router sent to that expert (its input exists only for those).
+- The int4 target (<= 10 % for g128) is still missed on both variants. The closest is asymmetric g128 with awq,
+  +11.1 % dense; its moe row was not measured (no time left in this session).
+- fp8-w8a8 (FP8 E4M3 weights per output channel, activations static per-tensor E4M3 Q/DQ with scale amax / 448 from
+  the same calibration): +3.31 % dense (27.322, misses the <= 3 % target), +1.83 % moe (27.568, meets it). The dense miss is narrow: weight-only fp8 is
+  +1.67 % there, so per-tensor activation rounding costs about as much again on this model (E4M3 keeps 3 mantissa
+  bits of every activation; the amax only sets where saturation starts). ONNX Runtime's CPU provider runs float8
+  QuantizeLinear / DequantizeLinear (checked), so these rows ran the Q/DQ graph itself. The experts' down input lives
+  inside the fused op and stays float (experts W8A8 on gate_up, weight-only on down).
+- The seconds column of the awq and w8a8 rows includes the calibration (the export on ONNX Runtime) and the search.
+  Machine: shared 2-core host, load average 8-9 during these runs, two of them at once.
+
+TensorRT-RTX 1.7 on this CPU (checked 2026-12-02):
+- NVFP4 (E2M1 weights, E4M3 scales per block of 16 along K, one fp32 global scale, as two DequantizeLinear, opset
+  23) -> MatMul builds for sm120: a 2048 x 2048 weight gives a 2.50 MB engine against 8.40 MB for fp16 weights (the
+  weights stay FP4). sm89 refuses it: "IBuilder::buildSerializedNetwork: Error Code 1: Myelin ([pass.cpp:1500:
+  run_passes] Cannot compile for target(s) sm89, because the model contains HW-specific datatypes: fp4_e2m1. In
+  compileGraph at /_src/optimizer/myelin/codeGenerator.cpp:2012)". ONNX Runtime 1.32's CPU provider has no kernel for
+  it ("Could not find an implementation for DequantizeLinear(23)"). moec does not emit NVFP4 yet (not built in this
+  round: no time left; tests/compiler/test_quantized_engines.py keeps the finding).
+- TRT_MoE's quantization (IMoELayer): the Python API has set_quantization_static(fc_down_activation_scale,
+  data_type), set_quantization_dynamic_dbl_q(fc_down_activation_dbl_q_scale, data_type, block_shape,
+  dyn_q_output_scale_type) and the attributes quantization_to_type, quantization_block_shape,
+  dyn_q_output_scale_type. The layer builds only for SM100 / SM103 / SM110, and this TensorRT-RTX's
+  ComputeCapability lists SM75, SM80, SM86, SM89, SM120, SM121 only: nothing about its quantization can be built or
+  checked here, and moec does not emit it."""
 
 
 def _rotate_half_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -171,7 +226,17 @@ def main() -> None:
                 else row["increase_vs_fp32"] <= row["target_increase"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write_results(rows, checks)
+    write_results(with_earlier_rows(rows), checks)
+
+
+def with_earlier_rows(rows: list[dict]) -> list[dict]:
+    """The committed rows this run did not measure, kept (a run of a few formats adds rows)."""
+    path = RESULTS / "quant_accuracy.json"
+    new = {(r["variant"], r["format"]) for r in rows}
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    out = [r for r in earlier if (r["variant"], r["format"]) not in new] + rows
+    order = list(FORMATS)
+    return sorted(out, key=lambda r: (r["variant"], order.index(r["format"]) if r["format"] in order else len(order)))
 
 
 def merge(logs: list[Path]) -> None:
@@ -191,7 +256,7 @@ def merge(logs: list[Path]) -> None:
         r["target_increase"] = TARGETS.get(r["format"])
         r["meets_target"] = None if r["target_increase"] is None or r["increase_vs_fp32"] is None \
             else r["increase_vs_fp32"] <= r["target_increase"]
-    write_results(out, checks)
+    write_results(with_earlier_rows(out), checks)
 
 
 def write_results(rows: list[dict], checks: dict) -> None:
