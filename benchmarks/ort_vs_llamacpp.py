@@ -82,7 +82,7 @@ def bench_config(name: str):
 # --- artifacts ---------------------------------------------------------------------------------
 
 
-def prepare(work: Path, config, converter: Path | None) -> dict[str, Path]:
+def prepare(work: Path, config, converter: Path | None, lowerings=ORT_GRAPHS[1:]) -> dict[str, Path]:
     from moec.compiler.export import ExportConfig, export_onnx
     from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
     from moec.models.demo import write_demo_checkpoint
@@ -96,7 +96,7 @@ def prepare(work: Path, config, converter: Path | None) -> dict[str, Path]:
     paths = {"ckpt": ckpt, "unfused": work / "unfused" / "model.onnx"}
     if not paths["unfused"].exists():
         export_onnx(ckpt, paths["unfused"], ExportConfig(dtype="fp32"))
-    for low in ORT_GRAPHS[1:]:
+    for low in lowerings:
         paths[low] = work / low / "model.onnx"
         if not paths[low].exists():
             report = optimize_onnx(paths["unfused"], paths[low], OptimizeConfig(target="ort", moe_lowering=low))
@@ -374,15 +374,16 @@ def main() -> None:
         have_llamacpp = args.converter is not None
     except ImportError:
         llama_cpp, have_llamacpp = None, False
-    paths = prepare(work, config, args.converter if have_llamacpp else None)
-    if args.prepare_only:
-        print({k: str(v) for k, v in paths.items()})
-        return
     kinds = [f"ort-{g}" for g in ORT_GRAPHS] + ["moec-torch", "transformers"] + (["llama.cpp"] if have_llamacpp else [])
     groups = parse_groups(args.groups or ",".join(kinds), args.rounds)
     for names, _ in groups:
         if unknown := [n for n in names if n not in kinds]:
             raise SystemExit(f"unknown contender(s) {unknown}; known: {kinds}")
+    wanted = {n[4:] for names, _ in groups for n in names if n.startswith("ort-")} - {"unfused"}
+    paths = prepare(work, config, args.converter if have_llamacpp else None, [g for g in ORT_GRAPHS[1:] if g in wanted])
+    if args.prepare_only:
+        print({k: str(v) for k, v in paths.items()})
+        return
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, config.vocab_size, PROMPT_LEN)]
     step_bytes = decode_bytes(paths["ckpt"], config)
     measured = []
