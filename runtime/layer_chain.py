@@ -28,7 +28,6 @@ engines of ``moec build --layers-per-engine`` share it; only the per-range call 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -268,10 +267,6 @@ class OrtLayerChain:
             return dict(zip(names, self.sessions[k].run(names, inputs)))
 
         return run_chain(self.ranges, feeds, one, self.output_names)
-
-
-def engines_for(num_layers: int, layers_per_engine: int) -> int:
-    return math.ceil(num_layers / layers_per_engine)
 
 
 class _ChainInputs:

@@ -31,7 +31,7 @@ from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
 from moec.common.errors import BAD_JSON, MoecError
 
-from moec.compiler.plan import BUILD_RSS_BASE, BUILD_RSS_RATIO, build_host_bytes  # noqa: F401 - one estimate
+from moec.compiler.plan import BUILD_RSS_BASE, BUILD_RSS_RATIO, build_host_bytes
 
 CHAIN_MANIFEST = contract.LAYER_CHAIN_MANIFEST
 CHAIN_FORMAT = "moec-layer-chain"
@@ -167,10 +167,6 @@ def format_chain(chain: dict, out_dir: Path) -> str:
                      f"{' -> '.join(boundary)}; " + ", ".join(f"{e['file']} {e['bytes'] / 2**20:.2f} MiB sha256 "
                                                               f"{e['sha256'][:16]}" for e in r["engines"]))
     return "\n".join(lines)
-
-
-def is_layer_chain(eng_dir: str | Path) -> bool:
-    return (Path(eng_dir) / CHAIN_MANIFEST).is_file()
 
 
 def load_layer_chain(eng_dir: str | Path, arch: str | None = None) -> tuple[dict, list[Path]]:

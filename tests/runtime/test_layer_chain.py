@@ -6,7 +6,6 @@ runner at the engine seam, does too."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
