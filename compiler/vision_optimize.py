@@ -14,7 +14,8 @@ MoE fusion, partition, quantize and lowering have nothing to act on (no experts,
 
 ``moec optimize OUT.onnx`` with OUT.vision.onnx beside it writes both graphs in one file set (the optimized
 vision graph is named as ``vision_onnx_path`` names it beside the optimized text graph, where ``moec build`` and
-``moec run`` look for it); ``moec optimize OUT.vision.onnx`` optimizes the vision graph alone.
+``moec run`` look for it; --dump-dir dumps the text graph's phases only); ``moec optimize OUT.vision.onnx``
+optimizes the vision graph alone. The --tp/--ep rank graphs have no vision graph beside them.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def optimize_vision_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike
 
     t0 = time.perf_counter()
     in_path, out_path = Path(in_path), Path(out_path)
-    for given, option in ((config.quantize, "--quantize"), (config.require_fusion, "--require-fusion")):
+    for given, option in ((config.quantize, "--quantize"), (config.require_fusion, "--require-fusion"),
+                          (config.dump_dir is not None, "--dump-dir")):
         if given:
             raise MoecError(f"{in_path} is a vision graph (no MoE layers): {option} applies to the text graph; "
                             "drop it, or optimize the text graph, which optimizes the vision graph beside it too")

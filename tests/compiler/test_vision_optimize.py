@@ -92,6 +92,8 @@ def test_vision_graph_refusals_are_named_before_writing(vision_export, tmp_path,
         (["-o", tmp_path / "a" / "x.onnx"], "name the optimized vision graph NAME.vision.onnx"),
         (["-o", tmp_path / "b" / "x.vision.onnx", "--quantize", "int8"], "--quantize applies to the text graph"),
         (["-o", tmp_path / "c" / "x.vision.onnx", "--require-fusion"], "--require-fusion applies to the text graph"),
+        (["-o", tmp_path / "d" / "x.vision.onnx", "--dump-dir", tmp_path / "e"],
+         "--dump-dir applies to the text graph"),
     ]
     for args, message in cases:
         code, _, err = run_cli(["optimize", vision_export, *args], capsys)

@@ -86,7 +86,8 @@ def on_fake_gpu(built, monkeypatch):
     monkeypatch.setattr(trt_engines, "local_gpu_arch", lambda: "sm89")
     monkeypatch.setattr(trt_vision, "_load_engine", lambda flavour, path, compatible: None)
     monkeypatch.setattr(trt_vision.TrtVisionEncoder, "_execute", lambda encoder, inputs: runner(encoder, inputs))
-    monkeypatch.setattr(TrtBackend, "from_engine_dir", classmethod(lambda cls, path, flavour=None: cpu_backend(path, opt)))
+    monkeypatch.setattr(TrtBackend, "from_engine_dir",
+                        classmethod(lambda cls, path, flavour=None: cpu_backend(path, opt)))
     return runner
 
 
