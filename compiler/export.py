@@ -286,6 +286,40 @@ def _weight_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+# int32/int64 initializers up to this size go back into the graph after an external save.
+INLINE_INDEX_BYTES = 1 << 20
+
+
+def _inline_index_tensors(model_path: Path) -> None:
+    """Move small int32/int64 initializers from the external-data file back into the graph.
+
+    The ring caches' slot constants (int64, 8 bytes a slot) feed shape inference's data
+    propagation, which cannot read external data: the strict check below failed on any ring over
+    32 slots (Scout's 8192 included). onnx-ir's save picks external tensors by size only, and
+    weights of a tiny model are as small as such constants, so the choice is made by dtype here.
+    Their bytes stay in the data file, unreferenced (a few KiB)."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    index_types = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    moved = 0
+    for t in m.graph.initializer:
+        if t.data_type not in index_types or t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        length = int(info.get("length", 0))
+        if length > INLINE_INDEX_BYTES:
+            continue
+        with open(model_path.parent / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            t.raw_data = f.read(length)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        moved += 1
+    if moved:
+        onnx.save(m, str(model_path))
+
+
 def _check_by_path(path: Path) -> None:
     """Full checker and strict shape inference, by path (works beyond protobuf's 2 GiB)."""
     import onnx
@@ -391,10 +425,8 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             if external:
                 # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
                 # evaluated there), so no second copy of the weights is built.
-                # Tensors under 1 MiB stay in the graph: the ring caches' slot constants (int64,
-                # 8 bytes a slot) feed shape inference's data propagation, which cannot read
-                # external data (the check below failed on any ring over 32 slots); weights are larger.
-                ir.save(onnx_model, tmp_model, external_data=data_name, size_threshold_bytes=1 << 20)
+                ir.save(onnx_model, tmp_model, external_data=data_name)
+                _inline_index_tensors(tmp_model)
             else:
                 ir.save(onnx_model, tmp_model)
             save_s = time.perf_counter() - t0

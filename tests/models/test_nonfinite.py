@@ -165,7 +165,8 @@ def _assert_compile_passes_the_opt_out(nan_ckpt, tmp_path, capsys, monkeypatch, 
     assert code == 2 and "stop at export" in err and seen == [("export", True)], (err, seen)
     state = SimpleNamespace(config=CompileConfig(target="ort", allow_nonfinite_weights=True), checkpoint=nan_ckpt,
                             export_path=tmp_path / "m.onnx", optimized_path=tmp_path / "m.opt.onnx",
-                            optimize_report=SimpleNamespace(moe_lowering={}), export_dtype="fp32", work=tmp_path)
+                            optimize_report=SimpleNamespace(moe_lowering={}), export_dtype="fp32", work=tmp_path,
+                            demo=None)
     with pytest.raises(MoecError, match="stop at torch"):
         stage_verify(state)
     assert seen[-1] == ("torch", True)
