@@ -7,13 +7,13 @@ everywhere, with the file and the field named, instead of failing somewhere deep
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from moec.common import contract
 from moec.common.confine import side_file
-from moec.common.errors import BAD_JSON, MoecError
+from moec.common.errors import MoecError
+from moec.common.manifest_json import read_manifest_json
 from moec.common.kv_cache import validate_kv_cache
 
 # Fields every reader needs, and fields checked when present (an export always writes them; graphs
@@ -79,12 +79,9 @@ def read_sidecar_file(side: str | os.PathLike) -> dict:
     """The validated moec metadata in the file ``side`` itself (an engine folder names it in its
     manifest)."""
     side = Path(side)
-    if not side.is_file():
-        raise MoecError(f"the moec metadata {side} is missing; rebuild the artifact with moec")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, *BAD_JSON) as e:
-        raise MoecError(f"cannot read the moec metadata {side}: {e}; re-export the model") from None
+    meta = read_manifest_json(side, fix="re-export the model",
+                              missing=f"the moec metadata {side} is missing; rebuild the artifact with moec",
+                              not_this=f"the moec metadata {side} is not a JSON object; re-export the model")
     return validate_sidecar(meta, side)
 
 

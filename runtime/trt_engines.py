@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from moec.common import contract
 from moec.common.artifacts import sha256_file
-from moec.common.errors import BAD_JSON, MoecError
+from moec.common.errors import MoecError
+from moec.common.manifest_json import read_manifest_json
 from moec.runtime.manifest_schema import validate_manifest
 
 # 2: "profiles" became a list of named profiles ({"name", "index", "shapes"}), prefill and decode.
@@ -141,18 +141,11 @@ class HostTrt:
 def load_manifest(engine_dir: str | Path) -> dict[str, Any]:
     engine_dir = Path(engine_dir)
     path = engine_dir / contract.ENGINE_MANIFEST
-    if not path.is_file():
-        raise MoecError(f"{engine_dir} is not a moec engine directory (no {contract.ENGINE_MANIFEST}): build one with `moec build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except BAD_JSON as e:
-        raise MoecError(f"{path} is not valid JSON ({e}): rebuild the engine directory with `moec build`") from None
-    except OSError as e:
-        raise MoecError(f"cannot read {path}: {e.strerror or e}; rebuild the engine directory with `moec build`") from None
-    if not isinstance(manifest, dict):
-        raise MoecError(f"{path} is not a JSON object: rebuild the engine directory with `moec build`")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise MoecError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}: rebuild with this moec")
+    fix = "rebuild the engine directory with `moec build`"
+    manifest = read_manifest_json(
+        path, fix=fix, format=MANIFEST_FORMAT,
+        missing=f"{engine_dir} is not a moec engine directory (no {contract.ENGINE_MANIFEST}): build one with `moec build`",
+    )
     return validate_manifest(manifest, path)
 
 

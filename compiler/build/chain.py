@@ -22,14 +22,14 @@ chain (layers not contiguous from 0, an input no feed or earlier range provides)
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 from pathlib import Path
 
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
-from moec.common.errors import BAD_JSON, MoecError
+from moec.common.errors import MoecError
+from moec.common.manifest_json import fields_named, read_manifest_json
 
 from moec.compiler.plan import BUILD_RSS_BASE, BUILD_RSS_RATIO, build_host_bytes
 
@@ -174,18 +174,12 @@ def load_layer_chain(eng_dir: str | Path, arch: str | None = None) -> tuple[dict
     of one build, and runs as one chain (the first built arch when ``arch`` is None)."""
     eng_dir = Path(eng_dir)
     path = eng_dir / CHAIN_MANIFEST
-    try:
-        chain = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoecError(f"{eng_dir} has no {CHAIN_MANIFEST}; build it with `moec build --layers-per-engine N`") from None
-    except (OSError, *BAD_JSON) as e:
-        raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from None
-    if not isinstance(chain, dict) or chain.get("format") != CHAIN_FORMAT:
-        raise MoecError(f"{path} is not a moec layer-chain manifest; rebuild with `moec build --layers-per-engine N`")
-    try:
+    chain = read_manifest_json(
+        path, fix="rebuild with `moec build --layers-per-engine N`", format=CHAIN_FORMAT,
+        missing=f"{eng_dir} has no {CHAIN_MANIFEST}; build it with `moec build --layers-per-engine N`",
+        not_this=f"{path} is not a moec layer-chain manifest; rebuild with `moec build --layers-per-engine N`")
+    with fields_named(path, "rebuild with `moec build`"):
         return chain, _chain_engines(chain, eng_dir, path, arch)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
-        raise MoecError(f"{path} lacks or mistypes a field ({type(e).__name__}: {e}); rebuild with `moec build`") from None
 
 
 def _chain_engines(chain: dict, eng_dir: Path, path: Path, arch: str | None) -> list[Path]:

@@ -14,13 +14,13 @@ whose sha256 is not the recorded one) or launched with another world size.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from moec.common import contract
 from moec.common.artifacts import atomic_dir, check_output_dir, sha256_file, write_json_atomic
-from moec.common.errors import BAD_JSON, MoecError
+from moec.common.errors import MoecError
+from moec.common.manifest_json import fields_named, read_manifest_json
 
 ENGINES_FORMAT = contract.PARALLEL_ENGINES_FORMAT
 
@@ -68,20 +68,13 @@ def load_rank_engines(eng_dir: str | Path, world_size: int | None = None, arch: 
     is complete, of one partition and build, and of ``world_size`` ranks when given."""
     eng_dir = Path(eng_dir)
     path = eng_dir / contract.PARALLEL_MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoecError(f"{eng_dir} has no {contract.PARALLEL_MANIFEST}; build a partition folder with `moec build`") from None
-    except (OSError, *BAD_JSON) as e:
-        raise MoecError(f"{path} is not readable JSON ({e}); rebuild with `moec build`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ENGINES_FORMAT:
-        raise MoecError(f"{path} is not a moec multi-rank engine manifest; rebuild with `moec build OUT_DIR`")
-    try:
+    manifest = read_manifest_json(
+        path, fix="rebuild with `moec build`", format=ENGINES_FORMAT,
+        missing=f"{eng_dir} has no {contract.PARALLEL_MANIFEST}; build a partition folder with `moec build`",
+        not_this=f"{path} is not a moec multi-rank engine manifest; rebuild with `moec build OUT_DIR`")
+    # A hand-edited manifest: a missing key or a wrong type is a named error, not a traceback.
+    with fields_named(path, "rebuild with `moec build`", " (or a rank's manifest it lists)"):
         return _rank_engines(manifest, eng_dir, path, world_size, arch)
-    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
-        # A hand-edited manifest: a missing key or a wrong type is a named error, not a traceback.
-        raise MoecError(f"{path} (or a rank's manifest it lists) lacks or mistypes a field ({type(e).__name__}: {e}); "
-                        "rebuild with `moec build`") from None
 
 
 def _rank_engines(manifest: dict, eng_dir: Path, path: Path, world_size: int | None, arch: str | None) -> dict[int, Path]:
@@ -100,7 +93,7 @@ def _rank_engines(manifest: dict, eng_dir: Path, path: Path, world_size: int | N
         if not rank_manifest.is_file():
             raise MoecError(f"{eng_dir} is missing rank {r['rank']}'s engines ({r['dir']}/); the rank set is incomplete, "
                             "copy the whole folder `moec build` wrote")
-        par = json.loads(rank_manifest.read_text()).get("parallel") or {}
+        par = read_manifest_json(rank_manifest, fix="rebuild with `moec build`").get("parallel") or {}
         if par.get("partition_id") != manifest["partition_id"] or par.get("rank") != r["rank"]:
             raise MoecError(f"{rank_manifest} is rank {par.get('rank')} of partition {par.get('partition_id')}, not rank "
                             f"{r['rank']} of {manifest['partition_id']}: a mixed rank set; rebuild or copy one build's folder")
@@ -124,7 +117,7 @@ def inspect_rank_engines(eng_dir: str | Path) -> dict:
 
     eng_dir = Path(eng_dir)
     load_rank_engines(eng_dir)  # a missing, incomplete, mixed or foreign set: named errors, first arch
-    manifest = json.loads((eng_dir / contract.PARALLEL_MANIFEST).read_text())
+    manifest = read_manifest_json(eng_dir / contract.PARALLEL_MANIFEST, fix="rebuild with `moec build`")
     for arch in manifest["archs"][1:]:
         load_rank_engines(eng_dir, arch=arch)
     ranks = [inspect_engine_dir(eng_dir / r["dir"]) for r in sorted(manifest["ranks"], key=lambda r: r["rank"])]

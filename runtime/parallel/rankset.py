@@ -13,7 +13,8 @@ from pathlib import Path
 
 from moec.common import contract
 from moec.common.artifacts import sha256_file
-from moec.common.errors import BAD_JSON, MoecError
+from moec.common.errors import MoecError
+from moec.common.manifest_json import read_manifest_json
 
 
 
@@ -25,16 +26,13 @@ def is_rank_set(path: Path) -> bool:
 def read_parallel_manifest(folder: Path) -> dict:
     folder = Path(folder)
     path = folder / contract.PARALLEL_MANIFEST
-    if not path.is_file():
-        raise MoecError(f"{folder} has no {contract.PARALLEL_MANIFEST}; give the folder `moec optimize --tp/--ep` wrote")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, *BAD_JSON) as e:
-        raise MoecError(f"{path} is not readable JSON ({e}); re-run `moec optimize --tp/--ep`") from None
-    if isinstance(manifest, dict) and manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
+    manifest = read_manifest_json(
+        path, fix="re-run `moec optimize --tp/--ep`",
+        missing=f"{folder} has no {contract.PARALLEL_MANIFEST}; give the folder `moec optimize --tp/--ep` wrote")
+    if manifest.get("format") == contract.PARALLEL_ENGINES_FORMAT:
         raise MoecError(f"{folder} holds per-rank TensorRT engines (`moec build` of a partition folder); `moec run` "
                         "runs the partition folder itself on ONNX Runtime, TensorRT ranks need GPUs with NCCL")
-    if not isinstance(manifest, dict) or manifest.get("format") != contract.PARALLEL_FORMAT or not isinstance(manifest.get("ranks"), list):
+    if manifest.get("format") != contract.PARALLEL_FORMAT or not isinstance(manifest.get("ranks"), list):
         raise MoecError(f"{path} is not a moec partition manifest; re-run `moec optimize --tp/--ep`")
     _check_manifest_fields(manifest, folder, path)
     return manifest

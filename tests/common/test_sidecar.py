@@ -63,7 +63,7 @@ def test_missing_field_and_broken_json(tmp_path):
     del meta["vocab_size"]
     with pytest.raises(MoecError, match="lacks vocab_size"):
         read_sidecar(_write(tmp_path, meta))
-    with pytest.raises(MoecError, match="cannot read the moec metadata"):
+    with pytest.raises(MoecError, match="model.moec.json is not valid JSON"):
         read_sidecar(_write(tmp_path, '{"num_layers": 4'))
 
 

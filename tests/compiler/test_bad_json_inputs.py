@@ -80,13 +80,13 @@ def test_run_names_a_partition_manifest_nested_too_deep(tmp_path, capsys):
     (folder / contract.PARALLEL_MANIFEST).write_text(DEEP)
     from moec.runtime.parallel.rankset import check_rank_set
 
-    with pytest.raises(MoecError, match="not readable JSON"):
+    with pytest.raises(MoecError, match="not valid JSON"):
         check_rank_set(folder)
-    _one_error_line(*run_cli(["run", folder, "--prompt-ids", "1 2"], capsys)[::2], "not readable JSON")
+    _one_error_line(*run_cli(["run", folder, "--prompt-ids", "1 2"], capsys)[::2], "not valid JSON")
 
 
 @pytest.mark.parametrize("content, needle", [
-    (DEEP, "not readable JSON"),
+    (DEEP, "not valid JSON"),
     ("[1, 2]", "not a moec multi-rank engine manifest"),
     ({"world_size": 1, "archs": ["sm89"], "partition_id": "p",
       "ranks": [{"rank": 0, "dir": "../elsewhere", "engines": []}]}, "rank 0 dir names '../elsewhere'"),

@@ -392,7 +392,7 @@ def test_old_manifest_format_is_refused(engine_dir, tmp_path):
     m = json.loads((d / "manifest.json").read_text())
     m["format"] = "moec.engine/1"
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(MoecError, match="expected 'moec.engine/2': rebuild"):
+    with pytest.raises(MoecError, match="expected 'moec.engine/2'; rebuild"):
         load_manifest(d)
 
 
