@@ -286,38 +286,44 @@ def _weight_bytes(model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-# int32/int64 initializers up to this size go back into the graph after an external save.
+# int32/int64 initializers up to this size stay in the graph in an external-data save.
 INLINE_INDEX_BYTES = 1 << 20
+# Any initializer up to this size stays in the graph too (onnx-ir's own default threshold).
+INLINE_ANY_BYTES = 256
 
 
-def _inline_index_tensors(model_path: Path) -> None:
-    """Move small int32/int64 initializers from the external-data file back into the graph.
-
-    The ring caches' slot constants (int64, 8 bytes a slot) feed shape inference's data
+def _stays_inline(tensor) -> bool:
+    """The ring caches' slot constants (int64, 8 bytes a slot) feed shape inference's data
     propagation, which cannot read external data: the strict check below failed on any ring over
-    32 slots (Scout's 8192 included). onnx-ir's save picks external tensors by size only, and
-    weights of a tiny model are as small as such constants, so the choice is made by dtype here.
-    Their bytes stay in the data file, unreferenced (a few KiB)."""
-    import onnx
+    32 slots (Scout's 8192 included). onnx-ir's save picks external tensors by size only, and the
+    weights of a tiny model are as small as such constants, so the choice is made by dtype."""
+    import onnx_ir as ir
 
-    m = onnx.load(str(model_path), load_external_data=False)
-    index_types = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-    moved = 0
-    for t in m.graph.initializer:
-        if t.data_type not in index_types or t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        length = int(info.get("length", 0))
-        if length > INLINE_INDEX_BYTES:
-            continue
-        with open(model_path.parent / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            t.raw_data = f.read(length)
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.DEFAULT
-        moved += 1
-    if moved:
-        onnx.save(m, str(model_path))
+    if tensor.nbytes <= INLINE_ANY_BYTES:
+        return True
+    return tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32) and tensor.nbytes <= INLINE_INDEX_BYTES
+
+
+def _save_external(onnx_model, path: Path, data_name: str) -> None:
+    """Save ``onnx_model`` to ``path`` with every initializer but the small index tensors in
+    ``data_name`` beside it.
+
+    onnx-ir streams the chosen tensors into the data file one at a time (LazyTensors are evaluated
+    there), so no second copy of the weights is built; the graph is then written once, the
+    external ones as references. The model is left as it was."""
+    import onnx_ir as ir
+
+    values = [v for g in onnx_model.graphs() for v in g.initializers.values()
+              if v.const_value is not None and not _stays_inline(v.const_value)]
+    originals = [v.const_value for v in values]
+    external = ir.external_data.convert_tensors_to_external(originals, path.parent, data_name)
+    try:
+        for v, t in zip(values, external, strict=True):
+            v.const_value = t
+        ir.save(onnx_model, path)
+    finally:
+        for v, t in zip(values, originals, strict=True):
+            v.const_value = t
 
 
 def _check_by_path(path: Path) -> None:
@@ -423,10 +429,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, 
             t0 = time.perf_counter()
             step(f"writing {weight_bytes / 2**20:.0f} MiB of weights")
             if external:
-                # onnx-ir streams the tensors into the data file one at a time (LazyTensors are
-                # evaluated there), so no second copy of the weights is built.
-                ir.save(onnx_model, tmp_model, external_data=data_name)
-                _inline_index_tensors(tmp_model)
+                _save_external(onnx_model, tmp_model, data_name)
             else:
                 ir.save(onnx_model, tmp_model)
             save_s = time.perf_counter() - t0

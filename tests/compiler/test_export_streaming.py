@@ -11,13 +11,12 @@ from moec.compiler.export import ExportConfig, export_onnx
 
 
 def test_weights_are_read_only_while_saving(demo_ckpt, tmp_path, monkeypatch):
-    import onnx_ir as ir
-
+    import moec.compiler.export as export_mod
     import moec.models.checkpoint as ckpt_mod
 
     reads: list[tuple[str, bool]] = []
     saving = [False]
-    real_read, real_save = ckpt_mod.read_tensor, ir.save
+    real_read, real_save = ckpt_mod.read_tensor, export_mod._save_external
 
     def read(source, dtype=None, *rest):
         reads.append((source[1], saving[0]))
@@ -31,7 +30,7 @@ def test_weights_are_read_only_while_saving(demo_ckpt, tmp_path, monkeypatch):
             saving[0] = False
 
     monkeypatch.setattr(ckpt_mod, "read_tensor", read)
-    monkeypatch.setattr(ir, "save", save)
+    monkeypatch.setattr(export_mod, "_save_external", save)  # writes the data file, then the graph
     export_onnx(demo_ckpt, tmp_path / "m.onnx", ExportConfig(dtype="fp32", external_data_threshold_bytes=0))
     # Every checkpoint tensor is read (the optimizer may evaluate a small one once more), and only
     # by the saver or the optimizer's small-constant folding, never as a whole model up front.
