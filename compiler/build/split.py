@@ -94,6 +94,12 @@ def _graph_figures(onnx_path: Path) -> tuple[int, int] | None:
         return None  # the build itself names what is wrong with the graph
 
 
+def _has_vision_graph(onnx_path: Path) -> bool:
+    from moec.compiler.export_vision import vision_onnx_path
+
+    return vision_onnx_path(onnx_path).is_file()
+
+
 def choose_engine_split(onnx_path: str | Path, requested=None, host: int | None = None) -> EngineSplit:
     """The split ``moec build`` uses for ``onnx_path`` given ``--layers-per-engine`` ``requested``
     (None or "auto": by ``host`` bytes, default the host's available memory)."""
@@ -118,6 +124,10 @@ def choose_engine_split(onnx_path: str | Path, requested=None, host: int | None 
     if num_layers < 2:
         return EngineSplit(layers_per_engine=None, note=f"{why}; a one-layer model cannot be split: building one engine, "
                            "which may run out of memory (build on a larger host)", **split)
+    if _has_vision_graph(Path(onnx_path)):
+        return EngineSplit(layers_per_engine=None, note=f"{why}; a chain runs text only and this model has a vision "
+                           "graph: building one engine, which may run out of memory (pass --layers-per-engine N for a "
+                           "text-only chain)", **split)
     from moec.compiler.build.chain import suggest_layers_per_engine
 
     fits = suggest_layers_per_engine(weights, num_layers, host)

@@ -60,6 +60,13 @@ def test_auto_chooses_the_chain_that_fits_and_says_why(opt_onnx, weights):
     assert tiny.layers_per_engine == 1 and "larger host" in tiny.note
 
 
+def test_auto_keeps_one_engine_for_a_model_with_a_vision_graph(opt_onnx, weights, monkeypatch):
+    # A chain runs text only: the vision engines would be lost.
+    monkeypatch.setattr(split_mod, "_has_vision_graph", lambda path: True)
+    split = choose_engine_split(opt_onnx, None, host=_two_layers_fit(weights))
+    assert split.layers_per_engine is None and "vision graph" in split.note
+
+
 def test_all_forces_one_engine_and_a_count_is_kept(opt_onnx, weights):
     forced = choose_engine_split(opt_onnx, ONE_ENGINE, host=_two_layers_fit(weights))
     assert forced.layers_per_engine is None and "may run out of memory" in forced.note
