@@ -265,7 +265,7 @@ class LayersPerEngine(click.ParamType):
 def layers_per_engine_option() -> Callable:
     """``moec build`` / ``moec compile --layers-per-engine``: the same values and default on both."""
     return click.option(
-        "--layers-per-engine", type=LayersPerEngine(), default=None,
+        "--layers-per-engine", type=LayersPerEngine(), default=None, metavar="N|all|auto",
         help="Build a chain of engines of N layers each, one after another, so the build's host memory is about 1.8x "
              "one engine's weights instead of the model's; 'all' forces one engine. [default: auto: one engine when "
              "its estimated build memory fits the host's available memory, else the chain with the most layers per "
