@@ -24,6 +24,17 @@ N layers each, built one after another in the one build process): expected peak 
 BUILD_RSS_RATIO (1.8) x the largest range's weights + 0.3 GB, whatever the layer count: with N = 1,
 one layer plus the embedding or the lm_head (4.83 GB at vocab 32768), so ~9.0 GB for 2 and 4
 layers (0.92x and 0.48x the model's weights; 1 layer is one engine, 9.15 GB, 1.80x, as before).
+Measured for 2 layers: 9.70 GB (benchmarks/results/memory_scale_chain.md), so expected for 4
+layers (18.29 GB of weights): the same ~9.7 GB, 0.53x, since each range is built after the previous
+one's memory is gone; export ~3.2 GB and optimize ~0.23 GB as for 1 and 2 layers; build wall time
+~4 x 60 s.
+
+Disk: the benchmark holds at most two copies of the weights at once. Its own scratch checkpoint is
+deleted as soon as the export is written, the raw export as soon as the optimized graph is written,
+and the optimized graph and engines as soon as the build's figures are read, so the peak is about
+2 x the weights + 1 GB (~38 GB for 4 layers, ~10 GB for 1). A layer count whose peak does not fit
+the free disk of --workdir is skipped with a row that says so, before anything is written. The
+results files are rewritten after every row, so a run stopped part-way keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -170,9 +181,27 @@ def _child(stage: str, src: Path, dst: Path, layers_per_engine: int | None = Non
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def checkpoint_bytes(layers: int, vocab: int) -> int:
+    import math
+
+    import torch
+
+    from moec.models import Llama4ForCausalLM
+
+    with torch.device("meta"):
+        return sum(2 * math.prod(v.shape) for v in Llama4ForCausalLM(scout_layers_config(layers, vocab)).state_dict().values())
+
+
 def measure(layers: int, vocab: int, build: bool, work: Path, layers_per_engine: int | None = None) -> dict:
     row: dict = {"layers": layers}
     ckpt, onnx_dir = work / f"ckpt{layers}", work / f"onnx{layers}"
+    weights = checkpoint_bytes(layers, vocab)
+    need, free = 2 * weights + (1 << 30), shutil.disk_usage(work).free
+    row["disk_peak_bytes_estimate"], row["disk_free_bytes_at_start"] = need, free
+    if need > free:
+        row["weight_bytes"] = weights
+        row["skipped"] = f"needs ~{need / 1e9:.1f} GB of disk at its peak, {work} has {free / 1e9:.1f} GB free"
+        return row
     try:
         t = time.perf_counter()
         row["weight_bytes"] = write_checkpoint(ckpt, layers, vocab)
@@ -183,7 +212,7 @@ def measure(layers: int, vocab: int, build: bool, work: Path, layers_per_engine:
             return row
         row["export"]["artifact_bytes"] = _files_bytes(onnx_dir)
         row["optimize"] = _child("optimize", onnx_dir / "model.onnx", onnx_dir / "model.opt.onnx")
-        (onnx_dir / "model.onnx.data").unlink(missing_ok=True)
+        (onnx_dir / "model.onnx.data").unlink(missing_ok=True)  # the build reads only the optimized graph
         if build and "error" not in row["optimize"]:
             row["build"] = _child("build", onnx_dir / "model.opt.onnx", work / f"engine{layers}", layers_per_engine)
             if "error" not in row["build"]:
@@ -235,26 +264,33 @@ def main() -> None:
     try:
         for n in args.layers:
             row = measure(n, args.vocab, n in args.build_layers, work, args.layers_per_engine)
+            row["load_average_after"] = os.getloadavg()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write_results(args, rows, load_start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+
+def write_results(args, rows: list[dict], load_start: tuple[float, float, float]) -> None:
     import torch
+
+    rows = sorted(rows, key=lambda r: r["layers"])
 
     result = {
         "what": "peak RSS of moec export / optimize / build at Scout's layer size (bf16), by layer count",
         "config": {"base": "llama4-scout", "hidden_size": 5120, "intermediate_size": 8192, "num_local_experts": 16,
                    "heads": "40/8", "vocab_size": args.vocab, "dtype": "bf16"},
-        "expected": {"export": "flat, about 2x the largest tensor (2.68 GB) + libraries: ~6 GB",
-                     "optimize": "flat, ~120 MB",
-                     "build": ("--layers-per-engine N: ~1.8 x the largest range's weights + 0.3 GB (N = 1: ~9.0 GB "
-                               "for 2 and 4 layers)" if args.layers_per_engine else
+        "expected": {"export": "flat, ~3.2 GB for 1, 2 and 4 layers (measured 3.20 / 3.21 GB for 1 / 2)",
+                     "optimize": "flat, ~0.23 GB",
+                     "build": ("--layers-per-engine N: ~1.8 x the largest range's weights + 0.3 GB; N = 1: the 2-layer "
+                               "chain's measured 9.7 GB for 4 layers too (0.53x of 18.29 GB), ~4 x 60 s"
+                               if args.layers_per_engine else
                                "unchanged, ~2.9x the weights (1 layer only)")},
         "layers_per_engine": args.layers_per_engine,
         "rows": rows,
         "host": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                 "torch": torch.__version__, "shared": "24 GB / 2 cores shared with 6 other jobs: wall times are noisy"},
+                 "torch": torch.__version__, "shared": "24 GB / 2 cores shared with 3 other engineers and the lead: wall times are noisy"},
         "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -274,6 +310,9 @@ def main() -> None:
     ]
     for r in rows:
         w = r["weight_bytes"]
+        if r.get("skipped"):
+            lines.append(f"| {r['layers']} | {w / 1e9:.2f} GB | skipped: {r['skipped']} | | |")
+            continue
         lines.append(f"| {r['layers']} | {w / 1e9:.2f} GB | {_cell(r.get('export'), w)} | {_cell(r.get('optimize'), w)} | "
                      f"{_cell(r.get('build'), w)} |")
     for r in rows:
@@ -288,7 +327,6 @@ def main() -> None:
     lines.append(f"\nLoad average (1/5/15 min) at start {tuple(round(x, 1) for x in load_start)}, at end "
                  f"{tuple(round(x, 1) for x in result['load_average_end'])}.")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ class CompileConfig:
     timing_cache: Path | None = None
     workspace_mib: int | None = None
     progress: bool = True
-    layers_per_engine: int | None = None  # build a chain of engines of N layers (compiler/build/chain.py)
+    # Build a chain of engines of N layers (compiler/build/chain.py); "all": one engine; None: auto,
+    # one engine where its build fits the host's memory (compiler/build/split.py).
+    layers_per_engine: int | str | None = None
     demo_seed: int = 0  # seed of the embedded demo checkpoint when no checkpoint is given
     demo: str | None = None  # which demo without a checkpoint (compile_stages.DEMOS); None: compile_stages.demo_choice
     # Weight quantization in the optimize stage (OptimizeConfig's fields, same meaning).
@@ -160,7 +162,7 @@ def _check_parallel(config: CompileConfig, checkpoint) -> None:
 
     if config.tp < 1 or config.ep < 1:
         raise MoecError(f"--tp {config.tp} --ep {config.ep}: both must be >= 1")
-    if config.layers_per_engine is not None:
+    if isinstance(config.layers_per_engine, int):
         raise MoecError("--layers-per-engine builds one graph as a chain; with --tp/--ep each rank is built whole: "
                         "drop one of them")
     llama = Llama4Config.from_pretrained(checkpoint) if checkpoint is not None else demo_llama_config(config)

@@ -336,12 +336,21 @@ def stage_build(s: _State) -> StageRecord:
         max_seq=s.max_seq,
         timing_cache=s.config.timing_cache, workspace_mib=s.config.workspace_mib, progress=s.config.progress,
         layers_per_engine=s.config.layers_per_engine)
-    if s.config.layers_per_engine is not None:
+    split = None
+    if not s.config.parallel:  # a partition's ranks are built whole
+        import dataclasses
+
+        from moec.compiler.build.split import choose_engine_split
+
+        split = choose_engine_split(s.optimized_path, s.config.layers_per_engine)
+        bcfg = dataclasses.replace(bcfg, engine_split=split.to_json())
+    if split is not None and split.layers_per_engine is not None:
         from moec.compiler.build.chain import build_layer_chain
 
-        out = build_layer_chain(s.optimized_path, s.engine_dir, bcfg, s.config.layers_per_engine)
+        out = build_layer_chain(s.optimized_path, s.engine_dir, bcfg, split.layers_per_engine)
         return StageRecord("build", 0.0, "ok", f"{len(out['ranges'])} layer-range engines for {archs} "
-                           f"({s.config.layers_per_engine} layers each)", artifact_bytes=_files_bytes(s.engine_dir))
+                           f"({split.layers_per_engine} layers each)" + (f"; {split.note}" if split.note else ""),
+                           artifact_bytes=_files_bytes(s.engine_dir))
     if s.config.parallel:
         from moec.compiler.build.parallel import build_rank_engines
 
@@ -352,7 +361,7 @@ def stage_build(s: _State) -> StageRecord:
     res = build_engine(s.optimized_path, s.engine_dir, bcfg)
     m = res.manifest
     flavour = f"{m['trt']['flavour']} {m['trt']['version']}"
-    detail = f"{flavour}, {', '.join(res.engines)}"
+    detail = f"{flavour}, {', '.join(res.engines)}" + (f"; {split.note}" if split.note else "")
     if res.warnings:
         detail += "; " + "; ".join(res.warnings)
     return StageRecord("build", 0.0, "ok", detail, artifact_bytes=_files_bytes(*res.engines.values()))

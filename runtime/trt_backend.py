@@ -24,6 +24,7 @@ import numpy as np
 from moec.common import contract
 from moec.common.errors import MoecError
 from moec.common.sidecar import read_sidecar_file
+from moec.runtime.trt_buffers import other_buffer, view_of
 from moec.runtime.trt_engines import (  # noqa: F401 - the engine-folder checks, re-exported
     EngineProfile,
     FLAVOUR_INSTALL_HINT,
@@ -234,7 +235,7 @@ class TrtBackend:
                     torch.zeros(1, dtype=dtype, device=self.device)
             self._set_input_shape(contract.IMAGE_FEATURES, tuple(rows_NH.shape), profile)
             ctx.set_tensor_address(contract.IMAGE_FEATURES, rows.data_ptr())
-        logits = self._logits[: batch * new * self._vocab].view(batch, new, self._vocab)
+        logits = view_of(self._logits, (batch, new, self._vocab))
         ctx.set_tensor_address(contract.LOGITS, logits.data_ptr())
         new_views = {}
         for layer in range(self.num_layers):
@@ -243,10 +244,10 @@ class TrtBackend:
                 view = cache.views[past]
                 a, b = cache.buffers[past]
                 # Present goes into whichever buffer the past does not occupy.
-                target = b if view.data_ptr() == a.data_ptr() else a
+                target = other_buffer((a, b), view)
                 _, kvh, p, d = view.shape
                 slots = p if past in self._rings else p + new  # a ring keeps its size
-                out = target[: batch * kvh * slots * d].view(batch, kvh, slots, d)
+                out = view_of(target, (batch, kvh, slots, d))
                 self._set_input_shape(past, tuple(view.shape), profile)
                 ctx.set_tensor_address(past, view.data_ptr() if view.numel() else a.data_ptr())
                 ctx.set_tensor_address(present, out.data_ptr())

@@ -8,8 +8,13 @@ Two halves, as in ``moec.runtime.trt_backend``:
   manifests merged; the KV cache as torch tensors per layer; the feeds; the presents that become
   the next cache) and calls one ``runner`` per range with {input name: tensor}.
 * ``EngineRunner`` is the thin part that needs a GPU: set the profile and input shapes, bind
-  addresses, allocate outputs at the shapes TensorRT infers, enqueue, sync. Tests put a runner
-  of their own at this seam (the range's ONNX graph on ONNX Runtime, under the engine's I/O names).
+  addresses (the outputs into the tensors the backend hands it, checked against the shapes
+  TensorRT infers), enqueue, sync. Tests put a runner of their own at this seam (the range's ONNX
+  graph on ONNX Runtime, under the engine's I/O names).
+
+A step allocates no output memory, as in ``TrtBackend`` (``moec.runtime.trt_buffers``): logits
+and the residual stream between ranges are views of buffers allocated once at the profiles'
+largest shapes, and each layer's present ping-pongs between two such buffers with its past.
 """
 
 from __future__ import annotations
@@ -21,16 +26,20 @@ import numpy as np
 from moec.common import contract
 from moec.common.errors import MoecError
 from moec.runtime.layer_chain import run_chain
+from moec.runtime.trt_buffers import flat_buffer, other_buffer, view_of
 from moec.runtime.trt_engines import EngineProfile, load_manifest, ring_inputs, select_profile
 
 
 class ChainCache:
-    """Past keys/values, one torch tensor per name ([B, KVH, P, D]; a ring has fixed slots)."""
+    """Past keys/values, one torch tensor per name ([B, KVH, P, D]; a ring has fixed slots), each a
+    view of one of its two ``buffers``. Valid until the next step that extends it (the generation
+    loop only moves forward)."""
 
-    def __init__(self, pasts: dict[str, Any], batch: int, past_len: int):
+    def __init__(self, pasts: dict[str, Any], batch: int, past_len: int, buffers: dict[str, tuple] | None = None):
         self.pasts = pasts
         self.batch = batch
         self.past_len = past_len
+        self.buffers = buffers or {}
 
 
 def merged_profiles(manifests: list[dict[str, Any]]) -> list[EngineProfile]:
@@ -57,7 +66,7 @@ class TrtChainBackend:
         import torch
 
         from moec.common.sidecar import read_sidecar_file
-        from moec.runtime.trt_backend import _eos_ids
+        from moec.runtime.trt_backend import _eos_ids, _torch_dtype
 
         self.engine_dir = Path(engine_dir)
         self.chain = chain
@@ -76,6 +85,13 @@ class TrtChainBackend:
         self.image_token_id = None
         self._io = {t["name"]: t for m in manifests for t in m["io"]["inputs"]}
         self._rings = frozenset(n for m in manifests for n in ring_inputs(m))
+        # Logits and the residual stream: [B, S, width], one buffer each at the largest step.
+        self._flat = {}
+        for t in (t for m in manifests for t in m["io"]["outputs"]):
+            if t["name"] == contract.LOGITS or t["name"].startswith("hidden."):
+                width = t["shape"][-1]
+                self._flat[t["name"]] = (flat_buffer(self.max_batch * self.max_new_tokens_per_step * width,
+                                                     _torch_dtype(t["dtype"].upper()), self.device), width)
 
     @classmethod
     def from_engine_dir(cls, path: str | Path, arch: str | None = None) -> TrtChainBackend:
@@ -119,16 +135,20 @@ class TrtChainBackend:
         if batch_size > self.max_batch:
             raise MoecError(f"batch {batch_size} exceeds the chain's profile max batch {self.max_batch}: rebuild with a "
                             "larger --max-batch")
-        pasts = {}
+        pasts, buffers = {}, {}
         for layer in range(self.num_layers):
             for name in (contract.past_key(layer), contract.past_value(layer)):
                 t = self._io[name]
                 _, kvh, slots, d = t["shape"]
                 dtype = _torch_dtype(t["dtype"].upper())
-                # A ring starts as zeros (masked until written; NaN in fresh memory would survive a mask).
-                pasts[name] = torch.zeros((batch_size, kvh, slots if name in self._rings else 0, d), dtype=dtype,
-                                          device=self.device)
-        return ChainCache(pasts, batch_size, 0)
+                ring = name in self._rings
+                # Room for the longest present any profile allows (past + new tokens); a ring's is fixed.
+                length = slots if ring else max(p.ranges[name][1][2] + p.ranges[contract.INPUT_IDS][1][1]
+                                                for p in self.profiles)
+                n = self.max_batch * kvh * length * d
+                buffers[name] = (flat_buffer(n, dtype, self.device, zeros=ring), flat_buffer(n, dtype, self.device))
+                pasts[name] = view_of(buffers[name][0], (batch_size, kvh, slots if ring else 0, d))
+        return ChainCache(pasts, batch_size, 0, buffers)
 
     def forward(self, input_ids_BS: np.ndarray, position_ids_BS: np.ndarray, cache: ChainCache,
                 image_features_NH: np.ndarray | None = None):
@@ -147,11 +167,30 @@ class TrtChainBackend:
         profile = select_profile(self.profiles, shapes, str(self.engine_dir))
         outputs = [contract.LOGITS] + [n for i in range(self.num_layers)
                                        for n in (contract.present_key(i), contract.present_value(i))]
-        out = run_chain(self.ranges, feeds, lambda k, inputs: self.runners[k].run(inputs, profile), outputs)
+        run = lambda k, inputs: self.runners[k].run(inputs, self._outputs(self.ranges[k], cache, batch, new), profile)  # noqa: E731
+        out = run_chain(self.ranges, feeds, run, outputs)
         pasts = {contract.past_key(i): out[contract.present_key(i)] for i in range(self.num_layers)}
         pasts.update({contract.past_value(i): out[contract.present_value(i)] for i in range(self.num_layers)})
         logits_BSV = out[contract.LOGITS].float().cpu().numpy()
-        return logits_BSV, ChainCache(pasts, batch, cache.past_len + new)
+        return logits_BSV, ChainCache(pasts, batch, cache.past_len + new, cache.buffers)
+
+    def _outputs(self, r: _RangeView, cache: ChainCache, batch: int, new: int) -> dict[str, Any]:
+        """Range ``r``'s outputs for this step, as views of the preallocated buffers."""
+        out = {}
+        for name in r.outputs:
+            if name in self._flat:
+                flat, width = self._flat[name]
+                out[name] = view_of(flat, (batch, new, width))
+                continue
+            past = name.replace("present_", "past_", 1) if name.startswith("present_") else None
+            if past not in cache.pasts:
+                raise MoecError(f"{self.engine_dir}: range {r.first}-{r.end - 1} outputs {name}, which a layer chain "
+                                "does not produce: rebuild the chain with `moec build --layers-per-engine`")
+            view = cache.pasts[past]
+            _, kvh, p, d = view.shape
+            slots = p if past in self._rings else p + new  # a ring keeps its size
+            out[name] = view_of(other_buffer(cache.buffers[past], view), (batch, kvh, slots, d))
+        return out
 
     def describe(self) -> dict[str, str]:
         return {"backend": "trt", "engines": f"{len(self.ranges)} layer ranges", "trt_flavour": self.chain["trt"]["flavour"],
@@ -179,7 +218,8 @@ class EngineRunner:
         self.outputs = [n for n in names if str(engine.get_tensor_mode(n)).endswith("OUTPUT")]
         self.profile = int(context.active_optimization_profile)
 
-    def run(self, inputs: dict[str, Any], profile: EngineProfile) -> dict[str, Any]:
+    def run(self, inputs: dict[str, Any], outputs: dict[str, Any], profile: EngineProfile) -> dict[str, Any]:
+        """Range's step: ``outputs`` are the tensors TensorRT writes into (returned by name)."""
         import torch
 
         ctx = self.context
@@ -195,12 +235,14 @@ class EngineRunner:
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise MoecError(f"{self.path}: TensorRT refused input {name} shape {list(t.shape)}; rebuild the chain")
             ctx.set_tensor_address(name, keep[-1].data_ptr())
-        out = {}
         for name in self.outputs:
-            t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
+            t = outputs[name]
+            inferred = tuple(ctx.get_tensor_shape(name))
+            if inferred != tuple(t.shape):
+                raise MoecError(f"{self.path}: TensorRT infers output {name} as {list(inferred)}, the chain expects "
+                                f"{list(t.shape)}: the chain.json does not match the engines; rebuild the chain")
             ctx.set_tensor_address(name, t.data_ptr())
-            out[name] = t
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise MoecError(f"{self.path}: TensorRT failed to enqueue the step (see its log above)")
         self.stream.synchronize()
-        return out
+        return {name: outputs[name] for name in self.outputs}

@@ -12,7 +12,7 @@ ENG_DIR/
   chain.json       the chain: every range's layers, I/O and engines (sha256), the model's memory
                    plan (the engines run on one GPU, so it is the whole model's), each range's
                    weight bytes and the build's estimated host peak
-  sidecar, tokenizer
+  sidecar, tokenizer  (once for the chain: the range folders hold none; ``chain_tokenizer``)
 
 ``load_layer_chain`` is what a runtime calls first: it refuses a chain that is incomplete (a range
 folder or engine missing), mixed (an engine whose sha256 is not the recorded one) or not one
@@ -22,7 +22,6 @@ chain (layers not contiguous from 0, an input no feed or earlier range provides)
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 from pathlib import Path
 
@@ -102,13 +101,10 @@ def build_layer_chain(onnx_path: str | Path, out_dir: str | Path, config, layers
                "weight_bytes": sum(e["weight_bytes"] for e in entries),
                "build_host_bytes_estimate": max(e["build_host_bytes_estimate"] for e in entries),
                "sidecar": sidecar_file.name, "tokenizer": contract.TOKENIZER_FILE if tokenizer is not None else None,
-               "outputs": [o.name for o in model.graph.output], "ranges": entries}
+               "outputs": [o.name for o in model.graph.output], "ranges": entries,
+               "engine_split": config.engine_split or {"requested": layers_per_engine, "layers_per_engine": layers_per_engine}}
         write_json_atomic(tmp / CHAIN_MANIFEST, out)
     return out
-
-
-def host_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def suggest_layers_per_engine(weight_bytes: int, num_layers: int, host: int) -> int | None:
@@ -119,29 +115,6 @@ def suggest_layers_per_engine(weight_bytes: int, num_layers: int, host: int) -> 
     per_layer = weight_bytes / max(1, num_layers)
     n = int((host - BUILD_RSS_BASE) / (BUILD_RSS_RATIO * per_layer))
     return n if n >= 1 else None
-
-
-def host_memory_warning(onnx_path: str | Path, host: int | None = None) -> str | None:
-    """A line for ``moec build`` when building ``onnx_path`` as one engine would need more host
-    memory than this machine has (estimated), naming the --layers-per-engine that fits."""
-    from moec.common.onnx_files import load_graph_structure
-    from moec.common.sidecar import read_sidecar
-    from moec.compiler.plan import onnx_weight_bytes
-
-    try:
-        weights = onnx_weight_bytes(load_graph_structure(onnx_path))
-        num_layers = int(read_sidecar(Path(onnx_path))["num_layers"])
-    except (MoecError, OSError, KeyError, ValueError):
-        return None  # the build itself names what is wrong with the graph
-    host = host_bytes() if host is None else host
-    need = build_host_bytes(weights)
-    if need <= host:
-        return None
-    n = suggest_layers_per_engine(weights, num_layers, host)
-    fix = f"pass --layers-per-engine {n} to build it as a chain of engines" if n else \
-        "not even one layer per engine fits: build on a larger host"
-    return (f"building {weights / 1e9:.1f} GB of weights as one engine needs about {need / 1e9:.1f} GB of host memory "
-            f"({BUILD_RSS_RATIO}x the weights, measured) and this host has {host / 1e9:.1f} GB: {fix}")
 
 
 def _size(n: int) -> str:
@@ -222,6 +195,19 @@ def _chain_engines(chain: dict, eng_dir: Path, path: Path, arch: str | None) -> 
     return engines
 
 
+def chain_tokenizer(eng_dir: str | Path, chain: dict) -> Path | None:
+    """The chain's tokenizer.json, in the chain folder (None when the model shipped none)."""
+    from moec.common.confine import plain_file_name
+
+    name = chain.get("tokenizer")
+    if not name:
+        return None
+    path = plain_file_name(Path(eng_dir), name, f"{Path(eng_dir) / CHAIN_MANIFEST} tokenizer", "rebuild with `moec build`")
+    if not path.is_file():
+        raise MoecError(f"{path} is missing: the chain is incomplete; copy the whole folder `moec build` wrote")
+    return path
+
+
 def inspect_layer_chain(eng_dir: str | Path) -> dict:
     """``moec inspect`` of a layer-chain folder: the chain checked as a runtime would load it (every
     arch), then each range's folder inspected like a single engine folder."""
@@ -232,8 +218,10 @@ def inspect_layer_chain(eng_dir: str | Path) -> dict:
     for arch in chain["archs"][1:]:
         load_layer_chain(eng_dir, arch)
     ranges = [inspect_engine_dir(eng_dir / r["dir"]) for r in chain["ranges"]]
+    tokenizer = chain_tokenizer(eng_dir, chain)
     return {"path": str(eng_dir), "chain": {k: chain[k] for k in ("num_layers", "layers_per_engine", "archs", "weight_bytes",
                                                                  "build_host_bytes_estimate")},
+            "tokenizer": str(tokenizer) if tokenizer else None, "engine_split": chain.get("engine_split"),
             "ranges": [{"layers": r["layers"], "dir": r["dir"], "inputs": r["inputs"], "outputs": r["outputs"],
                         "weight_bytes": r["weight_bytes"], "engines": r["engines"]} for r in chain["ranges"]],
             "range_reports": ranges,

@@ -39,8 +39,12 @@ class BuildConfig:
     workspace_mib: int | None = None
     progress: bool = True
     # Build the model as a chain of engines of this many layers each (compiler/build/chain.py), so
-    # the build's host memory is one range's; None: one engine.
-    layers_per_engine: int | None = None
+    # the build's host memory is one range's; "all": one engine; None: auto, one engine where its
+    # build fits the host's memory, else a chain (compiler/build/split.py).
+    layers_per_engine: int | str | None = None
+    # Why one engine or a chain (compiler/build/split.py's EngineSplit.to_json()), recorded as the
+    # manifest's / chain.json's engine_split; None: not recorded.
+    engine_split: dict | None = None
 
     def __post_init__(self):
         if not self.archs:
@@ -51,8 +55,9 @@ class BuildConfig:
             raise MoecError(f"--hardware-compat {self.hardware_compat!r}: use one of {', '.join(HARDWARE_COMPAT)}")
         if self.prefill_opt_tokens < 1 or (self.decode_opt_batch is not None and self.decode_opt_batch < 1):
             raise MoecError("prefill_opt_tokens and decode_opt_batch must be at least 1")
-        if self.layers_per_engine is not None and self.layers_per_engine < 1:
-            raise MoecError(f"--layers-per-engine {self.layers_per_engine}: give at least 1 (or leave it out for one engine)")
+        from moec.compiler.build.split import check_layers_per_engine
+
+        check_layers_per_engine(self.layers_per_engine)
         if self.workspace_mib is not None and self.workspace_mib <= 0:
             raise MoecError(f"--workspace {self.workspace_mib} MiB: give a positive size")
         # None means "from the export"; 0 is not a way to say that, so it is refused, not defaulted.

@@ -219,6 +219,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                             "with --builder trt")
     sidecar = read_sidecar(onnx_path)
     tokenizer = model_tokenizer(onnx_path.parent, sidecar, onnx_path)  # shipped in the engine folder
+    if layer_range is not None:
+        tokenizer = None  # a chain ships one, in its own folder beside chain.json (compiler/build/chain.py)
     from moec.compiler.quantize_stage import check_engine_archs
 
     check_engine_archs(sidecar, archs, onnx_path)
@@ -305,6 +307,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, config: BuildConfig
                                        "inputs": list(layer_range.inputs), "outputs": list(layer_range.outputs)}
         if vision is not None:
             manifest["vision"] = vision  # the vision graph's engines (compiler/build/vision.py)
+        if config.engine_split is not None and layer_range is None:
+            manifest["engine_split"] = config.engine_split  # why one engine (compiler/build/split.py)
         (tmp / contract.ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         # Inside the folder's transaction: a cache that cannot be written fails the build before
         # the engine folder appears, not after.

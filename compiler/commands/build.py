@@ -10,6 +10,7 @@ from moec.compiler.commands.conventions import (
     BUILDER_FLAVOURS,
     arch_option,
     builder_option,
+    layers_per_engine_option,
     output_option,
 )
 from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summary
@@ -39,9 +40,7 @@ from moec.compiler.commands.inspect import _kv_line, _max_prompt, _profile_summa
 @click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT versions of the same major (full TensorRT only).")
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace memory pool limit in MiB.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--layers-per-engine", type=click.IntRange(min=1), default=None,
-              help="Build a chain of engines of N layers each, one after another, so the build's host memory is about "
-                   "1.8x one engine's weights instead of the model's [default: one engine].")
+@layers_per_engine_option()
 def build(onnx_path, out_dir, archs, builder, shapes, max_batch, max_new_tokens, max_past, max_seq, timing_cache, opt_level,
           hardware_compat, version_compatible, workspace_mib, no_progress, layers_per_engine) -> None:
     """Build one TensorRT engine per --arch from MODEL.onnx into OUT_DIR (with manifest.json);
@@ -61,7 +60,7 @@ def build(onnx_path, out_dir, archs, builder, shapes, max_batch, max_new_tokens,
         workspace_mib=workspace_mib, progress=not no_progress, layers_per_engine=layers_per_engine,
     )
     if onnx_path.is_dir():  # a partition folder (moec optimize --tp/--ep): one engine folder per rank
-        if layers_per_engine is not None:
+        if isinstance(layers_per_engine, int):
             from moec.common.errors import MoecError
 
             raise MoecError("--layers-per-engine builds one graph as a chain; a partition folder's ranks are built whole: "
@@ -74,16 +73,20 @@ def build(onnx_path, out_dir, archs, builder, shapes, max_batch, max_new_tokens,
             click.echo(f"  rank {r['rank']}: {r['dist_collective_layers']} DistCollective layers; "
                        + ", ".join(f"{e['file']} sha256 {e['sha256'][:16]}" for e in r["engines"]))
         return
-    if layers_per_engine is not None and not onnx_path.is_dir():
+    import dataclasses
+
+    from moec.compiler.build.split import choose_engine_split
+
+    split = choose_engine_split(onnx_path, layers_per_engine)
+    if split.note:
+        click.secho(f"{'note' if split.layers_per_engine else 'warning'}: {split.note}",
+                    fg=None if split.layers_per_engine else "yellow", err=True)
+    config = dataclasses.replace(config, engine_split=split.to_json())
+    if split.layers_per_engine is not None:
         from moec.compiler.build.chain import build_layer_chain, format_chain
 
-        click.echo(format_chain(build_layer_chain(onnx_path, out_dir, config, layers_per_engine), out_dir))
+        click.echo(format_chain(build_layer_chain(onnx_path, out_dir, config, split.layers_per_engine), out_dir))
         return
-    from moec.compiler.build.chain import host_memory_warning
-
-    warning = host_memory_warning(onnx_path)
-    if warning:
-        click.secho(f"warning: {warning}", fg="yellow", err=True)
     result = build_engine(onnx_path, out_dir, config)
     for note in result.warnings:
         click.secho(f"warning: {note}", fg="yellow", err=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from moec.compiler.commands.conventions import (CheckpointPath, dtype_option, moe_lowering_option, precision_option,
-                                                target_option)
+from moec.compiler.commands.conventions import (CheckpointPath, dtype_option, layers_per_engine_option,
+                                                moe_lowering_option, precision_option, target_option)
 from moec.compiler.commands.quantize_options import quantize_fields, quantize_options
 from moec.compiler.commands.weights_options import allow_nonfinite_option
 from moec.compiler.compile import DEFAULT_TARGET, DEMOS, CompileConfig, StageRecord
@@ -79,8 +79,7 @@ def _print_summary(console, stages: list[StageRecord], error: str = "") -> None:
 @click.option("--rank-timeout", type=click.FloatRange(min=1), default=None,
               help="With --tp/--ep: seconds verify's ranks wait for a silent peer [default: 120].")
 @click.option("--text-only", is_flag=True, help="A multimodal checkpoint: skip its vision graph and engines.")
-@click.option("--layers-per-engine", type=click.IntRange(min=1), default=None,
-              help="Build a chain of engines of N layers each (host memory of one engine's build) [default: one engine].")
+@layers_per_engine_option()
 @quantize_options
 @allow_nonfinite_option
 def compile_(checkpoint, out_dir, target, dtype, precision, moe_lowering, max_batch, max_seq, no_verify, prompt_len, atol, rtol,

@@ -238,3 +238,35 @@ class CheckpointPath(click.ParamType):
         from moec.common.hub import resolve_checkpoint
 
         return value if isinstance(value, Path) else resolve_checkpoint(value)
+
+
+class LayersPerEngine(click.ParamType):
+    """``--layers-per-engine``: N (a chain of N-layer engines), ``all`` (one engine) or ``auto``
+    (None: compiler/build/split.py chooses by the host's memory)."""
+
+    name = "N|all|auto"
+
+    def convert(self, value, param, ctx):
+        from moec.compiler.build.split import AUTO, ONE_ENGINE
+
+        if value is None or isinstance(value, int) or value == ONE_ENGINE:
+            return value
+        if value == AUTO:
+            return None
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r}: give a layer count of at least 1, {ONE_ENGINE} or {AUTO}", param, ctx)
+        return n
+
+
+def layers_per_engine_option() -> Callable:
+    """``moec build`` / ``moec compile --layers-per-engine``: the same values and default on both."""
+    return click.option(
+        "--layers-per-engine", type=LayersPerEngine(), default=None, metavar="N|all|auto",
+        help="Build a chain of engines of N layers each, one after another, so the build's host memory is about 1.8x "
+             "one engine's weights instead of the model's; 'all' forces one engine. [default: auto: one engine when "
+             "its estimated build memory fits the host's available memory, else the chain with the most layers per "
+             "engine that fits, said in one line]")

@@ -18,7 +18,7 @@ from moec.compiler.build import BuildConfig
 from moec.compiler.build.chain import (
     CHAIN_MANIFEST,
     build_layer_chain,
-    host_memory_warning,
+    chain_tokenizer,
     load_layer_chain,
 )
 from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
@@ -171,18 +171,6 @@ def test_without_the_option_one_engine_and_no_chain(opt_onnx, tmp_path, capsys):
     assert (tmp_path / "eng" / "engine.sm89.plan").is_file()
 
 
-def test_host_memory_warning_names_the_layers_per_engine_that_fits(opt_onnx):
-    from moec.compiler.build.chain import BUILD_RSS_BASE, build_host_bytes
-    from moec.compiler.plan import onnx_weight_bytes
-
-    weights = onnx_weight_bytes(_structure(opt_onnx))
-    assert host_memory_warning(opt_onnx, host=build_host_bytes(weights)) is None
-    # Room for the libraries and two layers' share at 1.8x: N = 2.
-    host = BUILD_RSS_BASE + int(1.8 * weights / LAYERS * 2) + 1
-    assert "--layers-per-engine 2" in host_memory_warning(opt_onnx, host=host)
-    assert "larger host" in host_memory_warning(opt_onnx, host=BUILD_RSS_BASE)
-
-
 def test_plan_estimates_the_build_host_memory_one_engine_and_per_layer():
     from types import SimpleNamespace
 
@@ -191,6 +179,33 @@ def test_plan_estimates_the_build_host_memory_one_engine_and_per_layer():
     cfg = SimpleNamespace(vocab_size=10, hidden_size=4, num_hidden_layers=2)
     # Embedding and lm_head 10 x 4 x 2 bytes each; the 840 other bytes are 420 a layer, + one edge.
     assert build_host_estimate(cfg, 1000) == {"one_engine": 1800 + BUILD_RSS_BASE, "layers_per_engine_1": 900 + BUILD_RSS_BASE}
+
+
+@pytest.mark.trt
+def test_the_chain_holds_one_tokenizer_in_its_own_folder(chain_dir, capsys):
+    from moec.compiler.build.chain import inspect_layer_chain
+    from moec.compiler.commands.run import artifact_sidecar, find_tokenizer
+
+    chain, _ = load_layer_chain(chain_dir)
+    tok = chain_dir / contract.TOKENIZER_FILE
+    assert chain["tokenizer"] == contract.TOKENIZER_FILE and tok.is_file()
+    for r in chain["ranges"]:
+        assert not (chain_dir / r["dir"] / contract.TOKENIZER_FILE).exists()
+        assert json.loads((chain_dir / r["dir"] / contract.ENGINE_MANIFEST).read_text())["tokenizer"] is None
+    assert chain_tokenizer(chain_dir, chain) == tok
+    assert inspect_layer_chain(chain_dir)["tokenizer"] == str(tok)
+    # `moec run CHAIN --prompt` takes it from there, checked against the chain's sidecar.
+    assert find_tokenizer(chain_dir, None) == tok
+    assert artifact_sidecar(chain_dir)["tokenizer_sha256"]
+
+
+def test_a_chain_whose_tokenizer_is_gone_is_named(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(MoecError, match="tokenizer.json is missing"):
+        chain_tokenizer(tmp_path / "x", {"tokenizer": contract.TOKENIZER_FILE})
+    with pytest.raises(MoecError, match="not a plain file name"):
+        chain_tokenizer(tmp_path / "x", {"tokenizer": "../tokenizer.json"})
+    assert chain_tokenizer(tmp_path / "x", {"tokenizer": None}) is None
 
 
 @pytest.mark.trt

@@ -66,20 +66,30 @@ def chain_engines(demo_onnx, tmp_path_factory):
 
 class OrtAtTheSeam:
     """An engine runner (EngineRunner's seam) that runs the range's ONNX graph on ONNX Runtime,
-    after checking it is handed exactly the engine's input names and shapes its profile holds."""
+    after checking it is handed exactly the engine's input names and shapes its profile holds, and
+    output tensors of exactly the shapes the graph computes (written in place, as TensorRT does),
+    none of them memory an input of the step is read from. ``ptrs``: every output's addresses."""
 
-    def __init__(self, session, engine_io: dict, calls: list):
+    def __init__(self, session, engine_io: dict, calls: list, ptrs: dict | None = None):
         self.session, self.io, self.calls = session, engine_io, calls
+        self.ptrs = {} if ptrs is None else ptrs
 
-    def run(self, inputs, profile):
+    def run(self, inputs, outputs, profile):
         assert list(inputs) == [t["name"] for t in self.io["inputs"]]
         assert profile.misfit({n: tuple(t.shape) for n, t in inputs.items()}) is None
         self.calls.append(profile.name)
         names = [t["name"] for t in self.io["outputs"]]
+        assert set(outputs) == set(names)
         import torch
 
         outs = self.session.run(names, {n: t.numpy() for n, t in inputs.items()})
-        return {n: torch.from_numpy(o) for n, o in zip(names, outs)}
+        read = {t.data_ptr() for t in inputs.values() if t.numel()}
+        for n, o in zip(names, outs):
+            assert tuple(outputs[n].shape) == o.shape, n
+            assert outputs[n].data_ptr() not in read, f"{n} would overwrite an input of the same step"
+            outputs[n].copy_(torch.from_numpy(o))
+            self.ptrs.setdefault(n, set()).add(outputs[n].data_ptr())
+        return outputs
 
 
 @pytest.mark.trt
@@ -100,3 +110,25 @@ def test_trt_chain_backend_runs_the_engines_io_in_order(chain_engines, single):
     # Both ranges every step, prefill's profile for the prompt, decode's for each token after it.
     assert calls[:2] == ["prefill", "prefill"] and set(calls[2:]) == {"decode"}
     assert len(calls) == 2 * 8
+
+
+@pytest.mark.trt
+def test_trt_chain_backend_reuses_its_output_buffers(chain_engines):
+    from moec.compiler.build.chain import load_layer_chain
+    from moec.runtime.trt_chain import TrtChainBackend
+
+    opt, eng = chain_engines
+    chain, _ = load_layer_chain(eng)
+    manifests = [json.loads((eng / r["dir"] / contract.ENGINE_MANIFEST).read_text()) for r in chain["ranges"]]
+    ort_chain = OrtLayerChain(opt, chain["layers_per_engine"])
+    ptrs: dict = {}
+    runners = [OrtAtTheSeam(s, m["io"], [], ptrs) for s, m in zip(ort_chain.sessions, manifests)]
+    backend = TrtChainBackend(eng, chain, manifests, runners)
+    reference = OrtBackend.from_onnx(opt)
+    config = GenerationConfig(max_new_tokens=8)
+    assert generate(backend, PROMPT, config).sequences == generate(reference, PROMPT, config).sequences
+    # Eight steps: logits and the residual stream in one buffer each, every present in two (its
+    # past's and the other), whatever the step's shape.
+    assert {n: len(p) for n, p in ptrs.items() if not n.startswith("present_")} == {contract.LOGITS: 1, "hidden.2": 1}
+    presents = {n: len(p) for n, p in ptrs.items() if n.startswith("present_")}
+    assert len(presents) == 2 * 4 and set(presents.values()) == {2}
