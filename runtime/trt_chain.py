@@ -128,8 +128,6 @@ class TrtChainBackend:
         return backend
 
     def init_cache(self, batch_size: int) -> ChainCache:
-        import torch
-
         from moec.runtime.trt_backend import _torch_dtype
 
         if batch_size > self.max_batch:
