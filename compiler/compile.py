@@ -59,6 +59,7 @@ from moec.compiler.compile_stages import (  # noqa: F401 - the stages and their 
     stage_export,
     stage_optimize,
     stage_verify,
+    stage_verify_vision,
     verify_skip_reason,
 )
 
@@ -142,6 +143,7 @@ STAGES: list[tuple[str, Callable[[_State], StageRecord]]] = [
     ("export", stage_export),
     ("optimize", stage_optimize),
     ("verify", stage_verify),
+    ("verify vision", stage_verify_vision),
     ("build", stage_build),
 ]
 

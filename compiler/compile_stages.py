@@ -46,6 +46,7 @@ class _State:
     export_dtype: str = "fp32"
     max_seq: int | None = None
     demo: str | None = None  # the demo written when no checkpoint was given (DEMOS)
+    vision: bool = False  # a vision graph was exported beside the text graph
 
 
 def _files_bytes(*paths: Path) -> int:
@@ -84,9 +85,19 @@ def stage_checkpoint(s: _State) -> StageRecord:
         return StageRecord("checkpoint", 0.0, "ok", detail, artifact_bytes=_files_bytes(s.checkpoint))
     from moec.models.demo import write_demo_checkpoint
 
-    write_demo_checkpoint(s.checkpoint, preset=DEMO_PRESET, seed=s.config.demo_seed)
-    return StageRecord("checkpoint", 0.0, "ok", f"demo {DEMO_PRESET} (seed {s.config.demo_seed})",
+    vision = demo_has_vision(s.config)
+    write_demo_checkpoint(s.checkpoint, preset=DEMO_PRESET, seed=s.config.demo_seed,
+                          layout="conditional_generation" if vision else "causal_lm", vision=vision)
+    what = (" with a tiny vision tower (an image prompt: checkpoint/demo-image.png; --text-only for none)"
+            if vision else "")
+    return StageRecord("checkpoint", 0.0, "ok", f"demo {DEMO_PRESET}{what} (seed {s.config.demo_seed})",
                        artifact_bytes=_files_bytes(s.checkpoint))
+
+
+def demo_has_vision(config: CompileConfig) -> bool:
+    """The random demo is multimodal (Llama 4 is), so the main job shows an image prompt; --text-only keeps it
+    text only, and so does a partition (--tp/--ep: the rank graphs are text only)."""
+    return not (config.text_only or config.parallel)
 
 
 def demo_choice(config: CompileConfig) -> str:
@@ -158,7 +169,7 @@ def stage_export(s: _State) -> StageRecord:
     s.export_path = s.work / "onnx" / "model.onnx"
     from moec.compiler.export_vision import has_vision_tower, image_token_id_of
 
-    vision = not s.config.text_only and has_vision_tower(s.checkpoint)
+    vision = s.vision = not s.config.text_only and has_vision_tower(s.checkpoint)
     export_onnx(s.checkpoint, s.export_path,
                 ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
                              allow_nonfinite_weights=s.config.allow_nonfinite_weights,
@@ -264,12 +275,25 @@ def _fp32_twin(s: _State) -> Path:
     return out
 
 
+def _torch_reference(s: _State, dtype: str):
+    """The torch backend verify compares against, and the quantization its weights were dequantized with: a
+    quantized graph is checked against torch on the same dequantized weights."""
+    from moec.models.torch_backend import TorchBackend
+
+    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype,
+                                                 allow_nonfinite=s.config.allow_nonfinite_weights)
+    if (quant := quantize_spec_of(s.config)) is not None:
+        from moec.compiler.quantize_stage import dequantize_module_weights
+
+        dequantize_module_weights(torch_backend.model, quant)
+    return torch_backend, quant
+
+
 def stage_verify(s: _State) -> StageRecord:
     if (reason := verify_skip_reason(s.config)) is not None:
         return StageRecord("verify", 0.0, "skipped", reason)
     from moec.compiler.verify import VerifyConfig, verify_backends
     from moec.models import Llama4Config
-    from moec.models.torch_backend import TorchBackend
     from moec.runtime.ort_backend import OrtBackend
 
     # The graph the engine is built from, when ONNX Runtime can run it; a graph with TensorRT-only
@@ -291,13 +315,7 @@ def stage_verify(s: _State) -> StageRecord:
         return _verify_ranks(s, vcfg)
     llama = Llama4Config.from_pretrained(s.checkpoint)
     ort_backend = OrtBackend.from_onnx(graph)
-    torch_backend = TorchBackend.from_checkpoint(s.checkpoint, dtype=dtype,
-                                                 allow_nonfinite=s.config.allow_nonfinite_weights)
-    if (quant := quantize_spec_of(s.config)) is not None:
-        # The quantized graph is checked against torch on the same dequantized weights.
-        from moec.compiler.quantize_stage import dequantize_module_weights
-
-        dequantize_module_weights(torch_backend.model, quant)
+    torch_backend, quant = _torch_reference(s, dtype)
     try:
         rep = verify_backends(torch_backend, ort_backend, vcfg, llama.vocab_size, llama.attention_chunk_size)
     finally:
@@ -320,6 +338,50 @@ def stage_verify(s: _State) -> StageRecord:
         raise _StageFailed(rec, f"verify failed: {len(rep.failures)} of {len(rep.rows)} comparisons out of "
                                 f"tolerance (atol {rep.atol:g}, rtol {rep.rtol:g}); worst: {listing}. "
                                 f"`moec verify CHECKPOINT --json` prints the full table")
+    return rec
+
+
+def stage_verify_vision(s: _State) -> StageRecord:
+    """The image path (compiler/verify_vision.py): the vision graph on ONNX Runtime against the checkpoint's tower,
+    and an image prompt through both text models where ONNX Runtime runs the text graph here."""
+    if not s.vision:
+        return StageRecord("verify vision", 0.0, "skipped",
+                           "--text-only" if s.config.text_only else "no vision tower in the checkpoint")
+    if (reason := verify_skip_reason(s.config)) is not None:
+        return StageRecord("verify vision", 0.0, "skipped", reason)
+    if s.config.parallel:
+        return StageRecord("verify vision", 0.0, "skipped", "a partition's rank graphs run text only")
+    from moec.compiler.verify import VerifyConfig
+    from moec.compiler.verify_vision import describe, verify_vision
+    from moec.runtime.ort_backend import OrtBackend
+    from moec.runtime.vision import read_vision_metadata, vision_onnx_path
+
+    vision_graph = vision_onnx_path(s.optimized_path)
+    vision_dtype = read_vision_metadata(vision_graph).get("dtype", "fp32")
+    text_dtype = s.config.precision or s.export_dtype
+    dtype = "fp32" if (vision_dtype, text_dtype) == ("fp32", "fp32") else "fp16"
+    skip = ""
+    if not _ort_can_run(s.optimize_report):
+        skip = "image prompt not run: the text graph holds TensorRT-only MoE nodes"
+    elif text_dtype == "bf16" and not _ort_has_cuda():
+        skip = "image prompt not run: the bf16 text graph has no ONNX Runtime CPU kernels"
+    vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol)
+    torch_backend = ort_backend = None
+    if not skip:
+        ort_backend = OrtBackend.from_onnx(s.optimized_path)
+        torch_backend, _ = _torch_reference(s, text_dtype)
+    try:
+        rep = verify_vision(s.checkpoint, vision_graph, vcfg, torch_backend, ort_backend, skip)
+    finally:
+        del torch_backend, ort_backend
+    write_json_atomic(s.work / "verify_vision_report.json", rep.to_dict())
+    worst = max(rep.rows, key=lambda r: r.max_abs)
+    rec = StageRecord("verify vision", 0.0, "ok" if rep.passed else "FAILED", describe(rep),
+                      max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
+    if not rep.passed:
+        listing = "; ".join(f"{r.output} at {r.step}: max abs {r.max_abs:.3e}" for r in rep.failures[:3])
+        raise _StageFailed(rec, f"verify vision failed: {len(rep.failures)} of {len(rep.rows)} comparisons out of "
+                                f"tolerance (atol {rep.atol:g}, rtol {rep.rtol:g}); {listing}")
     return rec
 
 

@@ -56,14 +56,14 @@ DEMO_IMAGE_FILE = "demo-image.png"
 DEMO_IMAGE_HW = (90, 120)  # not a tile multiple: the processor resizes it to a 2 x 2 grid of 56-px tiles
 
 
-def write_demo_image(path) -> None:
+def write_demo_image(path, hw: tuple[int, int] = DEMO_IMAGE_HW) -> None:
     """A deterministic RGB picture (a colour gradient with a square in it), written with Pillow: no random bytes,
     so the file is the same everywhere and reads as a picture, not noise."""
     import numpy as np
     from PIL import Image
 
-    h, w = DEMO_IMAGE_HW
+    h, w = hw
     y, x = np.mgrid[0:h, 0:w]
     rgb_HWC = np.stack([255 * x / (w - 1), 255 * y / (h - 1), np.full((h, w), 96.0)], axis=-1)
-    rgb_HWC[20:60, 30:70] = (250, 250, 250)
+    rgb_HWC[h * 2 // 9:h * 2 // 3, w // 4:w * 7 // 12] = (250, 250, 250)  # [20:60, 30:70] at 90 x 120
     Image.fromarray(rgb_HWC.round().astype(np.uint8), "RGB").save(path, format="PNG")

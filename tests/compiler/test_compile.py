@@ -19,13 +19,15 @@ def test_compile_demo_to_sm89_engine(tmp_path, capsys):
     assert code == 0
     report = json.loads(stdout)
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["checkpoint", "export", "optimize", "verify", "build"]
+    assert list(stages) == ["checkpoint", "export", "optimize", "verify", "verify vision", "build"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     # The demo has 2 MoE layers: both fused, none left unfused.
     assert stages["optimize"]["fused_ops"].startswith("2 gating + 2 experts / 2 MoE layers")
     manifest = json.loads((out / "engine" / "manifest.json").read_text())
     assert manifest["archs"] == ["sm89"] and manifest["trt"]["flavour"] == "tensorrt-rtx"
     assert (out / "engine" / manifest["engines"][0]["file"]).stat().st_size > 0
+    # The demo is multimodal: its vision engine is built beside the text engine.
+    assert (out / "engine" / manifest["vision"]["engines"][0]["file"]).stat().st_size > 0
     verify = json.loads((out / "verify_report.json").read_text())
     assert verify["passed"] and all(verify["greedy_match"])
     assert json.loads((out / "compile_report.json").read_text())["passed"]
