@@ -170,21 +170,18 @@ def stage_export(s: _State) -> StageRecord:
     from moec.compiler.export_vision import has_vision_tower, image_token_id_of
 
     vision = s.vision = not s.config.text_only and has_vision_tower(s.checkpoint)
-    export_onnx(s.checkpoint, s.export_path,
-                ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
-                             allow_nonfinite_weights=s.config.allow_nonfinite_weights,
-                             image_token_id=image_token_id_of(s.checkpoint) if vision else None))
+    config = ExportConfig(dtype=s.export_dtype, max_batch=s.config.max_batch, max_seq=s.max_seq,
+                          allow_nonfinite_weights=s.config.allow_nonfinite_weights,
+                          image_token_id=image_token_id_of(s.checkpoint) if vision else None)
     vision_note = ""
     if vision:
-        from moec.compiler.export_vision import (
-            VisionExportConfig,
-            export_vision_onnx,
-            vision_onnx_path,
-        )
+        from moec.compiler.export_vision import VisionExportConfig, export_text_and_vision
 
-        v = export_vision_onnx(s.checkpoint, vision_onnx_path(s.export_path),
-                               VisionExportConfig(dtype="fp16" if s.export_dtype == "fp16" else "fp32"))
+        _, v = export_text_and_vision(s.checkpoint, s.export_path, config,
+                                      VisionExportConfig(dtype="fp16" if s.export_dtype == "fp16" else "fp32"))
         vision_note = f", vision graph {v.name}"
+    else:
+        export_onnx(s.checkpoint, s.export_path, config)
     return StageRecord("export", 0.0, "ok", f"{dtype_note}, {context_note}{vision_note}",
                        artifact_bytes=_onnx_bytes(s.export_path))
 

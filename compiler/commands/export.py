@@ -47,19 +47,17 @@ def export(checkpoint, output, dtype, max_batch, max_seq, external_data_threshol
         tower = load_vision_tower(checkpoint, dtype=vision_dtype)  # bad vision weights fail before any file is written
     config = ExportConfig(**{k: v for k, v in options.items() if v is not None})
     with progress.shown(f"moec export {checkpoint.name}"):
-        r = export_onnx(checkpoint, output, config)
         if vision:
             from moec.common import contract
-            from moec.compiler.export_vision import (
-                VisionExportConfig,
-                export_vision_onnx,
-                vision_onnx_path,
-            )
+            from moec.compiler.export_vision import VisionExportConfig, export_text_and_vision
 
-            v = export_vision_onnx(checkpoint, vision_onnx_path(r.onnx_path), VisionExportConfig(
+            # One set: a failure in either graph leaves neither (compiler/export_vision.py).
+            r, v = export_text_and_vision(checkpoint, output, config, VisionExportConfig(
                 dtype=vision_dtype, external_data_threshold_bytes=config.external_data_threshold_bytes), tower=tower)
             data = v.with_name(v.name + ".data")
             vision_files = [v, data if data.is_file() else None, contract.sidecar_path(v)]
+        else:
+            r = export_onnx(checkpoint, output, config)
     files = [r.onnx_path, r.external_data_path, r.sidecar_path, r.tokenizer_path, *vision_files]
     click.echo(
         f"exported {r.dtype} ({r.weight_bytes / 2**20:.1f} MiB of weights, max {r.max_positions} positions) "
