@@ -354,14 +354,20 @@ def stage_verify_vision(s: _State) -> StageRecord:
     from moec.runtime.vision import read_vision_metadata, vision_onnx_path
 
     vision_graph = vision_onnx_path(s.optimized_path)
-    vision_dtype = read_vision_metadata(vision_graph).get("dtype", "fp32")
+    vision_dtype = (s.optimize_report.vision or {}).get("precision") or read_vision_metadata(vision_graph)["dtype"]
     text_dtype = s.config.precision or s.export_dtype
+    vision_note = ""
+    if vision_dtype == "bf16" and not _ort_has_cuda():
+        # The optimize stage only cleans the vision graph and casts it: its export is the fp32 twin.
+        vision_graph, vision_dtype = vision_onnx_path(s.export_path), read_vision_metadata(
+            vision_onnx_path(s.export_path))["dtype"]
+        vision_note = "the bf16 vision graph has no ONNX Runtime CPU kernels, so its export was compared; "
     dtype = "fp32" if (vision_dtype, text_dtype) == ("fp32", "fp32") else "fp16"
     skip = ""
     if not _ort_can_run(s.optimize_report):
         skip = "image prompt not run: the text graph holds TensorRT-only MoE nodes"
     elif text_dtype == "bf16" and not _ort_has_cuda():
-        skip = "image prompt not run: the bf16 text graph has no ONNX Runtime CPU kernels"
+        skip = "image prompt not run: the bf16 text graph has no ONNX Runtime CPU kernels (verify checked its twin)"
     vcfg = VerifyConfig(dtype=dtype, atol=s.config.atol, rtol=s.config.rtol)
     torch_backend = ort_backend = None
     if not skip:
@@ -373,7 +379,7 @@ def stage_verify_vision(s: _State) -> StageRecord:
         del torch_backend, ort_backend
     write_json_atomic(s.work / "verify_vision_report.json", rep.to_dict())
     worst = max(rep.rows, key=lambda r: r.max_abs)
-    rec = StageRecord("verify vision", 0.0, "ok" if rep.passed else "FAILED", describe(rep),
+    rec = StageRecord("verify vision", 0.0, "ok" if rep.passed else "FAILED", vision_note + describe(rep),
                       max_error=f"{worst.max_abs:.2e} ({worst.output}, {worst.step})")
     if not rep.passed:
         listing = "; ".join(f"{r.output} at {r.step}: max abs {r.max_abs:.3e}" for r in rep.failures[:3])

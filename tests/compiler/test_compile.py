@@ -128,6 +128,9 @@ def test_bf16_without_a_gpu_provider_verifies_the_fp32_twin(tmp_path, monkeypatc
     verify = {s.stage: s for s in report.stages}["verify"]
     assert verify.status == "ok" and "its fp32 twin (same export and passes) was verified" in verify.detail
     assert "torch fp32" in verify.detail
+    vision = {s.stage: s for s in report.stages}["verify vision"]
+    assert vision.status == "ok" and vision.detail.startswith("the bf16 vision graph has no ONNX Runtime CPU kernels")
+    assert "image prompt not run" in vision.detail
     assert report.passed and not (out / "verify-fp32").exists()
     graph = onnx.load(str(out / "onnx" / "model.opt.onnx"), load_external_data=False)
     assert onnx.TensorProto.BFLOAT16 in {t.data_type for t in graph.graph.initializer}

@@ -18,7 +18,7 @@ def test_compile_ep2_for_ort_verifies_the_ranks_and_runs(tmp_path, capsys):
     code, stdout, err = run_cli(["compile", "-o", str(out), "--target", "ort", "--ep", "2", "--json"], capsys)
     assert code == 0, err
     stages = {s["stage"]: s for s in json.loads(stdout)["stages"]}
-    assert [s["status"] for s in stages.values()] == ["ok", "ok", "ok", "ok", "skipped"], stages
+    assert [s["status"] for s in stages.values()] == ["ok", "ok", "ok", "ok", "skipped", "skipped"], stages
     assert "2 ranks (tp 1 x ep 2)" in stages["optimize"]["detail"]
     ranks = out / "onnx" / "ranks"
     manifest = json.loads((ranks / "parallel.json").read_text())
@@ -38,7 +38,7 @@ def test_compile_tp2_builds_one_engine_per_rank(tmp_path, capsys):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "out"
     report = compile_checkpoint(None, out, CompileConfig(target="trt-rtx:sm89", tp=2, verify=False, progress=False))
-    assert [s.status for s in report.stages] == ["ok", "ok", "ok", "skipped", "ok"]
+    assert [s.status for s in report.stages] == ["ok", "ok", "ok", "skipped", "skipped", "ok"]
     engines = json.loads((out / "engine" / "parallel.json").read_text())
     assert engines["world_size"] == 2 and engines["archs"] == ["sm89"]
     for r in engines["ranks"]:
