@@ -62,10 +62,13 @@ def optimized(demo_onnx, tmp_path_factory):
     return get
 
 
-def _correlated(rng, t: int, k: int) -> np.ndarray:
-    """Rows with correlated channels of unequal size (what makes error feedback pay)."""
+def _correlated(rng, t: int, k: int, held_out: int = 0):
+    """Rows with correlated channels of unequal size (what makes error feedback pay); with
+    ``held_out``, also that many more rows of the same distribution."""
     mix = np.eye(k) + rng.standard_normal((k, k)) / np.sqrt(k)
-    return ((rng.standard_normal((t, k)) @ mix) * np.exp(0.5 * rng.standard_normal(k))).astype(np.float32)
+    size = np.exp(0.5 * rng.standard_normal(k))
+    rows = lambda n: ((rng.standard_normal((n, k)) @ mix) * size).astype(np.float32)  # noqa: E731
+    return (rows(t), rows(held_out)) if held_out else rows(t)
 
 
 # --- fires -----------------------------------------------------------------------------------------
@@ -170,12 +173,14 @@ def test_gptq_same_numbers_as_the_dequantized_reference(demo_onnx, optimized, ca
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_output_error_below_round_to_nearest_on_correlated_rows(symmetric):
     rng = np.random.default_rng(0)
-    x = _correlated(rng, 256, 160)  # K = 160: groups of 64 leave a shorter last one of 32
+    x, x_held = _correlated(rng, 256, 160, held_out=512)  # K = 160: groups of 64 leave a shorter last one of 32
     w = rng.standard_normal((160, 48)).astype(np.float32)
     qt = quantize_int4_gptq(w, 0, 64, symmetric, hessian(x))
     rtn = quantize_clipped(w, 0, 64, symmetric, None)
-    err, err_rtn = np.linalg.norm(x @ (w - dequantize(qt))), np.linalg.norm(x @ (w - dequantize(rtn)))
-    assert err < 0.8 * err_rtn, (err, err_rtn)
+    for rows, bound in ((x, 0.85), (x_held, 0.95)):  # measured 0.80 / 0.78 and 0.91 / 0.89: the rows it
+        err = np.linalg.norm(rows @ (w - dequantize(qt)))  # saw, and rows it did not (K / T dampening)
+        err_rtn = np.linalg.norm(rows @ (w - dequantize(rtn)))
+        assert err < bound * err_rtn, (len(rows), err, err_rtn)
     # On the format's grid: int4 levels, one scale (and zero point) per group of 64 along K, in range.
     lo, hi = (-7, 7) if symmetric else (0, 15)
     assert qt.q.dtype == np.int8 and qt.q.min() >= lo and qt.q.max() <= hi
