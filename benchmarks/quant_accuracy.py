@@ -46,10 +46,17 @@ FORMATS = {"fp32": {}, "int8": dict(quantize="int8"), "fp8": dict(quantize="fp8"
                                        quantize_method="clip"),
            "int4-g128-asym-awq": dict(quantize="int4", quantize_group=128, quantize_symmetric=False,
                                       quantize_method="awq"),
-           "fp8-w8a8": dict(quantize="fp8", quantize_activations="static")}
+           "fp8-w8a8": dict(quantize="fp8", quantize_activations="static"),
+           # Third round: GPTQ rounding (alone and after AWQ's scales), FP8 W8A8 with down_proj's input in float.
+           "int4-g128-asym-gptq": dict(quantize="int4", quantize_group=128, quantize_symmetric=False,
+                                       quantize_method="gptq"),
+           "int4-g128-asym-awq-gptq": dict(quantize="int4", quantize_group=128, quantize_symmetric=False,
+                                           quantize_method="awq-gptq"),
+           "fp8-w8a8-no-down": dict(quantize="fp8", quantize_activations="static-no-down")}
 # Expected increase over fp32 before measuring (the issue's targets): int8 <= 1 %, fp8 <= 3 %, int4-g128 <= 10 %.
 TARGETS = {"int8": 0.01, "fp8": 0.03, "int4-g128": 0.10, "int4-g128-asym": 0.10, "int4-g128-clip": 0.10,
-           "int4-g128-awq": 0.10, "int4-g128-asym-clip": 0.10, "int4-g128-asym-awq": 0.10, "fp8-w8a8": 0.03}
+           "int4-g128-awq": 0.10, "int4-g128-asym-clip": 0.10, "int4-g128-asym-awq": 0.10, "fp8-w8a8": 0.03,
+           "int4-g128-asym-gptq": 0.10, "int4-g128-asym-awq-gptq": 0.10, "fp8-w8a8-no-down": 0.03}
 NOTES = """Notes (written after measuring):
 - int4-g128 runs on this model since the int4 quantizer takes a shorter last block (hidden size 576 = 4 x 128 + 64,
   as ONNX DequantizeLinear defines blocks; QMoE and MatMulNBits take it). No figure was written down before this
@@ -104,6 +111,35 @@ Second round (2026-12-02, issue 15: clipping search, AWQ-like scales, FP8 W8A8; 
   inside the fused op and stays float (experts W8A8 on gate_up, weight-only on down).
 - The seconds column of the awq and w8a8 rows includes the calibration (the export on ONNX Runtime) and the search.
   Machine: shared 2-core host, load average 8-9 during these runs, two of them at once.
+
+Third round (2026-12-02, issue 15: GPTQ rounding, FP8 W8A8 with down_proj's input in float):
+- Expected, written before measuring (a lost earlier attempt measured about these): int4-g128-asym-gptq +12 to
+  +15 % dense and moe (error feedback alone, no scales, no clip); int4-g128-asym-awq-gptq +8 to +9 % dense, +8 %
+  moe (meets the <= 10 % target on both); the moe int4-g128-asym-awq row (never measured) about +11 to +12 %, like
+  dense; fp8-w8a8-no-down about +2.2 % dense, +1.7 % moe (meets <= 3 % on both).
+- Measured (written after; fp32 baselines the committed 26.4455 / 27.0721, not re-measured):
+  int4-g128-asym-awq-gptq +7.00 % dense (28.297), +7.86 % moe (29.201): the int4 target is met on both variants,
+  against +11.15 % dense for asym-awq. int4-g128-asym-gptq +13.50 % dense (30.016), +13.43 % moe (30.708); it misses as expected:
+  error feedback alone, on a weight whose group ranges are still set by its outliers (awq's scales fix that first).
+  The moe int4-g128-asym-awq row: +10.31 % (29.863), a narrow miss, as dense's +11.15 %. fp8-w8a8-no-down +2.10 %
+  dense (27.000), +1.93 % moe (27.593): the fp8 target is met on both (fp8-w8a8 was +3.31 % / +1.83 %; weight-only
+  fp8 +1.67 % / +1.27 %), so the dense miss was down_proj's input, as found before: its SwiGLU product reaches
+  |x| 3108 on the calibration (the moe variant's dense and shared-expert down_proj inputs: median over layers 23; every other input at most 32),
+  and one per-tensor scale sized for that rounds its many small values onto E4M3's subnormals or 0.
+- A first GPTQ run, dampening H by 1 % of its mean diagonal (the usual figure), measured asym-gptq +23.55 % dense
+  (32.675) and asym-awq-gptq +19.61 % (31.632): worse than round-to-nearest's +17.7 % and awq's +11.15 %. 512
+  calibration tokens give H a rank of at most 512 for K = 576 (gate / up) and 1536 (down), and GPTQ fitted those
+  rows: on SmolLM2's layer 0 down_proj it cut their output error to 0.12x round-to-nearest's and raised it to 2.2x on
+  a held-out text (the repo's docs, not the perplexity text). Dampening by K / T of the mean diagonal (T the rows;
+  0.3 .. 10 tried, 1 .. 3 best on the held-out text, 0.78x round-to-nearest's error averaged over ten layers) is
+  what the rows above ran; with many more rows than channels it fades to the usual 1 %. Those first rows are
+  replaced; the held-out text was used to choose the dampening, the perplexity text was not looked at for it.
+- Routed experts: each expert's H comes from the tokens the router sent to it (score-scaled rows; its down input
+  on those tokens), the H pooled over the experts where one got fewer than 64 tokens: 16 of the 60 routed experts
+  here (4 per MoE layer, 512 calibration tokens top-1: from 5 to 392 tokens each). Under awq-gptq the rows are divided by awq's scales (shared over H for gate_up, per expert for down).
+- dense vs transformers re-checked in this run: 4.96e-05 max abs logit diff (4.58e-05 before; torch 2.13).
+- Machine: the shared 2-core host, load average 5-8, three of these runs at once; the seconds column includes
+  calibration, the searches and GPTQ.
 
 TensorRT-RTX 1.7 on this CPU (checked 2026-12-02):
 - NVFP4 (E2M1 weights, E4M3 scales per block of 16 along K, one fp32 global scale, as two DequantizeLinear, opset
@@ -211,7 +247,7 @@ def main() -> None:
         export = work / variant / "onnx" / "model.onnx"
         if not export.exists():
             export_onnx(ckpt, export, ExportConfig(dtype="fp32", max_batch=2, max_seq=len(tokens) + 8))
-        base = None
+        base = committed_fp32(variant)  # replaced by this run's own fp32 row where it measures one
         for fmt in args.formats.split(","):
             t0 = time.perf_counter()
             out = work / variant / fmt / "model.onnx"
@@ -227,6 +263,14 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     write_results(with_earlier_rows(rows), checks)
+
+
+def committed_fp32(variant: str) -> float | None:
+    """The committed fp32 perplexity of ``variant``: the baseline of a run that measures only some
+    formats (fp32 is deterministic here: 26.4455 / 27.0721 in every run so far)."""
+    path = RESULTS / "quant_accuracy.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return next((r["perplexity"] for r in rows if r["variant"] == variant and r["format"] == "fp32"), None)
 
 
 def with_earlier_rows(rows: list[dict]) -> list[dict]:
@@ -251,8 +295,9 @@ def merge(logs: list[Path]) -> None:
     order = list(FORMATS)
     out = sorted(rows.values(), key=lambda r: (r["variant"], order.index(r["format"])))
     for r in out:
-        base = rows.get((r["variant"], "fp32"))
-        r["increase_vs_fp32"] = None if base is None else round(r["perplexity"] / base["perplexity"] - 1, 5)
+        base = rows[(r["variant"], "fp32")]["perplexity"] if (r["variant"], "fp32") in rows \
+            else committed_fp32(r["variant"])
+        r["increase_vs_fp32"] = None if base is None else round(r["perplexity"] / base - 1, 5)
         r["target_increase"] = TARGETS.get(r["format"])
         r["meets_target"] = None if r["target_increase"] is None or r["increase_vs_fp32"] is None \
             else r["increase_vs_fp32"] <= r["target_increase"]
@@ -263,6 +308,9 @@ def write_results(rows: list[dict], checks: dict) -> None:
     from moec.common.artifacts import atomic_path, write_json_atomic
 
     RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "quant_accuracy.json"
+    # A check this run did not make (a moe-only run, a merge of logs without it) keeps its committed value.
+    checks = {**(json.loads(path.read_text()).get("checks", {}) if path.exists() else {}), **checks}
     write_json_atomic(RESULTS / "quant_accuracy.json", {"rows": rows, "checks": checks, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)", "text": str(TEXT.relative_to(HERE.parent)), "cpu_count": os.cpu_count()})
     lines = ["# Quantization accuracy: SmolLM2-135M-Instruct in moec's Llama 4 model, ONNX Runtime CPU", "",
              f"Text: `{TEXT.relative_to(HERE.parent)}` ({rows[0]['tokens'] if rows else '?'} tokens). "

@@ -95,5 +95,5 @@ def rank_onnx(rank: int) -> str:
 QUANT_FORMATS = ("int4", "int8", "fp8")
 QUANT_SCOPES = ("experts", "mlp", "all")
 INT4_GROUPS = (32, 64, 128)
-QUANT_METHODS = ("rtn", "clip", "awq")  # int4 rounding: passes/quantize/clip.py, awq.py
-QUANT_ACTIVATIONS = ("none", "static")  # fp8 activations: passes/quantize/fp8_act.py
+QUANT_METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")  # int4 rounding: passes/quantize/clip.py, awq.py, gptq.py
+QUANT_ACTIVATIONS = ("none", "static", "static-no-down")  # fp8 activations: passes/quantize/fp8_act.py

@@ -206,7 +206,7 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
         check_quantize_request(config, other)
     if quant is not None and quant.calibrated and (config.verify or config.parallel):
         # verify's torch reference dequantizes the weights from the spec alone; calibrated scales
-        # (awq's Muls, FP8 activation scales) are the graph's own and it cannot rebuild them.
+        # (awq's Muls, gptq's rounding, FP8 activation scales) are the graph's own and it cannot rebuild them.
         raise MoecError(f"--quantize {quant.label()} calibrates on the export: compile cannot verify it against torch "
                         "(or partition it) yet; add --no-verify (without --tp/--ep), or run moec export + moec optimize")
     out_dir = Path(out_dir)

@@ -67,9 +67,12 @@ class OptimizeConfig:
     quantize_group: int | None = None  # int4's block along K: 32 | 64 | 128; None: 128
     quantize_scope: str = "experts"  # "experts" | "mlp" (+ shared expert, dense MLPs) | "all" (+ attention)
     quantize_symmetric: bool = True  # int4 only: False stores a zero point per block
-    quantize_method: str = "rtn"  # int4: "rtn" | "clip" (per-block clipping search) | "awq" (calibrated scales + clip)
-    quantize_activations: str = "none"  # fp8: "none" (weight-only) | "static" (calibrated per-tensor E4M3, W8A8)
-    quantize_calibration: str | None = None  # prompt text for awq / static; None: passes/quantize/calibration.txt
+    # int4: "rtn" | "clip" (per-block clipping search) | "awq" (calibrated scales + clip) | "gptq" (calibrated
+    # error-feedback rounding) | "awq-gptq" (awq's scales, then gptq)
+    quantize_method: str = "rtn"
+    # fp8: "none" (weight-only) | "static" (calibrated per-tensor E4M3, W8A8) | "static-no-down" (down_proj inputs float)
+    quantize_activations: str = "none"
+    quantize_calibration: str | None = None  # prompt text for the calibrated ones; None: passes/quantize/calibration.txt
 
 
 @dataclasses.dataclass

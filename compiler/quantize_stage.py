@@ -132,7 +132,7 @@ def checkpoint_fp8_steps() -> tuple:
 
 
 def calibrate_request(spec: QuantizeSpec | None, in_path, tokenizer):
-    """The calibration a request needs (awq, FP8 activations), from the export at ``in_path``
+    """The calibration a request needs (awq, gptq, FP8 activations), from the export at ``in_path``
     (passes/quantize/calibrate.py); None when it needs none."""
     if spec is None or not spec.calibrated:
         return None

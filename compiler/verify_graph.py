@@ -62,14 +62,24 @@ def _ort_has_gpu() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def quantization_spec(meta: dict):
-    """The QuantizeSpec the graph's weights were quantized with (None for a float graph)."""
+def quantization_spec(meta: dict, onnx_path=None):
+    """The QuantizeSpec the graph's weights were quantized with (None for a float graph). A
+    calibrated quantization (awq's scales, gptq's rounding, FP8 activation scales) is refused: the
+    reference is rebuilt from the spec alone, and those numbers are the graph's own."""
     record = meta.get("quantization")
     if not record:
         return None
-    from moec.passes.quantize import make_spec
+    from moec.passes.quantize import CALIBRATED_METHODS, make_spec
 
-    return make_spec(record.get("format"), record.get("group_size"), record.get("scope"), bool(record.get("symmetric", True)))
+    method = record.get("method", "rtn")
+    activations = record.get("activations", "none")
+    if method in CALIBRATED_METHODS or not activations.startswith("none"):
+        what = f"--quantize-method {method}" if method in CALIBRATED_METHODS else f"activations {activations}"
+        raise MoecError(f"{onnx_path or 'the graph'} is quantized with {what}, calibrated on the export: verify "
+                        "rebuilds its torch reference from the quantization record alone and cannot rebuild calibrated "
+                        "numbers; verify an rtn / clip quantization of the same pipeline instead")
+    return make_spec(record.get("format"), record.get("group_size"), record.get("scope"),
+                     bool(record.get("symmetric", True)), method)
 
 
 def verify_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike,
@@ -92,7 +102,7 @@ def verify_onnx(checkpoint: str | os.PathLike, onnx_path: str | os.PathLike,
                         "on a GPU host, or verify the same pipeline in fp32 (moec compile does: its fp32 twin)")
     llama = Llama4Config.from_pretrained(checkpoint_folder(checkpoint))
     check_graph_of(meta, llama, onnx_path, checkpoint)
-    spec = quantization_spec(meta)
+    spec = quantization_spec(meta, onnx_path)
     ort_backend = OrtBackend.from_onnx(onnx_path, providers=config.providers,
                                        graph_optimization=config.graph_optimization)
     torch_backend = TorchBackend.from_checkpoint(checkpoint, dtype=dtype)

@@ -26,13 +26,14 @@ def quantize_options(fn):
                      help="int4 with a zero point per group (default symmetric)."),
         click.option("--quantize-method", type=click.Choice(list(METHODS)), default="rtn", show_default=True,
                      help="int4 rounding: rtn round-to-nearest; clip + per-group clipping search (no data); awq + "
-                          "activation-aware scales calibrated on a prompt text."),
+                          "activation-aware scales calibrated on a prompt text; gptq rounding with error feedback on "
+                          "the calibration Hessian; awq-gptq awq's scales, then gptq."),
         click.option("--quantize-activations", type=click.Choice(list(ACTIVATIONS)), default="none",
                      show_default=True,
                      help="fp8: static adds FP8 E4M3 activations with per-tensor scales calibrated on a prompt "
-                          "text (W8A8)."),
+                          "text (W8A8); static-no-down the same but down_proj inputs stay float."),
         click.option("--quantize-calibration", type=click.Path(dir_okay=False), default=None,
-                     help="Prompt text (UTF-8) for awq / static activations (default: the one moec ships)."),
+                     help="Prompt text (UTF-8) for awq / gptq / static activations (default: the one moec ships)."),
     ]):
         fn = option(fn)
     return fn

@@ -37,11 +37,19 @@ WEIGHT_KINDS: dict[str, re.Pattern] = {
 # What the sidecar records as the calibration: round-to-nearest weights need none.
 CALIBRATION_NONE = "none (round-to-nearest, weight-only)"
 # How int4 weights are rounded: rtn round-to-nearest; clip + a per-block clipping search (clip.py,
-# no data); awq + activation-aware per-input-channel scales (awq.py, calibrated) then clip.
+# no data); awq + activation-aware per-input-channel scales (awq.py, calibrated) then clip; gptq
+# rounding with error feedback on the calibration Hessian (gptq.py); awq-gptq awq's scales, then
+# gptq on the scaled weight.
 METHODS = contract.QUANT_METHODS
-# FP8 activations: none (weight-only) | static (per-tensor E4M3 scales calibrated, fp8_act.py).
+# FP8 activations: none (weight-only) | static (per-tensor E4M3 scales calibrated, fp8_act.py) |
+# static-no-down (the same, but every down_proj's input stays in float: W8A16 there).
 ACTIVATIONS = contract.QUANT_ACTIVATIONS
-CALIBRATED_METHODS = ("awq",)
+CALIBRATED_METHODS = ("awq", "gptq", "awq-gptq")
+GPTQ_METHODS = ("gptq", "awq-gptq")
+AWQ_METHODS = ("awq", "awq-gptq")
+_ACTIVATION_RECORDS = {"none": "none (weight-only)", "static": "fp8 e4m3 static per-tensor",
+                       "static-no-down": "fp8 e4m3 static per-tensor, down_proj inputs in float (weight-only)"}
+_ACTIVATION_LABELS = {"none": "", "static": "-w8a8", "static-no-down": "-w8a8-no-down"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +60,9 @@ class QuantizeSpec:
     group: int = DEFAULT_GROUP
     scope: str = "experts"
     symmetric: bool = True
-    method: str = "rtn"  # int4: rtn | clip | awq
-    activations: str = "none"  # fp8: none | static
-    calibration: str | None = None  # prompt text for awq / static activations; None: the shipped one
+    method: str = "rtn"  # int4: rtn | clip | awq | gptq | awq-gptq
+    activations: str = "none"  # fp8: none | static | static-no-down
+    calibration: str | None = None  # prompt text for the calibrated methods / activations; None: the shipped one
 
     @property
     def fmt(self) -> Format:
@@ -64,9 +72,14 @@ class QuantizeSpec:
     def calibrated(self) -> bool:
         return self.method in CALIBRATED_METHODS or self.activations != "none"
 
-    def quantize(self, w, axis: int, block: int, importance=None) -> QTensor:
-        """The format's quantizer, or the clipping search where the method asks for it
-        (``importance``: awq's per-channel weights of the clipping error, clip.py)."""
+    def quantize(self, w, axis: int, block: int, importance=None, hessian=None) -> QTensor:
+        """The format's quantizer, or the clipping search / GPTQ where the method asks for it
+        (``importance``: awq's per-channel weights of the clipping error, clip.py; ``hessian``:
+        gptq's calibrated H, gptq.py; a gptq weight without one rounds to nearest)."""
+        if self.method in GPTQ_METHODS and hessian is not None:
+            from moec.passes.quantize.gptq import quantize_int4_gptq
+
+            return quantize_int4_gptq(w, axis, block, self.symmetric, hessian)
         if self.method in ("clip", "awq"):
             from moec.passes.quantize.clip import quantize_int4_clip
 
@@ -80,7 +93,7 @@ class QuantizeSpec:
     def label(self) -> str:
         """fp32-style names the benchmarks and sidecar use: int4-g128, int4-g32-asym, int8, fp8."""
         if self.fmt.granularity != "block":
-            return self.format + ("-w8a8" if self.activations == "static" else "")
+            return self.format + _ACTIVATION_LABELS[self.activations]
         return (f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
                 + ("" if self.method == "rtn" else f"-{self.method}"))
 
@@ -94,7 +107,7 @@ class QuantizeSpec:
             "scope": self.scope,
             "kinds": list(SCOPES[self.scope]),
             "method": self.method,
-            "activations": ("fp8 e4m3 static per-tensor" if self.activations == "static" else "none (weight-only)"),
+            "activations": _ACTIVATION_RECORDS[self.activations],
             "calibration": (calibration_file(self).name if self.calibrated else CALIBRATION_NONE if self.method == "rtn"
                             else "none (per-block clipping search on the weights alone)"),
             "routing": "full precision",
@@ -127,8 +140,8 @@ def make_spec(format: str | None, group: int | None = None, scope: str | None = 
     if activations != "none" and format != "fp8":
         raise MoecError(f"--quantize-activations {activations}: FP8 activations go with --quantize fp8, not {format}")
     if calibration is not None and method not in CALIBRATED_METHODS and activations == "none":
-        raise MoecError("--quantize-calibration: nothing calibrates (use it with --quantize-method awq or "
-                        "--quantize-activations static)")
+        raise MoecError("--quantize-calibration: nothing calibrates (use it with --quantize-method "
+                        f"{'|'.join(CALIBRATED_METHODS)} or --quantize-activations static|static-no-down)")
     if calibration is not None:
         from pathlib import Path
 

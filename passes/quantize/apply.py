@@ -23,7 +23,7 @@ import onnx_ir as ir
 from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS
 from moec.common.errors import MoecError
 from moec.passes.fusions._graph import FusionLog, ensure_opset
-from moec.passes.quantize import SCOPES, WEIGHT_KINDS, QuantizeSpec
+from moec.passes.quantize import AWQ_METHODS, GPTQ_METHODS, SCOPES, WEIGHT_KINDS, QuantizeSpec
 from moec.passes.quantize._base import QTensor, num_blocks
 
 NAME = "quantize_weights"
@@ -115,9 +115,10 @@ class _Quantized:
     """One weight's QTensor, computed on the first read of any of its parts and dropped after the
     last, so writing q, scale and zero point reads and quantizes the source once."""
 
-    def __init__(self, source: ir.TensorProtocol, spec: QuantizeSpec, axis: int, parts: int, importance=None):
+    def __init__(self, source: ir.TensorProtocol, spec: QuantizeSpec, axis: int, parts: int, importance=None,
+                 hessian=None):
         self._source, self._spec, self._axis, self._parts = source, spec, axis, parts
-        self._importance = importance
+        self._importance, self._hessian = importance, hessian
         self._qt: QTensor | None = None
         self._reads = 0
 
@@ -125,7 +126,8 @@ class _Quantized:
         if self._qt is None:
             w = self._source.numpy().astype(np.float32)
             k = w.shape[self._axis]
-            self._qt = self._spec.quantize(w, self._axis, self._spec.block_for(k), self._importance)
+            h = None if self._hessian is None else self._hessian()
+            self._qt = self._spec.quantize(w, self._axis, self._spec.block_for(k), self._importance, h)
         out = getattr(self._qt, name)
         self._reads += 1
         if self._reads >= self._parts:
@@ -148,16 +150,17 @@ def _scale_array(scale: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     return scale.astype(_FLOAT[dtype])
 
 
-def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importance=None) -> ir.Value:
+def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importance=None, hessian=None) -> ir.Value:
     """Replace the weight's uses by a DequantizeLinear of new (lazy) quantized initializers
-    (``importance``: awq's weights of the clipping error, broadcast on the weight)."""
+    (``importance``: awq's weights of the clipping error, broadcast on the weight; ``hessian``: a
+    function returning gptq's H, called when the weight is quantized)."""
     w = site.value
     shape = tuple(int(d) for d in w.shape)
     k = shape[site.axis]
     block = spec.block_for(k)
     storage = spec.fmt.storage(spec.symmetric)
     has_zp = not spec.symmetric
-    cache = _Quantized(w.const_value, spec, site.axis, 3 if has_zp else 2, importance)
+    cache = _Quantized(w.const_value, spec, site.axis, 3 if has_zp else 2, importance, hessian)
     blocked_shape = tuple(num_blocks(d, block) if i == site.axis else d for i, d in enumerate(shape))
     # A 2D weight with one scale per output channel is DequantizeLinear's per-axis form (1D scales
     # on the output axis), which every runtime and parser takes; everything else is blocked on K.
@@ -202,30 +205,33 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
                      whole_blocks: bool = False, calibration=None) -> int:
     """Quantize every weight ``spec`` names; returns how many. Unused originals are removed by the
     clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites.
-    ``calibration`` (calibrate.Calibration): what awq and FP8 activations read."""
+    ``calibration`` (calibrate.Calibration): what awq, gptq and FP8 activations read."""
     sites = find_weights(model, spec, log)
     check_sites(sites, spec, what, whole_blocks)
     if spec.calibrated and calibration is None:
         raise MoecError(f"--quantize {spec.label()} calibrates on the export, and this pipeline has none to run "
                         "(moec optimize of a single graph calibrates; --tp/--ep partitions do not yet)")
     ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
-    if spec.method == "awq":
+    importance, scales, hessians = {}, {}, {}
+    if spec.method in AWQ_METHODS:
         from moec.passes.quantize.awq import apply_awq
 
-        importance = apply_awq(model, sites, spec, calibration, log)
-    else:
-        importance = {}
-    if spec.activations == "static":
+        importance, scales = apply_awq(model, sites, spec, calibration, log)
+    if spec.method in GPTQ_METHODS:  # awq-gptq: the Hessians of the scaled rows x / s
+        from moec.passes.quantize.gptq import site_hessians
+
+        hessians = site_hessians(sites, calibration, scales, log)
+    if spec.activations != "none":
         from moec.passes.quantize.fp8_act import add_fp8_activations
 
-        add_fp8_activations(model, sites, calibration, log)
+        add_fp8_activations(model, sites, calibration, log, skip_down=spec.activations == "static-no-down")
     from moec.passes.quantize.checkpoint_fp8 import held, restore
 
     for site in sites:
         if spec.format == "fp8" and held(site.value) is not None:
             restore(model.graph, site.value)  # the checkpoint's own FP8 values and scales, as they came
         else:
-            quantize_site(model.graph, site, spec, importance.get(site.value.name))
+            quantize_site(model.graph, site, spec, importance.get(site.value.name), hessians.get(site.value.name))
     for site in sites:
         if not site.value.uses():
             model.graph.initializers.pop(site.value.name, None)

@@ -98,13 +98,15 @@ def _insert_input_mul(graph: ir.Graph, node: ir.Node, inv_s: np.ndarray, np_dtyp
     node.replace_input_with(0, mul.outputs[0])
 
 
-def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, np.ndarray]:
+def apply_awq(model: ir.Model, sites, spec, calibration,
+              log=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Scale the weights of ``sites`` in place (float, before quantization) and insert the
-    compensating Muls; returns {weight name: importance broadcast on the weight} for the clipping
-    search. A weight calibration did not see (renamed by a rewrite) stays unscaled, and the log
-    says so."""
+    compensating Muls; returns ({weight name: importance broadcast on the weight} for the clipping
+    search, {weight name: s_K, or s_EK for the experts' down} for awq-gptq's Hessians of x / s).
+    A weight calibration did not see (renamed by a rewrite) stays unscaled, and the log says so."""
     graph = model.graph
     importance: dict[str, np.ndarray] = {}
+    scales: dict[str, np.ndarray] = {}
     by_name = {s.value.name: s for s in sites}
     stats = calibration.inputs
     experts_nodes = {n for s in sites if s.kind == "experts" for n, _ in s.uses
@@ -118,6 +120,7 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
             w_d = down.const_value.numpy().astype(np.float32)  # [E, I, H]
             rows = _routed_rows(stats[down.name])
             h_EI1 = np.ones((len(rows), inter, 1), np.float32)
+            s_EI = np.ones((len(rows), inter), np.float32)
             for e, x in enumerate(rows):
                 if not len(x):
                     continue  # no calibration token reached expert e: left unscaled
@@ -125,8 +128,10 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
                 w_d[e] *= s[:, None]
                 w_gu[e, :, inter:] /= s[None, :]
                 h_EI1[e, :, 0] = np.square(x / s).mean(0)
+                s_EI[e] = s
             _set_weight(down, w_d)
             importance[down.name] = h_EI1
+            scales[down.name] = s_EI
             done.add(down.name)
         if gate_up.name in by_name and gate_up.name in stats:
             rows = _routed_rows(stats[gate_up.name])
@@ -137,6 +142,7 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
             w_gu *= s[None, :, None]
             _insert_input_mul(graph, node, 1 / s, gate_up.const_value.numpy().dtype, gate_up.name)
             importance[gate_up.name] = np.square(pooled / s).mean(0)[None, :, None]
+            scales[gate_up.name] = s
             done.add(gate_up.name)
         _set_weight(gate_up, w_gu)
     for site in sites:
@@ -158,4 +164,5 @@ def apply_awq(model: ir.Model, sites, spec, calibration, log=None) -> dict[str, 
             _insert_input_mul(graph, use, 1 / s, site.value.const_value.numpy().dtype, name)
         h = np.square(stats[key] / s).mean(0)
         importance[name] = h[:, None] if site.axis == 0 else h[None, :]
-    return importance
+        scales[name] = s
+    return importance, scales

@@ -14,9 +14,17 @@ Sites:
   rows the gate_up product reads stay within that range). The down projection's input lives
   inside the fused op and stays in the model's float dtype: the experts are W8A8 on gate_up and
   W8A16 on down.
+
+``--quantize-activations static-no-down`` leaves every down_proj's input in float too (the dense
+MLPs' and the shared expert's; the routed experts' already is): that input is the SwiGLU product,
+whose range is wide (amax ~3000 on SmolLM2-135M's layers against ~10-50 for the others), so one
+per-tensor scale sized for its outliers rounds its many small values to E4M3's subnormals or to 0.
+Those weights stay FP8 (weight-only); gate_up / q, k, v, o stay W8A8.
 """
 
 from __future__ import annotations
+
+import re
 
 import ml_dtypes
 import numpy as np
@@ -25,6 +33,10 @@ import onnx_ir as ir
 from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS
 from moec.passes.quantize.calibrate import experts_hidden_key
 from moec.passes.quantize.fp8 import E4M3_MAX
+
+# A dense MLP's or shared expert's down projection. The routed experts' down_proj matches too, and skipping it
+# changes nothing: its input is inside the fused op, and gate_up_proj's site puts the Q/DQ on the op's input.
+_DOWN = re.compile(r"(^|\.)down_proj(\.weight)?(\.T)?$")
 
 
 def activation_scale(x: np.ndarray) -> np.float32:
@@ -51,12 +63,19 @@ def _insert_qdq(graph: ir.Graph, node: ir.Node, scale: np.float32, np_dtype, nam
     node.replace_input_with(0, dq.outputs[0])
 
 
-def add_fp8_activations(model: ir.Model, sites, calibration, log=None) -> int:
+def is_down_proj(weight_name: str) -> bool:
+    return _DOWN.search(weight_name) is not None
+
+
+def add_fp8_activations(model: ir.Model, sites, calibration, log=None, skip_down: bool = False) -> int:
     """Q/DQ the activation input of every node an FP8 weight of ``sites`` feeds; returns how many
-    Q/DQ pairs. A node calibration did not see keeps a float input (the log says so)."""
+    Q/DQ pairs. A node calibration did not see keeps a float input (the log says so).
+    ``skip_down``: a down_proj's input stays float (static-no-down)."""
     graph, count, seen = model.graph, 0, set()
     stats = calibration.inputs
     for site in sites:
+        if skip_down and is_down_proj(site.value.name):
+            continue
         for node, _ in site.uses:
             if id(node) in seen:
                 continue

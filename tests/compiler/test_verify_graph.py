@@ -66,7 +66,7 @@ def test_a_quantized_fused_graph_passes_against_dequantized_torch(demo_ckpt, fus
     assert report.passed, [(r.step, r.output, r.max_abs) for r in report.failures]
     # Must-not-pass: the same graph against torch's own (unquantized) weights is out of fp32's tolerance,
     # so the pass above is the dequantized reference at work, not a tolerance wide enough for int8.
-    monkeypatch.setattr(vg, "quantization_spec", lambda meta: None)
+    monkeypatch.setattr(vg, "quantization_spec", lambda meta, path=None: None)
     assert not verify_onnx(demo_ckpt, fused_int8, VerifyConfig(dtype="fp32", **FAST)).passed
 
 
@@ -80,6 +80,17 @@ def test_a_wrong_weight_fails(demo_ckpt, demo_onnx, tmp_path, capsys):
     onnx.save(model, str(graph))
     code, out, _ = run_cli(["verify", demo_ckpt, "--onnx", graph, "--decode-steps", 1], capsys)
     assert code == 1 and "FAILED" in out
+
+
+@pytest.mark.parametrize("quantization,message", [
+    ({"method": "gptq"}, "is quantized with --quantize-method gptq, calibrated on the export"),
+    ({"method": "rtn", "activations": "fp8 e4m3 static per-tensor"}, "activations fp8 e4m3 static per-tensor"),
+])
+def test_a_calibrated_quantization_is_refused(demo_ckpt, fused_int8, tmp_path, capsys, quantization, message):
+    graph = copy_graph(fused_int8, tmp_path / "calibrated")
+    edit_sidecar(graph, quantization=quantization)
+    code, _, err = run_cli(["verify", demo_ckpt, "--onnx", graph], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_refusals_are_one_line(demo_ckpt, demo_onnx, tmp_path, capsys, monkeypatch):
