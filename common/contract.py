@@ -58,6 +58,12 @@ DIM_PAST = "past_len"
 # tokenizer.json        copied from the checkpoint when it has one
 
 
+# Sidecar key an optimized graph for ONNX Runtime may carry: the layers whose attention is
+# com.microsoft.GroupQueryAttention over their cache (passes/lowerings/ort_gqa.py); the ONNX Runtime
+# backend binds those layers' ring caches as their own presents (updated in place).
+GQA_LAYERS = "gqa_layers"
+
+
 def sidecar_path(onnx_path: str | Path) -> Path:
     """The moec metadata file that travels with ``onnx_path``."""
     p = Path(onnx_path)

@@ -1,11 +1,12 @@
 """The optimize stage: one flat, phased list of graph passes over an exported ONNX model.
 
     cleanup    constant folding, dead nodes, identities, shape-op simplification (libraries)
-    fusion     rms_norm -> rotary -> attention (ort) -> moe_gating -> grouped_experts
+    fusion     rms_norm -> rotary -> qk_norm (ort) -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
     partition  one rank's share of a tp x ep split              (empty unless asked; compiler/partition.py)
     quantize   weights -> int4/int8/fp8 DequantizeLinear, routing never (empty unless asked; compiler/quantize_stage.py)
-    lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin)
+    lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin);
+               ort: Attention over the KV cache -> com.microsoft.GroupQueryAttention
     cleanup    again, for what the rewrites left; then onnx shape inference types every value
 
 Precision runs on the fused graph, before lowering: there the routing is one op
@@ -61,6 +62,8 @@ class OptimizeConfig:
     fuse_rms_norm: bool | None = None  # None: where the target takes opset 23 (ort, trt-rtx)
     fuse_rotary: bool | None = None  # RoPE -> RotaryEmbedding; None: as fuse_rms_norm
     fuse_attention: bool | None = None  # -> ONNX Attention; None: ort only (passes/fusions/attention.py says why)
+    fuse_qk_norm: bool | None = None  # weightless QK norm -> RMSNormalization; None: ort only (passes/fusions/qk_norm.py)
+    fuse_gqa: bool | None = None  # Attention + KV cache -> com.microsoft.GroupQueryAttention; None: ort, one rank (passes/lowerings/ort_gqa.py)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
     # Weight quantization (passes/quantize); the routing always stays in full precision.
     quantize: str | None = None  # None | "int4" | "int8" | "fp8"
@@ -119,6 +122,8 @@ class _Context:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     lowered: dict[str, int] = dataclasses.field(default_factory=dict)
     calibration: object = None  # passes/quantize/calibrate.Calibration where the quantization calibrates
+    sidecar: dict | None = None  # the input's moec metadata, for passes that need what the graph does not say
+    gqa_layers: list[int] = dataclasses.field(default_factory=list)  # layers fuse_ort_gqa rewrote
 
 
 def _cleanup_steps() -> list[Step]:
@@ -131,6 +136,7 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
     from moec.passes.fusions.attention import fuse_attention
     from moec.passes.fusions.grouped_experts import fuse_grouped_experts
     from moec.passes.fusions.moe_gating import fuse_moe_gating
+    from moec.passes.fusions.qk_norm import fuse_qk_norm
     from moec.passes.fusions.rms_norm import fuse_rms_norm
     from moec.passes.fusions.rotary import fuse_rotary
     from moec.passes.targets import lowerings_for
@@ -156,11 +162,15 @@ def _fusion_steps(config: OptimizeConfig, target) -> list[Step]:
     # ONNX Attention pays on ONNX Runtime (decode about 3x); TensorRT-RTX cannot build it for sm89 in
     # the demo graph (fp32 or fp16) and TensorRT has its own attention fusion.
     attn = config.fuse_attention if config.fuse_attention is not None else target.kind == "ort"
+    # One RMSNormalization per q/k instead of six nodes: faster on ONNX Runtime's CPU provider
+    # (passes/fusions/qk_norm.py); TensorRT not checked.
+    qk = config.fuse_qk_norm if config.fuse_qk_norm is not None else target.kind == "ort"
     # The opset-23 fusions first: their opset upgrade (onnxscript's version converter) inlines
     # model-local functions, which would dissolve fused moec ops.
     return [
         *([Step("fusion", "fuse_rms_norm", counted("rms_norm", fuse_rms_norm))] if rms else []),
         *([Step("fusion", "fuse_rotary", counted("rotary", fuse_rotary))] if rope else []),
+        *([Step("fusion", "fuse_qk_norm", counted("qk_norm", fuse_qk_norm))] if qk else []),
         *([Step("fusion", "fuse_attention", counted("attention", fuse_attention))] if attn else []),
         Step("fusion", "fuse_moe_gating", counted("gating", fuse_moe_gating)),
         Step("fusion", "fuse_grouped_experts", counted("experts", fuse_grouped_experts)),
@@ -181,8 +191,9 @@ def _quantize_steps(config: OptimizeConfig, target) -> list[Step]:
     return quantize_steps(config, target)
 
 
-def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
+def _lowering_steps(config: OptimizeConfig, target, partitioned: bool = False) -> list[Step]:
     from moec.passes.lowerings import lower_moe
+    from moec.passes.lowerings.ort_gqa import GqaLayout, fuse_ort_gqa
     from moec.passes.targets import lowerings_for
 
     order = lowerings_for(target, config.moe_lowering)
@@ -191,7 +202,14 @@ def _lowering_steps(config: OptimizeConfig, target) -> list[Step]:
         c.lowered = lower_moe(m, order, str(target), c.log)
         return sum(c.lowered.values())
 
-    return [Step("lowering", "lower_moe", run)]
+    def gqa(m, c):
+        c.gqa_layers = fuse_ort_gqa(m, GqaLayout.from_sidecar(c.sidecar), c.log)
+        return len(c.gqa_layers)
+
+    # GroupQueryAttention updates a ring in place and drops the mask (passes/lowerings/ort_gqa.py): ONNX
+    # Runtime only, and not on tensor/expert-parallel rank graphs (their runtime binds the cache itself).
+    fuse_gqa = config.fuse_gqa if config.fuse_gqa is not None else target.kind == "ort" and not partitioned
+    return [Step("lowering", "lower_moe", run), *([Step("lowering", "fuse_ort_gqa", gqa)] if fuse_gqa else [])]
 
 
 def _typing_step() -> Step:
@@ -213,7 +231,7 @@ def build_pipeline(config: OptimizeConfig, target, partition: Step | None = None
         *([partition] if partition is not None else []),
         *_quantize_steps(config, target),
         restore_fp8,
-        *_lowering_steps(config, target),
+        *_lowering_steps(config, target, partitioned=partition is not None),
         *_cleanup_steps(),
         _typing_step(),
     ]
@@ -445,7 +463,7 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
         if vision_in.is_file() else None
     external = _has_external_data(model) or _weight_bytes(model) > INLINE_WEIGHT_LIMIT_BYTES
 
-    ctx = _Context(config, target, FusionLog())
+    ctx = _Context(config, target, FusionLog(), sidecar=sidecar)
     from moec.compiler.quantize_stage import calibrate_request
 
     ctx.calibration = calibrate_request(quant, in_path, tok_src)
@@ -487,6 +505,8 @@ def optimize_onnx(in_path: str | os.PathLike, out_path: str | os.PathLike, confi
                                                             target, *vision_plan)
         if sidecar is not None:
             sidecar.update({"target": str(target), "moe_lowering": lowering_name, "precision": config.precision or sidecar.get("dtype", "fp32")})
+            if ctx.gqa_layers:  # runtime/ort_backend.py updates these layers' rings in place
+                sidecar[contract.GQA_LAYERS] = ctx.gqa_layers
             if quant is not None:
                 sidecar["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
                 if ctx.calibration is not None:

@@ -5,6 +5,13 @@ step's ``present_*`` OrtValues as this step's ``past_*`` inputs through an IOBin
 and values never round-trip through numpy (on a CUDA provider they never leave the GPU). Only
 the token ids go in and the float32 logits come out through host memory.
 
+A graph optimized with com.microsoft.GroupQueryAttention (passes/lowerings/ort_gqa.py; its sidecar
+lists the layers under ``contract.GQA_LAYERS``) has its chunked layers' rings bound as their own
+presents: the op writes the new keys into the ring in place, so a step copies no cache. Such a
+cache is consumed by the step it is given to (the returned cache is the same buffers, updated),
+and the op cannot run several new tokens after a past for more than one sequence: both are named
+errors.
+
 What the runtime needs besides the graph (layer count, maximum positions, EOS ids) comes from
 the sidecar JSON beside the .onnx (``moec.common.contract.sidecar_path``), which the export
 writes, or from a metadata dict the caller builds (``moec run --checkpoint``); this module never
@@ -47,6 +54,7 @@ class OrtCache:
     values: list[Any]
     batch_size: int
     past_len: int
+    consumed: bool = False  # updated in place by a forward step (GroupQueryAttention rings): use what it returned
 
 
 class OrtBackend:
@@ -86,6 +94,9 @@ class OrtBackend:
         self._input_names, self._output_names = contract.io_names(self.num_layers, self.image_token_id is not None)
         self.kv_cache = graph_cache_layout(
             sidecar, [by_name[contract.past_key(i)].shape for i in range(self.num_layers)], onnx_path)
+        self.gqa_layers = _gqa_layers(sidecar, self.num_layers, onnx_path)
+        # Rings of GroupQueryAttention layers: bound as input and output, written in place.
+        self._in_place = frozenset(i for i in self.gqa_layers if self.kv_cache[i].ring)
 
     @classmethod
     def from_onnx(
@@ -207,6 +218,16 @@ class OrtBackend:
         B, S = input_ids_BS.shape
         if B != cache.batch_size:
             raise MoecError(f"batch of {B} sequences against a cache made for {cache.batch_size}")
+        if cache.consumed:
+            raise MoecError(f"this cache was updated in place by an earlier step of {self.path} (GroupQueryAttention "
+                            "rings); pass the cache that step returned")
+        if self.gqa_layers and B > 1 and S > 1 and cache.past_len > 0:
+            raise MoecError(
+                f"{self.path}: {S} new tokens after {cache.past_len} cached ones for a batch of {B}: ONNX Runtime's "
+                "GroupQueryAttention (layers " + ",".join(map(str, self.gqa_layers)) + ") runs several new tokens "
+                "after a past for one sequence only; feed the batch one token per step, or one sequence at a time, "
+                "or optimize with OptimizeConfig(fuse_gqa=False)"
+            )
         if cache.past_len + S > self.max_positions:
             raise MoecError(
                 f"{cache.past_len + S} positions exceed the {self.max_positions} that {self.path} was exported for"
@@ -231,16 +252,21 @@ class OrtBackend:
             binding.bind_ortvalue_input(contract.past_value(i), cache.values[i])
         binding.bind_output(contract.LOGITS, "cpu")
         for i in range(self.num_layers):
-            binding.bind_output(contract.present_key(i), self._device)
-            binding.bind_output(contract.present_value(i), self._device)
+            if i in self._in_place:
+                binding.bind_ortvalue_output(contract.present_key(i), cache.keys[i])
+                binding.bind_ortvalue_output(contract.present_value(i), cache.values[i])
+            else:
+                binding.bind_output(contract.present_key(i), self._device)
+                binding.bind_output(contract.present_value(i), self._device)
         self.session.run_with_iobinding(binding)
+        cache.consumed = bool(self._in_place)
         outs = binding.get_outputs()
         logits_BSV = outs[0].numpy()
         if logits_BSV.dtype != np.float32:
             logits_BSV = logits_BSV.astype(np.float32)
         new = OrtCache(
-            keys=[outs[1 + 2 * i] for i in range(self.num_layers)],
-            values=[outs[2 + 2 * i] for i in range(self.num_layers)],
+            keys=[cache.keys[i] if i in self._in_place else outs[1 + 2 * i] for i in range(self.num_layers)],
+            values=[cache.values[i] if i in self._in_place else outs[2 + 2 * i] for i in range(self.num_layers)],
             batch_size=B,
             past_len=cache.past_len + S,
         )
@@ -258,4 +284,16 @@ class OrtBackend:
             "model": str(self.path),
             "dtype": self.dtype,
             "graph_optimization": "all" if self.graph_optimization else "disabled",
+            "kv_update": f"in place ({len(self._in_place)} ring layers)" if self._in_place else "copy",
         }
+
+
+def _gqa_layers(sidecar: dict, num_layers: int, source) -> tuple[int, ...]:
+    """The sidecar's ``contract.GQA_LAYERS``: layer indices, each once, below num_layers."""
+    layers = sidecar.get(contract.GQA_LAYERS, [])
+    ok = isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
+                                          for i in layers) and len(set(layers)) == len(layers)
+    if not ok:
+        raise MoecError(f"{source}: the moec metadata's {contract.GQA_LAYERS} must list distinct layer indices below "
+                        f"{num_layers}, got {layers!r}; optimize the export again with `moec optimize`")
+    return tuple(sorted(layers))
