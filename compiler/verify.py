@@ -78,8 +78,22 @@ class CompareRow:
     passed: bool
 
 
+class CompareRows:
+    """What a report of CompareRow rows answers (VerifyReport, verify_vision's VisionVerifyReport)."""
+
+    rows: list[CompareRow]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> list[CompareRow]:
+        return [r for r in self.rows if not r.passed]
+
+
 @dataclass
-class VerifyReport:
+class VerifyReport(CompareRows):
     dtype: str
     atol: float
     rtol: float
@@ -91,14 +105,6 @@ class VerifyReport:
     greedy_match: list[bool] = field(default_factory=list)
     torch_describe: dict = field(default_factory=dict)
     ort_describe: dict = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return all(r.passed for r in self.rows)
-
-    @property
-    def failures(self) -> list[CompareRow]:
-        return [r for r in self.rows if not r.passed]
 
     def max_abs(self, output: str | None = None) -> float:
         vals = [r.max_abs for r in self.rows if output is None or r.output == output]

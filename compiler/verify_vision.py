@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moec.common import contract
-from moec.compiler.verify import CompareRow, VerifyConfig, _compare
+from moec.compiler.verify import CompareRow, CompareRows, VerifyConfig, _compare
 
 PROMPT = "What is in the picture?"
 FEATURES_ROW = "image_features"
@@ -31,7 +31,7 @@ PICTURE_TILES_HW = (1.6, 2.1)
 
 
 @dataclass
-class VisionVerifyReport:
+class VisionVerifyReport(CompareRows):
     dtype: str
     atol: float
     rtol: float
@@ -41,14 +41,6 @@ class VisionVerifyReport:
     rows: list[CompareRow] = field(default_factory=list)
     greedy_match: list[bool] = field(default_factory=list)
     text_checked: str = ""  # "" when the combined prompt was compared, else why not
-
-    @property
-    def passed(self) -> bool:
-        return all(r.passed for r in self.rows)
-
-    @property
-    def failures(self) -> list[CompareRow]:
-        return [r for r in self.rows if not r.passed]
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
