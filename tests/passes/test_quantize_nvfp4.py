@@ -228,3 +228,49 @@ def test_compile_refuses_to_verify_nvfp4_on_onnx_runtime_before_exporting(tmp_pa
                            capsys)
     assert code == 2 and "cannot run FLOAT4E2M1 weights; add --no-verify" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target,allowed", [("trt-rtx:sm120", True), ("trt-rtx:sm121", True), ("trt:sm100", True),
+                                            ("trt:sm110", True), ("trt:sm90", False), ("trt-rtx:sm86", False),
+                                            ("ort", False)])
+def test_which_targets_take_nvfp4(target, allowed):
+    from moec.compiler.quantize_stage import check_quantize_request
+    from moec.passes.targets import parse_target
+
+    config = OptimizeConfig(target=target, quantize="nvfp4")
+    if allowed:
+        assert check_quantize_request(config, parse_target(target)).format == "nvfp4"
+    else:
+        with pytest.raises(MoecError, match=f"target {target}: --quantize nvfp4: "):
+            check_quantize_request(config, parse_target(target))
+
+
+def test_fp16_weight_gets_its_block_scales_cast_to_fp16():
+    """An fp16 graph: DequantizeLinear(E4M3, fp32 global) -> Cast(fp16) -> DequantizeLinear(E2M1)
+    -> MatMul, so the weight reaches the MatMul in the graph's dtype; the numbers are the
+    quantizer's to fp16 rounding."""
+    from moec.passes.quantize.apply import quantize_weights
+
+    K, N = 48, 8
+    w = _weights(5, (K, N), 2.0).astype(np.float16)
+    x = ir.Value(name="x", shape=ir.Shape(["B", K]), type=ir.TensorType(ir.DataType.FLOAT16))
+    wv = ir.Value(name="model.layers.0.self_attn.q_proj.weight", shape=ir.Shape([K, N]),
+                  type=ir.TensorType(ir.DataType.FLOAT16), const_value=ir.tensor(w))
+    mm = ir.Node("", "MatMul", [x, wv])
+    mm.outputs[0].name, mm.outputs[0].dtype = "y", ir.DataType.FLOAT16
+    graph = ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[wv], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    assert quantize_weights(model, make_spec("nvfp4", scope="all"), whole_blocks=True) == 1
+    assert model.opset_imports[""] == 23 and model.ir_version == 11
+    dq = mm.inputs[1].producer()
+    cast = dq.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and mm.inputs[1].dtype == ir.DataType.FLOAT16
+    assert cast.op_type == "Cast" and cast.attributes["to"].value == ir.DataType.FLOAT16
+    scale_dq = cast.inputs[0].producer()
+    assert scale_dq.op_type == "DequantizeLinear" and scale_dq.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN
+    bs, gs = scale_dq.inputs
+    q = _decode_e2m1(dq.inputs[0].const_value.tobytes(), (K, N))
+    scale = (_decode_e4m3(bs.const_value.tobytes(), (K // 16, N)) * np.float32(gs.const_value.numpy())).astype(np.float16)
+    graph_w = (q.astype(np.float16) * np.repeat(scale, 16, axis=0)).astype(np.float32)
+    ref = dequantize(NVFP4.quantize(w.astype(np.float32), 0, 16, True))
+    np.testing.assert_allclose(graph_w, ref, rtol=2.0**-10, atol=1e-7)
