@@ -6,6 +6,10 @@ moec.GroupedExperts, MatMul or Gemm:
 - the ``ort`` lowering turns it into com.microsoft.QMoE / MatMulNBits (lowerings/ort_quant.py);
 - gather, dense and hybrid take it as it is: TensorRT fuses DQ -> MatMul into a quantized GEMM
   and keeps the weights in their quantized type.
+nvfp4 (opset 23, IR 11) is two of them: DequantizeLinear(E4M3 block scales, fp32 global scale)
+[-> Cast to the weight's fp16 / bf16], then DequantizeLinear(E2M1 values, those scales; axis K,
+block_size 16), the form TensorRT reads as NVFP4 weights (TensorRT targets only:
+compiler/quantize_stage.py).
 
 The quantized tensors are computed lazily, once per weight, while the output is written (like the
 lowerings' relaid weights), so a large model is never held twice in memory. Every check that can
