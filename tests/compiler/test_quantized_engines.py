@@ -1,5 +1,5 @@
 """Real TensorRT-RTX engines from quantized graphs, built on the CPU: int4 / int8 / fp8 for sm89 and
-sm120, the engine size on a MoE-heavy config, the arch checks, and what NVFP4 does."""
+sm120, the engine size on a MoE-heavy config, the arch checks, and the NVFP4 form moec emits."""
 
 from __future__ import annotations
 
@@ -57,11 +57,8 @@ def test_fp8_engine_for_an_arch_without_fp8_is_refused_before_building(demo_onnx
     assert not (tmp_path / "engine").exists()
 
 
-@pytest.mark.slow
-def test_int4_and_fp8_engines_are_a_fraction_of_fp16_on_a_moe_heavy_config(tmp_path):
-    """E=64 experts of 512 x 512 in both layers: 201 MB of the fp16 engine's weights are experts
-    (like Scout, where a layer's experts are 4.5 GB). Measured: fp16 223 MB, int4-g128 74.5 MB
-    (0.33x), fp8 124 MB (0.55x); the remainder is the non-expert weights and about 17 MB of kernels."""
+def _moe_heavy_export(tmp_path: Path) -> Path:
+    """E=64 experts of 512 x 512 in both layers, exported in fp16."""
     from moec.compiler.export import ExportConfig, export_onnx
     from moec.models import Llama4Config
     from moec.models.demo import write_demo_checkpoint
@@ -72,6 +69,25 @@ def test_int4_and_fp8_engines_are_a_fraction_of_fp16_on_a_moe_heavy_config(tmp_p
     ckpt = write_demo_checkpoint(tmp_path / "ckpt", preset=config)
     export = tmp_path / "onnx" / "model.onnx"
     export_onnx(ckpt, export, ExportConfig(dtype="fp16", max_batch=2))
+    return export
+
+
+@pytest.mark.slow
+def test_nvfp4_engine_is_a_fraction_of_fp16_on_a_moe_heavy_config(tmp_path):
+    """The same config for sm120 (NVFP4 needs it): 4 bits a weight plus an E4M3 scale per 16, 4.5
+    bits, so a little over int4-g128's 4.125. Measured: fp16 222.7 MB, nvfp4 79.1 MB (0.36x)."""
+    export = _moe_heavy_export(tmp_path)
+    fp16 = _optimize_and_build(export, tmp_path / "fp16", "sm120")
+    nvfp4 = _optimize_and_build(export, tmp_path / "nvfp4", "sm120", quantize="nvfp4")
+    assert nvfp4 <= 0.4 * fp16, f"sm120 engine: nvfp4 {nvfp4} bytes vs fp16 {fp16} bytes ({nvfp4 / fp16:.3f}x)"
+
+
+@pytest.mark.slow
+def test_int4_and_fp8_engines_are_a_fraction_of_fp16_on_a_moe_heavy_config(tmp_path):
+    """E=64 experts of 512 x 512 in both layers: 201 MB of the fp16 engine's weights are experts
+    (like Scout, where a layer's experts are 4.5 GB). Measured: fp16 223 MB, int4-g128 74.5 MB
+    (0.33x), fp8 124 MB (0.55x); the remainder is the non-expert weights and about 17 MB of kernels."""
+    export = _moe_heavy_export(tmp_path)
     fp16 = _optimize_and_build(export, tmp_path / "fp16", "sm89")
     int4 = _optimize_and_build(export, tmp_path / "int4", "sm89", quantize="int4")
     fp8 = _optimize_and_build(export, tmp_path / "fp8", "sm89", quantize="fp8")
@@ -101,11 +117,12 @@ def _nvfp4_matmul_model():
     return model, K
 
 
-@pytest.mark.parametrize("arch,builds", [("sm120", True), ("sm89", False)])
-def test_nvfp4_builds_on_the_cpu_for_sm120_only(arch, builds):
-    """What moec found out about NVFP4 (E2M1 weights, E4M3 block scales) on TensorRT-RTX 1.7: it
-    builds for sm120 on a CPU; sm89 is refused ("HW-specific datatypes: fp4_e2m1"). moec does not
-    emit NVFP4 yet (--quantize has no nvfp4); this test keeps the finding honest."""
+@pytest.mark.parametrize("arch,builds", [("sm120", True), ("sm121", True), ("sm89", False)])
+def test_nvfp4_builds_on_the_cpu_for_sm12x_only(arch, builds):
+    """NVFP4 (E2M1 weights, E4M3 block scales) on TensorRT-RTX 1.7, in the form `--quantize nvfp4`
+    emits (passes/quantize/nvfp4.py, apply.py): it builds for sm120 and sm121 on a CPU; sm89 is refused
+    ("HW-specific datatypes: fp4_e2m1"), which is why moec refuses nvfp4 below Blackwell by name
+    (compiler/quantize_stage.py). The demo's nvfp4 engine: tests/passes/test_quantize_nvfp4.py."""
     model, K = _nvfp4_matmul_model()
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
