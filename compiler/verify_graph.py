@@ -71,6 +71,11 @@ def quantization_spec(meta: dict, onnx_path=None):
         return None
     from moec.passes.quantize import CALIBRATED_METHODS, make_spec
 
+    if record.get("format") == "nvfp4":
+        # ONNX Runtime 1.32 has no DequantizeLinear kernel for FLOAT4E2M1 (compiler/quantize_stage.py).
+        raise MoecError(f"{onnx_path or 'the graph'} is quantized with nvfp4, which ONNX Runtime cannot run "
+                        "(no FLOAT4E2M1 kernels); verify an int4 or fp8 quantization of the same pipeline instead, "
+                        "or the engine on an sm120 GPU")
     method = record.get("method", "rtn")
     activations = record.get("activations", "none")
     if method in CALIBRATED_METHODS or not activations.startswith("none"):

@@ -85,6 +85,7 @@ def test_a_wrong_weight_fails(demo_ckpt, demo_onnx, tmp_path, capsys):
 @pytest.mark.parametrize("quantization,message", [
     ({"method": "gptq"}, "is quantized with --quantize-method gptq, calibrated on the export"),
     ({"method": "rtn", "activations": "fp8 e4m3 static per-tensor"}, "activations fp8 e4m3 static per-tensor"),
+    ({"format": "nvfp4", "group_size": 16}, "is quantized with nvfp4, which ONNX Runtime cannot run"),
 ])
 def test_a_calibrated_quantization_is_refused(demo_ckpt, fused_int8, tmp_path, capsys, quantization, message):
     graph = copy_graph(fused_int8, tmp_path / "calibrated")
