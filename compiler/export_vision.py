@@ -130,33 +130,19 @@ def vision_weight_bytes(hf_config: dict, dtype: str) -> int:
 def export_text_and_vision(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, config, vision_config:
                            VisionExportConfig = VisionExportConfig(), tower=None):
     """The text graph (``moec.compiler.export.export_onnx`` with ``config``) and its vision graph beside it, as one
-    set: the vision graph is exported first into a staging folder beside ``out_path``, then the text graph (itself
-    renamed into place only once complete), then the vision files are renamed beside it. A failure in either export
-    leaves neither (and no earlier export of the pair is touched); returns (the text export's result, the vision
-    graph's path)."""
-    import shutil
-    import tempfile
-
-    from moec.common.artifacts import make_parents, remove_made
+    set: the vision graph is exported first into the temporary folder of an ``atomic_file_set``, then the text graph
+    (itself renamed into place only once complete), then the set renames the vision files beside it. A failure in
+    either export leaves neither (and no earlier export of the pair is touched); returns (the text export's result,
+    the vision graph's path)."""
     from moec.compiler.export import export_onnx
 
     out_path = Path(out_path)
     final_vision = vision_onnx_path(out_path)
-    made = make_parents(out_path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.vision.", suffix=".tmp", dir=out_path.parent))
-    try:
-        export_vision_onnx(checkpoint_dir, staging / final_vision.name, vision_config, tower=tower)
+    data = final_vision.with_name(final_vision.name + ".data")
+    with atomic_file_set(final_vision) as tmp:
+        export_vision_onnx(checkpoint_dir, tmp / final_vision.name, vision_config, tower=tower)
+        external = (tmp / data.name).exists()
         result = export_onnx(checkpoint_dir, out_path, config)
-        # The text graph is in place; the vision files follow it (a rename each, on the same filesystem).
-        staged = {f.name for f in staging.iterdir()}
-        for name in sorted(staged):
-            os.replace(staging / name, out_path.parent / name)
-        if final_vision.name + ".data" not in staged:  # of an earlier external export of this name
-            final_vision.with_name(final_vision.name + ".data").unlink(missing_ok=True)
-        return result, final_vision
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        remove_made(made)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not external:  # of an earlier external export of this name (export_vision_onnx saw only the temporary folder)
+        data.unlink(missing_ok=True)
+    return result, final_vision

@@ -141,6 +141,22 @@ def _compare(ort_outputs: dict[str, np.ndarray], ref_outputs: dict[str, np.ndarr
     return results
 
 
+def compare_rows(step: str, got: dict[str, np.ndarray], ref: dict[str, np.ndarray], atol: float,
+                 rtol: float) -> list[CompareRow]:
+    """One CompareRow per output of ``ref``: ``got`` against it with Polygraphy's comparator."""
+    results = _compare(got, ref, atol, rtol)
+    rows = []
+    for out_name in ref:
+        r = results[out_name]
+        # NaN compares unequal to everything, so a tolerance check can miss it; a non-finite
+        # output on either side is a failure, never "equal".
+        finite = bool(np.isfinite(ref[out_name]).all() and np.isfinite(got[out_name]).all())
+        max_abs, max_rel = float(r.max_absdiff), float(r.max_reldiff)
+        ok = bool(r) and finite and bool(np.isfinite(max_abs))
+        rows.append(CompareRow(step, out_name, max_abs if finite else float("nan"), max_rel, ok))
+    return rows
+
+
 def _step_outputs(logits_BSV, kv_pairs) -> dict[str, np.ndarray]:
     out = {contract.LOGITS: np.asarray(logits_BSV, dtype=np.float32)}
     for i, (k, v) in enumerate(kv_pairs):
@@ -229,16 +245,7 @@ def verify_backends(torch_backend, ort_backend, config: VerifyConfig, vocab_size
         o_logits, o_cache = ort_backend.forward(ids_BS, pos_BS, o_cache)
         ref = _step_outputs(t_logits, _torch_kv(t_cache))
         got = _step_outputs(o_logits, _ort_kv(o_cache))
-        results = _compare(got, ref, atol, rtol)
-        name = "prefill" if step == 0 else f"decode {step}"
-        for out_name in ref:
-            r = results[out_name]
-            # NaN compares unequal to everything, so a tolerance check can miss it; a non-finite
-            # output on either side is a failure, never "equal".
-            finite = bool(np.isfinite(ref[out_name]).all() and np.isfinite(got[out_name]).all())
-            max_abs, max_rel = float(r.max_absdiff), float(r.max_reldiff)
-            ok = bool(r) and finite and bool(np.isfinite(max_abs))
-            report.rows.append(CompareRow(name, out_name, max_abs if finite else float("nan"), max_rel, ok))
+        report.rows += compare_rows("prefill" if step == 0 else f"decode {step}", got, ref, atol, rtol)
         ref_next_B = t_logits[:, -1].argmax(-1)
         finite_logits = bool(np.isfinite(t_logits[:, -1]).all() and np.isfinite(o_logits[:, -1]).all())
         report.greedy_match.append(finite_logits and bool((o_logits[:, -1].argmax(-1) == ref_next_B).all()))

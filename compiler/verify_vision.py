@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from moec.common import contract
-from moec.compiler.verify import CompareRow, CompareRows, VerifyConfig, _compare
+from moec.compiler.verify import CompareRow, CompareRows, VerifyConfig, compare_rows
 
 PROMPT = "What is in the picture?"
 FEATURES_ROW = "image_features"
@@ -49,13 +49,6 @@ class VisionVerifyReport(CompareRows):
                 "image_rows": self.image_rows, "prompt_len": self.prompt_len, "passed": self.passed,
                 "greedy_match": self.greedy_match, "text_checked": self.text_checked,
                 "rows": [asdict(r) for r in self.rows]}
-
-
-def _row(step: str, output: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> CompareRow:
-    r = _compare({output: got}, {output: ref}, atol, rtol)[output]
-    finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
-    max_abs = float(r.max_absdiff) if finite else float("nan")
-    return CompareRow(step, output, max_abs, float(r.max_reldiff), bool(r) and finite)
 
 
 def write_picture(path: Path, tile_size: int) -> None:
@@ -89,7 +82,7 @@ def verify_vision(checkpoint: Path, vision_onnx: Path, config: VerifyConfig, tor
         ref = prepare_image_prompt([picture], ids, tokenizer, reference, bos, None)
     report = VisionVerifyReport(config.dtype, atol, rtol, got.tiles_hw, int(got.features_NH.shape[0]), len(got.ids),
                                 text_checked=text_skip_reason)
-    report.rows.append(_row("vision", FEATURES_ROW, got.features_NH, ref.features_NH, atol, rtol))
+    report.rows += compare_rows("vision", {FEATURES_ROW: got.features_NH}, {FEATURES_ROW: ref.features_NH}, atol, rtol)
     if torch_backend is None or ort_backend is None:
         return report
     prompt_BS = np.asarray([ref.ids], dtype=np.int64)
@@ -103,7 +96,7 @@ def verify_vision(checkpoint: Path, vision_onnx: Path, config: VerifyConfig, tor
                                                 image_features_NH=got.features_NH if prefill else None)
         t_logits, o_logits = np.asarray(t_logits, np.float32), np.asarray(o_logits, np.float32)
         name = "prefill" if step == 0 else f"decode {step}"
-        report.rows.append(_row(name, contract.LOGITS, o_logits, t_logits, atol, rtol))
+        report.rows += compare_rows(name, {contract.LOGITS: o_logits}, {contract.LOGITS: t_logits}, atol, rtol)
         next_B = t_logits[:, -1].argmax(-1)
         report.greedy_match.append(bool((o_logits[:, -1].argmax(-1) == next_B).all()))
         ids_BS = next_B[:, None].astype(np.int64)
