@@ -51,13 +51,21 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
     if spec.format == "nvfp4" and target.is_trt and target.arch not in NVFP4_ARCHS:
         return (f"NVFP4 needs FP4 tensor cores (Blackwell: {', '.join(sorted(NVFP4_ARCHS & set(_archs(target.kind))))}); "
                 f"{target.arch} has none: use --quantize int4 or fp8, or a target like {target.kind}:sm120")
+    if (reason := asymmetric_int4_reason(spec, target)) is not None:
+        return reason
+    if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
+        return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
+                "use the target's default lowering (or hybrid, gather, dense)")
+    return None
+
+
+def asymmetric_int4_reason(spec: QuantizeSpec, target) -> str | None:
+    """Asymmetric int4 on a TensorRT target: its DequantizeLinear form runs on ONNX Runtime, but no
+    TensorRT engine can be built from it (the module docstring has the parser's words)."""
     if spec.format == "int4" and not spec.symmetric and target.is_trt:
         return ("TensorRT has no UINT4 weights and its DequantizeLinear takes no zero point (\"Non-zero zero point "
                 "is not supported\"), so asymmetric int4 cannot build; drop --quantize-asymmetric (symmetric int4 "
                 "builds), or use --target ort")
-    if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
-        return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
-                "use the target's default lowering (or hybrid, gather, dense)")
     return None
 
 
