@@ -72,6 +72,13 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
     mapping = Mapping(parallel.tp, parallel.ep)
     target = parse_target(config.target)
     lowerings_for(target, config.moe_lowering)
+    from moec.compiler.quantize_stage import check_quantize_request
+
+    quant = check_quantize_request(config, target)  # the format against the target, before any work
+    if quant is not None and quant.calibrated:
+        raise MoecError(f"--quantize {quant.label()} calibrates on the export, and --tp/--ep rank graphs hold slices "
+                        "of the weights that calibration does not see; use --quantize-method rtn or clip (and no "
+                        "--quantize-activations) with --tp/--ep")
     if config.precision is not None and config.precision not in PRECISIONS:
         raise MoecError(f"precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if config.dump_dir is not None:
@@ -135,6 +142,8 @@ def optimize_partitioned(in_path: str | os.PathLike, out_dir: str | os.PathLike,
                               "precision": config.precision or sidecar.get("dtype", "fp32"),
                               "parallel": {"world_size": mapping.world_size, "rank": rank, "tp": mapping.tp,
                                            "ep": mapping.ep, "partition_id": plan_id}})
+            if quant is not None:  # what `moec build` checks the archs against and the rank manifest records
+                rank_side["quantization"] = quant.record() | {"weights": ctx.counts.get("quantized", 0)}
             write_json_atomic(contract.sidecar_path(tmp / name), rank_side)
             files = [name] + ([name + ".data"] if (tmp / (name + ".data")).exists() else [])
             ranks.append({"rank": rank, "file": name, "sha256": sha256_file(tmp / name),

@@ -9,7 +9,10 @@ export or the passes run):
   FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. NVFP4 (two
   DequantizeLinear: the E4M3 block scales by the fp32 global scale, then the E2M1 weights) needs
   FP4 tensor cores, Blackwell: trt on sm100 / sm103 / sm110 / sm120 / sm121, trt-rtx on sm120 /
-  sm121 (TensorRT-RTX 1.7 refuses sm89 with "HW-specific datatypes: fp4_e2m1"). TRT_MoE
+  sm121 (TensorRT-RTX 1.7 refuses sm89 with "HW-specific datatypes: fp4_e2m1"). Asymmetric int4
+  is refused: TensorRT has no UINT4 weights (its parser: "Failed to import initializer" for a
+  UINT4 initializer) and its DequantizeLinear takes a zero point of 0 only (an INT4 zero point of
+  1: "Non-zero zero point is not supported", DLA excepted). TRT_MoE
   (trt-native) and moec's plugin take full-precision expert weights only.
 - nvfp4 on ort is refused: ONNX Runtime 1.32's CPU provider has no DequantizeLinear kernel for
   FLOAT4E2M1 ("Could not find an implementation for DequantizeLinear(23)"; it runs opset-23
@@ -48,9 +51,21 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
     if spec.format == "nvfp4" and target.is_trt and target.arch not in NVFP4_ARCHS:
         return (f"NVFP4 needs FP4 tensor cores (Blackwell: {', '.join(sorted(NVFP4_ARCHS & set(_archs(target.kind))))}); "
                 f"{target.arch} has none: use --quantize int4 or fp8, or a target like {target.kind}:sm120")
+    if (reason := asymmetric_int4_reason(spec, target)) is not None:
+        return reason
     if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
         return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
                 "use the target's default lowering (or hybrid, gather, dense)")
+    return None
+
+
+def asymmetric_int4_reason(spec: QuantizeSpec, target) -> str | None:
+    """Asymmetric int4 on a TensorRT target: its DequantizeLinear form runs on ONNX Runtime, but no
+    TensorRT engine can be built from it (the module docstring has the parser's words)."""
+    if spec.format == "int4" and not spec.symmetric and target.is_trt:
+        return ("TensorRT has no UINT4 weights and its DequantizeLinear takes no zero point (\"Non-zero zero point "
+                "is not supported\"), so asymmetric int4 cannot build; drop --quantize-asymmetric (symmetric int4 "
+                "builds), or use --target ort")
     return None
 
 

@@ -80,3 +80,23 @@ def test_build_refuses_a_bad_partition_folder_before_any_work(built, tmp_path, c
     code, out, err = run_cli(["build", part, "-o", tmp_path / "eng", "--arch", "sm89", "--no-progress"], capsys)
     assert code == 2 and "missing rank file rank1.onnx" in err
     assert not (tmp_path / "eng").exists()
+
+
+def test_quantized_rank_graphs_are_checked_before_any_work(demo_onnx, tmp_path, capsys):
+    """--tp/--ep with --quantize: the format against the target and a calibrated method are named
+    before any rank is written; nvfp4 rank graphs record their quantization, so `moec build` refuses
+    an arch without FP4 tensor cores by name too (the engines themselves: test_quantized_engines.py)."""
+    out = tmp_path / "part"
+    for config, message in [(OptimizeConfig(target="trt-rtx:sm89", quantize="nvfp4"), "NVFP4 needs FP4 tensor cores"),
+                            (OptimizeConfig(target="trt-rtx:sm89", quantize="int4", quantize_group=32,
+                                            quantize_method="gptq"), "--tp/--ep rank graphs hold slices")]:
+        with pytest.raises(MoecError, match=message):
+            optimize_partitioned(demo_onnx, out, config, ParallelConfig(2, 1))
+        assert not out.exists()
+    optimize_partitioned(demo_onnx, out, OptimizeConfig(target="trt-rtx:sm120", quantize="nvfp4"), ParallelConfig(1, 2))
+    for rank in range(2):
+        side = json.loads((out / f"rank{rank}.moec.json").read_text())
+        assert side["quantization"]["format"] == "nvfp4" and side["quantization"]["weights"] == 4
+    code, _, err = run_cli(["build", out, "-o", tmp_path / "eng", "--arch", "sm89", "--builder", "trt-rtx"], capsys)
+    assert code == 2 and "has NVFP4 weights" in err and "sm89 has no FP4 tensor cores" in err
+    assert "Traceback" not in err and not (tmp_path / "eng").exists()

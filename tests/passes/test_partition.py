@@ -110,7 +110,7 @@ def test_ranks_match_the_single_graph(name, target, parts, single):
     graphs = [SegmentedGraph(folder / contract.rank_onnx(r)) for r in range(world)]
     ref = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"])
     out_names = [o.name for o in ref.get_outputs()]
-    B, L, K, D = 2, 4, 2, 16
+    B, L, K = 2, 4, 2
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (B, 11)).astype(np.int64)
     pos = np.tile(np.arange(11), (B, 1)).astype(np.int64)

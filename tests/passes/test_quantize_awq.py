@@ -27,7 +27,7 @@ from moec.passes.quantize.calibrate import Calibration
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import demo_feeds, ort_run, rel_err  # noqa: E402
-from quant_reference import dequantized_weights  # noqa: E402
+from quant_reference import dequantized_weights, optimize_dq_form  # noqa: E402
 
 CASES = {"awq": dict(quantize="int4", quantize_group=32, quantize_method="awq"),
          "awq-asym": dict(quantize="int4", quantize_group=32, quantize_method="awq", quantize_symmetric=False),
@@ -41,9 +41,7 @@ def optimized(demo_onnx, tmp_path_factory):
     def get(case: str, target: str = "ort") -> Path:
         if (case, target) not in cache:
             out = root / f"{case}_{target.replace(':', '_')}" / "model.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                optimize_onnx(demo_onnx, out, OptimizeConfig(target=target, quantize_scope="all", **CASES[case]))
+            optimize_dq_form(demo_onnx, out, OptimizeConfig(target=target, quantize_scope="all", **CASES[case]))
             cache[(case, target)] = out
         return cache[(case, target)]
 

@@ -32,7 +32,7 @@ from moec.passes.quantize.int4 import quantize_clipped
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import demo_feeds, ort_run, rel_err  # noqa: E402
-from quant_reference import dequantized_weights, reference_model  # noqa: E402
+from quant_reference import dequantized_weights, optimize_dq_form, reference_model  # noqa: E402
 from test_quantize_awq import awq_reference  # noqa: E402
 
 CASES = {"rtn": dict(quantize="int4", quantize_group=32),
@@ -53,9 +53,7 @@ def optimized(demo_onnx, tmp_path_factory):
     def get(case: str, target: str = "trt-rtx:sm89") -> Path:
         if (case, target) not in cache:
             out = root / f"{case}_{target.replace(':', '_')}" / "model.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                optimize_onnx(demo_onnx, out, OptimizeConfig(target=target, quantize_scope="all", **CASES[case]))
+            optimize_dq_form(demo_onnx, out, OptimizeConfig(target=target, quantize_scope="all", **CASES[case]))
             cache[(case, target)] = out
         return cache[(case, target)]
 

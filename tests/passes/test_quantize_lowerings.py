@@ -6,7 +6,6 @@ with the dequantized weights put in by NumPy, to fp32 rounding)."""
 from __future__ import annotations
 
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from moec.compiler.pipeline import OptimizeConfig, optimize_onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import demo_feeds, ort_run, rel_err  # noqa: E402
-from quant_reference import dequantized_weights, reference_model  # noqa: E402
+from quant_reference import dequantized_weights, optimize_dq_form, reference_model  # noqa: E402
 
 CASES = {
     "int4-g32": dict(quantize="int4", quantize_group=32),
@@ -38,9 +37,7 @@ def optimized(demo_onnx, tmp_path_factory):
         key = (case, target, scope)
         if key not in cache:
             out = root / f"{case}_{target.replace(':', '_')}_{scope}" / "model.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                optimize_onnx(demo_onnx, out, OptimizeConfig(target=target, quantize_scope=scope, **CASES[case]))
+            optimize_dq_form(demo_onnx, out, OptimizeConfig(target=target, quantize_scope=scope, **CASES[case]))
             cache[key] = out
         return cache[key]
 
