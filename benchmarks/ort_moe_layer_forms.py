@@ -5,8 +5,13 @@ at decode (1 token) and prefill (64 tokens), in small hand-built graphs (no moec
 - gather: Gather of the chosen experts' stacked weights, then batched MatMul (the ``gather`` lowering)
 - tree:   per-expert weights, nested Ifs on the expert id (the ``split`` lowering's one-token branch)
 - sorted: per-expert weights, NonZero/GatherND/MatMul/ScatterND per expert (``split``'s many-token branch)
+- guarded: ``sorted`` with each expert's group inside an If on "some token chose it", so a
+  one-token step runs one expert's nodes; each expert's weights feed one MatMul pair (one
+  prepacked copy)
+- split: If on T == 1 over ``tree`` and ``sorted`` (the ``split`` lowering); each expert's weights
+  feed two MatMul pairs, so ORT prepacks them twice (``split-nopack``: with prepacking disabled)
 
-    python benchmarks/ort_moe_layer_forms.py H I E THREADS REPEATS SPINNING(0|1) [TOKENS]
+    python benchmarks/ort_moe_layer_forms.py H I E THREADS REPEATS SPINNING(0|1) [TOKENS] [OUT_STEM]
     e.g. python benchmarks/ort_moe_layer_forms.py 1024 2048 16 2 100 0 1,64
 
 Sessions are interleaved per repeat; medians and minima. Writes
@@ -71,11 +76,47 @@ def sorted_():
     m = model(n, per_expert_inits())
     m.graph.node[2].attribute.append(h.make_attribute("value", nh.from_array(np.zeros(1, np.float32))))
     return m
-forms = {"moe": moe(), "gather": gather(), "tree": tree(), "sorted": sorted_()}
+def guarded():
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["shx"]),
+         h.make_node("ConstantOfShape", ["shx"], ["acc-1"], value=nh.from_array(np.zeros(1, np.float32)))]
+    for e in range(E):
+        p = f"s{e}_"
+        body = [h.make_node("NonZero", [p+"mask"], [p+"nz"]), h.make_node("Transpose", [p+"nz"], [p+"idx"], perm=[1, 0]),
+                h.make_node("GatherND", ["x", p+"idx"], [p+"xe"])]
+        y = ffn(body, None, p+"xe", f"wgu{e}", f"wd{e}", p)
+        body.append(h.make_node("ScatterND", [f"acc{e-1}", p+"idx", y], [p+"out"]))
+        then = h.make_graph(body, f"then{e}", [], [h.make_tensor_value_info(p+"out", TP.FLOAT, None)])
+        skip = h.make_graph([h.make_node("Identity", [f"acc{e-1}"], [p+"skip"])], f"else{e}", [],
+                            [h.make_tensor_value_info(p+"skip", TP.FLOAT, None)])
+        n += [h.make_node("Constant", [], [p+"e"], value=nh.from_array(np.array(e, np.int64))), h.make_node("Equal", ["ids", p+"e"], [p+"mask"]),
+              h.make_node("Cast", [p+"mask"], [p+"m8"], to=TP.INT32), h.make_node("ReduceMax", [p+"m8"], [p+"any8"], keepdims=0),
+              h.make_node("Cast", [p+"any8"], [p+"any"], to=TP.BOOL),
+              h.make_node("If", [p+"any"], [f"acc{e}"], then_branch=then, else_branch=skip)]
+    n.append(h.make_node("Identity", [f"acc{E-1}"], ["y"]))
+    return model(n, per_expert_inits())
+def split():
+    t, s_ = tree(), sorted_()
+    def sub(m, tag):
+        # the two branches would both define "ids" and "y": give those their own names (the tree's
+        # nested Ifs read only "id", which the sorted branch does not define)
+        ren = {"ids": f"{tag}_ids", "y": f"{tag}_y"}
+        nodes = []
+        for nd in m.graph.node:
+            c = h.make_node(nd.op_type, [ren.get(i, i) for i in nd.input], [ren.get(o, o) for o in nd.output], domain=nd.domain)
+            c.attribute.extend(nd.attribute)
+            nodes.append(c)
+        return h.make_graph(nodes, tag, [], [h.make_tensor_value_info(f"{tag}_y", TP.FLOAT, None)])
+    n = [h.make_node("Shape", ["x"], ["T"], start=0, end=1), h.make_node("Constant", [], ["one"], value=nh.from_array(np.array([1], np.int64))),
+         h.make_node("Equal", ["T", "one"], ["is1v"]), h.make_node("Squeeze", ["is1v"], ["is1"]),
+         h.make_node("If", ["is1"], ["y"], then_branch=sub(t, "tree"), else_branch=sub(s_, "sorted"))]
+    return model(n, per_expert_inits())
+forms = {"moe": moe(), "gather": gather(), "tree": tree(), "sorted": sorted_(), "guarded": guarded(), "split": split(), "split-nopack": split()}
 threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 sess = {}
 for k, m in forms.items():
     o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.add_session_config_entry("session.intra_op.allow_spinning", sys.argv[6] if len(sys.argv) > 6 else "1")
+    if k.endswith("-nopack"):
+        o.add_session_config_entry("session.disable_prepacking", "1")
     sess[k] = ort.InferenceSession(m.SerializeToString(), o, providers=["CPUExecutionProvider"])
 res = {}
 for T in [int(t) for t in (sys.argv[7] if len(sys.argv) > 7 else "1,64").split(",")]:
@@ -98,7 +139,7 @@ out = {"H": H, "I": I, "E": E, "threads": threads, "repeats": len(times["moe"]),
        "note": "2-core host shared with 7 other engineers' jobs: indicative; minima are the least disturbed runs.",
        "results": res}
 results = Path(__file__).parent / "results"
-stem = f"ort_moe_layer_forms_H{H}_t{threads}"
+stem = sys.argv[8] if len(sys.argv) > 8 else f"ort_moe_layer_forms_H{H}_t{threads}"
 (results / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
 lines = [f"# One MoE layer on ONNX Runtime CPU: H {H}, I {I}, E {E}, top-1, {threads} thread(s)", "",
          f"onnxruntime {ort.__version__}, {out['repeats']} interleaved repeats, spinning {out['spinning']}. **Shared 2-core host, "

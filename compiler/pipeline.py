@@ -197,9 +197,13 @@ def _lowering_steps(config: OptimizeConfig, target, partitioned: bool = False) -
     from moec.passes.targets import lowerings_for
 
     order = lowerings_for(target, config.moe_lowering)
+    by_default = config.moe_lowering in (None, "auto")
+    if partitioned and by_default:
+        # Rank graphs keep the default before split: split is checked on single graphs only.
+        order = tuple(name for name in order if name != "split")
 
     def run(m, c):
-        c.lowered = lower_moe(m, order, str(target), c.log)
+        c.lowered = lower_moe(m, order, str(target), c.log, by_default=by_default)
         return sum(c.lowered.values())
 
     def gqa(m, c):

@@ -1,8 +1,10 @@
 """Targets (``ort``, ``trt:<arch>``, ``trt-rtx:<arch>``) and which MoE lowering each can run.
 
 Defaults, fastest valid first (the lowering driver takes the first one a layer allows):
-- ``ort``: ONNX Runtime's com.microsoft.MoE (one fused op with a top-k grouped expert loop
-  inside), else ``hybrid``.
+- ``ort``: ``split`` (per-expert MatMuls, which use every intra-op thread at decode, where
+  com.microsoft.MoE runs one thread; up to 32 experts, float experts), else com.microsoft.MoE /
+  QMoE (one fused op with a top-k grouped expert loop inside), else ``hybrid``. Rank graphs
+  (``--tp/--ep``) start at com.microsoft.MoE.
 - ``trt:sm100|sm103|sm110``: TensorRT's native IMoELayer (``trt-native``), else ``hybrid``.
 - every other TensorRT arch: ``hybrid``. TensorRT has no grouped GEMM in standard ops. Of the
   standard-op forms, ``gather`` reads only the K chosen experts per token (decode, the step that
@@ -96,7 +98,7 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
 
 def default_lowerings(target: Target) -> tuple[str, ...]:
     if target.kind == "ort":
-        return ("ort", "hybrid")
+        return ("split", "ort", "hybrid")
     if target.kind == "trt" and target.arch in TRT_NATIVE_MOE_ARCHS:
         return ("trt-native", "hybrid")
     return ("hybrid",)

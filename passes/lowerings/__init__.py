@@ -1,6 +1,8 @@
 """MoE lowerings: each turns a fused (moec.MoEGating, moec.GroupedExperts) pair into what one
 target runs. One module per lowering, each with ``lower(op, pair) -> out_TH`` (raising ``Refuse``
-with a reason when it cannot express the pair); ``lower_moe`` drives them.
+with a reason when it cannot express the pair) and optionally ``default_refusal(pair)``: a reason
+not to take the pair when the lowering is only a target's default, not asked for (the layer then
+goes to the next lowering); ``lower_moe`` drives them.
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def moe_pairs(model: ir.Model) -> list[MoEPair]:
     return pairs
 
 
-def lower_moe(model: ir.Model, lowerings: Sequence[str], target: str, log: FusionLog | None = None) -> dict[str, int]:
+def lower_moe(model: ir.Model, lowerings: Sequence[str], target: str, log: FusionLog | None = None,
+              by_default: bool = False) -> dict[str, int]:
     """Lower every moec node with the first lowering in ``lowerings`` that accepts it. A node no
-    lowering accepts is an error naming the target and the node. Returns {lowering: count}."""
+    lowering accepts is an error naming the target and the node. ``by_default``: ``lowerings`` is
+    the target's default list, so each lowering's ``default_refusal`` applies. Returns {lowering: count}."""
     counts: dict[str, int] = {}
     if list(lowerings) == ["function"]:
         ops.attach_functions(model)
@@ -76,6 +80,8 @@ def lower_moe(model: ir.Model, lowerings: Sequence[str], target: str, log: Fusio
                 break
             op = ops.OpBuilder()
             try:
+                if by_default and (reason := getattr(modules[name], "default_refusal", lambda p: None)(pair)):
+                    raise Refuse(reason)
                 out = modules[name].lower(op, pair)
             except Refuse as e:
                 reasons.append(f"{name}: {e}")

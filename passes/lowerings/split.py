@@ -2,16 +2,25 @@
 
 ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread; ORT's MatMul uses
 every intra-op thread. Splitting the stacked [E, H, 2I] / [E, I, H] weights into E initializers
-lets each phase read only what it needs, once, with no gather copy of an expert matrix:
-- one token (decode at batch 1; T == 1): for each of the K choices, a binary tree of Ifs on the
-  expert id (depth ceil(log2 E)) reaches the branch that multiplies by that expert's own weights;
-- more tokens (prefill, batched decode): for each expert, the tokens routed to it (NonZero of
-  ids == e) are gathered, run through its MatMuls and scattered back with ScatterND(add).
-One If on T picks the phase. Both phases share the same E weight pairs, so the model holds each
-expert once (the stacked originals are dropped as dead).
-Measured on an overloaded shared host (benchmarks/results/ort_moe_layer_forms_*.md,
-ort_vs_llamacpp_h512*.md): prefill faster than com.microsoft.MoE (one layer 2-5x by the minima,
-the h512 model 1.5x at 1 thread), decode about equal; not yet the ``ort`` default (see there).
+lets each step read only the chosen experts, once, with no gather copy of an expert matrix: for
+each expert in turn, the tokens routed to it are gathered (NonZero / GatherND), run through its
+two MatMuls and scattered back with ScatterND(add). A one-token step runs the chosen expert on
+one row and the others on zero rows.
+
+Measured (benchmarks/results/ort_moe_layer_forms_H1024_t2.md, ort_vs_llamacpp_h1024.md): one
+H1024 I2048 E16 layer, 2 threads: 1.22 ms a token against com.microsoft.MoE's 1.94, 20 ms
+against 38 for 64 tokens; the h1024 model decodes 18 % faster than with com.microsoft.MoE
+(20.4 vs 24.9 ms a step, benchmarks/results/ort_split_h1024.md).
+
+Why no If: an If on "some token chose it" around each group, or a tree of Ifs on the expert id
+for one token (the form before), puts the MatMuls in subgraphs. ONNX Runtime prepacks a constant
+MatMul weight once per consuming node and, for a subgraph's outer-scope weight, keeps the
+original as well: the tree plus the groups held the experts twice (6.58 GB against 3.67 at
+h1024), and even one If per group costs as much per expert as the empty group it skips.
+
+That per-expert cost, about 8 µs per one-token step (E 128, H 512: 1.69 ms a layer against
+com.microsoft.MoE's 0.62), is why the ``ort`` target takes split by default only up to
+``DEFAULT_MAX_EXPERTS`` experts; ``--moe-lowering split`` takes it for any E.
 """
 
 from __future__ import annotations
@@ -19,85 +28,64 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from moec.passes import ops
+from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
+
+DEFAULT_MAX_EXPERTS = 32
+
+
+def default_refusal(pair) -> str | None:
+    """Why the ``ort`` target's default should not take split for this layer (None: take it)."""
+    E = dims(pair)[0]
+    if E > DEFAULT_MAX_EXPERTS:
+        return (f"{E} experts: each costs split about 8 us per one-token step, so com.microsoft.MoE is faster "
+                f"above {DEFAULT_MAX_EXPERTS} (--moe-lowering split takes it anyway)")
+    return None
 
 
 def lower(op, pair):
+    for w in (pair.w_gate_up_EHI2, pair.w_down_EIH):
+        node = w.producer()
+        if node is not None and node.op_type == "DequantizeLinear":
+            raise Refuse(f"quantized experts ({w.name} is dequantized): split multiplies float initializers; "
+                         "com.microsoft.QMoE reads the packed weights")
     ids, scores = pair.ids_TK, pair.scores_TK
     if pair.gating is not None:
         ids, scores = ops.build_gating(op, pair.logits_TE, **pair.gating_attrs)
     graph = pair.experts.graph
     E, H, I = dims(pair)
-    weights = [
-        (derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e]),
-         derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e]))
-        for e in range(E)
-    ]
     k, on_input, dtype = pair.experts_attrs["k"], pair.experts_attrs["score_on_input"], pair.x_TH.dtype
-    name = f"{pair.experts.name}/split"
-    one = _subgraph(lambda sub: _one_token(sub, pair.x_TH, ids, scores, weights, k, on_input, dtype, name),
-                    f"{name}/one_token", dtype)
-    many = _subgraph(lambda sub: _by_expert(sub, pair.x_TH, ids, scores, weights, on_input, dtype),
-                     f"{name}/by_expert", dtype)
-    is_one = op.Squeeze(op.Equal(op.Shape(pair.x_TH, start=0, end=1), op.Constant(value_ints=[1])))
-    return op.If(is_one, then_branch=one, else_branch=many)
-
-
-def _ffn(op, x_NH, w_gu_HI2, w_d_IH):
-    return op.MatMul(ops._swiglu(op, op.MatMul(x_NH, w_gu_HI2)), w_d_IH)
-
-
-def _one_token(op, x_1H, ids_1K, scores_1K, weights, k, on_input, dtype, name):
-    s_1K = op.Cast(scores_1K, to=dtype)
-    ids_K = op.Squeeze(op.Cast(ids_1K, to=ir.DataType.INT64), op.Constant(value_ints=[0]))
-    out_1H = None
-    for j in range(k):
-        id_j = op.Gather(ids_K, op.Constant(value_int=j), axis=0)  # a scalar
-        s_11 = op.Gather(s_1K, op.Constant(value_ints=[j]), axis=1)
-        h_1H = op.Mul(x_1H, s_11) if on_input else x_1H
-        y_1H = _tree(op, id_j, h_1H, weights, 0, len(weights), f"{name}/k{j}", dtype)
-        if not on_input:
-            y_1H = op.Mul(y_1H, s_11)
-        out_1H = y_1H if out_1H is None else op.Add(out_1H, y_1H)
-    return out_1H
-
-
-def _tree(op, id_, h_1H, weights, lo, hi, name, dtype):
-    """The expert ``id_`` in [lo, hi) applied to h_1H: nested Ifs halving the range."""
-    if hi - lo == 1:
-        return _ffn(op, h_1H, *weights[lo])
-    mid = (lo + hi) // 2
-    low = _subgraph(lambda sub: _tree(sub, id_, h_1H, weights, lo, mid, f"{name}/{lo}", dtype),
-                    f"{name}/{lo}_{mid}", dtype)
-    high = _subgraph(lambda sub: _tree(sub, id_, h_1H, weights, mid, hi, f"{name}/{mid}", dtype),
-                     f"{name}/{mid}_{hi}", dtype)
-    return op.If(op.Less(id_, op.Constant(value_int=mid)), then_branch=low, else_branch=high)
-
-
-def _by_expert(op, x_TH, ids_TK, scores_TK, weights, on_input, dtype):
-    s_TK = op.Cast(scores_TK, to=dtype)
-    ids_TK = op.Cast(ids_TK, to=ir.DataType.INT64)
-    out_TH = op.Cast(op.ConstantOfShape(op.Shape(x_TH)), to=dtype)
-    for e, (w_gu, w_d) in enumerate(weights):
-        tk_N2 = op.Transpose(op.NonZero(op.Equal(ids_TK, op.Constant(value_int=e))), perm=[1, 0])
-        t_N1 = op.Slice(tk_N2, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
-        x_NH = op.GatherND(x_TH, t_N1)
-        s_N1 = op.Unsqueeze(op.GatherND(s_TK, tk_N2), op.Constant(value_ints=[1]))
-        y_NH = _ffn(op, op.Mul(x_NH, s_N1) if on_input else x_NH, w_gu, w_d)
-        if not on_input:
-            y_NH = op.Mul(y_NH, s_N1)
-        # Each expert appears at most once among a token's K choices, so indices within one
+    s_TK = op.Cast(scores, to=dtype)
+    ids_TK = op.Cast(ids, to=ir.DataType.INT64)
+    x_TH = pair.x_TH
+    if k == 1:
+        # One choice a token: its score can scale the whole row once, and the rows routed to an
+        # expert are the NonZero of a 1-D mask, already GatherND's [N, 1] after a Transpose.
+        ids_T = op.Squeeze(ids_TK, op.Constant(value_ints=[1]))
+        if on_input:
+            x_TH = op.Mul(x_TH, s_TK)
+    out_TH = op.Cast(op.ConstantOfShape(op.Shape(pair.x_TH)), to=dtype)
+    for e in range(E):
+        w_gu = derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e])
+        w_d = derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e])
+        if k == 1:
+            t_N1 = op.Transpose(op.NonZero(op.Equal(ids_T, op.Constant(value_int=e))), perm=[1, 0])
+            y_NH = _ffn(op, op.GatherND(x_TH, t_N1), w_gu, w_d)
+            if not on_input:
+                y_NH = op.Mul(y_NH, op.GatherND(s_TK, t_N1))
+        else:
+            tk_N2 = op.Transpose(op.NonZero(op.Equal(ids_TK, op.Constant(value_int=e))), perm=[1, 0])
+            t_N1 = op.Slice(tk_N2, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
+            s_N1 = op.Unsqueeze(op.GatherND(s_TK, tk_N2), op.Constant(value_ints=[1]))
+            x_NH = op.GatherND(x_TH, t_N1)
+            y_NH = _ffn(op, op.Mul(x_NH, s_N1) if on_input else x_NH, w_gu, w_d)
+            if not on_input:
+                y_NH = op.Mul(y_NH, s_N1)
+        # An expert appears at most once among a token's K choices, so the indices within one
         # ScatterND are distinct; "add" accumulates a token's K experts across the chain.
         out_TH = op.ScatterND(out_TH, t_N1, y_NH, reduction="add")
     return out_TH
 
 
-def _subgraph(build, name: str, dtype: ir.DataType) -> ir.Graph:
-    sub = ops.OpBuilder()
-    y = sub.Identity(build(sub))
-    y.dtype = dtype
-    for i, node in enumerate(sub.nodes):
-        node.name = f"{name}/{node.op_type}_{i}"
-        for j, v in enumerate(node.outputs):
-            v.name = v.name or f"{node.name}_{j}"
-    return ir.Graph([], [y], nodes=sub.nodes, name=name.replace("/", "_"))
+def _ffn(op, x_NH, w_gu_HI2, w_d_IH):
+    return op.MatMul(ops._swiglu(op, op.MatMul(x_NH, w_gu_HI2)), w_d_IH)

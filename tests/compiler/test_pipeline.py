@@ -36,19 +36,19 @@ def ort_tokens(path, graph_optimization=True):
     return generate(OrtBackend.from_onnx(path, graph_optimization=graph_optimization), PROMPT, cfg).new_tokens
 
 
-@pytest.mark.parametrize("lowering", [None, "ort", "gather", "dense", "hybrid", "function"])
+@pytest.mark.parametrize("lowering", [None, "ort", "split", "gather", "dense", "hybrid", "function"])
 def test_lowerings_give_torch_greedy_tokens(demo_onnx, torch_tokens, tmp_path, lowering):
     out = tmp_path / "opt" / "model.onnx"
     report = optimize_onnx(demo_onnx, out, OptimizeConfig(target="ort", moe_lowering=lowering))
     assert report.fused_gating == report.fused_experts == report.moe_layers == 2
-    assert report.moe_lowering == {lowering or "ort": 2}
+    assert report.moe_lowering == {lowering or "split": 2}  # split: the ort target's default
     assert not report.warnings
     model = ir.load(out)
     ops = {n.op_type for n in model.graph}
     assert "ScatterElements" not in ops or lowering == "dense"  # the dense score matrix is gone
     assert ort_tokens(out) == torch_tokens
     side = json.loads(contract.sidecar_path(out).read_text())
-    assert side["moe_lowering"] == (lowering or "ort") and side["target"] == "ort" and side["precision"] == "fp32"
+    assert side["moe_lowering"] == (lowering or "split") and side["target"] == "ort" and side["precision"] == "fp32"
     assert (out.parent / contract.TOKENIZER_FILE).read_bytes() == (demo_onnx.parent / contract.TOKENIZER_FILE).read_bytes()
     matches = {r.name: r.matches for r in report.passes}
     assert {"fold_constants", "fuse_moe_gating", "fuse_grouped_experts", "lower_moe"} <= set(matches)

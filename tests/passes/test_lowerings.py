@@ -53,13 +53,16 @@ def test_ort_lowering_refuses_what_it_cannot_express(block_onnx, block, why):
         lower_moe(model, ["ort"], "ort")
 
 
-def test_ort_default_falls_back_to_hybrid(block_onnx):
+def test_ort_default_takes_split_then_falls_back_to_hybrid(block_onnx):
     path = block_onnx("ref_k2")
-    model = fused(path)
-    log = FusionLog()
-    assert lower_moe(model, lowerings_for(parse_target("ort"), None), "ort", log) == {"hybrid": 1}
-    assert log.refusals and "k=2" in log.refusals[0].reason
     feeds = block_input()
+    model = fused(path)
+    assert lower_moe(model, lowerings_for(parse_target("ort"), None), "ort", by_default=True) == {"split": 1}
+    assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
+    # Without split (rank graphs start at com.microsoft.MoE), sigmoid k=2 goes on to hybrid.
+    model, log = fused(path), FusionLog()
+    assert lower_moe(model, ["ort", "hybrid"], "ort", log, by_default=True) == {"hybrid": 1}
+    assert log.refusals and "k=2" in log.refusals[0].reason
     assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
 
 
@@ -89,7 +92,7 @@ def test_lowering_the_target_cannot_run_is_an_error(target, lowering):
 
 
 def test_defaults_per_target():
-    assert lowerings_for(parse_target("ort"), None)[0] == "ort"
+    assert lowerings_for(parse_target("ort"), None) == ("split", "ort", "hybrid")
     assert lowerings_for(parse_target("trt:sm100"), None)[0] == "trt-native"
     assert lowerings_for(parse_target("trt:sm90"), None) == ("hybrid",)
     assert lowerings_for(parse_target("trt:sm89"), "trt-plugin") == ("trt-plugin",)

@@ -1,9 +1,11 @@
-"""The split lowering (per-expert weights: an If tree for one token, per-expert groups for more):
-it fires on every routing the fusions produce, refuses what it cannot express, keeps the numbers
-on both of its branches."""
+"""The split lowering (per-expert weights, each expert's token group gathered, multiplied and
+scattered back): it fires on every routing the fusions produce, refuses what it cannot express
+(and what the ort default should leave to com.microsoft.MoE), keeps the numbers for one token and
+for many, and feeds each expert's weights to one MatMul pair."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 from conftest import block_input, ort_run, rel_err
@@ -39,14 +41,14 @@ def test_split_fires_with_per_expert_weights(block_onnx, block):
     model = fused(block_onnx(block))
     assert lower_moe(model, ["split"], "ort") == {"split": 1}
     assert not [n for n in model.graph if n.domain == "moec"]
-    (phase,) = [n for n in model.graph if n.op_type == "If"]
-    one, many = phase.attributes["then_branch"].value, phase.attributes["else_branch"].value
     experts = len([n for n in model.graph.initializers if ".split" in n]) // 2
-    k = 2 if block.endswith("k2") else 1
-    # One token: K trees of E leaves (E - 1 Ifs each); more: one ScatterND per expert.
-    assert _subgraph_ops(one).count("If") == k * (experts - 1)
-    assert _subgraph_ops(many).count("ScatterND") == experts
-    # The stacked originals are gone: each expert is held once.
+    ops = _subgraph_ops(model.graph)
+    assert "If" not in ops and ops.count("ScatterND") == experts and ops.count("MatMul") == 2 * experts
+    # Each expert's weights feed one MatMul (ONNX Runtime prepacks a weight once per consuming
+    # node, and keeps a subgraph's outer-scope weight besides), and the stacked originals are
+    # gone: each expert is held once.
+    users = [len(v.uses()) for name, v in model.graph.initializers.items() if ".split" in name]
+    assert len(users) == 2 * experts and set(users) == {1}
     assert all(tuple(v.shape)[0] != experts or len(v.shape) != 3 for v in model.graph.initializers.values())
 
 
@@ -56,7 +58,7 @@ def test_split_keeps_numbers_on_both_branches(block_onnx, block, batch, seq):
     path = block_onnx(block)
     model = fused(path)
     lower_moe(model, ["split"], "ort")
-    for seed in range(3):  # other tokens pick other experts (and other tree leaves)
+    for seed in range(3):  # other tokens pick other experts
         feeds = block_input(seed=seed, batch=batch, seq=seq)
         assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) <= 1e-5
 
@@ -79,3 +81,34 @@ def test_split_refuses_expert_weights_that_are_not_initializers(block_onnx):
 def test_split_is_not_offered_to_tensorrt(target):
     with pytest.raises(MoecError, match=f"target {target}: MoE lowering 'split' cannot run there"):
         lowerings_for(parse_target(target), "split")
+
+
+def test_ort_default_leaves_many_experts_to_com_microsoft_moe(block_onnx, monkeypatch):
+    import moec.passes.lowerings.split as split
+
+    monkeypatch.setattr(split, "DEFAULT_MAX_EXPERTS", 3)  # ref_k1 has 4 experts
+    order = lowerings_for(parse_target("ort"), None)
+    assert order[0] == "split"
+    model, log = fused(block_onnx("ref_k1")), FusionLog()
+    assert lower_moe(model, order, "ort", log, by_default=True) == {"ort": 1}
+    assert "4 experts" in log.refusals[0].reason and "--moe-lowering split" in log.refusals[0].reason
+    # Asked for by name, split takes the layer whatever its expert count.
+    assert lower_moe(fused(block_onnx("ref_k1")), ["split"], "ort", by_default=False) == {"split": 1}
+
+
+def test_split_refuses_quantized_experts(block_onnx):
+    model = fused(block_onnx("ref_k1"))
+    (experts,) = [n for n in model.graph if n.op_type == "GroupedExperts"]
+    w = experts.inputs[3]
+    q = ir.Value(name="w_gate_up_q", shape=w.shape, type=ir.TensorType(ir.DataType.INT8),
+                 const_value=ir.tensor(np.zeros(tuple(w.shape), np.int8)))
+    scale = ir.Value(name="w_gate_up_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(np.array(0.01, np.float32)))
+    model.graph.register_initializer(q)
+    model.graph.register_initializer(scale)
+    dq = ir.Node("", "DequantizeLinear", [q, scale], name="dq_gate_up")
+    model.graph.insert_before(experts, dq)
+    experts.replace_input_with(3, dq.outputs[0])
+    log = FusionLog()
+    assert lower_moe(model, ["split", "hybrid"], "ort", log) == {"hybrid": 1}
+    assert "quantized experts" in log.refusals[0].reason and "QMoE" in log.refusals[0].reason
