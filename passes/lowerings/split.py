@@ -7,7 +7,7 @@ each expert in turn, the tokens routed to it are gathered (NonZero / GatherND), 
 two MatMuls and scattered back with ScatterND(add). A one-token step runs the chosen expert on
 one row and the others on zero rows.
 
-Measured (benchmarks/results/ort_moe_layer_forms_H1024_t2.md, ort_vs_llamacpp_h1024.md): one
+Measured (benchmarks/results/ort_moe_layer_forms_H1024_t2_r2.md, ort_split_h1024.md): one
 H1024 I2048 E16 layer, 2 threads: 1.22 ms a token against com.microsoft.MoE's 1.94, 20 ms
 against 38 for 64 tokens; the h1024 model decodes 18 % faster than with com.microsoft.MoE
 (20.4 vs 24.9 ms a step, benchmarks/results/ort_split_h1024.md).
@@ -18,8 +18,9 @@ MatMul weight once per consuming node and, for a subgraph's outer-scope weight, 
 original as well: the tree plus the groups held the experts twice (6.58 GB against 3.67 at
 h1024), and even one If per group costs as much per expert as the empty group it skips.
 
-That per-expert cost, about 8 µs per one-token step (E 128, H 512: 1.69 ms a layer against
-com.microsoft.MoE's 0.62), is why the ``ort`` target takes split by default only up to
+That per-expert cost, about 7-8 µs per one-token step (E 128, H 512: 1.42 ms a layer against
+com.microsoft.MoE's 0.54, ort_moe_layer_forms_H512_E128_t2.md), is why the ``ort`` target takes
+split by default only up to
 ``DEFAULT_MAX_EXPERTS`` experts; ``--moe-lowering split`` takes it for any E.
 """
 
@@ -30,6 +31,7 @@ import onnx_ir as ir
 from moec.passes import ops
 from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
+from moec.passes.lowerings.ort_quant import dequantized
 
 DEFAULT_MAX_EXPERTS = 32
 
@@ -45,8 +47,7 @@ def default_refusal(pair) -> str | None:
 
 def lower(op, pair):
     for w in (pair.w_gate_up_EHI2, pair.w_down_EIH):
-        node = w.producer()
-        if node is not None and node.op_type == "DequantizeLinear":
+        if dequantized(w) is not None:
             raise Refuse(f"quantized experts ({w.name} is dequantized): split multiplies float initializers; "
                          "com.microsoft.QMoE reads the packed weights")
     ids, scores = pair.ids_TK, pair.scores_TK
