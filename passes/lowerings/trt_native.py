@@ -96,7 +96,9 @@ def lower(op, pair):
     if pair.gating is not None:
         ids, scores = ops.build_gating(op, pair.logits_TE, **pair.gating_attrs)
     x = pair.x_TH
-    scores = scores if scores.dtype == x.dtype or scores.dtype is None else op.Cast(scores, to=x.dtype)
+    # The gating's scores are fp32 (and untyped where build_gating made them): cast unless known equal,
+    # else an fp16 / bf16 Mul(x, scores) has mixed inputs (TensorRT: "must have same input types").
+    scores = scores if scores.dtype == x.dtype or x.dtype is None else op.Cast(scores, to=x.dtype)
     if e["score_on_input"]:
         if e["k"] != 1:
             raise Refuse(f"score on the input with k={e['k']}: TRT_MoE scales expert outputs only")

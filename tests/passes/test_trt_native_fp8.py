@@ -34,10 +34,10 @@ from moec_cli import run_cli  # noqa: E402
 FP8 = ir.DataType.FLOAT8E4M3FN
 
 
-def quantized_block(block_onnx, fmt: str = "fp8", down_scale: float | None = None) -> ir.Model:
+def quantized_block(block_onnx, fmt: str = "fp8", down_scale: float | None = None, dtype: str = "fp32") -> ir.Model:
     """The ref_k1 block fused and its experts quantized; ``down_scale`` set on the experts node as
     fp8_act.py sets it for --quantize-activations static."""
-    model = ir.load(block_onnx("ref_k1"))
+    model = ir.load(block_onnx("ref_k1", dtype))
     assert fuse_moe_gating(model) == 1 and fuse_grouped_experts(model) == 1
     # int4 in blocks of 8: the block's K (16, 24) is shorter than any group the CLI offers.
     spec = QuantizeSpec("int4", group=8) if fmt == "int4" else make_spec(fmt)
@@ -148,9 +148,12 @@ def _parsed_moe_layers(model: ir.Model | Path):
 
 
 @pytest.mark.trt
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("down_scale", [None, 0.05])
-def test_parser_reads_back_a_quantized_imoelayer(block_onnx, down_scale):
-    model = quantized_block(block_onnx, down_scale=down_scale)
+def test_parser_reads_back_a_quantized_imoelayer(block_onnx, down_scale, dtype):
+    """fp16 too: the gating's fp32 scores are cast to the hidden state's dtype before they scale it
+    (TensorRT refuses a Mul of Half and Float)."""
+    model = quantized_block(block_onnx, down_scale=down_scale, dtype=dtype)
     lower_moe(model, ["trt-native"], "trt:sm100")
     trt, ((layer, feeds),) = _parsed_moe_layers(model)
     assert feeds[3:6] == [trt.LayerType.DEQUANTIZE] * 3
