@@ -12,8 +12,9 @@ export or the passes run):
   sm121 (TensorRT-RTX 1.7 refuses sm89 with "HW-specific datatypes: fp4_e2m1"). Asymmetric int4
   is refused: TensorRT has no UINT4 weights (its parser: "Failed to import initializer" for a
   UINT4 initializer) and its DequantizeLinear takes a zero point of 0 only (an INT4 zero point of
-  1: "Non-zero zero point is not supported", DLA excepted). TRT_MoE
-  (trt-native) and moec's plugin take full-precision expert weights only.
+  1: "Non-zero zero point is not supported", DLA excepted). TRT_MoE (trt-native) takes float or
+  FP8 experts (IMoELayer quantizes in FP8 only: passes/lowerings/trt_native.py); moec's plugin
+  full-precision expert weights only.
 - nvfp4 on ort is refused: ONNX Runtime 1.32's CPU provider has no DequantizeLinear kernel for
   FLOAT4E2M1 ("Could not find an implementation for DequantizeLinear(23)"; it runs opset-23
   DequantizeLinear of int8), so the DequantizeLinear form cannot run there.
@@ -29,8 +30,7 @@ FP8_ARCHS = frozenset({"sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm12
 # FP4 (E2M1) tensor cores: Blackwell, datacenter (sm100, sm103), Thor (sm110) and RTX / Spark (sm120, sm121).
 NVFP4_ARCHS = frozenset({"sm100", "sm103", "sm110", "sm120", "sm121"})
 # Lowerings that read the expert weights themselves and take full precision only.
-_FLOAT_ONLY_LOWERINGS = {"trt-native": "TensorRT's TRT_MoE (moec does not emit its quantization attributes)",
-                         "trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
+_FLOAT_ONLY_LOWERINGS = {"trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
                          "function": "moec's function bodies",
                          "split": "per-expert float initializers (ONNX Runtime MatMuls)"}
 
@@ -53,6 +53,10 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
                 f"{target.arch} has none: use --quantize int4 or fp8, or a target like {target.kind}:sm120")
     if (reason := asymmetric_int4_reason(spec, target)) is not None:
         return reason
+    if moe_lowering == "trt-native" and spec.format != "fp8" and "experts" in spec.record()["kinds"]:
+        return (f"--moe-lowering trt-native runs TensorRT's TRT_MoE (IMoELayer), whose quantization is FP8 only "
+                f"(passes/lowerings/trt_native.py), not {spec.format} experts; use --quantize fp8, or the target's "
+                "default lowering (or hybrid, gather, dense)")
     if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
         return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
                 "use the target's default lowering (or hybrid, gather, dense)")

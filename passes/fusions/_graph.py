@@ -185,8 +185,16 @@ def ensure_opset(model: ir.Model, opset: int, fusion: str, op_type: str, log: Fu
                  allow_upgrade: bool) -> bool:
     """Make the model import at least ``opset`` (onnxscript's version converter), or log a refusal
     and return False when the caller does not allow the upgrade (the target's parser may not take
-    it). The converter inlines model-local functions: run this before the moec fusions."""
+    it).
+
+    The converter inlines every model-local function, and the fused moec ops carry theirs
+    (ops.attach_functions): converted as they are, MoEGating / GroupedExperts would dissolve into
+    their bodies, leaving anything that holds those nodes (a quantize site's uses) pointing at
+    nodes no longer in the graph, and the layers unfused. So moec's bodies are held aside during
+    the conversion (the moec nodes stay, as ops of another domain) and rebuilt at the new opset."""
     from onnxscript import version_converter
+
+    from moec.common.contract import MOEC_DOMAIN
 
     current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if current >= opset:
@@ -195,5 +203,12 @@ def ensure_opset(model: ir.Model, opset: int, fusion: str, op_type: str, log: Fu
         if log is not None:
             log.refuse(fusion, None, f"the model imports opset {current}; {op_type} needs {opset} and the target's parser is not known to take it")
         return False
+    held = [key for key in model.functions if key[0] == MOEC_DOMAIN]
+    for key in held:
+        del model.functions[key]
     version_converter.convert_version(model, opset)
+    if held:
+        from moec.passes import ops
+
+        ops.attach_functions(model)
     return True

@@ -231,16 +231,17 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
     """Quantize every weight ``spec`` names; returns how many. Unused originals are removed by the
     clean-up that follows (they are no longer read). ``whole_blocks``: see check_sites.
     ``calibration`` (calibrate.Calibration): what awq, gptq and FP8 activations read."""
-    sites = find_weights(model, spec, log)
-    check_sites(sites, spec, what, whole_blocks)
-    if spec.calibrated and calibration is None:
-        raise MoecError(f"--quantize {spec.label()} calibrates on the export, and this pipeline has none to run "
-                        "(moec optimize of a single graph calibrates; --tp/--ep partitions do not yet)")
+    # The opset first, the sites after: the upgrade may replace nodes, and a site holds its uses.
     if spec.format == "nvfp4":
         ensure_opset(model, FP4_OPSET, NAME, "DequantizeLinear (FLOAT4E2M1)", log, True)
         model.ir_version = max(model.ir_version or 0, FP4_IR_VERSION)
     else:
         ensure_opset(model, DQ_OPSET, NAME, "DequantizeLinear (blocked, int4)", log, True)
+    sites = find_weights(model, spec, log)
+    check_sites(sites, spec, what, whole_blocks)
+    if spec.calibrated and calibration is None:
+        raise MoecError(f"--quantize {spec.label()} calibrates on the export, and this pipeline has none to run "
+                        "(moec optimize of a single graph calibrates; --tp/--ep partitions do not yet)")
     importance, scales, hessians = {}, {}, {}
     if spec.method in AWQ_METHODS:
         from moec.passes.quantize.awq import apply_awq

@@ -13,7 +13,8 @@ Sites:
   input; the score multiplies after the Q/DQ, and a sigmoid score is <= 1, so the score-scaled
   rows the gate_up product reads stay within that range). The down projection's input lives
   inside the fused op and stays in the model's float dtype: the experts are W8A8 on gate_up and
-  W8A16 on down.
+  W8A16 on down, except on trt-native, whose TRT_MoE quantizes it itself from a static scale (its
+  calibrated amax / 448, recorded on the fused node: lowerings/trt_native.py).
 
 ``--quantize-activations static-no-down`` leaves every down_proj's input in float too (the dense
 MLPs' and the shared expert's; the routed experts' already is): that input is the SwiGLU product,
@@ -63,6 +64,21 @@ def _insert_qdq(graph: ir.Graph, node: ir.Node, scale: np.float32, np_dtype, nam
     node.replace_input_with(0, dq.outputs[0])
 
 
+def _record_experts_down_scale(site, stats) -> None:
+    """The routed experts' down_proj input (the SwiGLU product, inside the fused op): its static
+    per-tensor scale goes on the GroupedExperts node as an attribute, which only the trt-native
+    lowering reads (TRT_MoE's quantization_mode 1: lowerings/trt_native.py); the others keep that
+    input in float."""
+    from moec.passes.lowerings.trt_native import DOWN_SCALE_ATTR
+
+    key = site.value.name.removesuffix(".T")
+    if site.kind != "experts" or not is_down_proj(key) or key not in stats:
+        return
+    for node, _ in site.uses:
+        if node.domain == MOEC_DOMAIN and node.op_type == OP_GROUPED_EXPERTS:
+            node.attributes[DOWN_SCALE_ATTR] = ir.AttrFloat32(DOWN_SCALE_ATTR, float(activation_scale(stats[key])))
+
+
 def is_down_proj(weight_name: str) -> bool:
     return _DOWN.search(weight_name) is not None
 
@@ -76,6 +92,7 @@ def add_fp8_activations(model: ir.Model, sites, calibration, log=None, skip_down
     for site in sites:
         if skip_down and is_down_proj(site.value.name):
             continue
+        _record_experts_down_scale(site, stats)
         for node, _ in site.uses:
             if id(node) in seen:
                 continue

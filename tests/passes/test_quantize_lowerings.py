@@ -152,3 +152,60 @@ def test_sidecar_records_the_quantization(optimized):
     q = side["quantization"]
     assert (q["format"], q["group_size"], q["symmetric"], q["scope"], q["weights"]) == ("int4", 32, False, "all", 32)
     assert q["calibration"].startswith("none") and q["routing"] == "full precision"
+
+
+def test_opset_upgrade_keeps_the_fused_moec_ops(block_onnx):
+    """The quantize pass upgrades an opset-20 graph (trt targets run no opset-23 fusion) to 21 for
+    DequantizeLinear after the MoE fusions; onnxscript's converter inlines model-local functions,
+    so the fused ops' bodies are held aside and rebuilt (passes/fusions/_graph.py: ensure_opset)."""
+    from conftest import block_input
+
+    from moec.passes.fusions._graph import ensure_opset
+    from moec.passes.fusions.grouped_experts import fuse_grouped_experts
+    from moec.passes.fusions.moe_gating import fuse_moe_gating
+
+    path = block_onnx("ref_k1")
+    model = ir.load(path)
+    assert model.opset_imports[""] == 20 and fuse_moe_gating(model) == 1 and fuse_grouped_experts(model) == 1
+    experts = next(n for n in model.graph if n.op_type == "GroupedExperts")
+    assert ensure_opset(model, 21, "test", "DequantizeLinear", None, True)
+    assert model.opset_imports[""] == 21 and experts.graph is model.graph
+    assert sorted(n.op_type for n in model.graph if n.domain == "moec") == ["GroupedExperts", "MoEGating"]
+    assert {f.opset_imports[""] for f in model.functions.values()} == {21}
+    feeds = block_input()
+    assert rel_err(ort_run(model, feeds)[0], ort_run(path, feeds)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("target,case", [("trt:sm90", "int4-g32"), ("trt:sm90", "int8"), ("trt:sm90", "fp8"),
+                                         ("trt:sm100", "int4-g32"), ("trt:sm100", "int8")])
+def test_trt_targets_quantize_the_fused_experts(demo_onnx, optimized, target, case):
+    """Full TensorRT targets keep the export's opset 20 through the fusions; quantizing then crashed
+    on a GroupedExperts node the opset upgrade had inlined away. The graph is hybrid over
+    DequantizeLinear experts (sm100: TRT_MoE takes float or FP8 experts, so int4 / int8 fall back;
+    its FP8 form is tests/passes/test_trt_native_fp8.py) and computes the dequantized reference's
+    numbers on ONNX Runtime, prefill and decode."""
+    graph = optimized(case, target, "experts")
+    ops = _ops(graph)
+    assert ops[("", "DequantizeLinear")] == 4 and ops[("", "If")] == 2
+    assert not any(domain == "moec" for domain, _ in ops)
+    reference = reference_model(demo_onnx, ir.load(graph))
+    for past, new in ((0, 6), (5, 1)):
+        feeds = demo_feeds(demo_onnx, past, new)
+        got, want = ort_run(graph, feeds), ort_run(reference, feeds)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5, (case, target, past, rel_err(g, w))
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("case", ["int4-g32", "fp8"])
+def test_trt_sm90_quantized_graph_parses(optimized, case):
+    """TensorRT-RTX's ONNX parser (full TensorRT cannot be installed here) takes the trt:sm90
+    graph, its DequantizeLinear weights included."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(optimized(case, "trt:sm90", "experts"))), \
+        [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    layers = [network.get_layer(i).type for i in range(network.num_layers)]
+    assert layers.count(trt.LayerType.DEQUANTIZE) >= 4 and trt.LayerType.CONDITION in layers
