@@ -10,6 +10,12 @@ at decode (1 token) and prefill (64 tokens), in small hand-built graphs (no moec
   prepacked copy)
 - split: If on T == 1 over ``tree`` and ``sorted`` (the ``split`` lowering); each expert's weights
   feed two MatMul pairs, so ORT prepacks them twice (``split-nopack``: with prepacking disabled)
+- slices: tokens sorted by expert once a layer (TopK), per-expert offsets from one ReduceSum and
+  one Split; per expert only a Slice of the sorted rows and the FFN; one Concat and one Gather
+  by the inverse permutation (``split``'s form since issue 20's third round)
+
+``FORMS=slices,sorted,moe`` in the environment builds only those forms (each holds its own weights);
+``NOTE=...`` says what the host was doing.
 
     python benchmarks/ort_moe_layer_forms.py H I E THREADS REPEATS SPINNING(0|1) [TOKENS] [OUT_STEM]
     e.g. python benchmarks/ort_moe_layer_forms.py 1024 2048 16 2 100 0 1,64
@@ -110,7 +116,28 @@ def split():
          h.make_node("Equal", ["T", "one"], ["is1v"]), h.make_node("Squeeze", ["is1v"], ["is1"]),
          h.make_node("If", ["is1"], ["y"], then_branch=sub(t, "tree"), else_branch=sub(s_, "sorted"))]
     return model(n, per_expert_inits())
-forms = {"moe": moe(), "gather": gather(), "tree": tree(), "sorted": sorted_(), "guarded": guarded(), "split": split(), "split-nopack": split()}
+def slices():
+    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["T"], start=0, end=1),
+         h.make_node("Cast", ["ids"], ["idsf"], to=TP.FLOAT),
+         h.make_node("TopK", ["idsf", "T"], ["sid", "order"], largest=0, sorted=1),
+         h.make_node("Gather", ["x", "order"], ["xs"], axis=0),
+         c("u1", [1]), h.make_node("Unsqueeze", ["ids", "u1"], ["ids_T1"]), c("ar", np.arange(E + 1)[None, :]),
+         h.make_node("Less", ["ids_T1", "ar"], ["lt"]), h.make_node("Cast", ["lt"], ["lt64"], to=TP.INT64),
+         c("z", [0]), h.make_node("ReduceSum", ["lt64", "z"], ["off"], keepdims=0),
+         h.make_node("Split", ["off"], [f"off{e}" for e in range(E + 1)], axis=0, num_outputs=E + 1)]
+    ys = []
+    for e in range(E):
+        p = f"s{e}_"
+        n.append(h.make_node("Slice", ["xs", f"off{e}", f"off{e+1}", "z"], [p + "xe"]))
+        ys.append(ffn(n, None, p + "xe", f"wgu{e}", f"wd{e}", p))
+    n += [h.make_node("Concat", ys, ["ys"], axis=0), h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
+          h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
+    n.insert(4, h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT))
+    return model(n, per_expert_inits())
+builders = {"moe": moe, "gather": gather, "tree": tree, "sorted": sorted_, "guarded": guarded, "split": split, "split-nopack": split,
+            "slices": slices}
+forms = {k: builders[k]() for k in os.environ.get("FORMS", "moe,gather,tree,sorted,guarded,split,split-nopack").split(",")}
 threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 sess = {}
 for k, m in forms.items():
@@ -134,16 +161,16 @@ for T in [int(t) for t in (sys.argv[7] if len(sys.argv) > 7 else "1,64").split("
         if v:
             res[f"T={T} {k}"] = {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3}
             print(f"T={T} {k:7s} median {statistics.median(v)*1e3:7.3f} ms  min {min(v)*1e3:7.3f}")
-out = {"H": H, "I": I, "E": E, "threads": threads, "repeats": len(times["moe"]), "spinning": sys.argv[6] if len(sys.argv) > 6 else "1",
+out = {"H": H, "I": I, "E": E, "threads": threads, "repeats": max(len(v) for v in times.values()), "spinning": sys.argv[6] if len(sys.argv) > 6 else "1",
        "onnxruntime": ort.__version__, "loadavg_end": [round(x, 1) for x in os.getloadavg()],
-       "note": "2-core host shared with 7 other engineers' jobs: indicative; minima are the least disturbed runs.",
+       "note": os.environ.get("NOTE", "2-core host shared with 7 other engineers' jobs: indicative; minima are the least disturbed runs."),
        "results": res}
 results = Path(__file__).parent / "results"
 stem = sys.argv[8] if len(sys.argv) > 8 else f"ort_moe_layer_forms_H{H}_t{threads}"
 (results / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
 lines = [f"# One MoE layer on ONNX Runtime CPU: H {H}, I {I}, E {E}, top-1, {threads} thread(s)", "",
-         f"onnxruntime {ort.__version__}, {out['repeats']} interleaved repeats, spinning {out['spinning']}. **Shared 2-core host, "
-         f"load average {out['loadavg_end']} at the end**: indicative only; the minima are the least disturbed runs.", "",
+         f"onnxruntime {ort.__version__}, {out['repeats']} interleaved repeats, spinning {out['spinning']}, forms {', '.join(sess)}. "
+         f"Host: {out['note']} Load average {out['loadavg_end']} at the end.", "",
          "| tokens / form | median ms | min ms |", "|---|---|---|"]
 lines += [f"| {k} | {v['median_ms']:.3f} | {v['min_ms']:.3f} |" for k, v in res.items()]
 (results / f"{stem}.md").write_text("\n".join(lines) + "\n")

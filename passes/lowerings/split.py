@@ -2,10 +2,15 @@
 
 ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread; ORT's MatMul uses
 every intra-op thread. Splitting the stacked [E, H, 2I] / [E, I, H] weights into E initializers
-lets each step read only the chosen experts, once, with no gather copy of an expert matrix: for
-each expert in turn, the tokens routed to it are gathered (NonZero / GatherND), run through its
-two MatMuls and scattered back with ScatterND(add). A one-token step runs the chosen expert on
-one row and the others on zero rows.
+lets each step read only the chosen experts, once, with no gather copy of an expert matrix. Once a
+layer the (token, choice) pairs are sorted by expert (TopK) and gathered, so each expert's rows are
+one contiguous range: per expert only a Slice and its two MatMuls, then one Concat and one
+ScatterND put the rows back. A one-token step runs the chosen expert on one row and the others
+on zero rows (a zero-row MatMul reads no weight).
+
+The form before (per expert Equal / NonZero / Transpose / GatherND ... ScatterND(add), ten nodes
+an expert instead of six) cost 2.0 ms more a decode step at h1024 (27.1 against 25.1 ms,
+benchmarks/results/ort_decode_settings_h1024.md): every node runs every step, rows or not.
 
 Measured (benchmarks/results/ort_moe_layer_forms_H1024_t2_r2.md, ort_split_h1024.md): one
 H1024 I2048 E16 layer, 2 threads: 1.22 ms a token against com.microsoft.MoE's 1.94, 20 ms
@@ -18,14 +23,15 @@ MatMul weight once per consuming node and, for a subgraph's outer-scope weight, 
 original as well: the tree plus the groups held the experts twice (6.58 GB against 3.67 at
 h1024), and even one If per group costs as much per expert as the empty group it skips.
 
-That per-expert cost, about 7-8 µs per one-token step (E 128, H 512: 1.42 ms a layer against
-com.microsoft.MoE's 0.54, ort_moe_layer_forms_H512_E128_t2.md), is why the ``ort`` target takes
-split by default only up to
-``DEFAULT_MAX_EXPERTS`` experts; ``--moe-lowering split`` takes it for any E.
+That per-expert cost, about 5 µs per one-token step in this form (E 128, H 512: 1.30 ms a layer
+against com.microsoft.MoE's 0.64, 1.66 in the form before; ort_moe_layer_forms_H512_E128_t2_slices.md),
+is why the ``ort`` target takes split by default only up to ``DEFAULT_MAX_EXPERTS`` experts;
+``--moe-lowering split`` takes it for any E.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from moec.passes import ops
@@ -56,36 +62,42 @@ def lower(op, pair):
     graph = pair.experts.graph
     E, H, I = dims(pair)
     k, on_input, dtype = pair.experts_attrs["k"], pair.experts_attrs["score_on_input"], pair.x_TH.dtype
-    s_TK = op.Cast(scores, to=dtype)
-    ids_TK = op.Cast(ids, to=ir.DataType.INT64)
-    x_TH = pair.x_TH
-    if k == 1:
-        # One choice a token: its score can scale the whole row once, and the rows routed to an
-        # expert are the NonZero of a 1-D mask, already GatherND's [N, 1] after a Transpose.
-        ids_T = op.Squeeze(ids_TK, op.Constant(value_ints=[1]))
-        if on_input:
-            x_TH = op.Mul(x_TH, s_TK)
-    out_TH = op.Cast(op.ConstantOfShape(op.Shape(pair.x_TH)), to=dtype)
+    flat = op.Constant(value_ints=[-1])
+    # P = T*K (token, choice) pairs, p = t*K + k, sorted by expert once a layer: each expert's rows
+    # are then one contiguous range of the sorted rows. TopK sorts the ids as floats (exact below
+    # 2**24 experts); the order among equal ids does not matter, it is undone by the same order.
+    ids_P = op.Reshape(op.Cast(ids, to=ir.DataType.INT64), flat)
+    n_P = op.Shape(ids_P)
+    _, order_P = op.TopK(op.Cast(ids_P, to=ir.DataType.FLOAT), n_P, largest=0, sorted=1, _outputs=2)
+    tok_P = order_P if k == 1 else op.Div(order_P, op.Constant(value=ir.tensor(np.array(k, np.int64))))
+    s_P1 = op.Unsqueeze(op.Gather(op.Reshape(op.Cast(scores, to=dtype), flat), order_P, axis=0),
+                        op.Constant(value_ints=[1]))
+    x_PH = op.Gather(pair.x_TH, tok_P, axis=0)
+    if on_input:
+        x_PH = op.Mul(x_PH, s_P1)
+    # off[e] = how many pairs chose an expert below e, for e in 0..E: expert e's rows are
+    # off[e]:off[e+1]. One Split gives each bound its own [1] tensor for the Slices.
+    below_PE1 = op.Less(op.Unsqueeze(ids_P, op.Constant(value_ints=[1])),
+                        op.Constant(value=ir.tensor(np.arange(E + 1, dtype=np.int64)[None, :])))
+    axis0 = op.Constant(value_ints=[0])
+    off = op.Split(op.ReduceSum(op.Cast(below_PE1, to=ir.DataType.INT64), axis0, keepdims=0),
+                   axis=0, num_outputs=E + 1, _outputs=E + 1)
+    ys = []
     for e in range(E):
         w_gu = derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e])
         w_d = derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e])
-        if k == 1:
-            t_N1 = op.Transpose(op.NonZero(op.Equal(ids_T, op.Constant(value_int=e))), perm=[1, 0])
-            y_NH = _ffn(op, op.GatherND(x_TH, t_N1), w_gu, w_d)
-            if not on_input:
-                y_NH = op.Mul(y_NH, op.GatherND(s_TK, t_N1))
-        else:
-            tk_N2 = op.Transpose(op.NonZero(op.Equal(ids_TK, op.Constant(value_int=e))), perm=[1, 0])
-            t_N1 = op.Slice(tk_N2, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[1]))
-            s_N1 = op.Unsqueeze(op.GatherND(s_TK, tk_N2), op.Constant(value_ints=[1]))
-            x_NH = op.GatherND(x_TH, t_N1)
-            y_NH = _ffn(op, op.Mul(x_NH, s_N1) if on_input else x_NH, w_gu, w_d)
-            if not on_input:
-                y_NH = op.Mul(y_NH, s_N1)
-        # An expert appears at most once among a token's K choices, so the indices within one
-        # ScatterND are distinct; "add" accumulates a token's K experts across the chain.
-        out_TH = op.ScatterND(out_TH, t_N1, y_NH, reduction="add")
-    return out_TH
+        # An expert no pair chose runs on zero rows: its MatMuls read no weight.
+        ys.append(_ffn(op, op.Slice(x_PH, off[e], off[e + 1], axis0), w_gu, w_d))
+    y_PH = op.Concat(*ys, axis=0)
+    if not on_input:
+        y_PH = op.Mul(y_PH, s_P1)
+    # Back to pair order: order_P is a permutation, so the ScatterND indices are distinct.
+    zeros_PH = op.Cast(op.ConstantOfShape(op.Shape(x_PH)), to=dtype)
+    out_PH = op.ScatterND(zeros_PH, op.Unsqueeze(order_P, op.Constant(value_ints=[1])), y_PH)
+    if k == 1:
+        return out_PH
+    return op.ReduceSum(op.Reshape(out_PH, op.Constant(value_ints=[-1, k, H])), op.Constant(value_ints=[1]),
+                        keepdims=0)
 
 
 def _ffn(op, x_NH, w_gu_HI2, w_d_IH):

@@ -1,5 +1,5 @@
-"""The split lowering (per-expert weights, each expert's token group gathered, multiplied and
-scattered back): it fires on every routing the fusions produce, refuses what it cannot express
+"""The split lowering (per-expert weights, tokens sorted by expert, each expert's rows sliced, multiplied and
+put back): it fires on every routing the fusions produce, refuses what it cannot express
 (and what the ort default should leave to com.microsoft.MoE), keeps the numbers for one token and
 for many, and feeds each expert's weights to one MatMul pair."""
 
@@ -43,7 +43,11 @@ def test_split_fires_with_per_expert_weights(block_onnx, block):
     assert not [n for n in model.graph if n.domain == "moec"]
     experts = len([n for n in model.graph.initializers if ".split" in n]) // 2
     ops = _subgraph_ops(model.graph)
-    assert "If" not in ops and ops.count("ScatterND") == experts and ops.count("MatMul") == 2 * experts
+    assert "If" not in ops and ops.count("MatMul") == 2 * experts
+    # Sorted once a layer: per expert only a Slice of the sorted rows and its FFN; no per-expert
+    # mask, NonZero, GatherND or ScatterND (each a node run per expert and step, issue 20).
+    assert ops.count("Slice") == experts and ops.count("ScatterND") == 1
+    assert "NonZero" not in ops and "GatherND" not in ops
     # Each expert's weights feed one MatMul (ONNX Runtime prepacks a weight once per consuming
     # node, and keeps a subgraph's outer-scope weight besides), and the stacked originals are
     # gone: each expert is held once.
