@@ -41,9 +41,18 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT_LEN, DECODE_STEPS = 32, 32
-GRAPHS = {"fp32": {}, "int4-g128": dict(quantize="int4", quantize_group=128),
-          "int8": dict(quantize="int8"),
-          "int4-g32-all": dict(quantize="int4", quantize_group=32, quantize_scope="all")}
+# The ort target's default lowering for each (split: per-expert MatMul / MatMulNBits, issue 20), and
+# "-moe" rows with com.microsoft.MoE / QMoE (the default before) for the same quantization.
+GRAPHS = {"fp32": {}, "fp32-moe": dict(moe_lowering="ort"),
+          "int4-g128": dict(quantize="int4", quantize_group=128),
+          "int4-g128-moe": dict(quantize="int4", quantize_group=128, moe_lowering="ort"),
+          "int4-g128-mlp": dict(quantize="int4", quantize_group=128, quantize_scope="mlp"),
+          "int8": dict(quantize="int8"), "int8-moe": dict(quantize="int8", moe_lowering="ort"),
+          "int4-g32-all": dict(quantize="int4", quantize_group=32, quantize_scope="all"),
+          # int8 activations at run time (MatMulNBits accuracy_level 4)
+          "int4-g128-a8": dict(quantize="int4", quantize_group=128, quantize_activations="dynamic"),
+          "int4-g128-mlp-a8": dict(quantize="int4", quantize_group=128, quantize_scope="mlp", quantize_activations="dynamic"),
+          "int4-g32-all-a8": dict(quantize="int4", quantize_group=32, quantize_scope="all", quantize_activations="dynamic")}
 GGUFS = {"llama.cpp-f32": None, "llama.cpp-Q8_0": "MOSTLY_Q8_0", "llama.cpp-Q4_0": "MOSTLY_Q4_0"}
 
 
@@ -163,6 +172,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--converter", type=Path, default=None, help="llama.cpp source tree with convert_hf_to_gguf.py")
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--graphs", default=",".join(GRAPHS), help="which moec graphs (default: all)")
+    ap.add_argument("--out-stem", default="quant_decode_speed")
     ap.add_argument("--note", default="2-core host shared with other engineers; measured holding the shared "
                     "benchmark lock (no other timed job), other jobs ran at nice 19.")
     args = ap.parse_args()
@@ -174,6 +185,10 @@ def main() -> None:
     except ImportError:
         llama_cpp, args.converter = None, None
     work = args.work or Path(tempfile.mkdtemp(prefix="quant_decode_speed."))
+    if unknown := set(args.graphs.split(",")) - set(GRAPHS):
+        raise SystemExit(f"unknown --graphs {sorted(unknown)}; known: {list(GRAPHS)}")
+    for name in set(GRAPHS) - set(args.graphs.split(",")):
+        del GRAPHS[name]
     graphs, lowerings, ggufs = prepare(work, args.converter)
     if args.prepare_only:
         return
@@ -201,8 +216,8 @@ def main() -> None:
                    "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "note": args.note},
            "target": "int4 experts >= 2x faster per decode step than fp32 fused", "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quant_decode_speed.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = ["# ONNX Runtime CPU decode: int4 / int8 experts (QMoE) vs fp32 fused (MoE), llama.cpp as the peer", "",
+    (RESULTS / f"{args.out_stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    lines = ["# ONNX Runtime CPU decode: int4 / int8 experts vs fp32 fused, llama.cpp as the peer", "",
              f"4 experts of 2048 x 2048, top-1, 4 MoE layers; batch 1, prefill {PROMPT_LEN}, {DECODE_STEPS} decode steps; "
              f"onnxruntime {onnxruntime.__version__}, llama-cpp-python {out['env']['llama_cpp_python']}; "
              f"{args.rounds} interleaved rounds, medians (min in brackets). Host: {args.note}", "",
@@ -214,7 +229,7 @@ def main() -> None:
         lines.append(f"| {r['graph']} | {low} | {r['threads']} | {r['prefill_ms']:.1f} | {r['decode_step_ms']:.2f} "
                      f"({r['decode_step_ms_min']:.2f}) | {r['decode_speedup_vs_fp32']:.2f}x | {vs} | "
                      f"{r['loadavg_start'][0]} -> {r['loadavg_end'][0]} |")
-    (RESULTS / "quant_decode_speed.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out_stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -102,4 +102,6 @@ QUANT_FORMATS = ("int4", "int8", "fp8", "nvfp4")
 QUANT_SCOPES = ("experts", "mlp", "all")
 INT4_GROUPS = (32, 64, 128)
 QUANT_METHODS = ("rtn", "clip", "awq", "gptq", "awq-gptq")  # int4 rounding: passes/quantize/clip.py, awq.py, gptq.py
-QUANT_ACTIVATIONS = ("none", "static", "static-no-down")  # fp8 activations: passes/quantize/fp8_act.py
+QUANT_ACTIVATIONS = ("none", "static", "static-no-down", "dynamic")  # fp8: passes/quantize/fp8_act.py; dynamic: int4 on ort
+# The DequantizeLinear metadata key by which the quantize pass tells the ort lowerings to compute with int8 activations.
+QUANT_DYNAMIC_KEY = "moec.activations"

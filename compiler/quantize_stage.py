@@ -31,8 +31,7 @@ FP8_ARCHS = frozenset({"sm89", "sm90", "sm100", "sm103", "sm110", "sm120", "sm12
 NVFP4_ARCHS = frozenset({"sm100", "sm103", "sm110", "sm120", "sm121"})
 # Lowerings that read the expert weights themselves and take full precision only.
 _FLOAT_ONLY_LOWERINGS = {"trt-plugin": "moec's TensorRT plugin (its Triton kernel reads fp16/bf16/fp32 weights)",
-                         "function": "moec's function bodies",
-                         "split": "per-expert float initializers (ONNX Runtime MatMuls)"}
+                         "function": "moec's function bodies"}
 
 
 def spec_of(config) -> QuantizeSpec | None:
@@ -57,6 +56,16 @@ def unsupported_reason(spec: QuantizeSpec, target, moe_lowering: str | None) -> 
         return (f"--moe-lowering trt-native runs TensorRT's TRT_MoE (IMoELayer), whose quantization is FP8 only "
                 f"(passes/lowerings/trt_native.py), not {spec.format} experts; use --quantize fp8, or the target's "
                 "default lowering (or hybrid, gather, dense)")
+    if spec.activations == "dynamic" and target.kind != "ort":
+        return (f"--quantize-activations dynamic is ONNX Runtime's MatMulNBits computing with int8 activations; "
+                f"target {target.kind}:{target.arch} runs int4 weights with float activations: drop it")
+    if spec.activations == "dynamic" and moe_lowering == "ort" and "experts" in spec.record()["kinds"]:
+        return ("--quantize-activations dynamic: com.microsoft.QMoE (--moe-lowering ort) has no int8-activation "
+                "mode; drop --moe-lowering (the split lowering runs the experts as MatMulNBits)")
+    if moe_lowering == "split" and spec.format != "int4" and "experts" in spec.record()["kinds"]:
+        return (f"--moe-lowering split runs quantized experts as MatMulNBits, int4 only (8-bit MatMulNBits with float "
+                f"activations is slower than fp32 here: benchmarks/results/quant_decode_speed_split.md), not "
+                f"{spec.format}; drop --moe-lowering for com.microsoft.QMoE / hybrid")
     if moe_lowering in _FLOAT_ONLY_LOWERINGS and "experts" in spec.record()["kinds"]:
         return (f"--moe-lowering {moe_lowering} runs {_FLOAT_ONLY_LOWERINGS[moe_lowering]}, not quantized experts; "
                 "use the target's default lowering (or hybrid, gather, dense)")
@@ -148,7 +157,7 @@ def quantize_steps(config, target) -> list:
     if target.kind == "ort" and spec.format == "int4":
         from moec.passes.lowerings.ort_quant import lower_dense_int4
 
-        steps.append(Step("quantize", "lower_matmul_nbits", lambda m, c: lower_dense_int4(m)))
+        steps.append(Step("quantize", "lower_matmul_nbits", lambda m, c: lower_dense_int4(m)))  # reads the DQ's metadata
     return steps
 
 

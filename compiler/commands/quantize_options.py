@@ -32,7 +32,9 @@ def quantize_options(fn):
         click.option("--quantize-activations", type=click.Choice(list(ACTIVATIONS)), default="none",
                      show_default=True,
                      help="fp8: static adds FP8 E4M3 activations with per-tensor scales calibrated on a prompt "
-                          "text (W8A8); static-no-down the same but down_proj inputs stay float."),
+                          "text (W8A8); static-no-down the same but down_proj inputs stay float. int4 on ort: "
+                          "dynamic computes with int8 activations quantized per row and group at run time "
+                          "(MatMulNBits accuracy_level 4; faster on the CPU, not exact)."),
         click.option("--quantize-calibration", type=click.Path(dir_okay=False), default=None,
                      help="Prompt text (UTF-8) for awq / gptq / static activations (default: the one moec ships)."),
     ]):

@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from moec.common.contract import QUANT_DYNAMIC_KEY
 from moec.passes.fusions._graph import Refuse, is_initializer
 from moec.passes.lowerings._weights import derived
 from moec.passes.quantize._base import num_blocks
@@ -37,6 +38,7 @@ class Dequantized:
     zero_point: ir.Value | None
     axis: int
     block_size: int  # 0: DequantizeLinear's per-axis form
+    dynamic: bool = False  # --quantize-activations dynamic: MatMulNBits computes with int8 activations
 
 
 def dequantized(value: ir.Value) -> Dequantized | None:
@@ -47,7 +49,8 @@ def dequantized(value: ir.Value) -> Dequantized | None:
     if not all(v is None or is_initializer(v) for v in (q, scale, zp)):
         return None
     axis, block = node.attributes.get("axis"), node.attributes.get("block_size")
-    return Dequantized(q, scale, zp, axis.value if axis is not None else 1, block.value if block is not None else 0)
+    return Dequantized(q, scale, zp, axis.value if axis is not None else 1, block.value if block is not None else 0,
+                       node.metadata_props.get(QUANT_DYNAMIC_KEY) == "int8")
 
 
 def _unsigned(a: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -160,16 +163,44 @@ def matmul_nbits(graph: ir.Graph, node: ir.Node) -> tuple[list, dict] | None:
     k_axis = 1 if trans else 0
     if d.axis != k_axis:
         return None
-    bits, signed = _INT_STORAGE[d.q.dtype]
+    if d.block_size < 16 or d.block_size & (d.block_size - 1):
+        return None
     shape = tuple(int(x) for x in d.q.shape)
     K, N = (shape[1], shape[0]) if trans else shape
-    block = d.block_size
-    if block < 16 or block & (block - 1):
-        return None
-    kb = num_blocks(K, block)
+    return _nbits_inputs(graph, d, node.inputs[0], K, N, (lambda a: a) if trans else (lambda a: a.T), "matmulnbits")
 
-    def to_NK(a):
-        return a if trans else a.T
+
+def matmul_nbits_expert(graph: ir.Graph, d: Dequantized, e: int, x: ir.Value) -> tuple[list, dict]:
+    """MatMulNBits inputs and attributes for expert ``e`` of a stacked [E, K, N] expert weight that
+    is an int4 DequantizeLinear blocked along K (axis 1). Refuses any other layout."""
+    if (reason := nbits_expert_refusal(d)) is not None:
+        raise Refuse(reason)
+    E, K, N = (int(x) for x in d.q.shape)
+    return _nbits_inputs(graph, d, x, K, N, lambda a: a[e].T, f"split{e}_nbits")
+
+
+def nbits_expert_refusal(d: Dequantized) -> str | None:
+    """Why a stacked expert weight cannot go to MatMulNBits one expert at a time (None: it can)."""
+    if d.q.dtype in (ir.DataType.INT8, ir.DataType.UINT8):
+        # Measured: 8-bit MatMulNBits with float activations (accuracy_level 0) took 68-176 ms for one
+        # 2048 x 4096 token where fp32 MatMul took 4.7 (2 threads, AVX2; quant_decode_speed_split.md).
+        return (f"{d.q.name} is 8-bit: ONNX Runtime's 8-bit MatMulNBits with float activations is slower than "
+                "fp32 on the CPU; com.microsoft.QMoE takes int8 experts")
+    if d.q.dtype not in _INT_STORAGE or d.axis != 1 or not d.block_size:
+        return (f"{d.q.name} ({d.q.dtype}, axis {d.axis}, block {d.block_size}): MatMulNBits takes int4 blocked "
+                "along K")
+    if d.block_size < 16 or d.block_size & (d.block_size - 1):
+        return f"{d.q.name}: block {d.block_size}; MatMulNBits' block_size is a power of two >= 16"
+    return None
+
+
+def _nbits_inputs(graph: ir.Graph, d: Dequantized, x: ir.Value, K: int, N: int, to_NK, tag: str) -> tuple[list, dict]:
+    """MatMulNBits' packed B [N, K/block, block*bits/8], scales [N, K/block] and packed zero points
+    from a DequantizeLinear's initializers; ``to_NK`` picks and transposes the [K, N] matrix (and
+    its [K/block, N] scales) out of the stored arrays."""
+    bits, signed = _INT_STORAGE[d.q.dtype]
+    block = d.block_size
+    kb = num_blocks(K, block)
 
     def packed_b(q):
         # MatMulNBits stores whole blocks: a shorter last block is padded (with the value 0; the
@@ -178,13 +209,17 @@ def matmul_nbits(graph: ir.Graph, node: ir.Node) -> tuple[list, dict] | None:
         q_NK = np.pad(q_NK, ((0, 0), (0, kb * block - K)), constant_values=1 << (bits - 1))
         return _pack(q_NK, bits).reshape(N, kb, block * bits // 8)
 
-    b = derived(graph, d.q, "matmulnbits", (N, kb, block * bits // 8), packed_b, dtype=ir.DataType.UINT8)
-    scales = derived(graph, d.scale, "matmulnbits", (N, kb), lambda s: np.ascontiguousarray(to_NK(s)))
-    inputs = [node.inputs[0], b, scales]
+    b = derived(graph, d.q, tag, (N, kb, block * bits // 8), packed_b, dtype=ir.DataType.UINT8)
+    scales = derived(graph, d.scale, tag, (N, kb), lambda s: np.ascontiguousarray(to_NK(s)))
+    inputs = [x, b, scales]
     if d.zero_point is not None:
-        inputs.append(derived(graph, d.zero_point, "matmulnbits", (N, (kb * bits + 7) // 8),
-                              lambda z: _pack_padded(to_NK(_unsigned(z, bits, signed)), bits), dtype=ir.DataType.UINT8))
-    return inputs, dict(K=K, N=N, bits=bits, block_size=block)
+        inputs.append(derived(graph, d.zero_point, tag, (N, (kb * bits + 7) // 8),
+                              lambda z: _pack_padded(to_NK(_unsigned(z, bits, signed)), bits),
+                              dtype=ir.DataType.UINT8))
+    attrs = dict(K=K, N=N, bits=bits, block_size=block)
+    if d.dynamic:
+        attrs["accuracy_level"] = 4  # int8 activations, quantized per row and block at run time
+    return inputs, attrs
 
 
 def lower_dense_int4(model: ir.Model) -> int:

@@ -17,6 +17,12 @@ H1024 I2048 E16 layer, 2 threads: 1.22 ms a token against com.microsoft.MoE's 1.
 against 38 for 64 tokens; the h1024 model decodes 18 % faster than with com.microsoft.MoE
 (20.4 vs 24.9 ms a step, benchmarks/results/ort_split_h1024.md).
 
+int4 experts (the quantize pass's blockwise DequantizeLinear) become one com.microsoft.MatMulNBits
+pair per expert, which reads the packed weights on every intra-op thread; with
+``--quantize-activations dynamic`` (accuracy_level 4) it computes with int8 activations, which
+com.microsoft.QMoE cannot. int8 experts are left to QMoE: 8-bit MatMulNBits with float activations
+is slower than fp32 here (benchmarks/results/quant_decode_speed_split.md).
+
 Why no If: an If on "some token chose it" around each group, or a tree of Ifs on the expert id
 for one token (the form before), puts the MatMuls in subgraphs. ONNX Runtime prepacks a constant
 MatMul weight once per consuming node and, for a subgraph's outer-scope weight, keeps the
@@ -37,7 +43,8 @@ import onnx_ir as ir
 from moec.passes import ops
 from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
-from moec.passes.lowerings.ort_quant import dequantized
+from moec.passes.lowerings.ort_quant import (ORT_DOMAIN, dequantized, matmul_nbits_expert, nbits_expert_refusal,
+                                             quantized_experts)
 
 DEFAULT_MAX_EXPERTS = 32
 
@@ -45,17 +52,24 @@ DEFAULT_MAX_EXPERTS = 32
 def default_refusal(pair) -> str | None:
     """Why the ``ort`` target's default should not take split for this layer (None: take it)."""
     E = dims(pair)[0]
+    gu = dequantized(pair.w_gate_up_EHI2)
+    if gu is not None and gu.dynamic:
+        return None  # int8 activations: only MatMulNBits computes them (QMoE has no such mode)
     if E > DEFAULT_MAX_EXPERTS:
-        return (f"{E} experts: each costs split about 8 us per one-token step, so com.microsoft.MoE is faster "
+        return (f"{E} experts: each costs split about 5 us per one-token step, so com.microsoft.MoE is faster "
                 f"above {DEFAULT_MAX_EXPERTS} (--moe-lowering split takes it anyway)")
     return None
 
 
 def lower(op, pair):
-    for w in (pair.w_gate_up_EHI2, pair.w_down_EIH):
-        if dequantized(w) is not None:
-            raise Refuse(f"quantized experts ({w.name} is dequantized): split multiplies float initializers; "
-                         "com.microsoft.QMoE reads the packed weights")
+    quantized = quantized_experts(pair)
+    if quantized is not None:
+        for d in quantized:
+            if (reason := nbits_expert_refusal(d)) is not None:
+                raise Refuse(reason)
+            if d.scale.dtype != pair.x_TH.dtype:
+                raise Refuse(f"{d.scale.name} is {d.scale.dtype}, the hidden state {pair.x_TH.dtype}; MatMulNBits "
+                             "takes its scales in the input's dtype")
     ids, scores = pair.ids_TK, pair.scores_TK
     if pair.gating is not None:
         ids, scores = ops.build_gating(op, pair.logits_TE, **pair.gating_attrs)
@@ -84,10 +98,17 @@ def lower(op, pair):
                    axis=0, num_outputs=E + 1, _outputs=E + 1)
     ys = []
     for e in range(E):
-        w_gu = derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e])
-        w_d = derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e])
         # An expert no pair chose runs on zero rows: its MatMuls read no weight.
-        ys.append(_ffn(op, op.Slice(x_PH, off[e], off[e + 1], axis0), w_gu, w_d))
+        x_NH = op.Slice(x_PH, off[e], off[e + 1], axis0)
+        if quantized is None:
+            w_gu = derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e])
+            w_d = derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e])
+            ys.append(op.MatMul(ops._swiglu(op, op.MatMul(x_NH, w_gu)), w_d))
+        else:
+            # The quantize pass's DequantizeLinear weights: each expert's packed slice to MatMulNBits.
+            gu, down = quantized
+            a_NI = ops._swiglu(op, _nbits(op, graph, gu, e, x_NH))
+            ys.append(_nbits(op, graph, down, e, a_NI))
     y_PH = op.Concat(*ys, axis=0)
     if not on_input:
         y_PH = op.Mul(y_PH, s_P1)
@@ -100,5 +121,6 @@ def lower(op, pair):
                         keepdims=0)
 
 
-def _ffn(op, x_NH, w_gu_HI2, w_d_IH):
-    return op.MatMul(ops._swiglu(op, op.MatMul(x_NH, w_gu_HI2)), w_d_IH)
+def _nbits(op, graph, d, e, x):
+    inputs, attrs = matmul_nbits_expert(graph, d, e, x)
+    return op.MatMulNBits(*inputs, **attrs, _domain=ORT_DOMAIN)

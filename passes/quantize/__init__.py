@@ -43,14 +43,18 @@ CALIBRATION_NONE = "none (round-to-nearest, weight-only)"
 # gptq on the scaled weight.
 METHODS = contract.QUANT_METHODS
 # FP8 activations: none (weight-only) | static (per-tensor E4M3 scales calibrated, fp8_act.py) |
-# static-no-down (the same, but every down_proj's input stays in float: W8A16 there).
+# static-no-down (the same, but every down_proj's input stays in float: W8A16 there). int4 on ort:
+# dynamic (ONNX Runtime's MatMulNBits quantizes each row's activations to int8 per block of the
+# weight's group at run time, accuracy_level 4; as llama.cpp's Q4_0 dot products do).
 ACTIVATIONS = contract.QUANT_ACTIVATIONS
 CALIBRATED_METHODS = ("awq", "gptq", "awq-gptq")
 GPTQ_METHODS = ("gptq", "awq-gptq")
 AWQ_METHODS = ("awq", "awq-gptq")
 _ACTIVATION_RECORDS = {"none": "none (weight-only)", "static": "fp8 e4m3 static per-tensor",
-                       "static-no-down": "fp8 e4m3 static per-tensor, down_proj inputs in float (weight-only)"}
-_ACTIVATION_LABELS = {"none": "", "static": "-w8a8", "static-no-down": "-w8a8-no-down"}
+                       "static-no-down": "fp8 e4m3 static per-tensor, down_proj inputs in float (weight-only)",
+                       "dynamic": "int8 dynamic per row and weight group (ONNX Runtime MatMulNBits accuracy_level 4)"}
+_ACTIVATION_LABELS = {"none": "", "static": "-w8a8", "static-no-down": "-w8a8-no-down", "dynamic": "-a8"}
+STATIC_ACTIVATIONS = ("static", "static-no-down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,7 @@ class QuantizeSpec:
     scope: str = "experts"
     symmetric: bool = True
     method: str = "rtn"  # int4: rtn | clip | awq | gptq | awq-gptq
-    activations: str = "none"  # fp8: none | static | static-no-down
+    activations: str = "none"  # fp8: none | static | static-no-down; int4: none | dynamic
     calibration: str | None = None  # prompt text for the calibrated methods / activations; None: the shipped one
 
     @property
@@ -71,7 +75,7 @@ class QuantizeSpec:
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS or self.activations != "none"
+        return self.method in CALIBRATED_METHODS or self.activations in STATIC_ACTIVATIONS
 
     def quantize(self, w, axis: int, block: int, importance=None, hessian=None) -> QTensor:
         """The format's quantizer, or the clipping search / GPTQ where the method asks for it
@@ -98,7 +102,7 @@ class QuantizeSpec:
         if self.fmt.granularity != "block" or self.fmt.fixed_block:
             return self.format + _ACTIVATION_LABELS[self.activations]
         return (f"{self.format}-g{self.group}" + ("" if self.symmetric else "-asym")
-                + ("" if self.method == "rtn" else f"-{self.method}"))
+                + ("" if self.method == "rtn" else f"-{self.method}") + _ACTIVATION_LABELS[self.activations])
 
     def record(self) -> dict:
         """What the sidecar and the manifest say about the quantization."""
@@ -143,9 +147,12 @@ def make_spec(format: str | None, group: int | None = None, scope: str | None = 
         raise MoecError(f"--quantize-method {method}: applies to int4; {format} rounds to nearest (drop it)")
     if activations not in ACTIVATIONS:
         raise MoecError(f"--quantize-activations {activations!r}: choose one of {', '.join(ACTIVATIONS)}")
-    if activations != "none" and format != "fp8":
+    if activations in STATIC_ACTIVATIONS and format != "fp8":
         raise MoecError(f"--quantize-activations {activations}: FP8 activations go with --quantize fp8, not {format}")
-    if calibration is not None and method not in CALIBRATED_METHODS and activations == "none":
+    if activations == "dynamic" and format != "int4":
+        raise MoecError(f"--quantize-activations dynamic: int8 activations at run time go with --quantize int4 "
+                        f"(ONNX Runtime's MatMulNBits), not {format}")
+    if calibration is not None and method not in CALIBRATED_METHODS and activations not in STATIC_ACTIVATIONS:
         raise MoecError("--quantize-calibration: nothing calibrates (use it with --quantize-method "
                         f"{'|'.join(CALIBRATED_METHODS)} or --quantize-activations static|static-no-down)")
     if calibration is not None:

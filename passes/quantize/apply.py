@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS
+from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS, QUANT_DYNAMIC_KEY
 from moec.common.errors import MoecError
 from moec.passes.fusions._graph import FusionLog, ensure_opset
 from moec.passes.quantize import AWQ_METHODS, GPTQ_METHODS, SCOPES, WEIGHT_KINDS, QuantizeSpec
@@ -211,6 +211,10 @@ def quantize_site(graph: ir.Graph, site: WeightSite, spec: QuantizeSpec, importa
     if not per_axis:
         attrs.append(ir.AttrInt64("block_size", block))
     dq = ir.Node("", "DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/dequantize_{spec.label()}")
+    if spec.activations == "dynamic":
+        # Read by the ort lowerings (MatMulNBits accuracy_level 4); a DequantizeLinear left as it is
+        # ignores it.
+        dq.metadata_props[QUANT_DYNAMIC_KEY] = "int8"
     out = dq.outputs[0]
     out.name, out.dtype, out.shape = f"{w.name}.{spec.label()}", w.dtype, ir.Shape(shape)
     graph.insert_before(first, dq)
@@ -251,7 +255,7 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
         from moec.passes.quantize.gptq import site_hessians
 
         hessians = site_hessians(sites, calibration, scales, log)
-    if spec.activations != "none":
+    if spec.activations in ("static", "static-no-down"):
         from moec.passes.quantize.fp8_act import add_fp8_activations
 
         add_fp8_activations(model, sites, calibration, log, skip_down=spec.activations == "static-no-down")

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from moec_cli import run_cli  # noqa: E402
 
 
-def test_optimize_quantize_int4_writes_qmoe_and_records_it(demo_onnx, tmp_path, capsys):
+def test_optimize_quantize_int4_writes_matmulnbits_and_records_it(demo_onnx, tmp_path, capsys):
     import onnx_ir as ir
 
     out = tmp_path / "q" / "model.onnx"
@@ -21,7 +21,8 @@ def test_optimize_quantize_int4_writes_qmoe_and_records_it(demo_onnx, tmp_path, 
                                  "--quantize-asymmetric"], capsys)
     assert code == 0, err
     assert "quantize_int4-g32-asym" in stdout
-    assert sum(n.op_type == "QMoE" for n in ir.load(out).graph) == 2
+    # int4 experts on ort: a MatMulNBits pair per expert (split), 2 MoE layers x 4 experts.
+    assert sum(n.op_type == "MatMulNBits" for n in ir.load(out).graph) == 16
     q = json.loads(out.with_name("model.moec.json").read_text())["quantization"]
     assert (q["format"], q["group_size"], q["symmetric"], q["scope"]) == ("int4", 32, False, "experts")
 
@@ -34,6 +35,7 @@ def test_optimize_quantize_int4_writes_qmoe_and_records_it(demo_onnx, tmp_path, 
     (["--quantize", "fp8", "--quantize-asymmetric"], "fp8 is symmetric only"),
     (["--quantize", "int8", "--quantize-method", "awq"], "--quantize-method awq: applies to int4"),
     (["--quantize", "int4", "--quantize-activations", "static"], "FP8 activations go with --quantize fp8"),
+    (["--quantize", "fp8", "--quantize-activations", "dynamic"], "dynamic: int8 activations at run time go with --quantize int4"),
     (["--quantize", "int8", "--quantize-method", "gptq"], "--quantize-method gptq: applies to int4"),
     (["--quantize", "int4", "--quantize-activations", "static-no-down"], "FP8 activations go with --quantize fp8"),
     (["--quantize", "int4", "--quantize-method", "awq-gptq", "--quantize-activations", "static-no-down"],

@@ -1,10 +1,12 @@
-"""The quantize pass and its lowerings on the demo export: fires (QMoE, MatMulNBits, DequantizeLinear
-where each belongs), must not fire (fp8 experts on ort, the router, weights outside the scope, a
+"""The quantize pass and its lowerings on the demo export: fires (MatMulNBits per expert through the
+split lowering for int4, QMoE for int8 and on --moe-lowering ort, MatMulNBits for dense int4,
+DequantizeLinear where each belongs; int8 activations where asked), must not fire (fp8 experts on ort, the router, weights outside the scope, a
 TensorRT target), same numbers (ONNX Runtime on the quantized graph equals ONNX Runtime on the export
 with the dequantized weights put in by NumPy, to fp32 rounding)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,6 +28,11 @@ CASES = {
     "int8": dict(quantize="int8"),
     "fp8": dict(quantize="fp8"),
 }
+# int8 activations at run time: not the dequantized reference's arithmetic (checked against it with
+# the bound int8 rounding allows, not to fp32 rounding).
+DYNAMIC = {"int4-g32-a8": dict(quantize="int4", quantize_group=32, quantize_activations="dynamic"),
+           "int4-g32-asym-a8": dict(quantize="int4", quantize_group=32, quantize_symmetric=False,
+                                    quantize_activations="dynamic")}
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +40,13 @@ def optimized(demo_onnx, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
     cache = {}
 
-    def get(case: str, target: str = "ort", scope: str = "all") -> Path:
-        key = (case, target, scope)
+    def get(case: str, target: str = "ort", scope: str = "all", **extra) -> Path:
+        key = (case, target, scope, tuple(sorted(extra.items())))
         if key not in cache:
-            out = root / f"{case}_{target.replace(':', '_')}_{scope}" / "model.onnx"
-            optimize_dq_form(demo_onnx, out, OptimizeConfig(target=target, quantize_scope=scope, **CASES[case]))
+            tag = "_".join(f"{k}-{v}" for k, v in sorted(extra.items()))
+            out = root / f"{case}_{target.replace(':', '_')}_{scope}{'_' + tag if tag else ''}" / "model.onnx"
+            optimize_dq_form(demo_onnx, out, OptimizeConfig(target=target, quantize_scope=scope,
+                                                            **(CASES | DYNAMIC)[case], **extra))
             cache[key] = out
         return cache[key]
 
@@ -48,8 +57,21 @@ def _ops(path: Path) -> Counter:
     return Counter((n.domain or "", n.op_type) for n in ir.load(path).graph)
 
 
-def test_fires_qmoe_and_matmulnbits_for_int4(optimized):
+def test_fires_matmulnbits_per_expert_for_int4(optimized):
     model = ir.load(optimized("int4-g32"))
+    ops = Counter(n.op_type for n in model.graph)
+    # 28 dense weights (below) + 2 MoE layers x 4 experts x (gate_up, down), float activations.
+    assert ops["MatMulNBits"] == 28 + 16 and ops["QMoE"] == 0 and ops["DequantizeLinear"] == 0 and ops["MoE"] == 0
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert all("accuracy_level" not in n.attributes for n in nbits)
+    expert = next(n for n in nbits if ".split0_nbits" in n.inputs[1].name and "gate_up" in n.inputs[1].name)
+    attrs = {k: v.value for k, v in expert.attributes.items()}
+    assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (64, 64, 4, 32)  # H 64, 2I 64
+    assert list(expert.inputs[1].shape) == [64, 2, 16] and expert.inputs[1].dtype == ir.DataType.UINT8
+
+
+def test_fires_qmoe_and_matmulnbits_for_int4_on_moe_lowering_ort(optimized):
+    model = ir.load(optimized("int4-g32", moe_lowering="ort"))
     ops = Counter(n.op_type for n in model.graph)
     # 2 MoE layers; 4 layers x 4 attention + 2 dense MLPs x 3 + 2 shared experts x 3 = 28 dense weights.
     assert ops["QMoE"] == 2 and ops["MatMulNBits"] == 28 and ops["DequantizeLinear"] == 0 and ops["MoE"] == 0
@@ -71,7 +93,8 @@ def test_fires_qmoe_8bit_per_channel_and_dq_for_int8(optimized):
 def test_must_not_fire_qmoe_for_fp8_experts(optimized):
     model = ir.load(optimized("fp8"))
     ops = Counter(n.op_type for n in model.graph)
-    assert ops["QMoE"] == 0 and ops["MoE"] == 0 and ops["If"] == 2  # hybrid over the DequantizeLinear
+    assert ops["QMoE"] == 0 and ops["MoE"] == 0 and ops["MatMulNBits"] == 0
+    assert ops["If"] == 2  # hybrid over the DequantizeLinear (split refuses fp8 experts, as QMoE does)
     dqs = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 32 and {n.inputs[0].dtype for n in dqs} == {ir.DataType.FLOAT8E4M3FN}
 
@@ -83,8 +106,10 @@ def test_routing_and_unscoped_weights_stay_full_precision(optimized, case):
     routers = [v for name, v in graph.initializers.items() if "router" in name]
     assert len(routers) == 2 and all(v.dtype == ir.DataType.FLOAT for v in routers)
     assert all(u.node.op_type == "Gemm" for v in routers for u in v.uses())
-    # Scope experts: the 4 expert weights only; attention and MLP weights keep their float initializers.
-    assert sum(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in graph) in (0, 4)
+    # Scope experts: the 4 expert weights only (int4: a MatMulNBits pair per expert and layer; int8:
+    # inside QMoE; fp8: DequantizeLinear); attention and MLP weights keep their float initializers.
+    want = {"int4-g32": 16, "int4-g32-asym": 16, "int8": 0, "fp8": 4}[case]
+    assert sum(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in graph) == want
     assert "model.layers.0.self_attn.q_proj.weight.T" in graph.initializers
     assert "model.layers.1.feed_forward.shared_expert.gate_proj.weight" in graph.initializers
 
@@ -209,3 +234,41 @@ def test_trt_sm90_quantized_graph_parses(optimized, case):
         [parser.get_error(i).desc() for i in range(parser.num_errors)]
     layers = [network.get_layer(i).type for i in range(network.num_layers)]
     assert layers.count(trt.LayerType.DEQUANTIZE) >= 4 and trt.LayerType.CONDITION in layers
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC))
+def test_fires_int8_activations_on_every_matmulnbits(optimized, case):
+    model = ir.load(optimized(case))
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 28 + 16 and all(n.attributes["accuracy_level"].value == 4 for n in nbits)
+    side = json.loads(optimized(case).with_name("model.moec.json").read_text())
+    assert side["quantization"]["activations"].startswith("int8 dynamic")
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC))
+@pytest.mark.parametrize("past,new", [(0, 6), (5, 1)])
+def test_int8_activations_cost_less_than_the_int4_weights(demo_onnx, optimized, case, past, new):
+    """Dynamic int8 activations round each row's block of the weight's group to 255 levels, a finer
+    grid than int4's 15 on the weights: the logits move from the exact dequantized arithmetic by
+    less than the int4 weights themselves moved them from fp32, and not by nothing (the attribute
+    took effect)."""
+    reference = reference_model(demo_onnx, ir.load(optimized(case.removesuffix("-a8"), "trt-rtx:sm89")))
+    feeds = demo_feeds(demo_onnx, past, new)
+    want = ort_run(reference, feeds)[0]
+    got = ort_run(optimized(case), feeds)[0]
+    weights_cost = rel_err(ort_run(demo_onnx, feeds)[0], want)
+    assert 1e-6 < rel_err(got, want) < weights_cost, (rel_err(got, want), weights_cost)
+
+
+def test_int8_activations_are_refused_where_they_cannot_run(demo_onnx, tmp_path):
+    a8 = dict(quantize="int4", quantize_activations="dynamic")
+    with pytest.raises(MoecError, match="target trt-rtx:sm89 runs int4 weights with float activations"):
+        optimize_onnx(demo_onnx, tmp_path / "a.onnx", OptimizeConfig(target="trt-rtx:sm89", **a8))
+    with pytest.raises(MoecError, match="com.microsoft.QMoE .* has no int8-activation mode"):
+        optimize_onnx(demo_onnx, tmp_path / "b.onnx", OptimizeConfig(target="ort", moe_lowering="ort", **a8))
+    with pytest.raises(MoecError, match="dynamic: int8 activations at run time go with --quantize int4"):
+        optimize_onnx(demo_onnx, tmp_path / "c.onnx", OptimizeConfig(target="ort", quantize="int8",
+                                                                     quantize_activations="dynamic"))
+    with pytest.raises(MoecError, match="--moe-lowering split runs quantized experts as MatMulNBits, int4 only"):
+        optimize_onnx(demo_onnx, tmp_path / "d.onnx", OptimizeConfig(target="ort", moe_lowering="split", quantize="int8"))
+    assert not list(tmp_path.iterdir())

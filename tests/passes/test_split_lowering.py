@@ -100,19 +100,30 @@ def test_ort_default_leaves_many_experts_to_com_microsoft_moe(block_onnx, monkey
     assert lower_moe(fused(block_onnx("ref_k1")), ["split"], "ort", by_default=False) == {"split": 1}
 
 
-def test_split_refuses_quantized_experts(block_onnx):
-    model = fused(block_onnx("ref_k1"))
+def _with_int8_experts(path, which: tuple[int, ...]) -> ir.Model:
+    """The fused block with DequantizeLinear(int8, one scale) on expert weight inputs ``which``."""
+    model = fused(path)
     (experts,) = [n for n in model.graph if n.op_type == "GroupedExperts"]
-    w = experts.inputs[3]
-    q = ir.Value(name="w_gate_up_q", shape=w.shape, type=ir.TensorType(ir.DataType.INT8),
-                 const_value=ir.tensor(np.zeros(tuple(w.shape), np.int8)))
-    scale = ir.Value(name="w_gate_up_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+    scale = ir.Value(name="w_scale", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
                      const_value=ir.tensor(np.array(0.01, np.float32)))
-    model.graph.register_initializer(q)
     model.graph.register_initializer(scale)
-    dq = ir.Node("", "DequantizeLinear", [q, scale], name="dq_gate_up")
-    model.graph.insert_before(experts, dq)
-    experts.replace_input_with(3, dq.outputs[0])
+    for i in which:
+        w = experts.inputs[i]
+        q = ir.Value(name=f"w{i}_q", shape=w.shape, type=ir.TensorType(ir.DataType.INT8),
+                     const_value=ir.tensor(np.zeros(tuple(w.shape), np.int8)))
+        model.graph.register_initializer(q)
+        dq = ir.Node("", "DequantizeLinear", [q, scale], name=f"dq{i}")
+        model.graph.insert_before(experts, dq)
+        experts.replace_input_with(i, dq.outputs[0])
+    return model
+
+
+def test_split_refuses_quantized_experts_it_cannot_run(block_onnx):
+    # Only the gate_up quantized: split (like QMoE) takes both or neither.
     log = FusionLog()
-    assert lower_moe(model, ["split", "hybrid"], "ort", log) == {"hybrid": 1}
-    assert "quantized experts" in log.refusals[0].reason and "QMoE" in log.refusals[0].reason
+    assert lower_moe(_with_int8_experts(block_onnx("ref_k1"), (3,)), ["split", "hybrid"], "ort", log) == {"hybrid": 1}
+    assert "only one of the two expert weights is quantized" in log.refusals[0].reason
+    # Both int8: 8-bit MatMulNBits with float activations is slower than fp32; QMoE takes them.
+    log = FusionLog()
+    assert lower_moe(_with_int8_experts(block_onnx("ref_k1"), (3, 4)), ["split", "hybrid"], "ort", log) == {"hybrid": 1}
+    assert "8-bit" in log.refusals[0].reason and "QMoE takes int8 experts" in log.refusals[0].reason
