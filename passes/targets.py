@@ -78,7 +78,7 @@ def unsupported_reason(target: Target, lowering: str) -> str | None:
     if lowering == "ort" and target.kind != "ort":
         return "com.microsoft.MoE is an ONNX Runtime op; TensorRT's parser does not take it"
     if lowering == "split" and target.kind != "ort":
-        return "split (If trees and NonZero/ScatterND groups over per-expert weights) is checked on ONNX Runtime only"
+        return "split (per-expert weights over tokens sorted by expert, MatMulNBits for int4) is checked on ONNX Runtime only"
     if lowering == "trt-native":
         if target.kind == "trt-rtx":
             return "TensorRT-RTX has no IMoELayer build for any arch it targets"
