@@ -3,8 +3,9 @@ and the phase's one step (passes/quantize/apply.py does the work).
 
 What each target builds (checked here, so `moec optimize` / `moec compile` refuse before the
 export or the passes run):
-- ort: every format. int4 / int8 experts become com.microsoft.QMoE, int4 dense weights
-  MatMulNBits; fp8 weights run as DequantizeLinear -> MatMul / the hybrid expert lowering.
+- ort: every format. int4 experts become a MatMulNBits pair per expert (the split lowering, up to
+  32 experts; above, and int8 experts, com.microsoft.QMoE), int4 dense weights MatMulNBits (with
+  --quantize-activations dynamic all of them compute with int8 activations); fp8 weights run as DequantizeLinear -> MatMul / the hybrid expert lowering.
 - trt / trt-rtx: DequantizeLinear feeding the gather / dense / hybrid lowerings. FP8 needs an
   FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. NVFP4 (two
   DequantizeLinear: the E4M3 block scales by the fp32 global scale, then the E2M1 weights) needs
@@ -138,7 +139,7 @@ def check_model_fits(spec: QuantizeSpec | None, c, source: str, whole_blocks: bo
 def quantize_steps(config, target) -> list:
     """The quantize phase: empty without --quantize (a disabled step is an empty step). On ort,
     int4 dense weights then become MatMulNBits (the experts' DequantizeLinear waits for the MoE
-    lowering, which turns it into QMoE)."""
+    lowering, which turns it into MatMulNBits per expert or QMoE)."""
     from moec.compiler.pipeline import Step
 
     spec = spec_of(config)

@@ -3,7 +3,8 @@
 Runs on the fused graph, after precision and before lowering. Every lowering then meets the same
 standard-ONNX form, a DequantizeLinear (opset 21: int4 and blocked scales) on the weight input of
 moec.GroupedExperts, MatMul or Gemm:
-- the ``ort`` lowering turns it into com.microsoft.QMoE / MatMulNBits (lowerings/ort_quant.py);
+- the ``ort`` lowerings turn it into MatMulNBits (dense, and per expert in split.py) or
+  com.microsoft.QMoE (lowerings/ort_quant.py);
 - gather, dense and hybrid take it as it is: TensorRT fuses DQ -> MatMul into a quantized GEMM
   and keeps the weights in their quantized type.
 nvfp4 (opset 23, IR 11) is two of them: DequantizeLinear(E4M3 block scales, fp32 global scale)
