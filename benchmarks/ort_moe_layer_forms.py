@@ -131,9 +131,10 @@ def slices():
         p = f"s{e}_"
         n.append(h.make_node("Slice", ["xs", f"off{e}", f"off{e+1}", "z"], [p + "xe"]))
         ys.append(ffn(n, None, p + "xe", f"wgu{e}", f"wd{e}", p))
-    n += [h.make_node("Concat", ys, ["ys"], axis=0), h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
+    # the inverse permutation: argsort of the order (TopK of it as floats, exact below 2**24 tokens)
+    n += [h.make_node("Concat", ys, ["ys"], axis=0), h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT),
+          h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
           h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
-    n.insert(4, h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT))
     return model(n, per_expert_inits())
 builders = {"moe": moe, "gather": gather, "tree": tree, "sorted": sorted_, "guarded": guarded, "split": split, "split-nopack": split,
             "slices": slices}

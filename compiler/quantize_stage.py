@@ -5,7 +5,8 @@ What each target builds (checked here, so `moec optimize` / `moec compile` refus
 export or the passes run):
 - ort: every format. int4 experts become a MatMulNBits pair per expert (the split lowering, up to
   32 experts; above, and int8 experts, com.microsoft.QMoE), int4 dense weights MatMulNBits (with
-  --quantize-activations dynamic all of them compute with int8 activations); fp8 weights run as DequantizeLinear -> MatMul / the hybrid expert lowering.
+  --quantize-activations dynamic all of them compute with int8 activations); fp8 weights run as
+  DequantizeLinear -> MatMul / the hybrid expert lowering.
 - trt / trt-rtx: DequantizeLinear feeding the gather / dense / hybrid lowerings. FP8 needs an
   FP8 tensor-core arch (sm89 and newer); the archs below cannot build it. NVFP4 (two
   DequantizeLinear: the E4M3 block scales by the fp32 global scale, then the E2M1 weights) needs

@@ -53,6 +53,11 @@ def dequantized(value: ir.Value) -> Dequantized | None:
                        node.metadata_props.get(QUANT_DYNAMIC_KEY) == "int8")
 
 
+def _kernel_block(block: int) -> bool:
+    """QMoE's and MatMulNBits' block_size: a power of two >= 16."""
+    return block >= 16 and not block & (block - 1)
+
+
 def _unsigned(a: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     a = a.astype(np.int16)
     return (a + (1 << (bits - 1)) if signed else a).astype(np.uint8)
@@ -88,7 +93,7 @@ def _expert_weight(graph, d: Dequantized, name: str, interleave: bool):
         raise Refuse("blockwise int8 experts: QMoE's CPU kernel runs them with int8 activations, not this arithmetic")
     if per_channel and d.zero_point is not None:
         raise Refuse("per-channel zero points: QMoE takes zero points blockwise only")
-    if not per_channel and (block < 16 or block & (block - 1)):
+    if not per_channel and not _kernel_block(block):
         raise Refuse(f"block {block}: QMoE's block_size is a power of two >= 16")
     half = N // 2
 
@@ -163,7 +168,7 @@ def matmul_nbits(graph: ir.Graph, node: ir.Node) -> tuple[list, dict] | None:
     k_axis = 1 if trans else 0
     if d.axis != k_axis:
         return None
-    if d.block_size < 16 or d.block_size & (d.block_size - 1):
+    if not _kernel_block(d.block_size):
         return None
     shape = tuple(int(x) for x in d.q.shape)
     K, N = (shape[1], shape[0]) if trans else shape
@@ -172,9 +177,8 @@ def matmul_nbits(graph: ir.Graph, node: ir.Node) -> tuple[list, dict] | None:
 
 def matmul_nbits_expert(graph: ir.Graph, d: Dequantized, e: int, x: ir.Value) -> tuple[list, dict]:
     """MatMulNBits inputs and attributes for expert ``e`` of a stacked [E, K, N] expert weight that
-    is an int4 DequantizeLinear blocked along K (axis 1). Refuses any other layout."""
-    if (reason := nbits_expert_refusal(d)) is not None:
-        raise Refuse(reason)
+    is an int4 DequantizeLinear blocked along K (axis 1): the caller has checked
+    ``nbits_expert_refusal`` for the layer first (before any expert's initializers are derived)."""
     E, K, N = (int(x) for x in d.q.shape)
     return _nbits_inputs(graph, d, x, K, N, lambda a: a[e].T, f"split{e}_nbits")
 
@@ -189,7 +193,7 @@ def nbits_expert_refusal(d: Dequantized) -> str | None:
     if d.q.dtype not in _INT_STORAGE or d.axis != 1 or not d.block_size:
         return (f"{d.q.name} ({d.q.dtype}, axis {d.axis}, block {d.block_size}): MatMulNBits takes int4 blocked "
                 "along K")
-    if d.block_size < 16 or d.block_size & (d.block_size - 1):
+    if not _kernel_block(d.block_size):
         return f"{d.q.name}: block {d.block_size}; MatMulNBits' block_size is a power of two >= 16"
     return None
 

@@ -28,7 +28,7 @@ import onnx_ir as ir
 from moec.common.contract import MOEC_DOMAIN, OP_GROUPED_EXPERTS, QUANT_DYNAMIC_KEY
 from moec.common.errors import MoecError
 from moec.passes.fusions._graph import FusionLog, ensure_opset
-from moec.passes.quantize import AWQ_METHODS, GPTQ_METHODS, SCOPES, WEIGHT_KINDS, QuantizeSpec
+from moec.passes.quantize import AWQ_METHODS, GPTQ_METHODS, SCOPES, STATIC_ACTIVATIONS, WEIGHT_KINDS, QuantizeSpec
 from moec.passes.quantize._base import QTensor, num_blocks
 
 NAME = "quantize_weights"
@@ -256,7 +256,7 @@ def quantize_weights(model: ir.Model, spec: QuantizeSpec, log: FusionLog | None 
         from moec.passes.quantize.gptq import site_hessians
 
         hessians = site_hessians(sites, calibration, scales, log)
-    if spec.activations in ("static", "static-no-down"):
+    if spec.activations in STATIC_ACTIVATIONS:
         from moec.passes.quantize.fp8_act import add_fp8_activations
 
         add_fp8_activations(model, sites, calibration, log, skip_down=spec.activations == "static-no-down")
