@@ -4,13 +4,17 @@ ONNX Runtime 1.32's CPU com.microsoft.MoE runs a one-token step on one thread; O
 every intra-op thread. Splitting the stacked [E, H, 2I] / [E, I, H] weights into E initializers
 lets each step read only the chosen experts, once, with no gather copy of an expert matrix. Once a
 layer the (token, choice) pairs are sorted by expert (TopK) and gathered, so each expert's rows are
-one contiguous range: per expert only a Slice and its two MatMuls, then one Concat and one
-ScatterND put the rows back. A one-token step runs the chosen expert on one row and the others
-on zero rows (a zero-row MatMul reads no weight).
+one contiguous range, and one Split by the per-expert counts cuts them apart. Per expert there are
+then only its two MatMuls: the gate-up rows of all experts are concatenated back for one SwiGLU a
+layer and cut again for the down MatMuls; one Concat and one ScatterND put the rows back. A
+one-token step runs the chosen expert on one row and the others on zero rows (a zero-row MatMul
+reads no weight, and costs ORT about 1 us a node).
 
-The form before (per expert Equal / NonZero / Transpose / GatherND ... ScatterND(add), ten nodes
-an expert instead of six) cost 2.0 ms more a decode step at h1024 (27.1 against 25.1 ms,
-benchmarks/results/ort_decode_settings_h1024.md): every node runs every step, rows or not.
+Every node runs every step, rows or not, so the nodes per expert are what this form saves: the
+first form (per expert Equal / NonZero / Transpose / GatherND ... ScatterND(add), ten nodes) cost
+2.0 ms more a decode step at h1024 than six (27.1 against 25.1 ms,
+benchmarks/results/ort_decode_settings_h1024.md); the sorted-slices form (a Slice, two MatMuls and
+a SwiGLU per expert) cost 5.6 us per zero-row expert against 3.5 in this one.
 
 Measured (benchmarks/results/ort_moe_layer_forms_H1024_t2_r2.md, ort_split_h1024.md): one
 H1024 I2048 E16 layer, 2 threads: 1.22 ms a token against com.microsoft.MoE's 1.94, 20 ms
@@ -89,26 +93,28 @@ def lower(op, pair):
     x_PH = op.Gather(pair.x_TH, tok_P, axis=0)
     if on_input:
         x_PH = op.Mul(x_PH, s_P1)
-    # off[e] = how many pairs chose an expert below e, for e in 0..E: expert e's rows are
-    # off[e]:off[e+1]. One Split gives each bound its own [1] tensor for the Slices.
-    below_PE1 = op.Less(op.Unsqueeze(ids_P, op.Constant(value_ints=[1])),
-                        op.Constant(value=ir.tensor(np.arange(E + 1, dtype=np.int64)[None, :])))
-    axis0 = op.Constant(value_ints=[0])
-    off = op.Split(op.ReduceSum(op.Cast(below_PE1, to=ir.DataType.INT64), axis0, keepdims=0),
-                   axis=0, num_outputs=E + 1, _outputs=E + 1)
-    ys = []
-    for e in range(E):
-        # An expert no pair chose runs on zero rows: its MatMuls read no weight.
-        x_NH = op.Slice(x_PH, off[e], off[e + 1], axis0)
-        if quantized is None:
-            w_gu = derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e])
-            w_d = derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e])
-            ys.append(op.MatMul(ops._swiglu(op, op.MatMul(x_NH, w_gu)), w_d))
-        else:
-            # The quantize pass's DequantizeLinear weights: each expert's packed slice to MatMulNBits.
-            gu, down = quantized
-            a_NI = ops._swiglu(op, _nbits(op, graph, gu, e, x_NH))
-            ys.append(_nbits(op, graph, down, e, a_NI))
+    # n_E[e] = how many pairs chose expert e; one Split by n_E cuts the sorted rows into each
+    # expert's contiguous range (a [0, H] range for an expert no pair chose).
+    n_E = op.ReduceSum(op.Cast(op.Equal(op.Unsqueeze(ids_P, op.Constant(value_ints=[1])),
+                                        op.Constant(value=ir.tensor(np.arange(E, dtype=np.int64)[None, :]))),
+                               to=ir.DataType.INT64),
+                       op.Constant(value_ints=[0]), keepdims=0)
+    x_EnH = op.Split(x_PH, n_E, axis=0, _outputs=E)
+    # Per expert only its two MatMuls: the gate-up rows of all experts are concatenated back into
+    # sorted order for one SwiGLU a layer, then split again for the down MatMuls. At one token the
+    # 15 unchosen experts cost two zero-row MatMuls each (they read no weight) instead of six nodes.
+    if quantized is None:
+        w_gu = [derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e]) for e in range(E)]
+        w_d = [derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e]) for e in range(E)]
+        gu_EnI2 = [op.MatMul(x_EnH[e], w_gu[e]) for e in range(E)]
+        a_EnI = op.Split(ops._swiglu(op, op.Concat(*gu_EnI2, axis=0)), n_E, axis=0, _outputs=E)
+        ys = [op.MatMul(a_EnI[e], w_d[e]) for e in range(E)]
+    else:
+        # The quantize pass's DequantizeLinear weights: each expert's packed slice to MatMulNBits.
+        gu, down = quantized
+        gu_EnI2 = [_nbits(op, graph, gu, e, x_EnH[e]) for e in range(E)]
+        a_EnI = op.Split(ops._swiglu(op, op.Concat(*gu_EnI2, axis=0)), n_E, axis=0, _outputs=E)
+        ys = [_nbits(op, graph, down, e, a_EnI[e]) for e in range(E)]
     y_PH = op.Concat(*ys, axis=0)
     if not on_input:
         y_PH = op.Mul(y_PH, s_P1)
