@@ -12,7 +12,9 @@ at decode (1 token) and prefill (64 tokens), in small hand-built graphs (no moec
   feed two MatMul pairs, so ORT prepacks them twice (``split-nopack``: with prepacking disabled)
 - slices: tokens sorted by expert once a layer (TopK), per-expert offsets from one ReduceSum and
   one Split; per expert only a Slice of the sorted rows and the FFN; one Concat and one Gather
-  by the inverse permutation (``split``'s form since issue 20's third round)
+  by the inverse permutation (``split``'s form in issue 20's third round)
+- cuts: sorted as in slices, then one Split of the rows by per-expert counts, per expert only its two MatMuls,
+  one SwiGLU a layer on the concatenated gate-up rows and a second Split (``split``'s form since the fourth)
 
 ``FORMS=slices,sorted,moe`` in the environment builds only those forms (each holds its own weights);
 ``NOTE=...`` says what the host was doing.
@@ -136,8 +138,30 @@ def slices():
           h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
           h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
     return model(n, per_expert_inits())
+def cuts():
+    # split's form since issue 20's fourth round: one Split of the sorted rows by per-expert counts, per
+    # expert only the two MatMuls, one SwiGLU a layer on the concatenated gate-up rows, a second Split
+    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["T"], start=0, end=1),
+         h.make_node("Cast", ["ids"], ["idsf"], to=TP.FLOAT),
+         h.make_node("TopK", ["idsf", "T"], ["sid", "order"], largest=0, sorted=1),
+         h.make_node("Gather", ["x", "order"], ["xs"], axis=0),
+         c("u1", [1]), h.make_node("Unsqueeze", ["ids", "u1"], ["ids_T1"]), c("ar", np.arange(E)[None, :]),
+         h.make_node("Equal", ["ids_T1", "ar"], ["eq"]), h.make_node("Cast", ["eq"], ["eq64"], to=TP.INT64),
+         c("z", [0]), h.make_node("ReduceSum", ["eq64", "z"], ["n_E"], keepdims=0),
+         h.make_node("Split", ["xs", "n_E"], [f"x{e}" for e in range(E)], axis=0)]
+    n += [h.make_node("MatMul", [f"x{e}", f"wgu{e}"], [f"gu{e}"]) for e in range(E)]
+    n += [h.make_node("Concat", [f"gu{e}" for e in range(E)], ["gu"], axis=0),
+          h.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2), h.make_node("Sigmoid", ["g"], ["sg"]),
+          h.make_node("Mul", ["g", "sg"], ["a"]), h.make_node("Mul", ["a", "u"], ["m"]),
+          h.make_node("Split", ["m", "n_E"], [f"m{e}" for e in range(E)], axis=0)]
+    n += [h.make_node("MatMul", [f"m{e}", f"wd{e}"], [f"y{e}"]) for e in range(E)]
+    n += [h.make_node("Concat", [f"y{e}" for e in range(E)], ["ys"], axis=0), h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT),
+          h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
+          h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
+    return model(n, per_expert_inits())
 builders = {"moe": moe, "gather": gather, "tree": tree, "sorted": sorted_, "guarded": guarded, "split": split, "split-nopack": split,
-            "slices": slices}
+            "slices": slices, "cuts": cuts}
 forms = {k: builders[k]() for k in os.environ.get("FORMS", "moe,gather,tree,sorted,guarded,split,split-nopack").split(",")}
 threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
 sess = {}

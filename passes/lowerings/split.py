@@ -33,10 +33,10 @@ MatMul weight once per consuming node and, for a subgraph's outer-scope weight, 
 original as well: the tree plus the groups held the experts twice (6.58 GB against 3.67 at
 h1024), and even one If per group costs as much per expert as the empty group it skips.
 
-That per-expert cost, about 5 µs per one-token step in this form (E 128, H 512: 1.30 ms a layer
-against com.microsoft.MoE's 0.64, 1.66 in the form before; ort_moe_layer_forms_H512_E128_t2_slices.md),
-is why the ``ort`` target takes split by default only up to ``DEFAULT_MAX_EXPERTS`` experts;
-``--moe-lowering split`` takes it for any E.
+That per-expert cost (two zero-row MatMuls per one-token step) is why the ``ort`` target takes
+split by default only up to ``DEFAULT_MAX_EXPERTS`` experts: at E 128, H 512 one layer's step is
+0.284 ms against com.microsoft.MoE's 0.253 (0.506 in the slices form;
+ort_moe_layer_forms_H512_E128_t2_cuts.md). ``--moe-lowering split`` takes it for any E.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def default_refusal(pair) -> str | None:
     if gu is not None and gu.dynamic:
         return None  # int8 activations: only MatMulNBits computes them (QMoE has no such mode)
     if E > DEFAULT_MAX_EXPERTS:
-        return (f"{E} experts: each costs split about 5 us per one-token step, so com.microsoft.MoE is faster "
-                f"above {DEFAULT_MAX_EXPERTS} (--moe-lowering split takes it anyway)")
+        return (f"{E} experts: each costs split two zero-row MatMuls per one-token step, so the default "
+                f"keeps com.microsoft.MoE above {DEFAULT_MAX_EXPERTS} (1.12x faster at 128; --moe-lowering split "
+                "takes split anyway)")
     return None
 
 
