@@ -111,7 +111,7 @@ EXPECTED_CUTS = {
               "llama.cpp": {"decode_ms": 14.6, "prefill_ms": 255}, "ort-unfused": {"decode_ms": 65}},
 }
 # The run above was cut off by a machine restart; the next session's host differs (AVX-512 EPYC, 32 MB L3, the
-# bandwidth probe 61-70 GB/s against 21-37). Written before measuring there (2026-12-04 19:15 UTC), from EXPECTED_CUTS'
+# bandwidth probe 61-70 GB/s against 21-37). Written before measuring there (2026-12-04 18:39 UTC), from EXPECTED_CUTS'
 # ratios and the host's speed: the h1024 floor about 8.3 ms (521 MB at 63 GB/s), split near 0.9 of it; one E128
 # layer ran 2-2.5x faster than on the host before, so h512 (overhead-bound) about 0.55x EXPECTED_CUTS' times.
 EXPECTED_CUTS_AVX512 = {
