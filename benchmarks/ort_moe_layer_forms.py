@@ -13,6 +13,8 @@ at decode (1 token) and prefill (64 tokens), in small hand-built graphs (no moec
 - slices: tokens sorted by expert once a layer (TopK), per-expert offsets from one ReduceSum and
   one Split; per expert only a Slice of the sorted rows and the FFN; one Concat and one Gather
   by the inverse permutation (``split``'s form in issue 20's third round)
+- moe-parts: com.microsoft.MoE with every expert cut in two slices of I, routed to both (``ort``'s form since the fourth
+  round: one token's expert on two threads)
 - cuts: sorted as in slices, then one Split of the rows by per-expert counts, per expert only its two MatMuls,
   one SwiGLU a layer on the concatenated gate-up rows and a second Split (``split``'s form since the fourth)
 
@@ -160,7 +162,21 @@ def cuts():
           h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
           h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
     return model(n, per_expert_inits())
-builders = {"moe": moe, "gather": gather, "tree": tree, "sorted": sorted_, "guarded": guarded, "split": split, "split-nopack": split,
+def moe_parts():
+    # the ort lowering since issue 20's fourth round: every expert cut in two slices of I (expert e's slices are
+    # experts e and E + e), a one-hot router given twice, k = 2: ORT's CPU MoE hands each block of experts to its
+    # own thread, so one token's expert runs on two threads; fc2 doubled for the two 0.5 route weights
+    fc1 = np.stack([w_gu[:, :, :I].transpose(0, 2, 1), w_gu[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
+    fc2 = w_d.transpose(0, 2, 1) * 2
+    fc1p = np.concatenate([fc1[:, :I], fc1[:, I:]], axis=0); fc2p = np.concatenate([fc2[:, :, :I // 2], fc2[:, :, I // 2:]], axis=0)
+    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=1), c("ar", np.arange(E)[None, :]),
+         h.make_node("Equal", ["ids", "ar"], ["eq"]), h.make_node("Cast", ["eq"], ["hot"], to=TP.FLOAT),
+         h.make_node("Concat", ["hot", "hot"], ["hot2"], axis=1),
+         h.make_node("MoE", ["x", "hot2", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=2, activation_type="swiglu",
+                     swiglu_fusion=1, normalize_routing_weights=1)]
+    return model(n, [nh.from_array(np.ascontiguousarray(fc1p), "fc1"), nh.from_array(np.ascontiguousarray(fc2p), "fc2")])
+builders = {"moe": moe, "moe-parts": moe_parts, "gather": gather, "tree": tree, "sorted": sorted_, "guarded": guarded, "split": split, "split-nopack": split,
             "slices": slices, "cuts": cuts}
 forms = {k: builders[k]() for k in os.environ.get("FORMS", "moe,gather,tree,sorted,guarded,split,split-nopack").split(",")}
 threads = int(sys.argv[4]) if len(sys.argv) > 4 else 2
