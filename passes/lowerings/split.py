@@ -36,7 +36,8 @@ h1024), and even one If per group costs as much per expert as the empty group it
 That per-expert cost (two zero-row MatMuls per one-token step) is why the ``ort`` target takes
 split by default only up to ``DEFAULT_MAX_EXPERTS`` experts: at E 128, H 512 one layer's step is
 0.284 ms against com.microsoft.MoE's 0.253 (0.506 in the slices form;
-ort_moe_layer_forms_H512_E128_t2_cuts.md). ``--moe-lowering split`` takes it for any E.
+ort_moe_layer_forms_H512_E128_t2_cuts.md), 0.269 against 0.219 for the ``ort`` lowering's two slices
+an expert (ort_moe_layer_forms_H512_E128_t2_parts.md). ``--moe-lowering split`` takes it for any E.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def default_refusal(pair) -> str | None:
         return None  # int8 activations: only MatMulNBits computes them (QMoE has no such mode)
     if E > DEFAULT_MAX_EXPERTS:
         return (f"{E} experts: each costs split two zero-row MatMuls per one-token step, so the default "
-                f"keeps com.microsoft.MoE above {DEFAULT_MAX_EXPERTS} (1.12x faster at 128; --moe-lowering split "
+                f"keeps com.microsoft.MoE above {DEFAULT_MAX_EXPERTS} (1.2x faster at 128; --moe-lowering split "
                 "takes split anyway)")
     return None
 
