@@ -120,7 +120,7 @@ EXPECTED_CUTS_AVX512 = {
     "h1024": {"ort-split": {"decode_ms": 9.0, "prefill_ms": 110}, "ort-ort": {"decode_ms": 11.0, "prefill_ms": 190},
               "llama.cpp": {"decode_ms": 9.5, "prefill_ms": 170}, "ort-unfused": {"decode_ms": 45}},
 }
-# Written before measuring (2026-12-04 19:12 UTC, this AVX-512 host) the split form with 19 routing nodes a layer and
+# Written before measuring (2026-12-04 19:10 UTC, this AVX-512 host) the split form with 19 routing nodes a layer and
 # the ort lowering with two slices an expert, from the cuts-avx512 run (llama.cpp ahead at decode: 1.16x at h512,
 # 1.04x at h1024) and in-process A/B runs since (the ort lowering with slices about equal to split at decode, 0.5x
 # split's speed at prefill): split 1.15x llama.cpp's step at h512 and 1.08x at h1024, prefill 1.0x and 0.85x.
