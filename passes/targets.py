@@ -2,8 +2,9 @@
 
 Defaults, fastest valid first (the lowering driver takes the first one a layer allows):
 - ``ort``: ``split`` (per-expert MatMuls, which use every intra-op thread at decode, where
-  com.microsoft.MoE runs one thread; up to 32 experts, float experts), else com.microsoft.MoE /
-  QMoE (one fused op with a top-k grouped expert loop inside), else ``hybrid``. Rank graphs
+  com.microsoft.MoE gives a token's expert one thread; up to 32 experts, float experts), else
+  com.microsoft.MoE (each expert in two slices: two threads) / QMoE (one fused op with a top-k
+  grouped expert loop inside), else ``hybrid``. Rank graphs
   (``--tp/--ep``) start at com.microsoft.MoE.
 - ``trt:sm100|sm103|sm110``: TensorRT's native IMoELayer (``trt-native``), else ``hybrid``.
 - every other TensorRT arch: ``hybrid``. TensorRT has no grouped GEMM in standard ops. Of the
