@@ -120,48 +120,44 @@ def split():
          h.make_node("Equal", ["T", "one"], ["is1v"]), h.make_node("Squeeze", ["is1v"], ["is1"]),
          h.make_node("If", ["is1"], ["y"], then_branch=sub(t, "tree"), else_branch=sub(s_, "sorted"))]
     return model(n, per_expert_inits())
+def _const(name, v):
+    return h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
+def _sorted_rows(ids_vs_ar, ar):
+    # tokens sorted by expert (TopK of the ids as floats), and per-expert counts or offsets: ReduceSum of
+    # ids_vs_ar(ids_T1, ar) over the tokens
+    return [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["T"], start=0, end=1),
+            h.make_node("Cast", ["ids"], ["idsf"], to=TP.FLOAT),
+            h.make_node("TopK", ["idsf", "T"], ["sid", "order"], largest=0, sorted=1),
+            h.make_node("Gather", ["x", "order"], ["xs"], axis=0),
+            _const("u1", [1]), h.make_node("Unsqueeze", ["ids", "u1"], ["ids_T1"]), _const("ar", ar[None, :]),
+            h.make_node(ids_vs_ar, ["ids_T1", "ar"], ["hit"]), h.make_node("Cast", ["hit"], ["hit64"], to=TP.INT64),
+            _const("z", [0]), h.make_node("ReduceSum", ["hit64", "z"], ["cnt"], keepdims=0)]
+def _unsorted(ys):
+    # the inverse permutation: argsort of the order (TopK of it as floats, exact below 2**24 tokens)
+    return [h.make_node("Concat", ys, ["ys"], axis=0), h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT),
+            h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
+            h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
 def slices():
-    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
-    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["T"], start=0, end=1),
-         h.make_node("Cast", ["ids"], ["idsf"], to=TP.FLOAT),
-         h.make_node("TopK", ["idsf", "T"], ["sid", "order"], largest=0, sorted=1),
-         h.make_node("Gather", ["x", "order"], ["xs"], axis=0),
-         c("u1", [1]), h.make_node("Unsqueeze", ["ids", "u1"], ["ids_T1"]), c("ar", np.arange(E + 1)[None, :]),
-         h.make_node("Less", ["ids_T1", "ar"], ["lt"]), h.make_node("Cast", ["lt"], ["lt64"], to=TP.INT64),
-         c("z", [0]), h.make_node("ReduceSum", ["lt64", "z"], ["off"], keepdims=0),
-         h.make_node("Split", ["off"], [f"off{e}" for e in range(E + 1)], axis=0, num_outputs=E + 1)]
+    # cnt[e] = how many tokens chose an expert below e: expert e's sorted rows are cnt[e]:cnt[e+1]
+    n = _sorted_rows("Less", np.arange(E + 1)) + [h.make_node("Split", ["cnt"], [f"off{e}" for e in range(E + 1)], axis=0,
+                                                              num_outputs=E + 1)]
     ys = []
     for e in range(E):
         p = f"s{e}_"
         n.append(h.make_node("Slice", ["xs", f"off{e}", f"off{e+1}", "z"], [p + "xe"]))
         ys.append(ffn(n, None, p + "xe", f"wgu{e}", f"wd{e}", p))
-    # the inverse permutation: argsort of the order (TopK of it as floats, exact below 2**24 tokens)
-    n += [h.make_node("Concat", ys, ["ys"], axis=0), h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT),
-          h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
-          h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
-    return model(n, per_expert_inits())
+    return model(n + _unsorted(ys), per_expert_inits())
 def cuts():
     # split's form since issue 20's fourth round: one Split of the sorted rows by per-expert counts, per
     # expert only the two MatMuls, one SwiGLU a layer on the concatenated gate-up rows, a second Split
-    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
-    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=0), h.make_node("Shape", ["x"], ["T"], start=0, end=1),
-         h.make_node("Cast", ["ids"], ["idsf"], to=TP.FLOAT),
-         h.make_node("TopK", ["idsf", "T"], ["sid", "order"], largest=0, sorted=1),
-         h.make_node("Gather", ["x", "order"], ["xs"], axis=0),
-         c("u1", [1]), h.make_node("Unsqueeze", ["ids", "u1"], ["ids_T1"]), c("ar", np.arange(E)[None, :]),
-         h.make_node("Equal", ["ids_T1", "ar"], ["eq"]), h.make_node("Cast", ["eq"], ["eq64"], to=TP.INT64),
-         c("z", [0]), h.make_node("ReduceSum", ["eq64", "z"], ["n_E"], keepdims=0),
-         h.make_node("Split", ["xs", "n_E"], [f"x{e}" for e in range(E)], axis=0)]
+    n = _sorted_rows("Equal", np.arange(E)) + [h.make_node("Split", ["xs", "cnt"], [f"x{e}" for e in range(E)], axis=0)]
     n += [h.make_node("MatMul", [f"x{e}", f"wgu{e}"], [f"gu{e}"]) for e in range(E)]
     n += [h.make_node("Concat", [f"gu{e}" for e in range(E)], ["gu"], axis=0),
           h.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2), h.make_node("Sigmoid", ["g"], ["sg"]),
           h.make_node("Mul", ["g", "sg"], ["a"]), h.make_node("Mul", ["a", "u"], ["m"]),
-          h.make_node("Split", ["m", "n_E"], [f"m{e}" for e in range(E)], axis=0)]
+          h.make_node("Split", ["m", "cnt"], [f"m{e}" for e in range(E)], axis=0)]
     n += [h.make_node("MatMul", [f"m{e}", f"wd{e}"], [f"y{e}"]) for e in range(E)]
-    n += [h.make_node("Concat", [f"y{e}" for e in range(E)], ["ys"], axis=0), h.make_node("Cast", ["order"], ["order_f"], to=TP.FLOAT),
-          h.make_node("TopK", ["order_f", "T"], ["_", "inv"], largest=0, sorted=1),
-          h.make_node("Gather", ["ys", "inv"], ["y"], axis=0)]
-    return model(n, per_expert_inits())
+    return model(n + _unsorted([f"y{e}" for e in range(E)]), per_expert_inits())
 def moe_parts():
     # the ort lowering since issue 20's fourth round: every expert cut in two slices of I (expert e's slices are
     # experts e and E + e), a one-hot router given twice, k = 2: ORT's CPU MoE hands each block of experts to its
@@ -169,8 +165,7 @@ def moe_parts():
     fc1 = np.stack([w_gu[:, :, :I].transpose(0, 2, 1), w_gu[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
     fc2 = w_d.transpose(0, 2, 1) * 2
     fc1p = np.concatenate([fc1[:, :I], fc1[:, I:]], axis=0); fc2p = np.concatenate([fc2[:, :, :I // 2], fc2[:, :, I // 2:]], axis=0)
-    c = lambda name, v: h.make_node("Constant", [], [name], value=nh.from_array(np.array(v, np.int64)))
-    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=1), c("ar", np.arange(E)[None, :]),
+    n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=1), _const("ar", np.arange(E)[None, :]),
          h.make_node("Equal", ["ids", "ar"], ["eq"]), h.make_node("Cast", ["eq"], ["hot"], to=TP.FLOAT),
          h.make_node("Concat", ["hot", "hot"], ["hot2"], axis=1),
          h.make_node("MoE", ["x", "hot2", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=2, activation_type="swiglu",
