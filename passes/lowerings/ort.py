@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from moec.passes.fusions._graph import Refuse
 from moec.passes.lowerings._weights import derived, dims
-from moec.passes.lowerings.ort_quant import qmoe, quantized_experts
+from moec.passes.lowerings.ort_quant import interleave_gate_up, qmoe, quantized_experts
 
 ORT_DOMAIN = "com.microsoft"
 # Slices per expert for sigmoid top-1 routing (Llama 4): how many intra-op threads one token's expert runs on.
@@ -34,46 +34,50 @@ def lower(op, pair):
     g, e = pair.gating_attrs, pair.experts_attrs
     x, logits = pair.x_TH, pair.logits_TE
     graph = pair.experts.graph
-    if g["score_function"] == "sigmoid":
-        if not e["score_on_input"]:
-            raise Refuse("sigmoid scores on the expert output: com.microsoft.MoE weights outputs by softmax only")
-        if g["k"] != 1:
-            raise Refuse(f"sigmoid scores on the input with k={g['k']}: com.microsoft.MoE cannot scale each expert's input")
+    E, H, I = dims(pair)
+    sigmoid = g["score_function"] == "sigmoid"
+    if sigmoid and not e["score_on_input"]:
+        raise Refuse("sigmoid scores on the expert output: com.microsoft.MoE weights outputs by softmax only")
+    if sigmoid and g["k"] != 1:
+        raise Refuse(f"sigmoid scores on the input with k={g['k']}: com.microsoft.MoE cannot scale each expert's input")
+    if not sigmoid and e["score_on_input"]:
+        raise Refuse("softmax scores on the expert input: com.microsoft.MoE weights expert outputs")
+    quantized = quantized_experts(pair)  # the quantize pass's DequantizeLinear
+    # Slices of each float expert for sigmoid top-1 routing (QMoE's packed blocks are not cut).
+    # The op hands whole experts to its threads (expert e to thread e * threads // E), so one
+    # token's expert runs on one thread. Cut every expert into ``parts`` slices of I (part q of
+    # expert e is expert q*E + e: one block of experts per thread) and route each token to all
+    # the slices of its expert with weight 1/parts each (folded back into fc2): SwiGLU is
+    # elementwise over I and the down projection a sum over I, so the slices' outputs add up to
+    # the expert's. The router is a one-hot of the graph's own top-1 (lowest id on ties, as
+    # TopK): the logits given ``parts`` times would tie each expert with its own copies.
+    parts = EXPERT_PARTS if sigmoid and quantized is None and I % EXPERT_PARTS == 0 else 1
+    if sigmoid:
         k, normalize = 1, 1
+        if parts > 1 or not g["normalize"]:
+            # One TopK: the top-1 logit (its sigmoid is the score) and its expert.
+            max_T1, ids_T1 = op.TopK(logits, op.Constant(value_ints=[1]), axis=-1, largest=1, sorted=1, _outputs=2)
         if g["normalize"]:
             x_in = x  # one score renormalized is 1
         else:
-            # top-1 sigmoid score = sigmoid(max logit)
-            scale_T1 = op.Sigmoid(op.ReduceMax(logits, op.Constant(value_ints=[-1]), keepdims=1))
+            scale_T1 = op.Sigmoid(max_T1)
             if logits.dtype != x.dtype:
                 scale_T1 = op.Cast(scale_T1, to=x.dtype)
             x_in = op.Mul(x, scale_T1)
     else:
-        if e["score_on_input"]:
-            raise Refuse("softmax scores on the expert input: com.microsoft.MoE weights expert outputs")
         x_in, k, normalize = x, g["k"], g["normalize"]
-    router = logits if logits.dtype == x.dtype else op.Cast(logits, to=x.dtype)
-    if (quantized := quantized_experts(pair)) is not None:  # the quantize pass's DequantizeLinear
-        return qmoe(op, pair, x_in, router, k, normalize, quantized)
-    E, H, I = dims(pair)
-    parts = EXPERT_PARTS if g["score_function"] == "sigmoid" and I % EXPERT_PARTS == 0 else 1
     if parts > 1:
-        # The op hands whole experts to its threads (expert e to thread e * threads // E), so one
-        # token's expert runs on one thread. Cut every expert into ``parts`` slices of I (part q of
-        # expert e is expert q*E + e: one block of experts per thread) and route each token to all
-        # the slices of its expert with weight 1/parts each (folded back into fc2): SwiGLU is
-        # elementwise over I and the down projection a sum over I, so the slices' outputs add up to
-        # the expert's. The router is a one-hot of the graph's own top-1 (lowest id on ties, as
-        # TopK): the logits given ``parts`` times would tie each expert with its own copies.
-        ids_T1 = op.ArgMax(logits, axis=-1, keepdims=1, select_last_index=0)
         hot_TE = op.Cast(op.Equal(ids_T1, op.Constant(value=ir.tensor(np.arange(E, dtype=np.int64)[None, :]))),
                          to=x.dtype)
-        router = op.Concat(*[hot_TE] * parts, axis=-1)
-        k = parts
+        router, k = op.Concat(*[hot_TE] * parts, axis=-1), parts
+    else:
+        router = logits if logits.dtype == x.dtype else op.Cast(logits, to=x.dtype)
+    if quantized is not None:
+        return qmoe(op, pair, x_in, router, k, normalize, quantized)
     Ip = I // parts
 
     def fc1_of(w):  # [E, H, 2I] -> [parts*E, 2I/parts, H]: row 2i is gate column i, row 2i+1 up column i
-        fc1 = np.stack([w[:, :, :I].transpose(0, 2, 1), w[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
+        fc1 = interleave_gate_up(w.transpose(0, 2, 1), I)
         return np.concatenate([fc1[:, 2 * q * Ip:2 * (q + 1) * Ip] for q in range(parts)], axis=0)
 
     def fc2_of(w):  # [E, I, H] -> [parts*E, H, I/parts], times parts: each slice's route weight is 1/parts

@@ -70,7 +70,7 @@ def _pack(a_NK: np.ndarray, bits: int) -> np.ndarray:
     return (a_NK[..., 0::2] | (a_NK[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _interleave(a_EN2: np.ndarray, inter: int) -> np.ndarray:
+def interleave_gate_up(a_EN2: np.ndarray, inter: int) -> np.ndarray:
     """[E, 2I, ...] gate rows then up rows -> rows gate0, up0, gate1, up1, ..."""
     gate, up = a_EN2[:, :inter], a_EN2[:, inter:]
     return np.stack([gate, up], axis=2).reshape(a_EN2.shape[0], 2 * inter, *a_EN2.shape[2:])
@@ -99,7 +99,7 @@ def _expert_weight(graph, d: Dequantized, name: str, interleave: bool):
 
     def rows(a_EKN):  # [E, K, N] -> [E, N, K], interleaved for fc1
         a = a_EKN.transpose(0, 2, 1)
-        return _interleave(a, half) if interleave else a
+        return interleave_gate_up(a, half) if interleave else a
 
     w = derived(graph, d.q, f"qmoe_{name}", (E, N, K * bits // 8),
                 lambda q: _pack(rows(_unsigned(q, bits, signed)), bits), dtype=ir.DataType.UINT8)
