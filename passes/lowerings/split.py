@@ -115,15 +115,24 @@ def lower(op, pair):
     if quantized is None:
         w_gu = [derived(graph, pair.w_gate_up_EHI2, f"split{e}_HI2", (H, 2 * I), lambda w, e=e: w[e]) for e in range(E)]
         w_d = [derived(graph, pair.w_down_EIH, f"split{e}_IH", (I, H), lambda w, e=e: w[e]) for e in range(E)]
-        gu_EnI2 = [op.MatMul(x_EnH[e], w_gu[e]) for e in range(E)]
-        a_EnI = op.Split(ops._swiglu(op, op.Concat(*gu_EnI2, axis=0)), n_E, axis=0, _outputs=E)
-        ys = [op.MatMul(a_EnI[e], w_d[e]) for e in range(E)]
+
+        def gate_up(e, x):
+            return op.MatMul(x, w_gu[e])
+
+        def down(e, a):
+            return op.MatMul(a, w_d[e])
     else:
         # The quantize pass's DequantizeLinear weights: each expert's packed slice to MatMulNBits.
-        gu, down = quantized
-        gu_EnI2 = [_nbits(op, graph, gu, e, x_EnH[e]) for e in range(E)]
-        a_EnI = op.Split(ops._swiglu(op, op.Concat(*gu_EnI2, axis=0)), n_E, axis=0, _outputs=E)
-        ys = [_nbits(op, graph, down, e, a_EnI[e]) for e in range(E)]
+        gu, dn = quantized
+
+        def gate_up(e, x):
+            return _nbits(op, graph, gu, e, x)
+
+        def down(e, a):
+            return _nbits(op, graph, dn, e, a)
+    gu_EnI2 = [gate_up(e, x_EnH[e]) for e in range(E)]
+    a_EnI = op.Split(ops._swiglu(op, op.Concat(*gu_EnI2, axis=0)), n_E, axis=0, _outputs=E)
+    ys = [down(e, a_EnI[e]) for e in range(E)]
     y_PH = op.Concat(*ys, axis=0)
     # Back to pair order: order_P is a permutation of 0..P-1, so sorting it gives its inverse.
     _, inverse_P = op.TopK(order_P, n_P, largest=0, sorted=1, _outputs=2)
