@@ -44,9 +44,12 @@ def model(nodes, inits, outs="y"):
     g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, ["T", H]), h.make_tensor_value_info("logits", TP.FLOAT, ["T", E])],
                      [h.make_tensor_value_info(outs, TP.FLOAT, None)], initializer=inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
-def moe():
+def moe_weights():
+    # com.microsoft.MoE's layout: fc1 [E, 2I, H] with gate and up rows interleaved, fc2 [E, H, I]
     fc1 = np.stack([w_gu[:, :, :I].transpose(0, 2, 1), w_gu[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
-    fc2 = w_d.transpose(0, 2, 1)
+    return fc1, w_d.transpose(0, 2, 1)
+def moe():
+    fc1, fc2 = moe_weights()
     return model([h.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=1, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)],
                  [nh.from_array(np.ascontiguousarray(fc1), "fc1"), nh.from_array(np.ascontiguousarray(fc2), "fc2")])
 def gather():
@@ -162,8 +165,8 @@ def moe_parts():
     # the ort lowering since issue 20's fourth round: every expert cut in two slices of I (expert e's slices are
     # experts e and E + e), a one-hot router given twice, k = 2: ORT's CPU MoE hands each block of experts to its
     # own thread, so one token's expert runs on two threads; fc2 doubled for the two 0.5 route weights
-    fc1 = np.stack([w_gu[:, :, :I].transpose(0, 2, 1), w_gu[:, :, I:].transpose(0, 2, 1)], axis=2).reshape(E, 2 * I, H)
-    fc2 = w_d.transpose(0, 2, 1) * 2
+    fc1, fc2 = moe_weights()
+    fc2 = fc2 * 2
     fc1p = np.concatenate([fc1[:, :I], fc1[:, I:]], axis=0); fc2p = np.concatenate([fc2[:, :, :I // 2], fc2[:, :, I // 2:]], axis=0)
     n = [h.make_node("ArgMax", ["logits"], ["ids"], axis=1, keepdims=1), _const("ar", np.arange(E)[None, :]),
          h.make_node("Equal", ["ids", "ar"], ["eq"]), h.make_node("Cast", ["eq"], ["hot"], to=TP.FLOAT),

@@ -15,20 +15,24 @@ from moec.passes.lowerings import lower_moe
 from moec.passes.lowerings import ort as ort_lowering
 
 
-def lowered(path) -> tuple[ir.Model, ir.Node, tuple[int, ...]]:
+def fused(path) -> tuple[ir.Model, int, int]:
+    """The block with its MoE fused, and the experts' (E, I)."""
     model = ir.load(path)
     assert fuse_moe_gating(model) == 1 and fuse_grouped_experts(model) == 1
+    (node,) = [n for n in model.graph if n.op_type == "GroupedExperts"]
+    E, _, I2 = node.inputs[3].shape
+    return model, int(E), int(I2) // 2
+
+
+def lowered(path) -> tuple[ir.Model, ir.Node, tuple[int, ...]]:
+    model, _, _ = fused(path)
     assert lower_moe(model, ["ort"], "ort") == {"ort": 1}
     (moe,) = [n for n in model.graph if n.domain == "com.microsoft" and n.op_type == "MoE"]
     return model, moe, tuple(moe.inputs[2].shape)
 
 
 def experts_of(path) -> tuple[int, int]:
-    model = ir.load(path)
-    assert fuse_moe_gating(model) == 1 and fuse_grouped_experts(model) == 1
-    (node,) = [n for n in model.graph if n.op_type == "GroupedExperts"]
-    E, _, I2 = node.inputs[3].shape
-    return int(E), int(I2) // 2
+    return fused(path)[1:]
 
 
 @pytest.mark.parametrize("parts", [2, 4])
