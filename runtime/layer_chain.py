@@ -270,8 +270,8 @@ class OrtLayerChain:
 
 
 class _ChainInputs:
-    """What OrtBackend asks of its session (the inputs' names, shapes and types; the provider),
-    answered by the ranges' sessions: each past is an input of its own range."""
+    """What OrtBackend asks of its session (the inputs' and outputs' names, shapes and types; the
+    provider), answered by the ranges' sessions: each past is an input of its own range."""
 
     def __init__(self, chain: OrtLayerChain):
         seen = {}
@@ -279,10 +279,14 @@ class _ChainInputs:
             for i in s.get_inputs():
                 seen.setdefault(i.name, i)
         self._inputs = list(seen.values())
+        self._outputs = [o for s in chain.sessions for o in s.get_outputs()]
         self._providers = chain.sessions[0].get_providers()
 
     def get_inputs(self):
         return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
 
     def get_providers(self):
         return self._providers

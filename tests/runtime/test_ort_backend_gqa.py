@@ -114,6 +114,60 @@ def test_chunked_prefill_of_one_sequence(wide, wide_graphs):
     assert np.abs(out["gqa"] - out["plain"]).max() <= 1e-5 * np.abs(out["plain"]).max()
 
 
+def test_kept_step_binding_on_rings_updated_in_place(wide_graphs):
+    """One-token steps through the binding kept across a cache's steps (ort_backend._StepBinding, which
+    binds the in-place rings once) equal a binding built afresh each step, and two sequences stepped
+    in turn on one backend each get their own rings (tests/runtime/test_ort_step_binding.py: copied rings)."""
+    backend = OrtBackend.from_onnx(wide_graphs[0])
+    prompts = np.random.default_rng(3).integers(0, 256, (2, 1, PROMPT))
+    kept = [_steps(backend, p, DECODE)[0] for p in prompts]
+    backend._logits_np = None  # the general path at every step: a fresh binding
+    fresh = [_steps(backend, p, DECODE)[0] for p in prompts]
+    backend._logits_np = np.float32
+    for k, f in zip(kept, fresh):
+        np.testing.assert_allclose(k, f, rtol=0, atol=1e-6 * np.abs(f).max())
+    caches, out = [], [[], []]
+    for i, p in enumerate(prompts):
+        logits, cache = backend.forward(p, np.arange(PROMPT)[None], backend.init_cache(1))
+        caches.append(cache)
+        out[i].append(logits[:, -1])
+    for step in range(DECODE):
+        for i in range(2):
+            logits, caches[i] = backend.forward(out[i][-1].argmax(-1)[:, None], np.array([[PROMPT + step]]), caches[i])
+            out[i].append(logits[:, -1])
+    for i in range(2):
+        np.testing.assert_array_equal(np.stack(out[i]), kept[i])
+    assert caches[0].step_binding is not caches[1].step_binding
+
+
+def test_a_cache_forked_by_copying_its_rings_steps_its_own_rings(wide_graphs):
+    """A caller may branch a cache whose rings are updated in place by copying them
+    (dataclasses.replace keeps the kept binding along): the copy's step writes into the copy."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    backend = OrtBackend.from_onnx(wide_graphs[0])
+    ids = np.random.default_rng(4).integers(0, 256, (1, PROMPT))
+    _, cache = backend.forward(ids, np.arange(PROMPT)[None], backend.init_cache(1))
+    _, cache = backend.forward(np.array([[5]]), np.array([[PROMPT]]), cache)  # now with a kept binding
+
+    def copy(values):
+        return [ort.OrtValue.ortvalue_from_numpy(v.numpy().copy()) for v in values]
+    fork = dataclasses.replace(cache, keys=copy(cache.keys), values=copy(cache.values))
+    assert fork.step_binding is cache.step_binding
+    before = [k.numpy().copy() for k in cache.keys]
+    branch, forked = backend.forward(np.array([[7]]), np.array([[PROMPT + 1]]), fork)
+    ring = backend.kv_cache[0].slots
+    assert all(np.array_equal(k.numpy(), b) for k, b in zip(cache.keys, before))  # the original's rings untouched
+    assert not np.array_equal(forked.keys[0].numpy()[:, :, (PROMPT + 1) % ring], before[0][:, :, (PROMPT + 1) % ring])
+    main, _ = backend.forward(np.array([[9]]), np.array([[PROMPT + 1]]), cache)
+    for token, got in ((7, branch), (9, main)):
+        seq = np.concatenate([ids, [[5, token]]], axis=1)
+        whole, _ = backend.forward(seq, np.arange(PROMPT + 2)[None], backend.init_cache(1))
+        np.testing.assert_allclose(got[:, -1], whole[:, -1], rtol=0, atol=1e-5 * np.abs(whole).max())
+
+
 def test_batch_of_several_new_tokens_after_a_past_is_refused(wide_graphs):
     backend = OrtBackend.from_onnx(wide_graphs[0])
     _, cache = backend.forward(np.ones((2, 3), np.int64), np.tile(np.arange(3), (2, 1)), backend.init_cache(2))
